@@ -1,0 +1,97 @@
+// Shared by every native op: argument checks, the dtype codes, a CPU parallel-for, and the declarations
+// of the ops themselves (defined in csrc/cpu/<op>.cpp and kernels/cuda/<op>.cu, bound in bindings.cpp).
+//
+// Plain C++17 with no pybind11 or CUDA headers, so nvcc compiles it cheaply. Checks throw
+// std::invalid_argument, which pybind11 turns into a Python ValueError carrying the message.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#ifdef __linux__
+#include <sched.h>
+#endif
+
+namespace pyvl {
+
+// Output dtype codes; pyvl/ops/native.py holds the same table.
+enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
+
+template <class... Args>
+std::string concat(const Args&... args) {
+  std::ostringstream s;
+  (s << ... << args);
+  return s.str();
+}
+
+// check(cond, "what", value, ...) throws std::invalid_argument("what value ...") when cond is false.
+template <class... Args>
+void check(bool cond, const Args&... message) {
+  if (!cond) throw std::invalid_argument(concat(message...));
+}
+
+inline void check_pointer(std::uintptr_t ptr, const char* name) {
+  check(ptr != 0, name, " is a null data pointer");
+}
+
+inline void check_positive(std::int64_t value, const char* name) {
+  check(value > 0, name, " must be > 0, got ", value);
+}
+
+// CPUs this process may run on: the affinity mask on Linux (containers and taskset restrict it, while
+// std::thread::hardware_concurrency counts every CPU of the host), else hardware_concurrency.
+inline int available_cpus() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+// Number of threads to use for `items` independent pieces of work: num_threads > 0 is honoured (capped at
+// items); 0 means available_cpus(), but at least `min_items_per_thread` items each, since starting
+// a thread costs tens of microseconds.
+inline int resolve_threads(int num_threads, std::int64_t items, std::int64_t min_items_per_thread) {
+  check(num_threads >= 0, "num_threads must be >= 0 (0 = all cores), got ", num_threads);
+  std::int64_t n = num_threads;
+  if (n == 0) {
+    n = available_cpus();
+    n = std::min(n, std::max<std::int64_t>(1, items / std::max<std::int64_t>(1, min_items_per_thread)));
+  }
+  return static_cast<int>(std::max<std::int64_t>(1, std::min(n, items)));
+}
+
+// Run fn(begin, end) over [0, items) split into `threads` contiguous chunks; the calling thread takes the
+// first chunk. fn must not throw (an exception escaping a std::thread terminates the process). Every
+// started thread is joined before returning, also when one fails to start.
+template <class Fn>
+void parallel_for(std::int64_t items, int threads, const Fn& fn) {
+  const auto chunk = [&](int i) { return items * i / threads; };
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  try {
+    for (int i = 1; i < threads; ++i) pool.emplace_back([&fn, b = chunk(i), e = chunk(i + 1)] { fn(b, e); });
+  } catch (...) {
+    for (auto& t : pool) t.join();
+    throw;
+  }
+  fn(chunk(0), chunk(1));
+  for (auto& t : pool) t.join();
+}
+
+// normalize_tiles: src uint8 [n, h, w, 3] (NHWC, contiguous) -> dst [n, 3, h, w] (NCHW, contiguous),
+// dst = (src / 255 - mean[c]) / stdev[c] in float32 with IEEE division (no reciprocal, no FMA).
+void normalize_tiles_cpu(const std::uint8_t* src, float* dst, std::int64_t n, std::int64_t h, std::int64_t w,
+                         const float mean[3], const float stdev[3], int num_threads);
+// CUDA version: device pointers, dst dtype kFloat32 or kBFloat16 (rounded to nearest even), enqueued on
+// `stream` (a cudaStream_t as an integer; 0 = the legacy default stream). Asynchronous.
+void normalize_tiles_cuda(const std::uint8_t* src, void* dst, int dtype, std::int64_t n, std::int64_t h,
+                          std::int64_t w, const float mean[3], const float stdev[3], std::uintptr_t stream);
+
+}  // namespace pyvl

@@ -1,0 +1,7 @@
+"""python -m pyvl == the pyvl command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

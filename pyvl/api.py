@@ -1,0 +1,95 @@
+"""``pyvl.load``: a released model folder -> a ready :class:`~pyvl.chat.InternVLChat`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .chat import InternVLChat
+from .config import load_config
+from .errors import CheckpointError, ConfigError
+from .loader import load_weights
+from .models.vlm import InternVLChatModel
+from .ops import resolve_ops
+from .tokenizer import Tokenizer
+
+__all__ = ["load"]
+
+log = logging.getLogger("pyvl")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def _resolve_dtype(dtype, device: torch.device, default: str) -> torch.dtype:
+    if dtype is None:
+        # bf16 as released on GPUs; float32 on the CPU, where bf16 matmuls are slow and less exact.
+        return _DTYPES.get(default, torch.bfloat16) if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not supported; use bfloat16, float16 or float32")
+        return dtype
+    if str(dtype) not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[str(dtype)]
+
+
+def _stop_ids(folder: Path, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """<|im_end|> always (the original chat() forces it); validate generation_config.json if present."""
+    path = folder / "generation_config.json"
+    if path.is_file():
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return (tokenizer.im_end_id,)
+
+
+def _context_length(folder: Path, llm_max_positions: int) -> int:
+    """Default context: the larger of max_position_embeddings and the tokenizer's model_max_length.
+
+    Dynamic NTK lets InternLM2 run past max_position_embeddings, and the released tokenizer config states
+    how long the model was used with; the KV cache is sized per call, so this is only a ceiling.
+    """
+    path = folder / "tokenizer_config.json"
+    tokenizer_max = 0
+    if path.is_file():
+        value = json.loads(path.read_text(encoding="utf-8")).get("model_max_length", 0)
+        tokenizer_max = int(value) if isinstance(value, (int, float)) and value < 10**9 else 0
+    return max(llm_max_positions, tokenizer_max)
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         backend: str = "auto", op_backends: Mapping[str, str] | None = None, max_context: int | None = None,
+         progress: bool | None = None) -> InternVLChat:
+    """Load an InternVL 1.5 folder (config.json, safetensors, tokenizer) as released.
+
+    device: "cuda", "cpu", ... (default: CUDA when available). dtype: default bf16 on CUDA, float32 on CPU.
+    backend: "auto" | "reference" | "triton"; op_backends overrides it per op (see pyvl.ops).
+    max_context: the longest prompt + answer accepted (default: see ``_context_length``).
+    Raises ConfigError / CheckpointError naming the file and key at fault; nothing is half-loaded.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory; pyvl.load takes a model folder")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(folder)
+    dtype = _resolve_dtype(dtype, device, cfg.torch_dtype)
+    tokenizer = Tokenizer.from_folder(folder)
+    if len(tokenizer) > cfg.llm.vocab_size:
+        raise ConfigError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but llm_config.vocab_size is "
+                          f"{cfg.llm.vocab_size}")
+    ops = resolve_ops(backend, device, op_backends)
+    with torch.device("meta"):
+        model = InternVLChatModel(cfg, ops)
+    load_weights(model, cfg, folder, device, dtype, progress=progress)
+    model.eval()
+    context = max_context if max_context is not None else _context_length(folder, cfg.llm.max_position_embeddings)
+    if context < 2:
+        raise ConfigError(f"max_context {context} must be at least 2")
+    log.info("loaded %s on %s (%s, ops: %s)", folder, device, dtype, dict(ops.backends))
+    return InternVLChat(model, tokenizer, cfg, folder, context, _stop_ids(folder, tokenizer))

@@ -1,0 +1,254 @@
+"""The user-facing model object: the original InternVL ``chat`` API on top of pyvl's runtime.
+
+``InternVLChat`` bundles the network, the tokenizer and the chat template. Prompt building follows the
+original ``chat()``/``batch_chat()`` exactly (pyvl.template); generation follows HF ``generate`` (pyvl.generate).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from . import template
+from .config import ModelConfig
+from .errors import PromptError
+from .generate import GenerationConfig, decode_steps
+from .models.vlm import InternVLChatModel
+from .tokenizer import Tokenizer
+
+__all__ = ["InternVLChat", "ChatStats"]
+
+History = list[tuple[str, str]]
+
+
+@dataclass
+class ChatStats:
+    """Timings of the last chat/stream call (``pyvl chat --stats`` prints them)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    vision_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decode_time = self.total_s - self.time_to_first_token_s
+        return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else 0.0
+
+
+class InternVLChat:
+    """A loaded InternVL 1.5 model. Build it with :func:`pyvl.load`."""
+
+    def __init__(self, model: InternVLChatModel, tokenizer: Tokenizer, config: ModelConfig, folder: Path,
+                 max_context: int, stop_ids: tuple[int, ...]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.folder = folder
+        self.max_context = max_context
+        self.stop_ids = stop_ids  # default stop set: <|im_end|>, as the original chat() forces
+        self.system_message = config.system_message or template.DEFAULT_SYSTEM_MESSAGE
+        self.num_image_token = config.num_image_token
+        self.img_context_token_id = tokenizer.img_context_id
+        self.last_stats = ChatStats()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # ---- prompts -------------------------------------------------------------------------------------
+    def build_query(self, question: str, num_patches_list: Sequence[int] | None = None,
+                    history: History | None = None, system_message: str | None = None) -> str:
+        """The exact prompt string the original ``chat()`` tokenizes, image tokens expanded."""
+        return template.build_query(question, num_patches_list=num_patches_list, history=history,
+                                    system_message=self.system_message if system_message is None
+                                    else system_message, num_image_token=self.num_image_token)
+
+    def _prepare_images(self, pixel_values, num_patches_list) -> tuple[torch.Tensor | None, list[int]]:
+        if pixel_values is None:
+            if num_patches_list:
+                raise PromptError(f"num_patches_list {list(num_patches_list)} was given without pixel_values")
+            return None, []
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise PromptError(f"pixel_values must be a [tiles, 3, {self.config.image_size}, "
+                              f"{self.config.image_size}] tensor (see pyvl.load_image), got {shape}")
+        expected = (3, self.config.image_size, self.config.image_size)
+        if tuple(pixel_values.shape[1:]) != expected or pixel_values.shape[0] == 0:
+            raise PromptError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
+                              f"[tiles >= 1, {', '.join(map(str, expected))}]")
+        patches = [pixel_values.shape[0]] if num_patches_list is None else [int(n) for n in num_patches_list]
+        if sum(patches) != pixel_values.shape[0] or min(patches) < 1:
+            raise PromptError(f"num_patches_list {patches} must hold positive counts summing to the "
+                              f"{pixel_values.shape[0]} tiles of pixel_values")
+        return pixel_values, patches
+
+    def _check_context(self, n_prompt: int) -> None:
+        if n_prompt >= self.max_context:
+            raise PromptError(f"the prompt has {n_prompt} tokens but the context holds {self.max_context} "
+                              "(prompt plus at least one new token); shorten it, use fewer tiles (max_num), "
+                              "or load with a larger max_context")
+
+    # ---- forward passes ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, 448, 448] tiles -> [N, 256, llm_hidden] image embeddings."""
+        pixel_values, _ = self._prepare_images(pixel_values, None)
+        return self.model.extract_feature(pixel_values)
+
+    @torch.inference_mode()
+    def logits(self, input_ids, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [S, vocab] of one prompt (1-D or [1, S] ids), images spliced in."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise PromptError(f"input_ids must be one non-empty prompt (1-D or [1, S]), got shape "
+                              f"{tuple(ids.shape)}")
+        if ids.numel() > self.max_context:
+            raise PromptError(f"input_ids has {ids.numel()} tokens; the context holds {self.max_context}")
+        feats = None if pixel_values is None else self.extract_feature(pixel_values)
+        embeds = self.model.embed(ids[None], feats, self.img_context_token_id)
+        cache = self.model.new_cache(1, ids.numel())
+        positions = torch.arange(ids.numel(), device=self.device)[None]
+        hidden = self.model.language_model(embeds, positions, cache)
+        return self.model.language_model.lm_head(hidden[0])
+
+    # ---- generation ----------------------------------------------------------------------------------
+    def _steps(self, encoded: list[list[int]], pixel_values: torch.Tensor | None, gen: GenerationConfig):
+        """Left-pad the prompts, splice images, prefill, then return the decode-step iterator."""
+        t0 = time.perf_counter()
+        longest = max(len(e) for e in encoded)
+        self._check_context(longest)
+        pad = self.tokenizer.pad_id
+        ids = torch.tensor([[pad] * (longest - len(e)) + list(e) for e in encoded], device=self.device)
+        valid = torch.tensor([[False] * (longest - len(e)) + [True] * len(e) for e in encoded],
+                             device=self.device)
+        feats = None if pixel_values is None else self.model.extract_feature(pixel_values)
+        embeds = self.model.embed(ids, feats, self.img_context_token_id)
+        # Left padding: positions restart at 0 on each row's first real token; pads sit at 1 (HF).
+        positions = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+        capacity = min(self.max_context, longest + max(gen.max_new_tokens, 1))
+        cache = self.model.new_cache(len(encoded), capacity)
+        pads = [longest - len(e) for e in encoded]
+        cache.kv_start = torch.tensor(pads, device=self.device) if any(pads) else None
+        stop = gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids
+        self.last_stats = ChatStats(prompt_tokens=longest, vision_s=time.perf_counter() - t0)
+        steps = decode_steps(self.model, embeds, positions, cache, gen, stop, pad, self.tokenizer.bos_id)
+        return steps, t0
+
+    def _run(self, encoded: list[list[int]], pixel_values, generation_config):
+        """Yield each decode step (tokens of every row: stop ids included, pads after), timing them."""
+        gen = GenerationConfig.from_user(generation_config)
+        steps, t0 = self._steps(encoded, pixel_values, gen)
+        stats = self.last_stats
+        for i, step in enumerate(steps):
+            if i == 0:
+                stats.time_to_first_token_s = time.perf_counter() - t0
+            stats.new_tokens = i + 1
+            stats.total_s = time.perf_counter() - t0
+            yield step
+
+    @torch.inference_mode()
+    def generate(self, input_ids, pixel_values: torch.Tensor | None = None, generation_config=None,
+                 output_scores: bool = False):
+        """Raw generation from token ids: one prompt (list of ints) or several (list of lists, left-padded).
+
+        Returns the new ids [B, T] (stop ids included, pad after a row stops), and with ``output_scores`` also
+        the processed float32 scores [B, T, vocab] that chose them.
+        """
+        encoded = [list(map(int, row)) for row in (input_ids if input_ids and isinstance(input_ids[0], (list, tuple))
+                                                   else [input_ids])]
+        if pixel_values is not None:
+            pixel_values, _ = self._prepare_images(pixel_values, None)
+        steps = list(self._run(encoded, pixel_values, generation_config))
+        ids = torch.stack([s.tokens for s in steps], dim=1) if steps else torch.empty(len(encoded), 0)
+        if not output_scores:
+            return ids
+        return ids, (torch.stack([s.scores for s in steps], dim=1) if steps else None)
+
+    def _response(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text.split(template.SEP)[0].strip()
+
+    def _single_query(self, pixel_values, question, history, num_patches_list):
+        pixel_values, patches = self._prepare_images(pixel_values, num_patches_list)
+        query = template.build_query(question, num_patches_list=patches, history=history,
+                                     system_message=self.system_message, num_image_token=self.num_image_token)
+        return pixel_values, query
+
+    @torch.inference_mode()
+    def chat(self, pixel_values, question: str, generation_config=None, history: History | None = None,
+             return_history: bool = False, num_patches_list: Sequence[int] | None = None):
+        """Answer ``question`` about the tiles in ``pixel_values`` (or text only when None)."""
+        pixel_values, query = self._single_query(pixel_values, question, history, num_patches_list)
+        ids = [int(step.tokens[0]) for step in self._run([self.tokenizer.encode(query)], pixel_values,
+                                                          generation_config)]
+        response = self._response(ids)
+        if not return_history:
+            return response
+        asked = template.effective_question(question, has_images=pixel_values is not None, history=history)
+        return response, list(history or []) + [(asked, response)]
+
+    @torch.inference_mode()
+    def stream(self, pixel_values, question: str, generation_config=None, history: History | None = None,
+               num_patches_list: Sequence[int] | None = None) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated; ''.join(pieces) == chat(...)."""
+        pixel_values, query = self._single_query(pixel_values, question, history, num_patches_list)
+        gen = GenerationConfig.from_user(generation_config)
+        stop = set(gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids)
+        decoder = self.tokenizer.stream_decoder()
+        pending = ""  # whitespace held back: chat() strips both ends, so must the stream
+        started = False
+        for step in self._run([self.tokenizer.encode(query)], pixel_values, gen):
+            token = int(step.tokens[0])
+            if token in stop:
+                break
+            text = pending + decoder.push(token)
+            if not started:
+                text = text.lstrip()
+                started = bool(text)
+            body = text.rstrip()
+            pending = text[len(body):]
+            if body:
+                yield body
+        tail = (pending + decoder.flush()).rstrip()
+        if not started:
+            tail = tail.lstrip()
+        if tail:
+            yield tail
+
+    @torch.inference_mode()
+    def batch_chat(self, pixel_values, questions: Sequence[str], generation_config=None,
+                   num_patches_list: Sequence[int] | None = None, history=None, return_history: bool = False
+                   ) -> list[str]:
+        """One question per image (``num_patches_list[k]`` tiles for question k), answered as one batch."""
+        if history is not None or return_history:
+            raise PromptError("batch_chat does not support history/return_history (nor does the original)")
+        questions = list(questions)
+        if not questions:
+            raise PromptError("batch_chat needs at least one question")
+        if pixel_values is None:
+            patches = [0] * len(questions)
+        else:
+            pixel_values, patches = self._prepare_images(pixel_values, num_patches_list)
+            if len(patches) != len(questions):
+                raise PromptError(f"batch_chat got {len(questions)} questions but num_patches_list has "
+                                  f"{len(patches)} images; give one image per question")
+        queries = [template.build_query(q, num_patches_list=[n] if n else None, history=None,
+                                        system_message=self.system_message,
+                                        num_image_token=self.num_image_token)
+                   for q, n in zip(questions, patches)]
+        steps = list(self._run([self.tokenizer.encode(q) for q in queries], pixel_values, generation_config))
+        rows = [[int(s.tokens[r]) for s in steps] for r in range(len(queries))]
+        return [self._response(r) for r in rows]

@@ -1,0 +1,190 @@
+"""The ``pyvl`` command line: ``pyvl chat`` (streaming, multi-turn, multi-image) and ``pyvl info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import PyvlError
+
+__all__ = ["main"]
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def _generation_config(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _load_model(args):
+    import pyvl
+    from .demo import DEMO_NOTICE, demo_model_path
+
+    if args.model is None:
+        print(DEMO_NOTICE, file=sys.stderr)
+        path = demo_model_path()
+    else:
+        path = Path(args.model)
+    return pyvl.load(path, device=args.device, dtype=args.dtype, backend=args.backend, progress=True)
+
+
+def _images(model, paths: list[str], max_num: int | None):
+    """Each --image becomes its own <image> block (num_patches_list), in the order given."""
+    import torch
+
+    import pyvl
+
+    if not paths:
+        return None, None
+    max_num = max_num if max_num is not None else model.config.max_dynamic_patch
+    tiles = [pyvl.load_image(p, max_num=max_num, image_size=model.config.image_size,
+                             use_thumbnail=model.config.use_thumbnail) for p in paths]
+    return torch.cat(tiles), [t.shape[0] for t in tiles]
+
+
+def _question_with_images(question: str, n_images: int) -> str:
+    if n_images <= 1 or "<image>" in question:
+        return question
+    return "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images)) + question
+
+
+def _answer(model, pixels, patches, question, gen, history, stats: bool):
+    pieces = []
+    for piece in model.stream(pixels, question, gen, history=history, num_patches_list=patches):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if stats:
+        s = model.last_stats
+        print(f"[{s.prompt_tokens} prompt tokens, {s.new_tokens} new; vision+prep {s.vision_s * 1e3:.1f} ms, "
+              f"time to first token {s.time_to_first_token_s * 1e3:.1f} ms, "
+              f"decode {s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return "".join(pieces)
+
+
+def cmd_chat(args) -> int:
+    model = _load_model(args)
+    pixels, patches = _images(model, args.image, args.max_num)
+    gen = _generation_config(args)
+    if args.question:
+        _answer(model, pixels, patches, _question_with_images(" ".join(args.question), len(args.image)), gen,
+                None, args.stats)
+        return 0
+    # Interactive multi-turn session: images attach to the first turn, history carries them onward.
+    print("pyvl interactive chat: empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)
+    history = None
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line or line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history = None
+            continue
+        question = _question_with_images(line, len(args.image)) if history is None else line
+        answer = _answer(model, pixels, patches, question, gen, history, args.stats)
+        from .template import effective_question
+
+        asked = effective_question(question, has_images=pixels is not None, history=history)
+        history = list(history or []) + [(asked, answer)]
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.2f}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return f"{n:.2f}T"
+
+
+def cmd_info(args) -> int:
+    from .config import load_config
+    from .loader import index_checkpoint
+
+    folder = Path(args.path)
+    cfg = load_config(folder)
+    tensors = index_checkpoint(folder)
+    counts = {"vision_model": 0, "mlp1": 0, "language_model": 0}
+    for name, info in tensors.items():
+        numel = 1
+        for d in info.shape:
+            numel *= d
+        counts[name.split(".", 1)[0]] = counts.get(name.split(".", 1)[0], 0) + numel
+    total = sum(counts.values())
+    v, lm = cfg.vision, cfg.llm
+    summary = {
+        "folder": str(folder),
+        "vision": f"InternViT {v.num_hidden_layers} layers x {v.hidden_size} wide, {v.num_attention_heads} heads, "
+                  f"MLP {v.intermediate_size}, {v.norm_type}, qk_norm={v.qk_normalization}, qkv_bias={v.qkv_bias}",
+        "projector": f"pixel shuffle {cfg.ps_version} x{cfg.downsample_ratio} -> mlp1 {cfg.projector_in} -> "
+                     f"{lm.hidden_size}; {cfg.num_image_token} tokens per {cfg.image_size}px tile",
+        "llm": f"InternLM2 {lm.num_hidden_layers} layers x {lm.hidden_size} wide, {lm.num_attention_heads}/"
+               f"{lm.num_key_value_heads} q/kv heads, FFN {lm.intermediate_size}, vocab {lm.vocab_size}, "
+               f"rope theta {lm.rope_theta:g} scaling {lm.rope_scaling_type or 'none'} x{lm.rope_scaling_factor:g}, "
+               f"max positions {lm.max_position_embeddings}",
+        "tiles": f"{cfg.min_dynamic_patch}..{cfg.max_dynamic_patch} (+thumbnail={cfg.use_thumbnail}), "
+                 f"select_layer {cfg.select_layer}, template {cfg.template}",
+        "parameters": {k: _human(c) for k, c in counts.items()} | {"total": _human(total)},
+        "weights_memory_GiB": {dt: round(total * size / 2**30, 3) for dt, size in
+                               (("bfloat16", 2), ("float16", 2), ("float32", 4))},
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {val}" for k, val in value.items())
+        print(f"{key:>19}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyvl", description="InternVL 1.5 inference runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="chat about images (streams the answer)")
+    chat.add_argument("question", nargs="*", help="the question; omit for an interactive session")
+    chat.add_argument("--model", default=None, help="model folder (default: the built-in random demo model)")
+    chat.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    chat.add_argument("--max-num", type=int, default=None, help="max tiles per image, 1..40 (default: config)")
+    chat.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    chat.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
+    chat.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    chat.add_argument("--stats", action="store_true", help="print time to first token and tokens/s")
+    _add_generation_flags(chat)
+    chat.set_defaults(func=cmd_chat)
+    info = sub.add_parser("info", help="config summary, parameter counts, memory per dtype")
+    info.add_argument("path", help="model folder")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PyvlError as exc:
+        print(f"pyvl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Token generation: generation settings, logits processing as HF transformers 4.37 does it, the decode loop.
+
+Order of processing per step (as HF generate): repetition penalty (greedy too), then, when sampling,
+temperature -> top-k -> top-p, softmax and a multinomial draw from a seeded generator. The repetition penalty
+sees the tokens generated so far plus the BOS id that HF seeds the output with when ``generate`` is called with
+``inputs_embeds`` (which is what InternVL's ``chat`` does), not the prompt tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import torch
+
+from .errors import ConfigError
+from .kv_cache import KVCache
+from .models.vlm import InternVLChatModel
+
+__all__ = ["GenerationConfig", "process_logits", "decode_steps"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    eos_token_id: tuple[int, ...] | None = None  # None: the chat stop set (<|im_end|>)
+    num_beams: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+            (self.temperature > 0, "temperature must be > 0 (use do_sample=False for greedy)"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.num_beams == 1, "beam search is not supported: num_beams must be 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"generation_config: {message} (got {self})")
+
+    @classmethod
+    def from_user(cls, config: "GenerationConfig | dict | None") -> "GenerationConfig":
+        """Accept our dataclass, an HF-style dict as the original ``chat`` takes, or None (defaults)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if not isinstance(config, dict):
+            raise ConfigError(f"generation_config must be a dict or GenerationConfig, got {type(config).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ConfigError(f"generation_config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        values = dict(config)
+        eos = values.get("eos_token_id")
+        if eos is not None:
+            values["eos_token_id"] = (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
+        return cls(**values)
+
+
+def process_logits(scores: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """HF's logits processors and warpers on float32 scores [B, V]; ``seen`` [B, T] are penalised ids."""
+    scores = scores.clone()
+    if cfg.repetition_penalty != 1.0:
+        picked = scores.gather(1, seen)
+        picked = torch.where(picked < 0, picked * cfg.repetition_penalty, picked / cfg.repetition_penalty)
+        scores.scatter_(1, seen, picked)
+    if not cfg.do_sample:
+        return scores
+    if cfg.temperature != 1.0:
+        scores = scores / cfg.temperature
+    if cfg.top_k > 0:
+        k = min(cfg.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - cfg.top_p)
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def select_tokens(scores: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+                  ) -> torch.Tensor:
+    if not cfg.do_sample:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # [B] chosen ids (pad for rows that already finished)
+    scores: torch.Tensor  # [B, V] processed float32 scores that chose them
+    finished: torch.Tensor  # [B] bool, True once a row produced a stop id
+
+
+def decode_steps(model: InternVLChatModel, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 cfg: GenerationConfig, stop_ids: tuple[int, ...], pad_id: int, bos_id: int
+                 ) -> Iterator[Step]:
+    """Prefill ``embeds`` [B, S, H] then decode one token per step, yielding each step.
+
+    Stops after ``max_new_tokens`` steps, when every row has produced a stop id, or when prompt + answer fill
+    the cache.
+    Finished rows keep receiving ``pad_id`` like HF generate does.
+    """
+    lm = model.language_model
+    b = embeds.shape[0]
+    device = embeds.device
+    generator = None
+    if cfg.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    stop = torch.tensor(stop_ids, device=device)
+    seen = torch.full((b, 1), bos_id, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    hidden = lm(embeds, positions, cache)[:, -1]
+    next_pos = positions[:, -1] + 1
+    limit = min(cfg.max_new_tokens, cache.remaining)  # prompt + answer never exceed the cache's context
+    for step in range(limit):
+        scores = process_logits(lm.lm_head(hidden), seen, cfg)
+        tokens = select_tokens(scores, cfg, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+        finished = finished | torch.isin(tokens, stop)
+        yield Step(tokens, scores, finished)
+        if bool(finished.all()) or step + 1 == limit:
+            return
+        seen = torch.cat([seen, tokens[:, None]], dim=1)
+        hidden = lm(lm.embed(tokens[:, None]), next_pos[:, None], cache)[:, -1]
+        next_pos = next_pos + 1

@@ -1,0 +1,222 @@
+"""Image preprocessing for InternVL 1.5: open -> RGB -> dynamic tiling -> normalised pixel values.
+
+This reproduces the original `load_image` (README quick start; spec section 8) exactly:
+
+1. Open the image and convert it to RGB *first* (``PIL convert("RGB")``: palette/L images are expanded, the
+   alpha of RGBA/LA is dropped without compositing). Converting first matters because Pillow resizes "P" images
+   with NEAREST whatever filter is asked for. No EXIF rotation is applied (the original applies none).
+2. Choose a grid of ``cols x rows`` tiles (spec 8.2). Candidates are all (i, j) with
+   ``min_num <= i*j <= max_num``, sorted by area; within one area they keep CPython's iteration order of the
+   original ``set`` of tuples, which we reproduce by building the very same set. With aspect = W / H (float64),
+   the candidate with the smallest ``|aspect - i/j|`` wins; on an exact float tie the later candidate wins only
+   if ``W*H > 0.5 * S*S * i*j``. Size otherwise never matters (640x480 at max 12 gets 4x3 = 12 tiles).
+3. Resize the whole image to ``(S*cols, S*rows)`` with Pillow BICUBIC (Pillow's default for RGB: antialiased
+   convolution, a = -0.5) and crop ``S x S`` tiles row-major: tile k has box
+   ``(c*S, r*S, (c+1)*S, (r+1)*S)`` with ``c = k % cols``, ``r = k // cols``.
+4. If there is more than one tile (and ``use_thumbnail``), append the ORIGINAL image resized straight to
+   ``S x S`` (aspect ignored) as the LAST tile. So ``N = cols*rows + (cols*rows > 1)``.
+5. Normalise like torchvision ``ToTensor`` + ``Normalize``: uint8 ``[N, S, S, 3]`` -> float32 ``[N, 3, S, S]``,
+   ``x = v / 255``, ``(x - mean) / std`` per channel with the ImageNet constants, every op in float32.
+
+The torchvision resize in the original's transform is a no-op (tiles are already S x S) and is skipped.
+"""
+
+import io
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pyvl.errors import ImageError
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "candidate_grids", "choose_grid", "tile_boxes",
+    "dynamic_preprocess", "pixel_values_reference", "load_image",
+]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_TILES = 40  # the InternVL 1.5 model card advertises 1-40 tiles at test time
+
+
+def _check_pixel_limit(width: int, height: int, name: str) -> None:
+    # The same rule Pillow applies when decoding files; we read the limit, never change it.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageError(
+            f"{name}: {width}x{height} = {width * height} pixels exceeds Pillow's decompression-bomb limit "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {limit}; raise that limit yourself only for trusted images")
+
+
+def _check_size(img: Image.Image, name: str) -> None:
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name}: image has size {width}x{height}; expected width and height >= 1")
+    _check_pixel_limit(width, height, name)
+
+
+def _decode(source, name: str) -> Image.Image:
+    """Decode a file path or file object fully (so truncated data fails here) and convert to RGB."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse both ranges.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                _check_size(img, name)  # header only: refuse before allocating pixels
+                img.load()
+                return img.convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: refusing to decode: {exc} (PIL.Image.MAX_IMAGE_PIXELS = {limit}; "
+                         f"raise it yourself only for trusted images)") from exc
+    except FileNotFoundError as exc:
+        raise ImageError(f"{name}: no such file; expected an existing image file") from exc
+    except Exception as exc:  # any decoder failure: unknown format, truncated/corrupt data, unreadable path
+        raise ImageError(f"{name}: cannot read image ({type(exc).__name__}: {exc}); "
+                         f"expected a complete image file Pillow can decode (PNG, JPEG, ...)") from exc
+
+
+def _from_array(arr: np.ndarray) -> Image.Image:
+    name = f"numpy array of shape {arr.shape} and dtype {arr.dtype}"
+    if arr.dtype != np.uint8:
+        raise ImageError(f"{name}: expected dtype uint8 (values 0..255)")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ImageError(f"{name}: expected (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grayscale")
+    height, width = arr.shape[:2]
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name}: expected height and width >= 1")
+    _check_pixel_limit(width, height, name)
+    # fromarray gives mode L / RGB / RGBA; convert("RGB") then treats it exactly like a decoded file.
+    return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")  # ascontiguousarray copies strided views
+
+
+def open_image(image) -> Image.Image:
+    """Return `image` as a fully loaded PIL image in mode RGB (a new object; the input is never modified).
+
+    Accepts a path (str / os.PathLike), the encoded file as bytes, a PIL image of any mode, or a uint8 numpy
+    array (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grayscale. Raises ImageError on anything unreadable.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _decode(os.fspath(image), f"image file {os.fspath(image)!r}")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise ImageError("image bytes: got 0 bytes; expected the contents of an image file")
+        return _decode(io.BytesIO(data), f"image bytes ({len(data)} bytes)")
+    if isinstance(image, Image.Image):
+        name = f"PIL image (mode {image.mode}, size {image.size[0]}x{image.size[1]})"
+        _check_size(image, name)
+        try:
+            image.load()  # lazily opened images decode here
+            return image.convert("RGB")
+        except Exception as exc:
+            raise ImageError(f"{name}: cannot load pixels ({type(exc).__name__}: {exc})") from exc
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    raise ImageError(f"image of type {type(image).__name__}: expected a path, bytes, PIL.Image.Image "
+                     f"or uint8 numpy array")
+
+
+def _check_int(value, name: str, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        bounds = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+        raise ImageError(f"{name}={value!r}: expected {bounds}")
+
+
+def _check_tile_args(min_num, max_num, image_size=448) -> None:
+    _check_int(max_num, "max_num", 1, MAX_TILES)
+    _check_int(min_num, "min_num", 1, max_num)
+    _check_int(image_size, "image_size", 1)
+
+
+def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """All (cols, rows) with min_num <= cols*rows <= max_num, in the original's exact order (spec 8.2)."""
+    _check_tile_args(min_num, max_num)
+    # The original builds this set and stable-sorts it by area, so equal-area grids keep CPython's set
+    # iteration order. Tuples of small ints hash deterministically (no PYTHONHASHSEED), so building the
+    # same set the same way reproduces that order; the tests pin it against the spec's lists.
+    grids = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+             if min_num <= i * j <= max_num}
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
+                image_size: int = 448) -> tuple[int, int]:
+    """The (cols, rows) tile grid the original picks for a width x height image (spec 8.2 step 3)."""
+    _check_int(width, "width", 1)
+    _check_int(height, "height", 1)
+    _check_tile_args(min_num, max_num, image_size)
+    aspect = width / height  # float64, like the original
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidate_grids(min_num, max_num):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)  # exact tie: the larger grid only if the image fills over half of it
+    return best
+
+
+def tile_boxes(cols: int, rows: int, image_size: int = 448) -> list[tuple[int, int, int, int]]:
+    """Crop boxes (left, top, right, bottom) of the grid tiles, row-major."""
+    s = image_size
+    return [((k % cols) * s, (k // cols) * s, (k % cols + 1) * s, (k // cols + 1) * s) for k in range(cols * rows)]
+
+
+def dynamic_preprocess(img: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448,
+                       use_thumbnail: bool = True) -> list[Image.Image]:
+    """Split an RGB image into S x S tiles (row-major), plus the thumbnail last when there are several."""
+    if not isinstance(img, Image.Image) or img.mode != "RGB":
+        got = f"PIL image in mode {img.mode}" if isinstance(img, Image.Image) else type(img).__name__
+        raise ImageError(f"dynamic_preprocess: got {got}; expected a PIL image in mode RGB (use open_image)")
+    _check_size(img, "dynamic_preprocess input")
+    cols, rows = choose_grid(img.width, img.height, min_num, max_num, image_size)
+    # BICUBIC is Pillow's default for RGB (the original passes no filter); explicit so the mode can't change it.
+    resized = img.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    tiles = [resized.crop(box) for box in tile_boxes(cols, rows, image_size)]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(img.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def pixel_values_reference(tiles: np.ndarray) -> torch.Tensor:
+    """uint8 tiles [N, H, W, 3] -> float32 [N, 3, H, W], exactly torchvision ToTensor + Normalize(ImageNet)."""
+    if not isinstance(tiles, np.ndarray) or tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3:
+        desc = f"{tiles.dtype} array of shape {tiles.shape}" if isinstance(tiles, np.ndarray) else type(tiles).__name__
+        raise ImageError(f"pixel_values_reference: got {desc}; expected uint8 [N, H, W, 3]")
+    # NHWC -> NCHW (the layout the ViT patch embedding expects); contiguous like ToTensor's output.
+    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).contiguous().float().div(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
+    return (x - mean) / std  # (N, 3, H, W) float32
+
+
+def _normalize(tiles: np.ndarray, use_native: bool) -> torch.Tensor:
+    if use_native:
+        try:
+            from pyvl.ops.native import normalize_tiles
+        except ImportError:  # extension not built: the reference is bit-identical, only slower
+            pass
+        else:
+            return normalize_tiles(tiles, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return pixel_values_reference(tiles)
+
+
+def load_image(image, max_num: int = 12, min_num: int = 1, image_size: int = 448, use_thumbnail: bool = True,
+               use_native: bool = True) -> torch.Tensor:
+    """The original `load_image`: pixel values float32 [N, 3, S, S] for one image (N tiles, thumbnail last).
+
+    `image` is anything `open_image` accepts. `use_native=False` forces the pure-torch normalisation;
+    otherwise pyvl.ops.native.normalize_tiles is used when the extension is available (same bits).
+    """
+    _check_tile_args(min_num, max_num, image_size)
+    tiles = dynamic_preprocess(open_image(image), min_num, max_num, image_size, use_thumbnail)
+    stacked = np.stack([np.asarray(t) for t in tiles])  # (N, S, S, 3) uint8, C-contiguous
+    return _normalize(stacked, use_native)

@@ -1,0 +1,134 @@
+"""InternLM2 causal decoder (``language_model.`` keys): GQA attention with RoPE, SwiGLU FFN, RMSNorm.
+
+Per layer (pre-norm):  x += wo(Attn(RoPE(q), RoPE(k), v));  x += w2(silu(w1 h) * w3 h), h = RMSNorm(x).
+The checkpoint packs ``wqkv`` per KV group as [q_0 .. q_{G-1}, k, v] x n_kv (spec 2.3); the loader regroups it
+once into [all q | all k | all v] (``regroup_wqkv``) so the forward is a plain split.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import LLMConfig
+from ..kv_cache import KVCache
+from ..ops import Ops
+from .rope import RotaryTables
+
+__all__ = ["InternLM2ForCausalLM", "regroup_wqkv"]
+
+
+def regroup_wqkv(packed: torch.Tensor, cfg: LLMConfig) -> torch.Tensor:
+    """[n_kv * (G+2) * D, ...] grouped rows -> [n_h*D (q) | n_kv*D (k) | n_kv*D (v), ...] planar rows.
+
+    Query head n = h*G + g keeps its index, so query head n still reads KV head n // G.
+    """
+    n_kv, g, d = cfg.num_key_value_heads, cfg.num_kv_groups, cfg.head_dim
+    grouped = packed.reshape(n_kv, g + 2, d, *packed.shape[1:])
+    q = grouped[:, :g].reshape(n_kv * g * d, *packed.shape[1:])
+    k = grouped[:, g].reshape(n_kv * d, *packed.shape[1:])
+    v = grouped[:, g + 1].reshape(n_kv * d, *packed.shape[1:])
+    return torch.cat([q, k, v], dim=0)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops: Ops):
+        super().__init__()
+        self.n_h, self.n_kv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden_size, (self.n_h + 2 * self.n_kv) * self.d, bias=cfg.bias)
+        self.wo = nn.Linear(self.n_h * self.d, cfg.hidden_size, bias=cfg.bias)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int
+                ) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.n_h * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
+        q = q.view(b, s, self.n_h, self.d).transpose(1, 2)  # (B, Hq, S, D)
+        k = k.view(b, s, self.n_kv, self.d).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(b, s, self.n_kv, self.d).transpose(1, 2)
+        q, k = self.ops.apply_rotary(q, k, cos, sin)
+        k_all, v_all = cache.write(layer, k, v)
+        out = self.ops.causal_attention(q, k_all, v_all, cache.kv_start)
+        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_h * self.d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops: Ops):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.bias)  # gate
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.bias)  # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.bias)  # down
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.ops.silu_mul(self.w1(x), self.w3(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops: Ops):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.attention = Attention(cfg, ops)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.feed_forward = FeedForward(cfg, ops)
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class InternLM2Model(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops: Ops):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+
+
+class InternLM2ForCausalLM(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops: Ops):
+        super().__init__()
+        self.cfg = cfg
+        self.model = InternLM2Model(cfg, ops)
+        if not cfg.tie_word_embeddings:
+            self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryTables(cfg)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.tok_embeddings(input_ids)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                return_hidden_states: bool = False):
+        """Run S new tokens [B, S, H] at ``positions`` [B, S] through every layer, appending to ``cache``.
+
+        Returns the final-norm hidden states [B, S, H] (and, if asked, the per-layer inputs as in HF's
+        ``hidden_states`` tuple: embeddings, then each layer's output, the last one after the final norm).
+        """
+        seq_len = cache.length + embeds.shape[1]  # what the original's rotary cache is sized by
+        cos, sin = self.rotary.cos_sin(positions, seq_len)
+        x = embeds
+        states = [x]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i)
+            states.append(x)
+        cache.commit(embeds.shape[1])
+        x = self.model.norm(x)
+        if return_hidden_states:
+            states[-1] = x
+            return x, states
+        return x
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.tok_embeddings.weight if self.cfg.tie_word_embeddings else self.output.weight
+        return (hidden @ weight.t()).float()

@@ -1,0 +1,56 @@
+"""Rotary position tables for InternLM2: rotate-half RoPE with theta and dynamic-NTK or linear scaling.
+
+inv_freq_i = base^(-2i/D), i < D/2; cos/sin vectors are [cos(p*inv_freq), cos(p*inv_freq)] (halves duplicated).
+Dynamic NTK: when the sequence length L seen by a forward (cached + new tokens) exceeds
+max_position_embeddings M, base' = base * (f*L/M - (f - 1)) ^ (D / (D - 2)).
+
+The original keeps this in module state: the table of the longest sequence seen so far is reused by later,
+shorter calls (fixture ``stale_rope_text_after_long_image``). pyvl derives the base from the current call's
+length only, which equals the original on a freshly loaded model and never leaks between calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LLMConfig
+
+__all__ = ["RotaryTables"]
+
+
+class RotaryTables:
+    def __init__(self, cfg: LLMConfig):
+        self.dim = cfg.head_dim
+        self.base = cfg.rope_theta
+        self.max_positions = cfg.max_position_embeddings
+        self.scaling = cfg.rope_scaling_type
+        self.factor = cfg.rope_scaling_factor
+        self._inv_freq_cache: dict[tuple[float, str], torch.Tensor] = {}
+
+    def base_for_length(self, seq_len: int) -> float:
+        if self.scaling == "dynamic" and seq_len > self.max_positions:
+            f = self.factor
+            return self.base * ((f * seq_len / self.max_positions) - (f - 1)) ** (self.dim / (self.dim - 2))
+        return self.base
+
+    def inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        base = self.base_for_length(seq_len)
+        key = (base, str(device))
+        cached = self._inv_freq_cache.get(key)
+        if cached is None:
+            # Same float32 expression as the original, so the tables agree bit for bit.
+            cached = 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+            if len(self._inv_freq_cache) > 64:  # decoding past M makes a new base every step
+                self._inv_freq_cache.clear()
+            self._inv_freq_cache[key] = cached
+        return cached
+
+    def cos_sin(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin [B, S, D] at integer ``positions`` [B, S] for a forward of total length seq_len."""
+        inv_freq = self.inv_freq(seq_len, positions.device)
+        t = positions.float()
+        if self.scaling == "linear":
+            t = t / self.factor
+        freqs = t[..., None] * inv_freq  # (B, S, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()

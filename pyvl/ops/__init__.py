@@ -1,0 +1,92 @@
+"""The op layer: one seam between the model code and the implementations of its hot ops.
+
+The backend is chosen once, when a model is loaded (``pyvl.load(..., backend=...)``), and frozen into an
+:class:`Ops` table that the modules call through. ``reference`` is plain PyTorch (:mod:`pyvl.ops.reference`);
+``triton`` resolves each op to a kernel in ``pyvl.kernels`` when one is registered for it and tells you when
+one is not. Per-op overrides (``op_backends={"vit_attention": "reference"}``) exist to bisect numerics.
+No import-time switches, no globals: two models loaded with different backends coexist.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping
+
+import torch
+
+from . import reference
+
+__all__ = ["Ops", "BACKENDS", "OP_NAMES", "resolve_ops"]
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The table of op implementations a model calls. Field names are the op names, same on every side."""
+
+    rms_norm: Callable
+    layer_norm: Callable
+    vit_attention: Callable
+    causal_attention: Callable
+    apply_rotary: Callable
+    pixel_shuffle: Callable
+    silu_mul: Callable
+    gelu: Callable
+    backends: Mapping[str, str]  # op name -> backend that serves it, for `pyvl info` and bug reports
+
+
+OP_NAMES = tuple(f.name for f in fields(Ops) if f.name != "backends")
+
+# Kernel modules register their ops here as "op name" -> "module:function" inside pyvl.kernels.
+_TRITON_OPS: dict[str, str] = {}
+
+
+def _triton_impl(name: str, required: bool) -> Callable | None:
+    """The registered kernel for ``name``, or None (no kernel, or Triton missing and not required)."""
+    target = _TRITON_OPS.get(name)
+    if target is None:
+        return None
+    module, func = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except ImportError as exc:
+        if required:
+            raise ImportError(f"op {name!r}: cannot import its Triton kernel {target} ({exc}); "
+                              "install Triton (pip install 'pyvl[gpu]') or use backend='reference'") from exc
+        return None
+
+
+def resolve_ops(backend: str = "auto", device: torch.device | str = "cpu",
+                op_backends: Mapping[str, str] | None = None) -> Ops:
+    """Build the op table for ``backend`` on ``device``, with optional per-op overrides.
+
+    ``auto`` takes a kernel for each op that has one when the device is CUDA, the reference otherwise.
+    ``triton`` (or a per-op "triton") insists: an op without a registered kernel is an error, never a
+    silent fallback.
+    """
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    op_backends = dict(op_backends or {})
+    unknown = sorted(set(op_backends) - set(OP_NAMES))
+    if unknown:
+        raise ValueError(f"op_backends names unknown ops {unknown}; known ops: {list(OP_NAMES)}")
+    impls: dict[str, Callable] = {}
+    served: dict[str, str] = {}
+    missing = []
+    for name in OP_NAMES:
+        want = op_backends.get(name, backend)
+        if want not in BACKENDS:
+            raise ValueError(f"op_backends[{name!r}] = {want!r} is not one of {BACKENDS}")
+        wants_kernel = want == "triton" or (want == "auto" and device.type == "cuda")
+        kernel = _triton_impl(name, required=want == "triton") if wants_kernel else None
+        if want == "triton" and kernel is None:
+            missing.append(name)
+        impls[name] = kernel if kernel is not None else getattr(reference, name)
+        served[name] = "triton" if kernel is not None else "reference"
+    if missing:
+        raise ValueError(f"backend 'triton' has no kernel for ops {missing}; pass "
+                         f"op_backends={{name: 'reference'}} for them or use backend='auto'")
+    return Ops(**impls, backends=served)

@@ -1,0 +1,166 @@
+"""Checked Python wrappers over the compiled extension ``pyvl._C``.
+
+``pyvl._C`` links no libtorch: its functions take raw data pointers, sizes, an output dtype code and, for CUDA
+ops, the stream handle. This module checks device, dtype, shape and contiguity (never silently copying),
+allocates ``out`` when it is not given, and calls the native function directly (a few microseconds). Each op
+is also registered with ``torch.library.custom_op`` plus a fake implementation, as ``torch.ops.pyvl.<op>``,
+so ``torch.compile`` can trace it; the wrappers route through it only while compiling, since a custom-op
+call costs ~40 us of Python dispatch. A direct CUDA call is captured by CUDA graphs as it is: it only
+enqueues a kernel on the current stream.
+
+normalize_tiles
+    tiles uint8 [N, H, W, 3] (NHWC, as PIL/numpy hold RGB images) -> out [N, 3, H, W] (NCHW, as the ViT wants)
+    out[n, c, y, x] = (tiles[n, y, x, c] / 255 - mean[c]) / std[c]   in float32, mean/std rounded to float32.
+    Bit-identical to the CPU torch reference ``((t.permute(0, 3, 1, 2).float().div(255) - mean) / std)``:
+    true division (not a multiply by 1/255) and no fused multiply-add. On CUDA, out may also be bfloat16: the
+    float32 value rounded to nearest even, as ``.to(torch.bfloat16)`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pyvl.errors import ImageError
+
+try:
+    from pyvl import _C
+except ImportError as exc:  # the usual cause: the source tree's pyvl/ shadows the installed package
+    import pyvl
+
+    raise ImportError(
+        f"pyvl._C (the compiled extension) is not importable next to pyvl at {list(pyvl.__path__)}: {exc}. "
+        "Build it with `pip install .` and run from outside the source tree (or with `python -P`), "
+        "or use an editable install (`pip install -e .`), which works from anywhere."
+    ) from exc
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "has_cuda", "normalize_tiles"]
+
+from pyvl.image import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition of the constants)
+
+# torch dtype -> _C dtype code, per device type.
+_OUT_DTYPES = {
+    "cpu": {torch.float32: _C.FLOAT32},
+    "cuda": {torch.float32: _C.FLOAT32, torch.bfloat16: _C.BFLOAT16},
+}
+
+
+def has_cuda() -> bool:
+    """True when pyvl._C was compiled with its CUDA kernels (nvcc was found at build time)."""
+    return _C.has_cuda()
+
+
+def _channels(name: str, values: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        channels = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ImageError(f"normalize_tiles: {name} must be 3 numbers (R, G, B), got {values!r}") from None
+    if len(channels) != 3:
+        raise ImageError(f"normalize_tiles: {name} must be 3 numbers (R, G, B), got {len(channels)}: {values!r}")
+    return channels
+
+
+def _check_tiles(tiles: np.ndarray | torch.Tensor) -> tuple[tuple[int, ...], torch.device]:
+    """Shape and device of uint8 [N, H, W, 3] C-contiguous tiles; ImageError naming what is wrong otherwise."""
+    if isinstance(tiles, np.ndarray):
+        dtype, shape, contiguous, device = tiles.dtype, tiles.shape, tiles.flags.c_contiguous, torch.device("cpu")
+        ok_dtype = dtype == np.uint8
+    elif isinstance(tiles, torch.Tensor):
+        dtype, shape, contiguous, device = tiles.dtype, tuple(tiles.shape), tiles.is_contiguous(), tiles.device
+        ok_dtype = dtype == torch.uint8
+    else:
+        raise ImageError(f"normalize_tiles: tiles must be a numpy array or torch tensor, got {type(tiles).__name__}")
+    if not ok_dtype:
+        raise ImageError(f"normalize_tiles: tiles must be uint8, got {dtype} (shape {shape})")
+    if len(shape) != 4 or shape[3] != 3:
+        raise ImageError(f"normalize_tiles: tiles must have shape [N, H, W, 3] (RGB, channels last), got {shape}")
+    if 0 in shape:
+        raise ImageError(f"normalize_tiles: tiles must not be empty, got shape {shape}")
+    if not contiguous:
+        raise ImageError(
+            f"normalize_tiles: tiles of shape {shape} must be C-contiguous; make a contiguous copy first "
+            "(np.ascontiguousarray / .contiguous())"
+        )
+    if device.type not in _OUT_DTYPES:
+        raise ImageError(f"normalize_tiles: tiles must be on the CPU or a CUDA device, got {device}")
+    return shape, device
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    n, h, w, _ = shape
+    if not isinstance(out, torch.Tensor):
+        raise ImageError(f"normalize_tiles: out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != (n, 3, h, w):
+        raise ImageError(
+            f"normalize_tiles: out must have shape {(n, 3, h, w)} for tiles {shape}, got {tuple(out.shape)}"
+        )
+    if out.device != device:
+        raise ImageError(f"normalize_tiles: out is on {out.device} but tiles are on {device}")
+    allowed = _OUT_DTYPES[device.type]
+    if out.dtype not in allowed:
+        raise ImageError(f"normalize_tiles: out on {device.type} must be one of {list(allowed)}, got {out.dtype}")
+    if not out.is_contiguous():
+        raise ImageError(f"normalize_tiles: out of shape {tuple(out.shape)} must be contiguous")
+
+
+def _launch(tiles, shape: tuple[int, ...], device: torch.device, mean, std, out: torch.Tensor, num_threads: int):
+    n, h, w, _ = shape
+    # A numpy array's pointer is taken directly: torch.from_numpy warns on the read-only arrays of np.asarray(PIL).
+    ptr = tiles.ctypes.data if isinstance(tiles, np.ndarray) else tiles.data_ptr()
+    if device.type == "cpu":
+        _C.normalize_tiles_cpu(ptr, out.data_ptr(), n, h, w, mean, std, num_threads)
+        return
+    if not _C.has_cuda():
+        raise RuntimeError(
+            "normalize_tiles: tiles are on CUDA but pyvl._C was built without CUDA (no nvcc at build time); "
+            "reinstall pyvl with nvcc on PATH (PYVL_CUDA=ON makes a missing nvcc a build error)"
+        )
+    # The kernel launches on the calling thread's current device, which must own the stream and the data.
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        _C.normalize_tiles_cuda(ptr, out.data_ptr(), _OUT_DTYPES["cuda"][out.dtype], n, h, w, mean, std, stream)
+
+
+@torch.library.custom_op("pyvl::normalize_tiles", mutates_args=("out",))
+def _normalize_tiles_op(
+    tiles: torch.Tensor, mean: list[float], std: list[float], out: torch.Tensor, num_threads: int
+) -> None:
+    shape, device = _check_tiles(tiles)
+    _check_out(out, shape, device)
+    _launch(tiles, shape, device, tuple(mean), tuple(std), out, num_threads)
+
+
+@_normalize_tiles_op.register_fake
+def _(tiles, mean, std, out, num_threads) -> None:
+    return None
+
+
+def normalize_tiles(
+    tiles: np.ndarray | torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    out: torch.Tensor | None = None,
+    num_threads: int = 0,
+) -> torch.Tensor:
+    """uint8 [N, H, W, 3] tiles -> normalised [N, 3, H, W] (float32, or out's dtype), on the tiles' device.
+
+    ``tiles`` is a C-contiguous numpy array or a contiguous CPU/CUDA tensor. ``out``, when given, must be
+    contiguous [N, 3, H, W] on the same device: float32 (CPU), float32 or bfloat16 (CUDA). ``num_threads``
+    is for the CPU: 0 picks a count from the size and the cores, n > 0 uses n threads.
+    """
+    mean, std = _channels("mean", mean), _channels("std", std)
+    if not isinstance(num_threads, int) or num_threads < 0:
+        raise ImageError(f"normalize_tiles: num_threads must be an int >= 0 (0 = automatic), got {num_threads!r}")
+    shape, device = _check_tiles(tiles)
+    n, h, w, _ = shape
+    if out is None:
+        out = torch.empty((n, 3, h, w), dtype=torch.float32, device=device)
+    else:
+        _check_out(out, shape, device)
+    if torch.compiler.is_compiling():  # raw pointers cannot be traced; the registered op can
+        torch.ops.pyvl.normalize_tiles(torch.as_tensor(tiles), list(mean), list(std), out, num_threads)
+    else:
+        _launch(tiles, shape, device, mean, std, out, num_threads)
+    return out

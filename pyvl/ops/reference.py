@@ -1,0 +1,102 @@
+"""Plain-PyTorch reference of every op pyvl dispatches: the CPU backend, the spec and the test oracle.
+
+Each op computes in float32 where the original InternVL code does (norm statistics, softmax, rotary tables)
+and casts back where it does. Layouts:
+  attention q: [B, Hq, Sq, D], k/v: [B, Hkv, Sk, D] (GQA: query head n reads KV head n // (Hq // Hkv))
+  rotary cos/sin: [B, S, D] already gathered at the token positions (rotate-half, duplicated halves)
+  pixel_shuffle x: [N, h, w, C] patch grid (row-major tokens) -> [N, h*w*r^2, C/r^2]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "rms_norm", "layer_norm", "vit_attention", "causal_attention", "apply_rotary", "pixel_shuffle",
+    "silu_mul", "gelu",
+]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """w * cast_back(x * rsqrt(mean(x^2) + eps)), statistics in float32 (InternRMSNorm / InternLM2RMSNorm)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Standard LayerNorm over the last dim (InternViT-300M norms, the mlp1 projector norm)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional softmax(q k^T / sqrt(D)) v over [B, H, S, D], in float32, cast back."""
+    scale = q.shape[-1] ** -0.5
+    scores = (q.float() * scale) @ k.float().transpose(-2, -1)  # (B, H, S, S)
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     kv_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention of Sq new queries over Sk cached keys (the queries are the last Sq positions).
+
+    kv_start: optional int [B]; keys j < kv_start[b] are left padding of row b and are never attended. A query
+    always sees its own key, so rows of padding tokens stay finite (their outputs are never used).
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qf = q.float().reshape(b, hkv, group * sq, d)  # query heads sharing a KV head, stacked along rows
+    scores = (qf @ k.float().transpose(-2, -1)) / (d ** 0.5)  # (B, Hkv, G*Sq, Sk)
+    scores = scores.view(b, hkv, group, sq, sk)
+    q_pos = torch.arange(sk - sq, sk, device=q.device)
+    k_pos = torch.arange(sk, device=q.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (Sq, Sk)
+    if kv_start is not None:
+        real_key = k_pos[None, :] >= kv_start[:, None]  # (B, Sk)
+        allowed = (allowed[None] & real_key[:, None, :]) | (k_pos[None, None, :] == q_pos[None, :, None])
+        allowed = allowed[:, None, None]  # (B, 1, 1, Sq, Sk)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype).float()  # the original casts P back before P @ V
+    out = probs.view(b, hkv, group * sq, sk) @ v.float()
+    return out.view(b, hq, sq, d).to(q.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x * cos + rotate_half(x) * sin on q [B, Hq, S, D] and k [B, Hkv, S, D]; cos/sin [B, S, D]."""
+    cos = cos[:, None].to(q.dtype)  # the original rounds the tables to the activation dtype first
+    sin = sin[:, None].to(q.dtype)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str) -> torch.Tensor:
+    """InternVL's pixel (un)shuffle of a patch grid [N, h, w, C] -> [N, h*w*scale^2, C/scale^2].
+
+    Output cell (a, b) holds [x(2a,2b) | x(2a,2b+1) | x(2a+1,2b) | x(2a+1,2b+1)] for scale 0.5. v1 leaves the
+    grid transposed (token b*16+a), v2 swaps it back (token a*16+b). Written with the original's view/permute
+    sequence because that sequence *is* the definition.
+    """
+    n, h, w, c = x.shape
+    x = x.reshape(n, h, int(w * scale), int(c / scale))  # merge horizontal neighbours
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(w * scale), int(h * scale), int(c / (scale * scale)))  # merge vertical neighbours
+    if ps_version == "v2":
+        x = x.permute(0, 2, 1, 3).contiguous()
+    return x.reshape(n, -1, x.shape[-1])
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU gate: silu(w1 x) * (w3 x)."""
+    return F.silu(gate) * up
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU, as both the InternViT MLP and mlp1 use."""
+    return F.gelu(x)

@@ -1,0 +1,51 @@
+"""Shared test helpers: paths to the golden fixtures and cached model loads (the fixtures are tiny)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+VARIANTS = ("v15", "mini")
+
+
+@functools.lru_cache(maxsize=None)
+def golden_cases(variant: str) -> dict:
+    return json.loads((GOLDEN / variant / "cases.json").read_text(encoding="utf-8"))
+
+
+def expand_compact(prompt_compact: str) -> str:
+    """cases.json writes runs of <IMG_CONTEXT> as `<IMG_CONTEXT>*N`; expand them back."""
+    import re
+
+    return re.sub(r"<IMG_CONTEXT>\*(\d+)", lambda m: "<IMG_CONTEXT>" * int(m.group(1)), prompt_compact)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def image_for_key(key: str):
+    """'gradient_800x600@max6' -> (path of the PNG, max_num)."""
+    name, max_num = key.split("@max")
+    return GOLDEN / "images" / f"{name}.png", int(max_num)
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(variant: str):
+    import pyvl
+
+    return pyvl.load(GOLDEN / variant / "checkpoint", device="cpu", dtype="float32", backend="reference")
+
+
+@pytest.fixture(params=VARIANTS)
+def golden_model(request):
+    return request.param, _loaded(request.param)
+
+
+def loaded_model(variant: str):
+    return _loaded(variant)

@@ -1,0 +1,133 @@
+"""Generation: KV-cache consistency, logits processing, sampling, streaming, context limits, argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyvl
+from pyvl.errors import ConfigError, PromptError
+from pyvl.generate import GenerationConfig, process_logits
+from conftest import GOLDEN, loaded_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return loaded_model("v15")
+
+
+def test_token_by_token_decoding_matches_full_forward(model):
+    """Decoding with the KV cache, one token at a time, must equal one forward over the whole sequence."""
+    ids = model.tokenizer.encode(model.build_query("Hello, who are you?"))
+    new_ids, scores = model.generate(ids, None, dict(max_new_tokens=10), output_scores=True)
+    full = model.logits(ids + new_ids[0].tolist())
+    # score t chose token t; it is the logit row of the position before it
+    rows = full[len(ids) - 1: len(ids) - 1 + new_ids.shape[1]]
+    torch.testing.assert_close(scores[0], rows, atol=2e-5, rtol=0)
+
+
+def test_kv_cache_past_the_ntk_switch(model):
+    """Crossing max_position_embeddings mid-decode, as the original does it: the new token is rotated with the
+    base of the new total length while cached keys keep theirs, so cached decoding equals a full forward up to
+    the switch and differs after it (the golden ntk_crossing case pins the exact values)."""
+    long_text = "the quick brown fox " * 120
+    ids = model.tokenizer.encode(model.build_query(long_text))[:505]
+    no_stop = dict(max_new_tokens=12, eos_token_id=[0])  # <unk> is never chosen: run all 12 steps
+    new_ids, scores = model.generate(ids, None, no_stop, output_scores=True)
+    limit = model.config.llm.max_position_embeddings
+    before = limit - len(ids) + 1  # steps whose total length is still <= the limit
+    full = model.logits(ids + new_ids[0, :before - 1].tolist())[len(ids) - 1:]
+    torch.testing.assert_close(scores[0, :before], full, atol=2e-5, rtol=0)
+    for t in range(before, new_ids.shape[1]):  # a fresh forward of the same length rotates every key anew
+        fresh = model.logits(ids + new_ids[0, :t].tolist())[-1]
+        assert (scores[0, t] - fresh).abs().max() > 1e-3
+
+
+def test_repetition_penalty_and_warpers():
+    scores = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
+    seen = torch.tensor([[0, 1]])
+    out = process_logits(scores, seen, GenerationConfig(repetition_penalty=2.0))
+    assert out.tolist() == [[1.0, -2.0, 0.5, 0.0]]  # positive divided, negative multiplied
+    top_k = process_logits(scores, seen[:, :0], GenerationConfig(do_sample=True, top_k=2))
+    assert torch.isinf(top_k).tolist() == [[False, True, False, True]]
+    top_p = process_logits(torch.tensor([[5.0, 0.0, 0.0, 0.0]]), seen[:, :0],
+                           GenerationConfig(do_sample=True, top_k=0, top_p=0.5))
+    assert torch.isfinite(top_p).tolist() == [[True, False, False, False]]
+    hot = process_logits(scores, seen[:, :0], GenerationConfig(do_sample=True, temperature=0.5, top_k=0))
+    assert hot.tolist() == [[4.0, -2.0, 1.0, 0.0]]
+
+
+def test_sampling_is_seeded_and_respects_top_k(model):
+    gen = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_k=20, seed=7)
+    a = model.chat(None, "Tell me a story.", gen)
+    assert a == model.chat(None, "Tell me a story.", gen)
+    runs = {model.chat(None, "Tell me a story.", dict(gen, seed=s)) for s in range(5)}
+    assert len(runs) > 1
+    greedy = model.chat(None, "Tell me a story.", dict(max_new_tokens=8))
+    assert model.chat(None, "Tell me a story.", dict(gen, top_k=1)) == greedy
+
+
+@pytest.mark.parametrize("question", ["Hello, who are you?", "Café ☕ naïve — 你好！", "Write a short poem."])
+def test_stream_pieces_join_to_the_chat_answer(model, question):
+    gen = dict(max_new_tokens=16)
+    pieces = list(model.stream(None, question, gen))
+    assert "".join(pieces) == model.chat(None, question, gen)
+    assert all(pieces)
+
+
+def test_stream_with_image_and_sampling(model):
+    pixels = pyvl.load_image(GOLDEN / "images" / "tiny_50x40_palette.png", max_num=1)
+    gen = dict(max_new_tokens=12, do_sample=True, top_p=0.9, seed=3)
+    assert "".join(model.stream(pixels, "Describe.", gen)) == model.chat(pixels, "Describe.", gen)
+
+
+def test_stops_on_im_end(model):
+    case = "text_eos_stop"
+    from conftest import golden_cases
+
+    expected = golden_cases("v15")["cases"][case]
+    model.chat(None, expected["question"], dict(max_new_tokens=12))
+    assert model.last_stats.new_tokens == len(expected["new_token_ids"])
+    assert expected["stopped_on_eos"]
+
+
+def test_prompt_longer_than_context_is_refused():
+    small = pyvl.load(GOLDEN / "v15" / "checkpoint", device="cpu", max_context=64)
+    with pytest.raises(PromptError, match=r"prompt has \d+ tokens but the context holds 64"):
+        small.chat(None, "word " * 80)
+    with pytest.raises(PromptError, match="context holds 64"):
+        small.logits(list(range(3, 70)))
+    # a prompt that fits stops generating when the context is full
+    answer_ids = small.generate(small.tokenizer.encode("hi " * 10), None, dict(max_new_tokens=500))
+    assert answer_ids.shape[1] <= 64 - len(small.tokenizer.encode("hi " * 10))
+
+
+@pytest.mark.parametrize("config, match", [
+    (dict(max_new_tokens=4, bogus=1), "unknown key"),
+    (dict(num_beams=2), "num_beams"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    ("greedy", "must be a dict"),
+])
+def test_generation_config_errors(model, config, match):
+    with pytest.raises(ConfigError, match=match):
+        model.chat(None, "hi", config)
+
+
+def test_image_argument_errors(model):
+    pixels = pyvl.load_image(GOLDEN / "images" / "tall_300x1000.png", max_num=6)
+    with pytest.raises(PromptError, match="summing to the 4 tiles"):
+        model.chat(pixels, "<image> <image>", num_patches_list=[1, 2])
+    with pytest.raises(PromptError, match="shape"):
+        model.chat(pixels[:, :2], "hi")
+    with pytest.raises(PromptError, match="without pixel_values"):
+        model.chat(None, "hi", num_patches_list=[1])
+    with pytest.raises(PromptError, match="<image>"):
+        model.chat(pixels, "<image> and <image>", num_patches_list=[4])
+
+
+def test_batch_chat_text_only_and_errors(model):
+    answers = model.batch_chat(None, ["Hi", "Hello, who are you?"], dict(max_new_tokens=6))
+    assert answers == [model.chat(None, q, dict(max_new_tokens=6)) for q in ["Hi", "Hello, who are you?"]]
+    with pytest.raises(PromptError, match="history"):
+        model.batch_chat(None, ["Hi"], history=[])
