@@ -45,6 +45,35 @@ void normalize_tiles_cuda(std::uintptr_t src, std::uintptr_t dst, int dtype, std
 #endif
 }
 
+void check_image(std::uintptr_t src, std::int64_t h, std::int64_t w, std::int64_t row_stride, const char* op) {
+  pyvl::check_pointer(src, op);
+  pyvl::check_positive(h, "source height");
+  pyvl::check_positive(w, "source width");
+  pyvl::check(row_stride >= 3 * w, op, ": row_stride ", row_stride, " is smaller than 3 * width ", 3 * w);
+}
+
+void resize_bicubic_cpu(std::uintptr_t src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
+                        std::uintptr_t dst, std::int64_t out_h, std::int64_t out_w, int num_threads) {
+  check_image(src, h, w, row_stride, "resize_bicubic_cpu: src");
+  pyvl::check_pointer(dst, "resize_bicubic_cpu: dst");
+  pyvl::check_positive(out_h, "resize_bicubic_cpu: out_h");
+  pyvl::check_positive(out_w, "resize_bicubic_cpu: out_w");
+  pyvl::resize_bicubic_cpu(reinterpret_cast<const std::uint8_t*>(src), h, w, row_stride, out_h, out_w,
+                           reinterpret_cast<std::uint8_t*>(dst), num_threads);
+}
+
+void resize_tiles_cpu(std::uintptr_t src, std::int64_t h, std::int64_t w, std::int64_t row_stride, std::uintptr_t dst,
+                      std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail, const Channels& mean,
+                      const Channels& stdev, int num_threads) {
+  check_image(src, h, w, row_stride, "resize_tiles_cpu: src");
+  pyvl::check_pointer(dst, "resize_tiles_cpu: dst");
+  pyvl::check_positive(cols, "resize_tiles_cpu: cols");
+  pyvl::check_positive(rows, "resize_tiles_cpu: rows");
+  pyvl::check_positive(tile, "resize_tiles_cpu: tile");
+  pyvl::resize_tiles_cpu(reinterpret_cast<const std::uint8_t*>(src), h, w, row_stride, cols, rows, tile, thumbnail,
+                         mean.data(), stdev.data(), reinterpret_cast<float*>(dst), num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -64,6 +93,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("normalize_tiles_cpu", &normalize_tiles_cpu, release_gil, py::arg("src"), py::arg("dst"), py::arg("n"),
         py::arg("h"), py::arg("w"), py::arg("mean"), py::arg("std"), py::arg("num_threads") = 0,
         "uint8 [n,h,w,3] at src -> float32 [n,3,h,w] at dst, (u/255 - mean[c]) / std[c]; 0 threads = auto.");
+  m.def("resize_bicubic_cpu", &resize_bicubic_cpu, release_gil, py::arg("src"), py::arg("h"), py::arg("w"),
+        py::arg("row_stride"), py::arg("dst"), py::arg("out_h"), py::arg("out_w"), py::arg("num_threads") = 0,
+        "RGB uint8 [h,w,3] -> uint8 [out_h,out_w,3], bit-identical to PIL resize(BICUBIC).");
+  m.def("resize_tiles_cpu", &resize_tiles_cpu, release_gil, py::arg("src"), py::arg("h"), py::arg("w"),
+        py::arg("row_stride"), py::arg("dst"), py::arg("cols"), py::arg("rows"), py::arg("tile"),
+        py::arg("thumbnail"), py::arg("mean"), py::arg("std"), py::arg("num_threads") = 0,
+        "RGB uint8 image -> float32 [cols*rows(+1),3,tile,tile]: Pillow-exact bicubic grid + thumbnail, normalised.");
   m.def("normalize_tiles_cuda", &normalize_tiles_cuda, release_gil, py::arg("src"), py::arg("dst"),
         py::arg("dtype"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("mean"), py::arg("std"),
         py::arg("stream"),

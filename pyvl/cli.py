@@ -1,4 +1,4 @@
-"""The ``pyvl`` command line: ``pyvl chat`` (streaming, multi-turn, multi-image) and ``pyvl info``."""
+"""The ``pyvl`` command line: ``pyvl chat`` (streaming, multi-turn, multi-image), ``pyvl info``, ``pyvl bench``."""
 
 from __future__ import annotations
 
@@ -154,6 +154,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.timing import format_table
+
+    if args.what == "preprocess":
+        from .bench import preprocess
+
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes] if args.sizes else preprocess.SIZES
+        rows = preprocess.run(sizes=sizes, max_nums=args.max_nums or preprocess.MAX_NUMS, repeat=args.repeat)
+    else:  # argparse restricts the choices
+        raise AssertionError(args.what)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvl", description="InternVL 1.5 inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="model folder")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+    bench = sub.add_parser("bench", help="benchmarks (median times and ratios against baselines run alongside)")
+    bench.add_argument("what", choices=("preprocess",), help="preprocess: image -> pixel values")
+    bench.add_argument("--sizes", nargs="*", help="image sizes WxH (default: 3840x2160 1920x1080 640x480)")
+    bench.add_argument("--max-nums", nargs="*", type=int, help="max_num values (default: 6 12 40)")
+    bench.add_argument("--repeat", type=int, default=5)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

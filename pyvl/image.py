@@ -32,7 +32,7 @@ from PIL import Image
 from pyvl.errors import ImageError
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "candidate_grids", "choose_grid", "tile_boxes",
+    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "open_rgb_array", "candidate_grids", "choose_grid", "tile_boxes",
     "dynamic_preprocess", "pixel_values_reference", "load_image",
 ]
 
@@ -122,6 +122,16 @@ def open_image(image) -> Image.Image:
                      f"or uint8 numpy array")
 
 
+def open_rgb_array(image) -> np.ndarray:
+    """Like `open_image`, as an RGB uint8 [H, W, 3] array; an RGB array with packed pixels is used as it is
+    (after the same checks), which saves two copies of a large decoded photo."""
+    if (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and image.strides[1:] == (3, 1) and image.shape[0] > 0 and image.shape[1] > 0):
+        _check_pixel_limit(image.shape[1], image.shape[0], f"numpy array of shape {image.shape}")
+        return image
+    return np.asarray(open_image(image))
+
+
 def _check_int(value, name: str, low: int, high: int | None = None) -> None:
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     if not ok or value < low or (high is not None and value > high):
@@ -198,25 +208,30 @@ def pixel_values_reference(tiles: np.ndarray) -> torch.Tensor:
     return (x - mean) / std  # (N, 3, H, W) float32
 
 
-def _normalize(tiles: np.ndarray, use_native: bool) -> torch.Tensor:
-    if use_native:
-        try:
-            from pyvl.ops.native import normalize_tiles
-        except ImportError:  # extension not built: the reference is bit-identical, only slower
-            pass
-        else:
-            return normalize_tiles(tiles, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return pixel_values_reference(tiles)
+def _native_ops():
+    """pyvl.ops.native, or None when the compiled extension is unavailable (e.g. a source checkout)."""
+    try:
+        from pyvl.ops import native
+    except ImportError:
+        return None
+    return native
 
 
 def load_image(image, max_num: int = 12, min_num: int = 1, image_size: int = 448, use_thumbnail: bool = True,
-               use_native: bool = True) -> torch.Tensor:
+               use_native: bool = True, num_threads: int = 0) -> torch.Tensor:
     """The original `load_image`: pixel values float32 [N, 3, S, S] for one image (N tiles, thumbnail last).
 
-    `image` is anything `open_image` accepts. `use_native=False` forces the pure-torch normalisation;
-    otherwise pyvl.ops.native.normalize_tiles is used when the extension is available (same bits).
+    `image` is anything `open_image` accepts. By default the fused C++ kernel (pyvl.ops.native.resize_tiles)
+    resizes, tiles and normalises in one pass, bit-identical to the Pillow + torchvision pipeline, using
+    `num_threads` threads (0 = all cores). `use_native=False` runs that Pillow + torch pipeline itself (the
+    reference), which is also the fallback when the extension is not built.
     """
     _check_tile_args(min_num, max_num, image_size)
+    native = _native_ops() if use_native else None
+    if native is not None:
+        rgb = open_rgb_array(image)
+        cols, rows = choose_grid(rgb.shape[1], rgb.shape[0], min_num, max_num, image_size)
+        return native.resize_tiles(rgb, cols, rows, image_size, use_thumbnail,
+                                   mean=IMAGENET_MEAN, std=IMAGENET_STD, num_threads=num_threads)
     tiles = dynamic_preprocess(open_image(image), min_num, max_num, image_size, use_thumbnail)
-    stacked = np.stack([np.asarray(t) for t in tiles])  # (N, S, S, 3) uint8, C-contiguous
-    return _normalize(stacked, use_native)
+    return pixel_values_reference(np.stack([np.asarray(t) for t in tiles]))  # (N, S, S, 3) uint8 -> NCHW

@@ -85,3 +85,11 @@ def test_info(capsys):
     assert "rms_norm" in info["vision"] and "v1" in info["projector"]
     assert main(["info", str(GOLDEN / "mini" / "checkpoint")]) == 0
     assert "parameters" in capsys.readouterr().out
+
+
+def test_bench_preprocess_small(capsys):
+    pytest.importorskip("pyvl.ops.native", reason="pyvl._C is not built")
+    assert main(["bench", "preprocess", "--sizes", "640x320", "--max-nums", "2", "--repeat", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["image"] == "640x320" and rows[0]["tiles"] == 3
+    assert any(k.startswith("speedup") for k in rows[0])

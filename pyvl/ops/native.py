@@ -14,6 +14,12 @@ normalize_tiles
     Bit-identical to the CPU torch reference ``((t.permute(0, 3, 1, 2).float().div(255) - mean) / std)``:
     true division (not a multiply by 1/255) and no fused multiply-add. On CUDA, out may also be bfloat16: the
     float32 value rounded to nearest even, as ``.to(torch.bfloat16)`` does.
+
+resize_bicubic
+    RGB uint8 [H, W, 3] -> uint8 [out_h, out_w, 3], bit-identical to ``PIL.Image.resize(.., BICUBIC)``.
+resize_tiles
+    RGB uint8 [H, W, 3] -> float32 [cols*rows (+1 thumbnail), 3, T, T]: the original dynamic_preprocess
+    (grid resize, row-major crops, thumbnail of the whole image last) and normalize_tiles in one pass.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ except ImportError as exc:  # the usual cause: the source tree's pyvl/ shadows t
         "or use an editable install (`pip install -e .`), which works from anywhere."
     ) from exc
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "has_cuda", "normalize_tiles"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "has_cuda", "normalize_tiles", "resize_bicubic", "resize_tiles"]
 
 from pyvl.image import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition of the constants)
 
@@ -163,4 +169,63 @@ def normalize_tiles(
         torch.ops.pyvl.normalize_tiles(torch.as_tensor(tiles), list(mean), list(std), out, num_threads)
     else:
         _launch(tiles, shape, device, mean, std, out, num_threads)
+    return out
+
+
+def _check_image(image: np.ndarray, op: str) -> tuple[int, int, int]:
+    """(h, w, row_stride) of an RGB uint8 [H, W, 3] array whose pixels are packed (rows may be strided)."""
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"{op}: image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ImageError(f"{op}: image must be uint8, got {image.dtype} (shape {image.shape})")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(f"{op}: image must have shape [H, W, 3] (RGB, channels last), got {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageError(f"{op}: image must not be empty, got shape {image.shape}")
+    if image.strides[2] != 1 or image.strides[1] != 3 or image.strides[0] < 3 * image.shape[1]:
+        raise ImageError(f"{op}: image of shape {image.shape} must have packed RGB pixels (strides (row, 3, 1)), "
+                         f"got strides {image.strides}; make a contiguous copy first (np.ascontiguousarray)")
+    return image.shape[0], image.shape[1], image.strides[0]
+
+
+def _check_threads(num_threads, op: str) -> None:
+    if not isinstance(num_threads, int) or num_threads < 0:
+        raise ImageError(f"{op}: num_threads must be an int >= 0 (0 = automatic), got {num_threads!r}")
+
+
+def resize_bicubic(image: np.ndarray, out_w: int, out_h: int, num_threads: int = 0) -> np.ndarray:
+    """Pillow-exact ``resize((out_w, out_h), BICUBIC)`` of an RGB uint8 [H, W, 3] array."""
+    h, w, stride = _check_image(image, "resize_bicubic")
+    _check_threads(num_threads, "resize_bicubic")
+    if out_w < 1 or out_h < 1:
+        raise ImageError(f"resize_bicubic: output size must be positive, got {out_w}x{out_h}")
+    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    _C.resize_bicubic_cpu(image.ctypes.data, h, w, stride, out.ctypes.data, out_h, out_w, num_threads)
+    return out
+
+
+def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int = 448, thumbnail: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 out: torch.Tensor | None = None, num_threads: int = 0) -> torch.Tensor:
+    """RGB uint8 [H, W, 3] -> normalised float32 tiles [cols*rows (+1), 3, tile, tile] (see module doc).
+
+    The thumbnail is appended only when asked for *and* the grid has more than one tile, as the original.
+    """
+    h, w, stride = _check_image(image, "resize_tiles")
+    mean, std = _channels("mean", mean), _channels("std", std)
+    _check_threads(num_threads, "resize_tiles")
+    if not (1 <= cols * rows <= 40) or cols < 1 or rows < 1:
+        raise ImageError(f"resize_tiles: a grid of {cols}x{rows} tiles is out of range (1..40 tiles)")
+    if tile < 1:
+        raise ImageError(f"resize_tiles: tile size must be positive, got {tile}")
+    thumbnail = bool(thumbnail) and cols * rows > 1
+    n = cols * rows + int(thumbnail)
+    if out is None:
+        out = torch.empty((n, 3, tile, tile), dtype=torch.float32)
+    elif (tuple(out.shape) != (n, 3, tile, tile) or out.dtype != torch.float32 or out.device.type != "cpu"
+          or not out.is_contiguous()):
+        raise ImageError(f"resize_tiles: out must be a contiguous float32 CPU tensor of shape {(n, 3, tile, tile)}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    _C.resize_tiles_cpu(image.ctypes.data, h, w, stride, out.data_ptr(), cols, rows, tile, thumbnail, mean, std,
+                        num_threads)
     return out

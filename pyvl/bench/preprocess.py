@@ -1,0 +1,65 @@
+"""``pyvl bench preprocess``: image -> pixel values, pyvl's fused kernel vs the original Pillow + torch pipeline.
+
+The baseline is what the original ``load_image`` does (Pillow BICUBIC resize of the grid, crops, a second
+resize for the thumbnail, ToTensor + Normalize per tile), timed on the same machine in the same run; both
+paths produce identical pixel values, which the benchmark checks before timing. Threads: the fused kernel
+runs with 1 thread and with every core; the baseline's torch ops run with the same thread count.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..image import dynamic_preprocess, load_image, pixel_values_reference
+from .timing import median_seconds
+
+__all__ = ["SIZES", "MAX_NUMS", "pillow_pipeline", "run"]
+
+SIZES = ((3840, 2160), (1920, 1080), (640, 480))
+MAX_NUMS = (6, 12, 40)
+
+
+def synthetic_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo-like RGB image: smooth gradients plus texture (content does not change the resize cost)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], -1) * 200
+    return (base + rng.integers(0, 56, size=(height, width, 3))).astype(np.uint8)
+
+
+def pillow_pipeline(image: np.ndarray, max_num: int) -> torch.Tensor:
+    """The original load_image after decoding: Pillow tiles, then ToTensor + Normalize."""
+    from PIL import Image
+
+    tiles = dynamic_preprocess(Image.fromarray(image), 1, max_num)
+    return pixel_values_reference(np.stack([np.asarray(t) for t in tiles]))
+
+
+def run(sizes=SIZES, max_nums=MAX_NUMS, repeat: int = 3) -> list[dict]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    rows = []
+    saved_threads = torch.get_num_threads()
+    try:
+        for width, height in sizes:
+            image = synthetic_photo(width, height)
+            for max_num in max_nums:
+                fused = load_image(image, max_num=max_num, num_threads=1)
+                if not torch.equal(fused, pillow_pipeline(image, max_num)):
+                    raise AssertionError(f"{width}x{height} max_num {max_num}: fused kernel != Pillow pipeline")
+                row = {"image": f"{width}x{height}", "max_num": max_num, "tiles": fused.shape[0]}
+                for threads in sorted({1, cores}):
+                    torch.set_num_threads(threads)
+                    base = median_seconds(lambda: pillow_pipeline(image, max_num), repeat=repeat)
+                    ours = median_seconds(lambda: load_image(image, max_num=max_num, num_threads=threads),
+                                          repeat=repeat)
+                    tag = "1t" if threads == 1 else f"{threads}t"
+                    row[f"pillow+torch {tag} ms"] = f"{base * 1e3:.1f}"
+                    row[f"pyvl {tag} ms"] = f"{ours * 1e3:.1f}"
+                    row[f"speedup {tag}"] = f"{base / ours:.1f}x"
+                rows.append(row)
+    finally:
+        torch.set_num_threads(saved_threads)
+    return rows
