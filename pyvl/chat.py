@@ -17,6 +17,7 @@ from . import template
 from .config import ModelConfig
 from .errors import PromptError
 from .generate import GenerationConfig, decode_steps
+from .image import is_raw_image, load_image
 from .models.vlm import InternVLChatModel
 from .tokenizer import Tokenizer
 
@@ -74,7 +75,22 @@ class InternVLChat:
                                     system_message=self.system_message if system_message is None
                                     else system_message, num_image_token=self.num_image_token)
 
+    def _raw_images_to_tiles(self, images, num_patches_list) -> tuple[torch.Tensor, list[int]]:
+        """Raw image(s) -> tiles with the model's tiling settings, one <image> block per image."""
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        cfg = self.config
+        tiles = [load_image(item, max_num=cfg.max_dynamic_patch, min_num=cfg.min_dynamic_patch,
+                            image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail) for item in items]
+        patches = [t.shape[0] for t in tiles]
+        if num_patches_list is not None and [int(n) for n in num_patches_list] != patches:
+            raise PromptError(f"num_patches_list {list(num_patches_list)} does not match the tiles the images "
+                              f"produce ({patches}); leave it out when passing raw images")
+        return torch.cat(tiles).to(self.device), patches
+
     def _prepare_images(self, pixel_values, num_patches_list) -> tuple[torch.Tensor | None, list[int]]:
+        if is_raw_image(pixel_values) or (isinstance(pixel_values, (list, tuple)) and pixel_values
+                                          and all(is_raw_image(p) for p in pixel_values)):
+            return self._raw_images_to_tiles(pixel_values, num_patches_list)
         if pixel_values is None:
             if num_patches_list:
                 raise PromptError(f"num_patches_list {list(num_patches_list)} was given without pixel_values")
@@ -82,7 +98,8 @@ class InternVLChat:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise PromptError(f"pixel_values must be a [tiles, 3, {self.config.image_size}, "
-                              f"{self.config.image_size}] tensor (see pyvl.load_image), got {shape}")
+                              f"{self.config.image_size}] tensor (see pyvl.load_image), raw image(s) (path, "
+                              f"bytes, PIL image, HWC uint8 array, or a list of them), or None; got {shape}")
         expected = (3, self.config.image_size, self.config.image_size)
         if tuple(pixel_values.shape[1:]) != expected or pixel_values.shape[0] == 0:
             raise PromptError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
@@ -182,16 +199,21 @@ class InternVLChat:
         return text.split(template.SEP)[0].strip()
 
     def _single_query(self, pixel_values, question, history, num_patches_list):
+        """(tiles, prompt, question as asked) for one chat turn."""
+        raw_list = isinstance(pixel_values, (list, tuple)) and len(pixel_values) > 1
         pixel_values, patches = self._prepare_images(pixel_values, num_patches_list)
+        if raw_list and history is None and template.IMAGE_PLACEHOLDER not in question:
+            # a list of raw images and no placeholder: label each image, as InternVL's multi-image examples do
+            question = "".join(f"Image-{i + 1}: {template.IMAGE_PLACEHOLDER}\n" for i in range(len(patches))) + question
         query = template.build_query(question, num_patches_list=patches, history=history,
                                      system_message=self.system_message, num_image_token=self.num_image_token)
-        return pixel_values, query
+        return pixel_values, query, question
 
     @torch.inference_mode()
     def chat(self, pixel_values, question: str, generation_config=None, history: History | None = None,
              return_history: bool = False, num_patches_list: Sequence[int] | None = None):
         """Answer ``question`` about the tiles in ``pixel_values`` (or text only when None)."""
-        pixel_values, query = self._single_query(pixel_values, question, history, num_patches_list)
+        pixel_values, query, question = self._single_query(pixel_values, question, history, num_patches_list)
         ids = [int(step.tokens[0]) for step in self._run([self.tokenizer.encode(query)], pixel_values,
                                                           generation_config)]
         response = self._response(ids)
@@ -204,7 +226,7 @@ class InternVLChat:
     def stream(self, pixel_values, question: str, generation_config=None, history: History | None = None,
                num_patches_list: Sequence[int] | None = None) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated; ''.join(pieces) == chat(...)."""
-        pixel_values, query = self._single_query(pixel_values, question, history, num_patches_list)
+        pixel_values, query, _ = self._single_query(pixel_values, question, history, num_patches_list)
         gen = GenerationConfig.from_user(generation_config)
         stop = set(gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids)
         decoder = self.tokenizer.stream_decoder()

@@ -32,7 +32,7 @@ from PIL import Image
 from pyvl.errors import ImageError
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "open_rgb_array", "candidate_grids", "choose_grid", "tile_boxes",
+    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "open_rgb_array", "is_raw_image", "candidate_grids", "choose_grid", "tile_boxes",
     "dynamic_preprocess", "pixel_values_reference", "load_image",
 ]
 
@@ -120,6 +120,11 @@ def open_image(image) -> Image.Image:
         return _from_array(image)
     raise ImageError(f"image of type {type(image).__name__}: expected a path, bytes, PIL.Image.Image "
                      f"or uint8 numpy array")
+
+
+def is_raw_image(obj) -> bool:
+    """True for the inputs `open_image` takes (path, bytes, PIL image, numpy array), as opposed to tiles."""
+    return isinstance(obj, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray))
 
 
 def open_rgb_array(image) -> np.ndarray:

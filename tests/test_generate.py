@@ -131,3 +131,24 @@ def test_batch_chat_text_only_and_errors(model):
     assert answers == [model.chat(None, q, dict(max_new_tokens=6)) for q in ["Hi", "Hello, who are you?"]]
     with pytest.raises(PromptError, match="history"):
         model.batch_chat(None, ["Hi"], history=[])
+
+
+def test_chat_accepts_raw_images(model):
+    """Paths, bytes, PIL images and arrays are tiled with the model's settings (max_dynamic_patch)."""
+    from PIL import Image
+
+    path = GOLDEN / "images" / "tall_300x1000.png"
+    tiles = pyvl.load_image(path, max_num=model.config.max_dynamic_patch)
+    gen = dict(max_new_tokens=4)
+    want = model.chat(tiles, "Describe.", gen)
+    assert model.chat(str(path), "Describe.", gen) == want
+    assert model.chat(path.read_bytes(), "Describe.", gen) == want
+    assert model.chat(Image.open(path), "Describe.", gen) == want
+    # a list of raw images: one labelled <image> block each, like passing num_patches_list by hand
+    small = GOLDEN / "images" / "tall_300x1000.png"  # 4 tiles again: two images fit the 4096 context
+    both = torch.cat([tiles, pyvl.load_image(small, max_num=model.config.max_dynamic_patch)])
+    want2 = model.chat(both, "Image-1: <image>\nImage-2: <image>\nCompare.", gen,
+                       num_patches_list=[tiles.shape[0], both.shape[0] - tiles.shape[0]])
+    assert model.chat([path, small], "Compare.", gen) == want2
+    with pytest.raises(PromptError, match="does not match"):
+        model.chat([path, small], "Compare.", gen, num_patches_list=[1, 1])
