@@ -16,6 +16,11 @@ using Channels = std::array<float, 3>;
 
 namespace {
 
+[[noreturn, maybe_unused]] void no_cuda() {
+  throw std::runtime_error("pyvl._C was built without CUDA (no CUDA compiler at build time); "
+                           "reinstall pyvl with nvcc on PATH, or with PYVL_CUDA=ON to make that an error");
+}
+
 void check_tile_sizes(std::int64_t n, std::int64_t h, std::int64_t w) {
   pyvl::check_positive(n, "normalize_tiles: n (number of tiles)");
   pyvl::check_positive(h, "normalize_tiles: h (tile height)");
@@ -40,8 +45,7 @@ void normalize_tiles_cuda(std::uintptr_t src, std::uintptr_t dst, int dtype, std
   pyvl::normalize_tiles_cuda(reinterpret_cast<const std::uint8_t*>(src), reinterpret_cast<void*>(dst), dtype, n,
                              h, w, mean.data(), stdev.data(), stream);
 #else
-  throw std::runtime_error("pyvl._C was built without CUDA (no CUDA compiler at build time); "
-                           "reinstall pyvl with nvcc on PATH, or with PYVL_CUDA=ON to make that an error");
+  no_cuda();
 #endif
 }
 
@@ -74,6 +78,54 @@ void resize_tiles_cpu(std::uintptr_t src, std::int64_t h, std::int64_t w, std::i
                          mean.data(), stdev.data(), reinterpret_cast<float*>(dst), num_threads);
 }
 
+void check_grid(std::int64_t cols, std::int64_t rows, std::int64_t tile, const char* op) {
+  pyvl::check(cols > 0 && rows > 0 && tile > 0, op, ": cols, rows and tile must be > 0, got ", cols, ", ", rows,
+              ", ", tile);
+}
+
+std::pair<std::int64_t, std::int64_t> resize_tiles_cuda_workspace(std::int64_t h, std::int64_t w, std::int64_t cols,
+                                                                  std::int64_t rows, std::int64_t tile,
+                                                                  bool thumbnail) {
+#ifdef PYVL_WITH_CUDA
+  check_grid(cols, rows, tile, "resize_tiles_cuda_workspace");
+  const auto sizes = pyvl::resize_tiles_cuda_workspace(h, w, cols, rows, tile, thumbnail);
+  return {sizes.coefficient_bytes, sizes.intermediate_bytes};
+#else
+  no_cuda();
+#endif
+}
+
+void resize_tiles_cuda_coefficients(std::int64_t h, std::int64_t w, std::int64_t cols, std::int64_t rows,
+                                    std::int64_t tile, bool thumbnail, std::uintptr_t dst, std::int64_t nbytes) {
+#ifdef PYVL_WITH_CUDA
+  pyvl::check_pointer(dst, "resize_tiles_cuda_coefficients: dst");
+  check_grid(cols, rows, tile, "resize_tiles_cuda_coefficients");
+  pyvl::resize_tiles_cuda_coefficients(h, w, cols, rows, tile, thumbnail, reinterpret_cast<void*>(dst), nbytes);
+#else
+  no_cuda();
+#endif
+}
+
+void resize_tiles_cuda(std::uintptr_t src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
+                       std::uintptr_t dst, int dtype, std::int64_t cols, std::int64_t rows, std::int64_t tile,
+                       bool thumbnail, const Channels& mean, const Channels& stdev, std::uintptr_t coefficients,
+                       std::int64_t coefficient_bytes, std::uintptr_t intermediate, std::int64_t intermediate_bytes,
+                       std::uintptr_t stream) {
+#ifdef PYVL_WITH_CUDA
+  check_image(src, h, w, row_stride, "resize_tiles_cuda: src");
+  pyvl::check_pointer(dst, "resize_tiles_cuda: dst");
+  pyvl::check_pointer(coefficients, "resize_tiles_cuda: coefficients");
+  pyvl::check_pointer(intermediate, "resize_tiles_cuda: intermediate");
+  check_grid(cols, rows, tile, "resize_tiles_cuda");
+  pyvl::resize_tiles_cuda(reinterpret_cast<const std::uint8_t*>(src), h, w, row_stride, reinterpret_cast<void*>(dst),
+                          dtype, cols, rows, tile, thumbnail, mean.data(), stdev.data(),
+                          reinterpret_cast<const void*>(coefficients), coefficient_bytes,
+                          reinterpret_cast<void*>(intermediate), intermediate_bytes, stream);
+#else
+  no_cuda();
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -104,4 +156,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("mean"), py::arg("std"),
         py::arg("stream"),
         "CUDA normalize_tiles on device pointers, dst dtype FLOAT32 or BFLOAT16, enqueued on `stream`.");
+  m.def("resize_tiles_cuda_workspace", &resize_tiles_cuda_workspace, py::arg("h"), py::arg("w"), py::arg("cols"),
+        py::arg("rows"), py::arg("tile"), py::arg("thumbnail"),
+        "(coefficient_bytes, intermediate_bytes): the two device buffers resize_tiles_cuda needs.");
+  m.def("resize_tiles_cuda_coefficients", &resize_tiles_cuda_coefficients, release_gil, py::arg("h"), py::arg("w"),
+        py::arg("cols"), py::arg("rows"), py::arg("tile"), py::arg("thumbnail"), py::arg("dst"), py::arg("nbytes"),
+        "Write resize_tiles_cuda's bicubic weights (Pillow's fixed point) into host memory at dst.");
+  m.def("resize_tiles_cuda", &resize_tiles_cuda, release_gil, py::arg("src"), py::arg("h"), py::arg("w"),
+        py::arg("row_stride"), py::arg("dst"), py::arg("dtype"), py::arg("cols"), py::arg("rows"), py::arg("tile"),
+        py::arg("thumbnail"), py::arg("mean"), py::arg("std"), py::arg("coefficients"),
+        py::arg("coefficient_bytes"), py::arg("intermediate"), py::arg("intermediate_bytes"), py::arg("stream"),
+        "CUDA resize_tiles on device pointers (dst FLOAT32 or BFLOAT16 [N,3,tile,tile]), enqueued on `stream`; "
+        "`coefficients` holds a device copy of what resize_tiles_cuda_coefficients wrote.");
 }

@@ -105,4 +105,22 @@ void resize_tiles_cpu(const std::uint8_t* src, std::int64_t h, std::int64_t w, s
                       std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
                       const float mean[3], const float stdev[3], float* dst, int num_threads);
 
+// resize_tiles on CUDA (kernels/cuda/resize_tiles.cu): the same tiles as resize_tiles_cpu, dst dtype kFloat32
+// or kBFloat16 (the float32 value rounded to nearest even). The caller provides two device buffers of the
+// sizes resize_tiles_cuda_workspace gives: `coefficients`, holding a copy of what
+// resize_tiles_cuda_coefficients wrote into host memory, and `intermediate` (the uint8 image between the
+// passes). `src` is device memory; enqueued on `stream`, asynchronous.
+struct ResizeTilesWorkspace {
+  std::int64_t coefficient_bytes, intermediate_bytes;
+};
+ResizeTilesWorkspace resize_tiles_cuda_workspace(std::int64_t h, std::int64_t w, std::int64_t cols,
+                                                 std::int64_t rows, std::int64_t tile, bool thumbnail);
+void resize_tiles_cuda_coefficients(std::int64_t h, std::int64_t w, std::int64_t cols, std::int64_t rows,
+                                    std::int64_t tile, bool thumbnail, void* host_dst, std::int64_t nbytes);
+void resize_tiles_cuda(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride, void* dst,
+                       int dtype, std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
+                       const float mean[3], const float stdev[3], const void* coefficients,
+                       std::int64_t coefficient_bytes, void* intermediate, std::int64_t intermediate_bytes,
+                       std::uintptr_t stream);
+
 }  // namespace pyvl

@@ -1,2 +1,14 @@
 """GPU kernel sources, shipped as ``pyvl.kernels``: ``<op>.py`` (Triton) and ``cuda/<op>.cu`` (CUDA, compiled into
-``pyvl._C`` at build time and shipped for reference). Same op names as ``pyvl/ops/reference.py``."""
+``pyvl._C`` at build time and shipped for reference). Same op names as ``pyvl/ops/reference.py``.
+
+Triton kernels (registered in ``pyvl.ops._TRITON_OPS``, each launcher with the reference's signature plus
+keyword-only ``out=`` / tuning arguments):
+  vit_attention.py     vit_attention          non-causal FlashAttention-2 forward, S = 1025 masked, no padding
+  causal_attention.py  causal_attention       causal GQA prefill (Sq > 1) / split-KV decode (Sq == 1)
+                       decode_attention       the decode kernel with device-side lengths (CUDA-graph friendly)
+  rms_norm.py          rms_norm, add_rms_norm RMSNorm, and residual add + RMSNorm fused
+  apply_rotary.py      apply_rotary           rotate-half RoPE of q and k in one launch (in place via out=)
+  silu_mul.py          silu_mul               silu(gate) * up
+They run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before this package was imported
+(triton reads it when @triton.jit runs); tests/test_<op>.py run them that way.
+"""

@@ -71,6 +71,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     device: "cuda", "cpu", ... (default: CUDA when available). dtype: default bf16 on CUDA, float32 on CPU.
     backend: "auto" | "reference" | "triton"; op_backends overrides it per op (see pyvl.ops).
     max_context: the longest prompt + answer accepted (default: see ``_context_length``).
+    progress: show a stderr progress bar (default: for loads over 1 GiB when stderr is a terminal).
     Raises ConfigError / CheckpointError naming the file and key at fault; nothing is half-loaded.
     """
     folder = Path(path)

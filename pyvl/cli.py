@@ -37,7 +37,7 @@ def _load_model(args):
         path = demo_model_path()
     else:
         path = Path(args.model)
-    return pyvl.load(path, device=args.device, dtype=args.dtype, backend=args.backend, progress=True)
+    return pyvl.load(path, device=args.device, dtype=args.dtype, backend=args.backend)
 
 
 def _images(model, paths: list[str], max_num: int | None):

@@ -168,14 +168,17 @@ def _iter_tensors(tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, torch.T
 
 
 class _Progress:
-    """A one-line stderr progress bar; silent unless asked for (the CLI asks on long loads)."""
+    """A one-line stderr progress bar, redrawn at most four times a second."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.done, self.enabled, self.start = total, 0, enabled, time.perf_counter()
+        self.last_draw = 0.0
 
     def update(self, n: int) -> None:
         self.done += n
-        if self.enabled:
+        now = time.perf_counter()
+        if self.enabled and (now - self.last_draw > 0.25 or self.done == self.total):
+            self.last_draw = now
             frac = self.done / max(self.total, 1)
             bar = "#" * int(frac * 30)
             sys.stderr.write(f"\rloading weights [{bar:<30}] {frac:6.1%} "
@@ -200,6 +203,7 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, folder: Path, device:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(expected, tensors, folder)
     total = sum(info.nbytes for info in tensors.values())
+    # Default: a bar for loads over 1 GiB when stderr is a terminal (a long load should not look hung).
     bar = _Progress(total, enabled=progress if progress is not None else (total > 2**30 and sys.stderr.isatty()))
     fix = _layout_fix(cfg)
     for name, tensor in _iter_tensors(tensors):

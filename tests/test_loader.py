@@ -206,3 +206,11 @@ def test_missing_ps_version_warns_and_uses_class_default(folder, caplog):
         model = pyvl.load(folder, device="cpu")
     assert model.config.ps_version == "v1" and model.config.select_layer == -1
     assert "ps_version" in caplog.text and "select_layer" in caplog.text
+
+
+def test_progress_bar(capsys):
+    pyvl.load(MINI, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "loading weights" in err and "100.0%" in err
+    pyvl.load(MINI, device="cpu")  # small load, not a terminal: silent
+    assert capsys.readouterr().err == ""

@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "resample_coeffs.h"
 
 // Hot loops are compiled twice (AVX2 and baseline x86-64) and picked at load time, where GCC supports it.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -23,59 +24,12 @@
 namespace pyvl {
 namespace {
 
-constexpr int kPrecisionBits = 32 - 8 - 2;  // Pillow's PRECISION_BITS for 8-bit images
-constexpr int kHalf = 1 << (kPrecisionBits - 1);
+using resample::Axis;
+using resample::clip8;
+using resample::kHalf;
+
 constexpr int kRowBlock = 16;            // source rows resized in x together
 constexpr int kLanes = kRowBlock * 3;    // values sharing one horizontal weight
-
-double bicubic(double x) {  // Pillow's cubic kernel: a = -0.5, support 2
-  constexpr double a = -0.5;
-  x = std::fabs(x);
-  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
-  if (x < 2.0) return (((x - 5.0) * x + 8.0) * x - 4.0) * a;
-  return 0.0;
-}
-
-inline std::uint8_t clip8(int v) {
-  const int shifted = v >> kPrecisionBits;
-  return static_cast<std::uint8_t>(shifted < 0 ? 0 : (shifted > 255 ? 255 : shifted));
-}
-
-// Fixed-point weights of one axis: output i reads `count[i]` inputs starting at `first[i]`.
-struct Axis {
-  int ksize = 0;
-  std::vector<std::int64_t> first, count;
-  std::vector<int> weights;  // out_size x ksize
-
-  // Pillow's precompute_coeffs + normalize_coeffs_8bpc for the box (0, in_size): the support widens with the
-  // downscale factor (antialiasing) and the weights are normalised per output pixel before rounding.
-  Axis(std::int64_t in_size, std::int64_t out_size) : first(out_size), count(out_size) {
-    const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
-    const double filterscale = std::max(scale, 1.0);
-    const double support = 2.0 * filterscale;
-    const double inv_filterscale = 1.0 / filterscale;  // Pillow multiplies by it; dividing rounds differently
-    ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
-    weights.assign(out_size * ksize, 0);
-    std::vector<double> w(ksize);
-    for (std::int64_t i = 0; i < out_size; ++i) {
-      const double center = (i + 0.5) * scale;
-      const std::int64_t lo = std::max<std::int64_t>(static_cast<std::int64_t>(center - support + 0.5), 0);
-      const std::int64_t hi = std::min(static_cast<std::int64_t>(center + support + 0.5), in_size);
-      double total = 0.0;
-      for (std::int64_t x = 0; x < hi - lo; ++x) total += (w[x] = bicubic((x + lo - center + 0.5) * inv_filterscale));
-      for (std::int64_t x = 0; x < hi - lo; ++x) {
-        const double v = total != 0.0 ? w[x] / total : w[x];
-        weights[i * ksize + x] = static_cast<int>(v < 0 ? -0.5 + v * (1 << kPrecisionBits)
-                                                        : 0.5 + v * (1 << kPrecisionBits));
-      }
-      first[i] = lo;
-      count[i] = hi - lo;
-    }
-  }
-  std::int64_t size() const { return static_cast<std::int64_t>(first.size()); }
-  std::int64_t rows_begin() const { return first.front(); }
-  std::int64_t rows_end() const { return first.back() + count.back(); }
-};
 
 // Interleave up to 16 RGB rows column by column: block[x][r][c], so the rows' pixels at one x are contiguous.
 void interleave_rows(const std::uint8_t* in, std::int64_t stride, int n_rows, std::int64_t width,
@@ -127,9 +81,7 @@ void vertical_row(const std::uint8_t* in, std::int64_t stride, std::int64_t in_f
   for (std::int64_t i = 0; i < n; ++i) out[i] = clip8(acc[i]);
 }
 
-// One resize of the source (the grid or the thumbnail). Pillow 13 runs the vertical pass first when the
-// height shrinks by more than twice as many pixels as the width; the uint8 rounding between the passes makes
-// the order visible in the result, so we follow the same rule.
+// One resize of the source (the grid or the thumbnail), its passes in Pillow's order (resample::vertical_first).
 struct Target {
   std::int64_t in_w, out_w, out_h;
   Axis horizontal, vertical;
@@ -138,7 +90,7 @@ struct Target {
 
   Target(std::int64_t h, std::int64_t w, std::int64_t oh, std::int64_t ow)
       : in_w(w), out_w(ow), out_h(oh), horizontal(w, ow), vertical(h, oh),
-        vertical_first(h - oh > 0 && h - oh > (w - ow) * 2),
+        vertical_first(resample::vertical_first(h, w, oh, ow)),
         tmp(vertical_first ? oh * w * 3 : (vertical.rows_end() - vertical.rows_begin()) * ow * 3) {}
 
   // h-first, first pass: the interleaved source rows [y, y + n) resized in x, those this target uses.

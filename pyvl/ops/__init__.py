@@ -40,7 +40,13 @@ class Ops:
 OP_NAMES = tuple(f.name for f in fields(Ops) if f.name != "backends")
 
 # Kernel modules register their ops here as "op name" -> "module:function" inside pyvl.kernels.
-_TRITON_OPS: dict[str, str] = {}
+_TRITON_OPS: dict[str, str] = {
+    "rms_norm": "pyvl.kernels.rms_norm:rms_norm",
+    "vit_attention": "pyvl.kernels.vit_attention:vit_attention",
+    "causal_attention": "pyvl.kernels.causal_attention:causal_attention",
+    "apply_rotary": "pyvl.kernels.apply_rotary:apply_rotary",
+    "silu_mul": "pyvl.kernels.silu_mul:silu_mul",
+}
 
 
 def _triton_impl(name: str, required: bool) -> Callable | None:

@@ -20,6 +20,10 @@ resize_bicubic
 resize_tiles
     RGB uint8 [H, W, 3] -> float32 [cols*rows (+1 thumbnail), 3, T, T]: the original dynamic_preprocess
     (grid resize, row-major crops, thumbnail of the whole image last) and normalize_tiles in one pass.
+resize_tiles_cuda
+    The same on a CUDA device, out float32 (equal to resize_tiles) or bfloat16 (resize_tiles rounded to
+    nearest even). A host image is packed into a pinned buffer together with the bicubic weights and uploaded
+    with one asynchronous copy on the current stream; a CUDA uint8 tensor is read where it is.
 """
 
 from __future__ import annotations
@@ -42,9 +46,12 @@ except ImportError as exc:  # the usual cause: the source tree's pyvl/ shadows t
         "or use an editable install (`pip install -e .`), which works from anywhere."
     ) from exc
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "has_cuda", "normalize_tiles", "resize_bicubic", "resize_tiles"]
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "has_cuda", "normalize_tiles", "resize_bicubic", "resize_tiles",
+    "resize_tiles_cuda",
+]
 
-from pyvl.image import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition of the constants)
+from pyvl.image import IMAGENET_MEAN, IMAGENET_STD, MAX_TILES  # noqa: E402  (one definition of the constants)
 
 # torch dtype -> _C dtype code, per device type.
 _OUT_DTYPES = {
@@ -193,6 +200,17 @@ def _check_threads(num_threads, op: str) -> None:
         raise ImageError(f"{op}: num_threads must be an int >= 0 (0 = automatic), got {num_threads!r}")
 
 
+def _check_grid(cols, rows, tile, op: str) -> None:
+    """cols x rows tiles of tile x tile pixels: 1..MAX_TILES tiles (the range InternVL 1.5 was run with)."""
+    for name, value in (("cols", cols), ("rows", rows), ("tile", tile)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise ImageError(f"{op}: {name} must be an int, got {value!r}")
+    if not (1 <= cols * rows <= MAX_TILES) or cols < 1 or rows < 1:
+        raise ImageError(f"{op}: a grid of {cols}x{rows} tiles is out of range (1..{MAX_TILES} tiles)")
+    if tile < 1:
+        raise ImageError(f"{op}: tile size must be positive, got {tile}")
+
+
 def resize_bicubic(image: np.ndarray, out_w: int, out_h: int, num_threads: int = 0) -> np.ndarray:
     """Pillow-exact ``resize((out_w, out_h), BICUBIC)`` of an RGB uint8 [H, W, 3] array."""
     h, w, stride = _check_image(image, "resize_bicubic")
@@ -214,10 +232,7 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int = 448, thumb
     h, w, stride = _check_image(image, "resize_tiles")
     mean, std = _channels("mean", mean), _channels("std", std)
     _check_threads(num_threads, "resize_tiles")
-    if not (1 <= cols * rows <= 40) or cols < 1 or rows < 1:
-        raise ImageError(f"resize_tiles: a grid of {cols}x{rows} tiles is out of range (1..40 tiles)")
-    if tile < 1:
-        raise ImageError(f"resize_tiles: tile size must be positive, got {tile}")
+    _check_grid(cols, rows, tile, "resize_tiles")
     thumbnail = bool(thumbnail) and cols * rows > 1
     n = cols * rows + int(thumbnail)
     if out is None:
@@ -228,4 +243,111 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int = 448, thumb
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     _C.resize_tiles_cpu(image.ctypes.data, h, w, stride, out.data_ptr(), cols, rows, tile, thumbnail, mean, std,
                         num_threads)
+    return out
+
+
+_ALIGN = 256  # bytes; the coefficient block after a packed host image starts on this boundary
+
+
+def _check_cuda_image(image, op: str) -> tuple[int, int, int, bool]:
+    """(h, w, row_stride, on_cuda) of an RGB uint8 [H, W, 3] numpy array or torch tensor with packed pixels."""
+    if isinstance(image, torch.Tensor):
+        if image.device.type not in ("cpu", "cuda"):
+            raise ImageError(f"{op}: image must be on the CPU or a CUDA device, got {image.device}")
+        if image.dtype != torch.uint8:
+            raise ImageError(f"{op}: image must be uint8, got {image.dtype} (shape {tuple(image.shape)})")
+        if image.dim() != 3 or image.shape[2] != 3:
+            raise ImageError(f"{op}: image must have shape [H, W, 3] (RGB, channels last), got {tuple(image.shape)}")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ImageError(f"{op}: image must not be empty, got shape {tuple(image.shape)}")
+        if image.device.type == "cpu":  # a host image either way; numpy() shares the memory
+            return (*_check_image(image.numpy(), op), False)
+        h, w = image.shape[0], image.shape[1]
+        if image.stride(2) != 1 or image.stride(1) != 3 or image.stride(0) < 3 * w:
+            raise ImageError(f"{op}: image of shape {tuple(image.shape)} must have packed RGB pixels (strides "
+                             f"(row, 3, 1)), got strides {image.stride()}; make a contiguous copy first (.contiguous())")
+        return h, w, image.stride(0), True
+    return (*_check_image(image, op), False)
+
+
+def _cuda_target(device, image, op: str) -> torch.device:
+    """The CUDA device to run on, from `device` and a CUDA image (checked without touching CUDA)."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ImageError(f"{op}: device={device!r} is not a torch device ({exc})") from None
+    if target.type != "cuda":
+        raise ImageError(f"{op}: device must be a CUDA device, got {target} (resize_tiles is the CPU version)")
+    if isinstance(image, torch.Tensor) and image.device.type == "cuda":
+        if target.index is not None and target != image.device:
+            raise ImageError(f"{op}: image is on {image.device} but device={target}")
+        target = image.device
+    return target
+
+
+def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, tile: int = 448,
+                      thumbnail: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
+                      std: Sequence[float] = IMAGENET_STD, out: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda") -> torch.Tensor:
+    """RGB uint8 [H, W, 3] -> normalised tiles [cols*rows (+1), 3, tile, tile] of `dtype` on a CUDA device.
+
+    Exactly :func:`resize_tiles` (Pillow-exact bicubic, thumbnail last when asked for and cols*rows > 1), in
+    float32 or bfloat16 (the float32 value rounded to nearest even). ``image`` is a numpy array or CPU tensor
+    (packed into a pinned buffer and uploaded asynchronously on the current stream) or a CUDA uint8 tensor
+    (read in place; ``device`` must then name its device or just "cuda"). Rows may be strided, pixels must be
+    packed. ``out``, when given, is a contiguous tensor of that shape and of ``dtype`` on the device. Returns
+    without waiting for the GPU.
+    """
+    op = "resize_tiles_cuda"
+    h, w, row_stride, on_cuda = _check_cuda_image(image, op)
+    mean, std = _channels("mean", mean), _channels("std", std)
+    _check_grid(cols, rows, tile, op)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ImageError(f"{op}: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    target = _cuda_target(device, image, op)
+    thumbnail = bool(thumbnail) and cols * rows > 1
+    shape = (cols * rows + int(thumbnail), 3, tile, tile)
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise ImageError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
+        if (tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cuda"
+                or (target.index is not None and out.device != target) or not out.is_contiguous()):
+            raise ImageError(f"{op}: out must be a contiguous {dtype} tensor of shape {shape} on {target}, got "
+                             f"{out.dtype} {tuple(out.shape)} on {out.device}"
+                             f"{'' if out.is_contiguous() else ' (not contiguous)'}")
+    if not _C.has_cuda():
+        raise RuntimeError(f"{op}: pyvl._C was built without CUDA (no nvcc at build time); reinstall pyvl with "
+                           "nvcc on PATH (PYVL_CUDA=ON makes a missing nvcc a build error), or use resize_tiles")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{op}: torch.cuda is not available (a CPU-only torch build, or no GPU visible); "
+                           "use resize_tiles, the CPU version")
+    if target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    if out is not None and out.device != target:
+        raise ImageError(f"{op}: out is on {out.device} but the image goes to {target}")
+
+    with torch.cuda.device(target):  # the kernels launch on the current device, which must own the stream
+        stream = torch.cuda.current_stream(target)
+        coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, cols, rows, tile, thumbnail)
+        # One pinned host buffer, [packed image | weights] (image left out when it is on the GPU already), one
+        # asynchronous upload; the caching host allocator keeps the buffer until that copy has run.
+        image_bytes = 0 if on_cuda else -(-h * w * 3 // _ALIGN) * _ALIGN
+        staging = torch.empty(image_bytes + coeff_bytes, dtype=torch.uint8, pin_memory=True)
+        if not on_cuda:
+            host = image.numpy() if isinstance(image, torch.Tensor) else image
+            staging[: h * w * 3].numpy().reshape(h, w, 3)[...] = host  # (h, w, 3), rows packed
+            row_stride = 3 * w
+        _C.resize_tiles_cuda_coefficients(h, w, cols, rows, tile, thumbnail, staging.data_ptr() + image_bytes,
+                                          coeff_bytes)
+        # Device side: [image | weights | uint8 intermediate]; freed on return, safely, as later users of the
+        # block are ordered after these kernels on the same stream.
+        workspace = torch.empty(image_bytes + coeff_bytes + tmp_bytes, dtype=torch.uint8, device=target)
+        workspace[: staging.numel()].copy_(staging, non_blocking=True)
+        base = workspace.data_ptr()
+        src = image.data_ptr() if on_cuda else base
+        if out is None:
+            out = torch.empty(shape, dtype=dtype, device=target)
+        _C.resize_tiles_cuda(src, h, w, row_stride, out.data_ptr(), _OUT_DTYPES["cuda"][dtype], cols, rows, tile,
+                             thumbnail, mean, std, base + image_bytes, coeff_bytes, base + image_bytes + coeff_bytes,
+                             tmp_bytes, stream.cuda_stream)
     return out
