@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyvl.ops import reference as ref
-from pyvl.ops import resolve_ops
+from pyvl.ops import TORCH_OPS, resolve_ops
 
 
 @pytest.mark.parametrize("ps_version", ["v1", "v2"])
@@ -86,7 +86,8 @@ def test_dynamic_ntk_base():
 
 def test_resolve_ops_backends():
     ops = resolve_ops("reference", "cpu")
-    assert set(ops.backends.values()) == {"reference"}
+    assert {ops.backends[name] for name in ops.backends if name not in TORCH_OPS} == {"reference"}
+    assert {ops.backends[name] for name in TORCH_OPS} == {"torch"}  # served by torch in every backend
     assert resolve_ops("auto", "cpu").rms_norm is ref.rms_norm
     with pytest.raises(ValueError, match="not one of"):
         resolve_ops("cuda-magic", "cpu")

@@ -49,6 +49,11 @@ _TRITON_OPS: dict[str, str] = {
 }
 
 
+# Ops that stay on PyTorch in every backend: elementwise/normalisation work ATen already does in one fused
+# kernel, where a Triton version would not pay. backend="triton" serves them with torch and says so.
+TORCH_OPS = frozenset({"layer_norm", "gelu"})
+
+
 def _triton_impl(name: str, required: bool) -> Callable | None:
     """The registered kernel for ``name``, or None (no kernel, or Triton missing and not required)."""
     target = _TRITON_OPS.get(name)
@@ -70,7 +75,7 @@ def resolve_ops(backend: str = "auto", device: torch.device | str = "cpu",
 
     ``auto`` takes a kernel for each op that has one when the device is CUDA, the reference otherwise.
     ``triton`` (or a per-op "triton") insists: an op without a registered kernel is an error, never a
-    silent fallback.
+    silent fallback, except the TORCH_OPS, which no backend replaces.
     """
     device = torch.device(device)
     if backend not in BACKENDS:
@@ -86,12 +91,12 @@ def resolve_ops(backend: str = "auto", device: torch.device | str = "cpu",
         want = op_backends.get(name, backend)
         if want not in BACKENDS:
             raise ValueError(f"op_backends[{name!r}] = {want!r} is not one of {BACKENDS}")
-        wants_kernel = want == "triton" or (want == "auto" and device.type == "cuda")
+        wants_kernel = (want == "triton" or (want == "auto" and device.type == "cuda")) and name not in TORCH_OPS
         kernel = _triton_impl(name, required=want == "triton") if wants_kernel else None
-        if want == "triton" and kernel is None:
+        if want == "triton" and kernel is None and name not in TORCH_OPS:
             missing.append(name)
         impls[name] = kernel if kernel is not None else getattr(reference, name)
-        served[name] = "triton" if kernel is not None else "reference"
+        served[name] = "triton" if kernel is not None else ("torch" if name in TORCH_OPS else "reference")
     if missing:
         raise ValueError(f"backend 'triton' has no kernel for ops {missing}; pass "
                          f"op_backends={{name: 'reference'}} for them or use backend='auto'")

@@ -1,0 +1,101 @@
+"""pyvl.kernels.rms_norm (rms_norm, add_rms_norm) against pyvl.ops.reference.rms_norm.
+
+Widths: 64 (the golden model), 200 (not a power of two: a masked tail), 3200 (InternViT-6B). Rows come as
+a strided view (a chunk of a fused qkv output, as the ViT's QK-norm passes them). Rules: kernel_tolerances.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs, i.e. at the kernel's import
+pytest.importorskip("triton")
+
+from pyvl.kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from pyvl.ops import reference as ref  # noqa: E402
+from pyvl.ops import resolve_ops  # noqa: E402
+from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+EPS = 1e-6
+
+
+def rows_view(shape, dtype, gen, scale=3.0):
+    """x [..., C] whose rows are 3C apart: the first third of a fused [..., 3C] tensor."""
+    *lead, c = shape
+    return randn(*lead, 3 * c, dtype=dtype, device=DEVICE, gen=gen, scale=scale)[..., :c]
+
+
+def weight(c, dtype, gen):
+    return (torch.rand(c, generator=gen) + 0.5).to(dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 200), (3, 3200)])
+def test_matches_reference(dtype, shape):
+    gen, seed = fresh_generator()
+    x, w = rows_view(shape, dtype, gen), weight(shape[-1], dtype, gen)
+    out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    assert rms_norm(x, w, EPS, out=out) is out
+    assert_matches_oracle(out, ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS), f"seed {seed}")
+
+
+def test_float32_weight_promotes_the_output():
+    """weight float32, x bf16: torch's weight * normed.to(bf16) is float32, and so is the kernel's output."""
+    gen, seed = fresh_generator()
+    x, w = rows_view((4, 64), torch.bfloat16, gen), weight(64, torch.float32, gen)
+    out = rms_norm(x, w, EPS)
+    same = ref.rms_norm(x, w, EPS)
+    assert out.dtype == same.dtype == torch.float32
+    torch.testing.assert_close(out, same, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_add_rms_norm(dtype):
+    gen, seed = fresh_generator()
+    x = randn(3, 7, 200, dtype=dtype, device=DEVICE, gen=gen)
+    r = randn(3, 7, 200, dtype=dtype, device=DEVICE, gen=gen, scale=4.0)
+    w = weight(200, dtype, gen)
+    summed = x + r  # rounded to dtype, like the kernel's residual output
+    normed, h = add_rms_norm(x, r, w, EPS, out=torch.full_like(x, float("nan")),
+                             residual_out=torch.full_like(x, float("nan")))
+    assert torch.equal(h, summed)
+    assert_matches_oracle(normed, ref.rms_norm(summed.float(), w.float(), EPS), ref.rms_norm(summed, w, EPS),
+                          f"seed {seed}")
+    # In place: the sum may overwrite the residual stream it was read from.
+    normed2, h2 = add_rms_norm(x, r, w, EPS, residual_out=r)
+    assert h2 is r and torch.equal(r, summed) and torch.equal(normed2, normed)
+
+
+def test_rejects_bad_inputs():
+    x = torch.zeros(4, 6, 64, device=DEVICE)
+    w = torch.ones(64, device=DEVICE)
+    with pytest.raises(ValueError, match="rows of one stride"):
+        rms_norm(x.transpose(0, 1), w, EPS)
+    with pytest.raises(ValueError, match="last-dim stride"):
+        rms_norm(torch.zeros(64, 4, device=DEVICE).t(), w, EPS)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(32, device=DEVICE), EPS)
+    with pytest.raises(ValueError, match="dtype"):
+        rms_norm(x.long(), w, EPS)
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm(x, x.bfloat16(), w, EPS)
+
+
+def test_registered_in_the_op_table():
+    ops = resolve_ops("reference", DEVICE, op_backends={"rms_norm": "triton"})
+    assert ops.rms_norm is rms_norm and ops.backends["rms_norm"] == "triton"
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(3400, 6144), (13 * 1025, 3200)])  # LLM prefill, ViT-6B 13 tiles
+def test_real_shapes(shape):
+    gen, seed = fresh_generator()
+    x, w = rows_view(shape, torch.bfloat16, gen), weight(shape[-1], torch.bfloat16, gen)
+    assert_matches_oracle(rms_norm(x, w, EPS), ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS),
+                          f"seed {seed}")
