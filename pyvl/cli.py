@@ -161,7 +161,37 @@ def cmd_bench(args) -> int:
         from .bench import preprocess
 
         sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes] if args.sizes else preprocess.SIZES
-        rows = preprocess.run(sizes=sizes, max_nums=args.max_nums or preprocess.MAX_NUMS, repeat=args.repeat)
+        rows = preprocess.run(sizes=sizes, max_nums=args.max_nums or preprocess.MAX_NUMS, repeat=args.repeat or 5)
+    elif args.what == "kernels":
+        from .bench import kernels
+
+        result = kernels.run(ops=args.ops, repeat_ms=args.rep_ms)
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            print(kernels.format_result(result))
+        return 0
+    elif args.what == "e2e":
+        from .bench import e2e
+
+        if not args.random_weights:
+            raise PyvlError("bench e2e runs on random weights only for now: pass --random-weights")
+        try:
+            result = e2e.run(args.preset, device=args.device, dtype=args.dtype, tiles=args.tiles,
+                             prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                             backend=args.backend, repeat=args.repeat or 3, compare_hf=not args.no_hf)
+        except ValueError as exc:
+            raise PyvlError(str(exc)) from None
+        if args.json:
+            print(json.dumps(result, indent=1))
+            return 0
+        setup = result["setup"]
+        print(", ".join(f"{k} {v}" for k, v in setup.items() if k != "ops"))
+        print("ops: " + ", ".join(f"{k}={v}" for k, v in setup["ops"].items()))
+        print(format_table([{k: v for k, v in r.items() if k != "key"} for r in result["rows"]]))
+        for note in result["notes"]:
+            print(f"note: {note}")
+        return 0
     else:  # argparse restricts the choices
         raise AssertionError(args.what)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
@@ -187,11 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmarks (median times and ratios against baselines run alongside)")
-    bench.add_argument("what", choices=("preprocess",), help="preprocess: image -> pixel values")
-    bench.add_argument("--sizes", nargs="*", help="image sizes WxH (default: 3840x2160 1920x1080 640x480)")
-    bench.add_argument("--max-nums", nargs="*", type=int, help="max_num values (default: 6 12 40)")
-    bench.add_argument("--repeat", type=int, default=5)
+    bench.add_argument("what", choices=("preprocess", "kernels", "e2e"),
+                       help="preprocess: image -> pixel values; kernels: each Triton kernel against torch at the "
+                            "real shapes (CUDA); e2e: pixels -> tokens at a preset's size, next to HF transformers")
+    bench.add_argument("--repeat", type=int, default=None, help="timed runs per figure (default: preprocess 5, e2e 3)")
     bench.add_argument("--json", action="store_true")
+    prep = bench.add_argument_group("preprocess")
+    prep.add_argument("--sizes", nargs="*", help="image sizes WxH (default: 3840x2160 1920x1080 640x480)")
+    prep.add_argument("--max-nums", nargs="*", type=int, help="max_num values (default: 6 12 40)")
+    kern = bench.add_argument_group("kernels")
+    kern.add_argument("--ops", nargs="*", default=None, help="only these ops (default: every registered kernel)")
+    kern.add_argument("--rep-ms", type=int, default=200, help="time budget of each do_bench measurement, ms")
+    e2e_flags = bench.add_argument_group("e2e")
+    e2e_flags.add_argument("--preset", default="internvl-chat-v1-5",
+                           choices=("internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5", "tiny"))
+    e2e_flags.add_argument("--random-weights", action="store_true",
+                           help="random weights at the preset's exact size")
+    e2e_flags.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    e2e_flags.add_argument("--dtype", default=None,
+                           help="bf16, fp16 or float32 (default: bf16 on CUDA, float32 on CPU)")
+    e2e_flags.add_argument("--tiles", nargs="+", type=int, default=[1, 7, 13],
+                           help="tile counts timed for vision; the largest makes the prompt (default: 1 7 13)")
+    e2e_flags.add_argument("--prompt-tokens", type=int, default=70,
+                           help="text tokens besides the image (default: 70)")
+    e2e_flags.add_argument("--decode-tokens", type=int, default=32,
+                           help="greedy steps timed for decode (default: 32)")
+    e2e_flags.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    e2e_flags.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -46,6 +46,7 @@ _TRITON_OPS: dict[str, str] = {
     "causal_attention": "pyvl.kernels.causal_attention:causal_attention",
     "apply_rotary": "pyvl.kernels.apply_rotary:apply_rotary",
     "silu_mul": "pyvl.kernels.silu_mul:silu_mul",
+    "pixel_shuffle": "pyvl.kernels.pixel_shuffle:pixel_shuffle",
 }
 
 

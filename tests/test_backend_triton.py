@@ -1,0 +1,59 @@
+"""The whole model through backend="triton" (every registered kernel) against the golden fixtures.
+
+On a CPU-only machine the kernels run under TRITON_INTERPRET=1, which is how CI covers the kernel path end to
+end; benchmarks/device_check.sh runs the same tests on the GPU. float32 here: logits must match the recorded
+originals within the float32 bound of test_golden, and greedy tokens exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read by triton when the kernel modules are imported
+pytest.importorskip("triton")
+
+import pyvl  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from conftest import GOLDEN, golden_cases, image_for_key  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["v15", "mini"])
+def fast(request):
+    model = pyvl.load(GOLDEN / request.param / "checkpoint", device=DEVICE, dtype="float32", backend="triton")
+    return request.param, model
+
+
+def test_every_kernel_is_in_use(fast):
+    _, model = fast
+    served = model.model.ops.backends
+    assert {k for k, v in served.items() if v == "triton"} >= {"rms_norm", "vit_attention", "causal_attention",
+                                                               "apply_rotary", "silu_mul", "pixel_shuffle"}
+    assert {k for k, v in served.items() if v != "triton"} <= {"layer_norm", "gelu"}
+
+
+@pytest.mark.parametrize("case", ["text_only", "img_tiny_50x40_palette_max1"])
+def test_golden_case_through_kernels(fast, case):
+    variant, model = fast
+    spec = golden_cases(variant)["cases"][case]
+    want = load_file(GOLDEN / variant / "cases" / f"{case}.safetensors")
+    keys = spec["pixel_values_keys"]
+    pixels = None
+    if keys:
+        path, max_num = image_for_key(keys[0])
+        pixels = pyvl.load_image(path, max_num=max_num)
+    ids = want["input_ids"].tolist()
+    if pixels is None:  # text: every prompt position; images: the ViT under the interpreter is slow, run it once
+        logits = model.logits(ids).cpu()
+        err = (logits[-8:] - want["logits_last"]).abs().max().item()
+        assert torch.isfinite(logits).all() and err <= ATOL, f"{variant}/{case}: logits max |diff| {err:.2e}"
+    new_ids, scores = model.generate(ids, pixels, dict(max_new_tokens=4), output_scores=True)
+    err = (scores[0].cpu() - want["gen_scores"][:4]).abs().max().item()
+    assert torch.isfinite(scores).all() and err <= ATOL, f"{variant}/{case}: step scores max |diff| {err:.2e}"
+    assert new_ids[0].tolist() == spec["new_token_ids"][:4]
