@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .vit_attention import _cast, _check_device, _interpreting
+from .vit_attention import _cast, _check_operands, _interpreting
 
 __all__ = ["apply_rotary"]
 
@@ -94,13 +94,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         raise ValueError(f"apply_rotary wants q and k of one dtype in {_DTYPES}; got {q.dtype}, {k.dtype}")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise ValueError(f"apply_rotary wants float32 cos/sin tables; got {cos.dtype}, {sin.dtype}")
-    for what, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        _check_device(t, what)
-        if t.device != q.device:
-            raise ValueError(f"apply_rotary: {what} is on {t.device}, q on {q.device}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"apply_rotary: {what} {tuple(t.shape)} has last-dim stride {t.stride(-1)}; it "
-                             f"must be 1")
+    _check_operands("apply_rotary", {"q": q, "k": k, "cos": cos, "sin": sin})
     if out is None:
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .vit_attention import INTERPRET_LONG, _cast, _check_device, _interpreting, _mma
+from .vit_attention import INTERPRET_LONG, _cast, _check_operands, _interpreting, _mma
 
 __all__ = ["causal_attention", "decode_attention", "prefill_config", "decode_config", "decode_splits"]
 
@@ -243,13 +243,7 @@ def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         raise ValueError(f"{name}: {hq} query heads are not a multiple of {k.shape[1]} KV heads (GQA)")
     if d < 16 or d > 256 or d & (d - 1):
         raise ValueError(f"{name}: head_dim {d} must be a power of two in [16, 256]")
-    for tname, t in (("q", q), ("k", k), ("v", v)):
-        _check_device(t, tname)
-        if t.device != q.device:
-            raise ValueError(f"{name}: {tname} is on {t.device}, q on {q.device}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: {tname} {tuple(t.shape)} has last-dim stride {t.stride(-1)}; the head "
-                             f"dim must be contiguous")
+    _check_operands(name, {"q": q, "k": k, "v": v})
 
 
 def _check_rows(name: str, what: str, t: torch.Tensor | None, q: torch.Tensor) -> None:

@@ -137,6 +137,18 @@ def _check_device(t: torch.Tensor, name: str) -> None:
                          f"before pyvl.kernels is imported, for CPU tensors)")
 
 
+def _check_operands(op: str, named: dict[str, torch.Tensor]) -> None:
+    """Every operand on the kernels' device type, all on the first one's device, last dim contiguous."""
+    first = next(iter(named.values()))
+    for name, t in named.items():
+        _check_device(t, name)
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, {next(iter(named))} on {first.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} has last-dim stride {t.stride(-1)}; the last dim "
+                             f"must be contiguous")
+
+
 def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor | None = None,
                   config: dict | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over [B, H, S, D] (see the module docstring). ``config`` overrides
@@ -150,13 +162,7 @@ def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: tor
     b, h, s, d = q.shape
     if d < 16 or d > 256 or d & (d - 1):
         raise ValueError(f"vit_attention: head_dim {d} must be a power of two in [16, 256]")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_device(t, name)
-        if t.device != q.device:
-            raise ValueError(f"vit_attention: {name} is on {t.device}, q on {q.device}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"vit_attention: {name} {tuple(t.shape)} has last-dim stride {t.stride(-1)}; the "
-                             f"head dim must be contiguous")
+    _check_operands("vit_attention", {"q": q, "k": k, "v": v})
     if out is None:
         out = torch.empty((b, h, s, d), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
