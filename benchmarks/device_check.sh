@@ -23,7 +23,7 @@ python3 -c "import pyvl._C as c; assert c.has_cuda(), 'built without CUDA'; prin
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
 step "GPU tests (kernels against their references at real shapes, preprocessing against the CPU kernel)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -rs \
-  tests/test_native.py tests/test_native_cuda_resize.py tests/test_pixel_shuffle.py \
+  tests/test_native.py tests/test_native_cuda_resize.py tests/test_pixel_shuffle.py tests/test_image.py \
   tests/test_vit_attention.py tests/test_causal_attention.py tests/test_rms_norm.py \
   tests/test_apply_rotary.py tests/test_silu_mul.py tests/test_backend_triton.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
 

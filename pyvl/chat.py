@@ -79,8 +79,11 @@ class InternVLChat:
         """Raw image(s) -> tiles with the model's tiling settings, one <image> block per image."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         cfg = self.config
+        on_gpu = self.device.type == "cuda"  # preprocess where the model runs: the CUDA kernel, model dtype
         tiles = [load_image(item, max_num=cfg.max_dynamic_patch, min_num=cfg.min_dynamic_patch,
-                            image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail) for item in items]
+                            image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail,
+                            device=self.device if on_gpu else None, dtype=self.dtype if on_gpu else torch.float32)
+                 for item in items]
         patches = [t.shape[0] for t in tiles]
         if num_patches_list is not None and [int(n) for n in num_patches_list] != patches:
             raise PromptError(f"num_patches_list {list(num_patches_list)} does not match the tiles the images "

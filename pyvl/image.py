@@ -223,15 +223,30 @@ def _native_ops():
 
 
 def load_image(image, max_num: int = 12, min_num: int = 1, image_size: int = 448, use_thumbnail: bool = True,
-               use_native: bool = True, num_threads: int = 0) -> torch.Tensor:
+               use_native: bool = True, num_threads: int = 0, device: str | torch.device | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The original `load_image`: pixel values float32 [N, 3, S, S] for one image (N tiles, thumbnail last).
 
     `image` is anything `open_image` accepts. By default the fused C++ kernel (pyvl.ops.native.resize_tiles)
     resizes, tiles and normalises in one pass, bit-identical to the Pillow + torchvision pipeline, using
     `num_threads` threads (0 = all cores). `use_native=False` runs that Pillow + torch pipeline itself (the
     reference), which is also the fallback when the extension is not built.
+    `device="cuda"` runs the same arithmetic on the GPU (pyvl.ops.native.resize_tiles_cuda: the decoded image
+    is uploaded once, tiles come back on the device in `dtype`, float32 or bfloat16); on the CPU `dtype` must be
+    float32.
     """
     _check_tile_args(min_num, max_num, image_size)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        from pyvl.ops import native as gpu  # no fallback on the GPU: a missing extension is an error
+
+        rgb = open_rgb_array(image)
+        cols, rows = choose_grid(rgb.shape[1], rgb.shape[0], min_num, max_num, image_size)
+        return gpu.resize_tiles_cuda(rgb, cols, rows, image_size, use_thumbnail, IMAGENET_MEAN, IMAGENET_STD,
+                                     dtype=dtype, device=device)
+    if dtype != torch.float32 or device.type != "cpu":
+        raise ImageError(f"load_image: on {device} the tiles are float32; got dtype={dtype} (bf16 tiles come "
+                         "from device='cuda')")
     native = _native_ops() if use_native else None
     if native is not None:
         rgb = open_rgb_array(image)

@@ -276,3 +276,20 @@ def test_bad_arguments(kwargs, match):
 def test_bad_grid_size():
     with pytest.raises(ImageError, match="width=0"):
         choose_grid(0, 10)
+
+
+def test_load_image_device_argument_on_cpu():
+    """The CPU side of device=: float32 only there (bf16 tiles are the GPU path's)."""
+    assert torch.equal(load_image(GRADIENT, max_num=2, device="cpu"), load_image(GRADIENT, max_num=2))
+    with pytest.raises(ImageError, match="float32"):
+        load_image(GRADIENT, max_num=2, dtype=torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/device_check.sh)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_image_on_the_gpu_matches_the_cpu(dtype):
+    for max_num in (1, 6, 12, 40):
+        cpu = load_image(GRADIENT, max_num=max_num)
+        gpu = load_image(GRADIENT, max_num=max_num, device="cuda", dtype=dtype)
+        assert gpu.device.type == "cuda" and gpu.dtype == dtype
+        assert torch.equal(gpu.cpu(), cpu.to(dtype))
