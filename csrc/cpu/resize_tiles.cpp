@@ -9,6 +9,7 @@
 // and the thumbnail share one sweep over the source, and the last pass writes normalised floats straight
 // into the [N, 3, T, T] tile tensor.
 #include <climits>
+#include <cstring>
 #include <cmath>
 
 #include "common.h"
@@ -32,18 +33,22 @@ constexpr int kRowBlock = 16;            // source rows resized in x together
 constexpr int kLanes = kRowBlock * 3;    // values sharing one horizontal weight
 
 // Interleave up to 16 RGB rows column by column: block[x][r][c], so the rows' pixels at one x are contiguous.
+// Missing rows (a short last block) repeat the last one: their lanes are computed but never stored.
 void interleave_rows(const std::uint8_t* in, std::int64_t stride, int n_rows, std::int64_t width,
                      std::vector<std::uint8_t>& block) {
-  block.assign(width * kLanes, 0);
-  for (int r = 0; r < n_rows; ++r) {
-    const std::uint8_t* row = in + r * stride;
-    for (std::int64_t x = 0; x < width; ++x) {
-      std::uint8_t* dst = &block[x * kLanes + r * 3];
-      dst[0] = row[3 * x];
-      dst[1] = row[3 * x + 1];
-      dst[2] = row[3 * x + 2];
+  block.resize(width * kLanes + 1);  // +1: the 4-byte moves below spill one byte past the last pixel
+  const std::uint8_t* rows[kRowBlock];
+  for (int r = 0; r < kRowBlock; ++r) rows[r] = in + std::min(r, n_rows - 1) * stride;
+  for (std::int64_t x = 0; x + 1 < width; ++x) {  // 4-byte moves (the 4th byte is overwritten by the next)
+    std::uint8_t* dst = &block[x * kLanes];
+    for (int r = 0; r < kRowBlock; ++r) {
+      std::uint32_t v;
+      std::memcpy(&v, rows[r] + 3 * x, 4);
+      std::memcpy(dst + 3 * r, &v, 4);
     }
   }
+  for (int r = 0; r < kRowBlock; ++r)  // the last pixel: exactly 3 bytes, never reading past the row
+    std::memcpy(&block[(width - 1) * kLanes + 3 * r], rows[r] + 3 * (width - 1), 3);
 }
 
 // Horizontal pass (Pillow's ImagingResampleHorizontal_8bpc) of an interleaved block of n_rows rows: output
@@ -60,8 +65,9 @@ void horizontal_block(const std::uint8_t* block, int n_rows, const Axis& ax, std
       const int kt = k[t];
       for (int l = 0; l < kLanes; ++l) acc[l] += p[l] * kt;
     }
-    for (int r = 0; r < n_rows; ++r)
-      for (int c = 0; c < 3; ++c) out[r * out_stride + 3 * i + c] = clip8(acc[r * 3 + c]);
+    std::uint8_t px[kLanes];
+    for (int l = 0; l < kLanes; ++l) px[l] = clip8(acc[l]);  // vectorised clamp, then 3-byte stores per row
+    for (int r = 0; r < n_rows; ++r) std::memcpy(out + r * out_stride + 3 * i, px + 3 * r, 3);
   }
 }
 
