@@ -18,7 +18,6 @@ pytest.importorskip("triton")
 
 from pyvl.kernels.apply_rotary import apply_rotary  # noqa: E402
 from pyvl.ops import reference as ref  # noqa: E402
-from pyvl.ops import resolve_ops  # noqa: E402
 from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,11 +94,6 @@ def test_rejects_bad_inputs():
         apply_rotary(q, k.bfloat16(), cos, cos)
     with pytest.raises(ValueError, match="last-dim stride"):
         apply_rotary(q, torch.zeros(1, 2, 64, 3, device=DEVICE).transpose(2, 3), cos, cos)
-
-
-def test_registered_in_the_op_table():
-    ops = resolve_ops("reference", DEVICE, op_backends={"apply_rotary": "triton"})
-    assert ops.apply_rotary is apply_rotary and ops.backends["apply_rotary"] == "triton"
 
 
 @gpu

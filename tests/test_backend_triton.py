@@ -16,7 +16,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read by triton when the kernel modules are imported
 pytest.importorskip("triton")
 
+import importlib  # noqa: E402
+
 import pyvl  # noqa: E402
+from pyvl.ops import _TRITON_OPS, reference, resolve_ops  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from conftest import GOLDEN, golden_cases, image_for_key  # noqa: E402
 
@@ -28,6 +31,16 @@ ATOL = 1e-4
 def fast(request):
     model = pyvl.load(GOLDEN / request.param / "checkpoint", device=DEVICE, dtype="float32", backend="triton")
     return request.param, model
+
+
+@pytest.mark.parametrize("name", sorted(_TRITON_OPS))
+def test_each_kernel_is_registered(name):
+    """A per-op override swaps in exactly the registered kernel and says so; auto on the CPU never does."""
+    module, func = _TRITON_OPS[name].split(":")
+    kernel = getattr(importlib.import_module(module), func)
+    ops = resolve_ops("reference", DEVICE, op_backends={name: "triton"})
+    assert getattr(ops, name) is kernel and ops.backends[name] == "triton"
+    assert getattr(resolve_ops("auto", "cpu"), name) is getattr(reference, name)
 
 
 def test_every_kernel_is_in_use(fast):

@@ -19,7 +19,6 @@ pytest.importorskip("triton")
 
 from pyvl.kernels.causal_attention import causal_attention, decode_attention  # noqa: E402
 from pyvl.ops import reference as ref  # noqa: E402
-from pyvl.ops import resolve_ops  # noqa: E402
 from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,11 +118,6 @@ def test_rejects_bad_inputs():
         decode_attention(q[:, :2], kv, kv, torch.zeros(1, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="last-dim stride"):
         causal_attention(q[:, :2], kv, torch.zeros(1, 2, 64, 8, device=DEVICE).transpose(2, 3))
-
-
-def test_registered_in_the_op_table():
-    ops = resolve_ops("reference", DEVICE, op_backends={"causal_attention": "triton"})
-    assert ops.causal_attention is causal_attention and ops.backends["causal_attention"] == "triton"
 
 
 @gpu

@@ -18,7 +18,6 @@ pytest.importorskip("triton")
 
 from pyvl.kernels.pixel_shuffle import pixel_shuffle, pixel_shuffle_from_vit  # noqa: E402
 from pyvl.ops import reference as ref  # noqa: E402
-from pyvl.ops import resolve_ops  # noqa: E402
 from kernel_tolerances import fresh_generator, randn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,11 +106,6 @@ def test_rejects_bad_inputs():
         pixel_shuffle_from_vit(torch.zeros(1, 16, 8, device=DEVICE), "v2")  # no CLS row
     with pytest.raises(ValueError, match=r"\[N, 1 \+ g\*g, C\]"):
         pixel_shuffle_from_vit(torch.zeros(17, 8, device=DEVICE), "v2")
-
-
-def test_registered_in_the_op_table():
-    ops = resolve_ops("reference", DEVICE, op_backends={"pixel_shuffle": "triton"})
-    assert ops.pixel_shuffle is pixel_shuffle and ops.backends["pixel_shuffle"] == "triton"
 
 
 @gpu

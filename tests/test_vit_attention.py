@@ -18,7 +18,6 @@ pytest.importorskip("triton")
 
 from pyvl.kernels.vit_attention import vit_attention  # noqa: E402
 from pyvl.ops import reference as ref  # noqa: E402
-from pyvl.ops import resolve_ops  # noqa: E402
 from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,12 +95,6 @@ def test_rejects_bad_inputs():
         vit_attention(x, x[:, :, :5], x)
     with pytest.raises(ValueError, match="out must be"):
         vit_attention(x, x, x, out=torch.empty(1, 2, 17, 64, dtype=torch.bfloat16, device=DEVICE))
-
-
-def test_registered_in_the_op_table():
-    ops = resolve_ops("reference", DEVICE, op_backends={"vit_attention": "triton"})
-    assert ops.vit_attention is vit_attention and ops.backends["vit_attention"] == "triton"
-    assert resolve_ops("auto", "cpu").vit_attention is ref.vit_attention
 
 
 @gpu
