@@ -103,7 +103,11 @@ struct Target {
   void horizontal_source_block(const std::uint8_t* block, std::int64_t y, int n) {
     const std::int64_t lo = std::max(y, vertical.rows_begin()), hi = std::min(y + n, vertical.rows_end());
     if (lo >= hi) return;
-    // Rows outside [lo, hi) are computed too (they share the vectors) but not stored.
+    if (lo == y && hi == y + n) {  // the usual case: every row of the block is used, write in place
+      horizontal_block(block, n, horizontal, &tmp[(y - vertical.rows_begin()) * out_w * 3], out_w * 3);
+      return;
+    }
+    // Edge blocks: rows outside [lo, hi) are computed too (they share the vectors) but not stored.
     std::vector<std::uint8_t> rows(n * out_w * 3);
     horizontal_block(block, n, horizontal, rows.data(), out_w * 3);
     for (std::int64_t r = lo; r < hi; ++r)
