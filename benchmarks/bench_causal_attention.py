@@ -17,27 +17,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench_cudagraph
 
+from pyvl.bench.kernels import copy_gbps, gemm_tflops, median_ms
 from pyvl.kernels.causal_attention import (causal_attention, decode_attention, decode_config, decode_splits,
                                            prefill_config)
 
 BF16 = torch.bfloat16
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=50, rep=200, return_mode="median")
-
-
-def copy_gbps(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes // 2, device="cuda", dtype=BF16).normal_()
-    dst = torch.empty_like(src)
-    return 2 * nbytes / median_ms(lambda: dst.copy_(src)) / 1e6
-
-
-def gemm_tflops(n: int = 8192) -> float:
-    a, b = (torch.randn(n, n, device="cuda", dtype=BF16) for _ in range(2))
-    return 2 * n ** 3 / median_ms(lambda: a @ b) / 1e9
 
 
 def cache_views(hkv, length, capacity, d=128):

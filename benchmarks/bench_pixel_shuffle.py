@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from triton.testing import do_bench
 
+from pyvl.bench.kernels import median_ms
 from pyvl.kernels.pixel_shuffle import pixel_shuffle_from_vit
 from pyvl.ops import reference as ref
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def main() -> None:

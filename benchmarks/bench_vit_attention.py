@@ -15,22 +15,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
+from pyvl.bench.kernels import gemm_tflops, median_ms
 from pyvl.kernels.vit_attention import default_config, vit_attention
 
 SWEEP = [  # BLOCK_M, BLOCK_N, num_warps, num_stages
     (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 128, 8, 2),
 ]
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=50, rep=200, return_mode="median")
-
-
-def gemm_tflops(n: int = 8192) -> float:
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n ** 3 / median_ms(lambda: a @ b) / 1e9
 
 
 def main() -> None:
