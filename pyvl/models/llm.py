@@ -118,13 +118,15 @@ class InternLM2ForCausalLM(nn.Module):
         seq_len = cache.length + embeds.shape[1]  # what the original's rotary cache is sized by
         cos, sin = self.rotary.cos_sin(positions, seq_len)
         x = embeds
-        states = [x]
+        # Per-layer states are kept only when asked: at 10k tokens they are several GB.
+        states = [x] if return_hidden_states else None
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i)
-            states.append(x)
+            if states is not None:
+                states.append(x)
         cache.commit(embeds.shape[1])
         x = self.model.norm(x)
-        if return_hidden_states:
+        if states is not None:
             states[-1] = x
             return x, states
         return x
