@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import importlib
 import sys
 import venv
 import zipfile
@@ -20,6 +21,13 @@ from pyvl import _C
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = re.compile(r"^lib(torch|c10|cudart)")  # cudart is linked statically, torch not at all
+
+
+def _dependency_dirs() -> list[str]:
+    """The sys.path folders this environment imports pyvl's dependencies from (a venv, conda or bare Python)."""
+    dirs = [Path(importlib.import_module(m).__file__).resolve().parents[1]
+            for m in ("torch", "numpy", "PIL", "safetensors", "sentencepiece")]
+    return [str(d) for d in dict.fromkeys(dirs)]
 
 
 def needed_libraries(so: str) -> list[str]:
@@ -67,11 +75,17 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "pyvl = pyvl.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
-    # --system-site-packages: torch comes from this environment instead of a download. The venv's own
-    # site-packages precede the system ones, so the fresh wheel, not an installed pyvl, is what gets imported.
+    # The dependencies come from the environment running the tests instead of a download: a .pth file lists
+    # the folders they are imported from. (--system-site-packages would not do: inside a virtualenv it points at the base
+    # interpreter, where torch may not be.) The venv's own site-packages precede the .pth entries, so the
+    # fresh wheel, not an installed pyvl, is what gets imported; .pth files of those entries (an editable
+    # install's import hook) are not processed.
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
+    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    Path(venv_site, "parent_env.pth").write_text("".join(f"{p}\n" for p in _dependency_dirs()))
     install = [python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel)]
     subprocess.run(install, cwd=tmp_path, check=True)
     code = "import pyvl._C, pyvl.ops.native; print(pyvl._C.__file__)"
