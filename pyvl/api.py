@@ -84,7 +84,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     if len(tokenizer) > cfg.llm.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but llm_config.vocab_size is "
                           f"{cfg.llm.vocab_size}")
-    ops = resolve_ops(backend, device, op_backends)
+    ops = resolve_ops(backend, device, op_backends, dtype)
     with torch.device("meta"):
         model = InternVLChatModel(cfg, ops)
     load_weights(model, cfg, folder, device, dtype, progress=progress)

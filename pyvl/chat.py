@@ -17,7 +17,7 @@ from . import template
 from .config import ModelConfig
 from .errors import PromptError
 from .generate import GenerationConfig, decode_steps
-from .image import is_raw_image, load_image
+from .image import image_to_tiles, is_raw_image
 from .models.vlm import InternVLChatModel
 from .tokenizer import Tokenizer
 
@@ -75,20 +75,25 @@ class InternVLChat:
                                     system_message=self.system_message if system_message is None
                                     else system_message, num_image_token=self.num_image_token)
 
-    def _raw_images_to_tiles(self, images, num_patches_list) -> tuple[torch.Tensor, list[int]]:
-        """Raw image(s) -> tiles with the model's tiling settings, one <image> block per image."""
+    def tile_images(self, images, max_num: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Raw image(s) -> (tiles [N, 3, S, S], tiles per image), with the model's tiling settings (``max_num``
+        overrides max_dynamic_patch), preprocessed on the model's device in its dtype by its resize_tiles op."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         cfg = self.config
-        on_gpu = self.device.type == "cuda"  # preprocess where the model runs: the CUDA kernel, model dtype
-        tiles = [load_image(item, max_num=cfg.max_dynamic_patch, min_num=cfg.min_dynamic_patch,
-                            image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail,
-                            device=self.device if on_gpu else None, dtype=self.dtype if on_gpu else torch.float32)
+        tiles = [image_to_tiles(item, self.model.ops.resize_tiles,
+                                max_num=cfg.max_dynamic_patch if max_num is None else max_num,
+                                min_num=cfg.min_dynamic_patch, image_size=cfg.image_size,
+                                use_thumbnail=cfg.use_thumbnail, dtype=self.dtype, device=self.device)
                  for item in items]
-        patches = [t.shape[0] for t in tiles]
+        return torch.cat(tiles), [t.shape[0] for t in tiles]
+
+    def _raw_images_to_tiles(self, images, num_patches_list) -> tuple[torch.Tensor, list[int]]:
+        """Raw image(s) -> tiles, one <image> block per image; num_patches_list, if given, must agree."""
+        tiles, patches = self.tile_images(images)
         if num_patches_list is not None and [int(n) for n in num_patches_list] != patches:
             raise PromptError(f"num_patches_list {list(num_patches_list)} does not match the tiles the images "
                               f"produce ({patches}); leave it out when passing raw images")
-        return torch.cat(tiles).to(self.device), patches
+        return tiles, patches
 
     def _prepare_images(self, pixel_values, num_patches_list) -> tuple[torch.Tensor | None, list[int]]:
         if is_raw_image(pixel_values) or (isinstance(pixel_values, (list, tuple)) and pixel_values

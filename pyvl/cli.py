@@ -41,17 +41,11 @@ def _load_model(args):
 
 
 def _images(model, paths: list[str], max_num: int | None):
-    """Each --image becomes its own <image> block (num_patches_list), in the order given."""
-    import torch
-
-    import pyvl
-
+    """Each --image becomes its own <image> block (num_patches_list), in the order given; preprocessed like
+    model.chat(raw_image), by the model's resize_tiles op on its device."""
     if not paths:
         return None, None
-    max_num = max_num if max_num is not None else model.config.max_dynamic_patch
-    tiles = [pyvl.load_image(p, max_num=max_num, image_size=model.config.image_size,
-                             use_thumbnail=model.config.use_thumbnail) for p in paths]
-    return torch.cat(tiles), [t.shape[0] for t in tiles]
+    return model.tile_images(paths, max_num=max_num)
 
 
 def _question_with_images(question: str, n_images: int) -> str:

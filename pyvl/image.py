@@ -21,6 +21,7 @@ This reproduces the original `load_image` (README quick start; spec section 8) e
 The torchvision resize in the original's transform is a no-op (tiles are already S x S) and is skipped.
 """
 
+import functools
 import io
 import os
 import warnings
@@ -30,10 +31,11 @@ import torch
 from PIL import Image
 
 from pyvl.errors import ImageError
+from pyvl.ops import reference
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "open_rgb_array", "is_raw_image", "candidate_grids", "choose_grid", "tile_boxes",
-    "dynamic_preprocess", "pixel_values_reference", "load_image",
+    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "open_rgb_array", "is_raw_image", "candidate_grids",
+    "choose_grid", "tile_boxes", "dynamic_preprocess", "pixel_values_reference", "image_to_tiles", "load_image",
 ]
 
 
@@ -181,8 +183,7 @@ def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
 
 def tile_boxes(cols: int, rows: int, image_size: int = 448) -> list[tuple[int, int, int, int]]:
     """Crop boxes (left, top, right, bottom) of the grid tiles, row-major."""
-    s = image_size
-    return [((k % cols) * s, (k // cols) * s, (k % cols + 1) * s, (k // cols + 1) * s) for k in range(cols * rows)]
+    return reference.tile_boxes(cols, rows, image_size)
 
 
 def dynamic_preprocess(img: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448,
@@ -193,12 +194,7 @@ def dynamic_preprocess(img: Image.Image, min_num: int = 1, max_num: int = 12, im
         raise ImageError(f"dynamic_preprocess: got {got}; expected a PIL image in mode RGB (use open_image)")
     _check_size(img, "dynamic_preprocess input")
     cols, rows = choose_grid(img.width, img.height, min_num, max_num, image_size)
-    # BICUBIC is Pillow's default for RGB (the original passes no filter); explicit so the mode can't change it.
-    resized = img.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
-    tiles = [resized.crop(box) for box in tile_boxes(cols, rows, image_size)]
-    if use_thumbnail and len(tiles) != 1:
-        tiles.append(img.resize((image_size, image_size), Image.Resampling.BICUBIC))
-    return tiles
+    return reference.tile_images(img, cols, rows, image_size, use_thumbnail)
 
 
 def pixel_values_reference(tiles: np.ndarray) -> torch.Tensor:
@@ -206,20 +202,36 @@ def pixel_values_reference(tiles: np.ndarray) -> torch.Tensor:
     if not isinstance(tiles, np.ndarray) or tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3:
         desc = f"{tiles.dtype} array of shape {tiles.shape}" if isinstance(tiles, np.ndarray) else type(tiles).__name__
         raise ImageError(f"pixel_values_reference: got {desc}; expected uint8 [N, H, W, 3]")
-    # NHWC -> NCHW (the layout the ViT patch embedding expects); contiguous like ToTensor's output.
-    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).contiguous().float().div(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
-    return (x - mean) / std  # (N, 3, H, W) float32
+    return reference.normalize_tiles(tiles, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _native_ops():
-    """pyvl.ops.native, or None when the compiled extension is unavailable (e.g. a source checkout)."""
-    try:
-        from pyvl.ops import native
-    except ImportError:
-        return None
-    return native
+def image_to_tiles(image, resize_tiles, max_num: int = 12, min_num: int = 1, image_size: int = 448,
+                   use_thumbnail: bool = True, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """The tiling policy around a ``resize_tiles`` op (pyvl.ops): open, choose the grid, normalise with the
+    ImageNet constants. Tiles [N, 3, S, S] in ``dtype`` on ``device``; a loaded model passes its own op
+    (``model.model.ops.resize_tiles``), its dtype and its device."""
+    _check_tile_args(min_num, max_num, image_size)
+    rgb = open_rgb_array(image)
+    cols, rows = choose_grid(rgb.shape[1], rgb.shape[0], min_num, max_num, image_size)
+    return resize_tiles(rgb, cols, rows, image_size, use_thumbnail, IMAGENET_MEAN, IMAGENET_STD, dtype=dtype,
+                        device=torch.device(device))
+
+
+def _load_image_op(device: torch.device, use_native: bool, num_threads: int):
+    """load_image's resize_tiles: CUDA on a CUDA device (no fallback: a missing extension is an error there),
+    the C++ kernel on the CPU when built and wanted, the Pillow + torch reference otherwise."""
+    if device.type == "cuda":
+        from pyvl.ops import preprocess
+
+        return preprocess.resize_tiles_cuda
+    if use_native:
+        try:
+            from pyvl.ops import preprocess
+        except ImportError:  # the compiled extension is unavailable (e.g. a source checkout)
+            return reference.resize_tiles
+        return functools.partial(preprocess.resize_tiles_cpu, num_threads=num_threads)
+    return reference.resize_tiles
 
 
 def load_image(image, max_num: int = 12, min_num: int = 1, image_size: int = 448, use_thumbnail: bool = True,
@@ -233,25 +245,15 @@ def load_image(image, max_num: int = 12, min_num: int = 1, image_size: int = 448
     reference), which is also the fallback when the extension is not built.
     `device="cuda"` runs the same arithmetic on the GPU (pyvl.ops.native.resize_tiles_cuda: the decoded image
     is uploaded once, tiles come back on the device in `dtype`, float32 or bfloat16); on the CPU `dtype` must be
-    float32.
+    float32. A loaded model preprocesses raw images itself, through its op table (``InternVLChat.tile_images``).
     """
     _check_tile_args(min_num, max_num, image_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
-        from pyvl.ops import native as gpu  # no fallback on the GPU: a missing extension is an error
-
-        rgb = open_rgb_array(image)
-        cols, rows = choose_grid(rgb.shape[1], rgb.shape[0], min_num, max_num, image_size)
-        return gpu.resize_tiles_cuda(rgb, cols, rows, image_size, use_thumbnail, IMAGENET_MEAN, IMAGENET_STD,
-                                     dtype=dtype, device=device)
-    if dtype != torch.float32 or device.type != "cpu":
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ImageError(f"load_image: on {device} the tiles are float32 or bfloat16; got dtype={dtype}")
+    elif dtype != torch.float32 or device.type != "cpu":
         raise ImageError(f"load_image: on {device} the tiles are float32; got dtype={dtype} (bf16 tiles come "
                          "from device='cuda')")
-    native = _native_ops() if use_native else None
-    if native is not None:
-        rgb = open_rgb_array(image)
-        cols, rows = choose_grid(rgb.shape[1], rgb.shape[0], min_num, max_num, image_size)
-        return native.resize_tiles(rgb, cols, rows, image_size, use_thumbnail,
-                                   mean=IMAGENET_MEAN, std=IMAGENET_STD, num_threads=num_threads)
-    tiles = dynamic_preprocess(open_image(image), min_num, max_num, image_size, use_thumbnail)
-    return pixel_values_reference(np.stack([np.asarray(t) for t in tiles]))  # (N, S, S, 3) uint8 -> NCHW
+    resize_tiles = _load_image_op(device, use_native, num_threads)
+    return image_to_tiles(image, resize_tiles, max_num, min_num, image_size, use_thumbnail, dtype, device)

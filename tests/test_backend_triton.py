@@ -48,7 +48,8 @@ def test_every_kernel_is_in_use(fast):
     served = model.model.ops.backends
     assert {k for k, v in served.items() if v == "triton"} >= {"rms_norm", "vit_attention", "causal_attention",
                                                                "apply_rotary", "silu_mul", "pixel_shuffle"}
-    assert {k for k, v in served.items() if v != "triton"} <= {"layer_norm", "gelu"}
+    assert {k for k, v in served.items() if v != "triton"} <= {"layer_norm", "gelu", "resize_tiles"}
+    assert served["resize_tiles"] in ("native", "cuda")  # the compiled preprocessing, never Pillow
 
 
 @pytest.mark.parametrize("case", ["text_only", "img_tiny_50x40_palette_max1"])

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from pyvl.errors import ImageError
-from pyvl.ops.native import IMAGENET_MEAN, IMAGENET_STD, has_cuda, normalize_tiles
+from pyvl.image import IMAGENET_MEAN, IMAGENET_STD
+from pyvl.ops import native
+from pyvl.ops.native import has_cuda
 from pyvl import _C  # after pyvl.ops.native, whose ImportError explains a missing or shadowed build
+
+
+def normalize_tiles(tiles, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
+    """native.normalize_tiles with InternVL's constants (the kernel itself takes them)."""
+    return native.normalize_tiles(tiles, mean, std, **kwargs)
+
 
 SHAPES = [(1, 7, 13), (2, 13, 7), (3, 1, 1), (1, 448, 448), (3, 448, 448)]
 

@@ -17,10 +17,15 @@ import pytest
 import torch
 
 from pyvl.errors import ImageError
-from pyvl.image import choose_grid
+from pyvl.image import IMAGENET_MEAN, IMAGENET_STD, choose_grid
 
 native = pytest.importorskip("pyvl.ops.native", reason="pyvl._C is not built")  # test_packaging insists it is
 from pyvl import _C  # noqa: E402  (after pyvl.ops.native, whose ImportError explains a missing build)
+
+
+def fused_cuda(image, cols, rows, tile=448, thumbnail=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
+    """native.resize_tiles_cuda with InternVL's tile size and constants (the kernel itself takes them all)."""
+    return native.resize_tiles_cuda(image, cols, rows, tile, thumbnail, mean, std, **kwargs)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 cuda_build = pytest.mark.skipif(not native.has_cuda(), reason="pyvl._C was built without CUDA")
@@ -66,7 +71,7 @@ IMAGE = np.zeros((8, 8, 3), np.uint8)
 ])
 def test_bad_images(bad, match):
     with pytest.raises(ImageError, match=match):
-        native.resize_tiles_cuda(bad, 1, 1)
+        fused_cuda(bad, 1, 1)
 
 
 @pytest.mark.parametrize("cols, rows, tile, match", [
@@ -76,7 +81,7 @@ def test_bad_images(bad, match):
 ])
 def test_bad_grids(cols, rows, tile, match):
     with pytest.raises(ImageError, match=match):
-        native.resize_tiles_cuda(IMAGE, cols, rows, tile)
+        fused_cuda(IMAGE, cols, rows, tile)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -92,29 +97,29 @@ def test_bad_grids(cols, rows, tile, match):
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ImageError, match=match):
-        native.resize_tiles_cuda(IMAGE, 1, 1, **kwargs)
+        fused_cuda(IMAGE, 1, 1, **kwargs)
 
 
 def test_bad_out_dtype_and_layout():
     # out must match `dtype` (default bfloat16) and be contiguous; checked on meta tensors, no GPU needed.
     with pytest.raises(ImageError, match="contiguous torch.bfloat16 .* got torch.float32"):
-        native.resize_tiles_cuda(IMAGE, 2, 1, out=torch.empty((3, 3, 448, 448), device="meta"))
+        fused_cuda(IMAGE, 2, 1, out=torch.empty((3, 3, 448, 448), device="meta"))
     strided = torch.empty((3, 448, 448, 3), dtype=torch.bfloat16, device="meta").permute(0, 3, 1, 2)
     with pytest.raises(ImageError, match="not contiguous"):
-        native.resize_tiles_cuda(IMAGE, 2, 1, out=strided)
+        fused_cuda(IMAGE, 2, 1, out=strided)
     # Without the thumbnail (or with one tile) there is one tile fewer.
     with pytest.raises(ImageError, match=r"shape \(2, 3, 448, 448\)"):
-        native.resize_tiles_cuda(IMAGE, 2, 1, thumbnail=False, out=torch.empty((3, 3, 448, 448), device="meta"))
+        fused_cuda(IMAGE, 2, 1, thumbnail=False, out=torch.empty((3, 3, 448, 448), device="meta"))
 
 
 def test_missing_cuda_is_a_clear_runtime_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if native.has_cuda():
         with pytest.raises(RuntimeError, match="torch.cuda is not available.*use resize_tiles"):
-            native.resize_tiles_cuda(IMAGE, 1, 1)
+            fused_cuda(IMAGE, 1, 1)
     monkeypatch.setattr(native._C, "has_cuda", lambda: False)
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        native.resize_tiles_cuda(IMAGE, 1, 1)
+        fused_cuda(IMAGE, 1, 1)
 
 
 def test_bindings_exist_with_cuda():
@@ -192,7 +197,7 @@ def test_native_guards_reject_nonsense():
     h, w = 8, 8
     coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, 2, 1, 448, True)
     args = dict(src=1, h=h, w=w, row_stride=3 * w, dst=1, dtype=_C.BFLOAT16, cols=2, rows=1, tile=448,
-                thumbnail=True, mean=native.IMAGENET_MEAN, std=native.IMAGENET_STD, coefficients=1,
+                thumbnail=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, coefficients=1,
                 coefficient_bytes=coeff_bytes, intermediate=1, intermediate_bytes=tmp_bytes, stream=0)
     for change, match in [
         ({"src": 0}, "src is a null data pointer"), ({"dst": 0}, "dst is a null data pointer"),
@@ -215,6 +220,7 @@ def test_native_guards_reject_nonsense():
 # --- the GPU against the CPU kernel, bit for bit ------------------------------------------------------------
 
 def cpu_tiles(src, cols, rows, tile=448, thumbnail=True, **kwargs) -> torch.Tensor:
+    kwargs = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **kwargs}
     return native.resize_tiles(np.ascontiguousarray(src), cols, rows, tile, thumbnail, **kwargs)
 
 
@@ -223,7 +229,7 @@ def assert_same(src, cols, rows, what, tile=448, thumbnail=True, **kwargs):
     want = cpu_tiles(src, cols, rows, tile, thumbnail, **kwargs)
     for dtype in (torch.float32, torch.bfloat16):
         out = torch.full(want.shape, float("nan"), dtype=dtype, device="cuda")
-        got = native.resize_tiles_cuda(src, cols, rows, tile, thumbnail, out=out, dtype=dtype, **kwargs)
+        got = fused_cuda(src, cols, rows, tile, thumbnail, out=out, dtype=dtype, **kwargs)
         assert got is out
         expected = want.to(dtype).cuda()  # rounded on the CPU, compared on the GPU (the tensors are big)
         if not torch.equal(got, expected):
@@ -277,9 +283,9 @@ def test_tensor_inputs_strided_rows_custom_normalisation():
     mean, std = (0.5, 0.25, 0.125), (0.5, 0.3, 0.7)
     want = cpu_tiles(view, 3, 2, mean=mean, std=std)
     for image in (view, torch.from_numpy(parent)[50:650, 100:900], torch.from_numpy(parent).cuda()[50:650, 100:900]):
-        got = native.resize_tiles_cuda(image, 3, 2, mean=mean, std=std, dtype=torch.float32)
+        got = fused_cuda(image, 3, 2, mean=mean, std=std, dtype=torch.float32)
         assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
-    default = native.resize_tiles_cuda(view, 3, 2)  # bfloat16, ImageNet constants
+    default = fused_cuda(view, 3, 2)  # bfloat16, ImageNet constants
     assert default.dtype == torch.bfloat16 and torch.equal(default.cpu(), cpu_tiles(view, 3, 2).to(torch.bfloat16))
 
 
@@ -289,7 +295,7 @@ def test_runs_on_the_current_stream():
     want = cpu_tiles(src, 4, 2)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        got = native.resize_tiles_cuda(src, 4, 2, dtype=torch.float32)
+        got = fused_cuda(src, 4, 2, dtype=torch.float32)
     stream.synchronize()
     assert torch.equal(got.cpu(), want)
 
@@ -298,4 +304,4 @@ def test_runs_on_the_current_stream():
 def test_cuda_image_on_another_device_is_rejected():
     image = torch.zeros((8, 8, 3), dtype=torch.uint8, device="cuda:0")
     with pytest.raises(ImageError, match="image is on cuda:0 but device=cuda:1"):
-        native.resize_tiles_cuda(image, 1, 1, device="cuda:1")
+        fused_cuda(image, 1, 1, device="cuda:1")

@@ -8,9 +8,14 @@ import torch
 from PIL import Image
 
 from pyvl.errors import ImageError
-from pyvl.image import choose_grid, dynamic_preprocess, load_image, pixel_values_reference
+from pyvl.image import IMAGENET_MEAN, IMAGENET_STD, choose_grid, dynamic_preprocess, load_image, pixel_values_reference
 
 native = pytest.importorskip("pyvl.ops.native", reason="pyvl._C is not built")  # test_packaging insists it is
+
+
+def fused(image, cols, rows, tile=448, thumbnail=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
+    """native.resize_tiles with InternVL's tile size and constants (the kernel itself takes them all)."""
+    return native.resize_tiles(image, cols, rows, tile, thumbnail, mean, std, **kwargs)
 
 
 def random_image(rng, h, w) -> np.ndarray:
@@ -55,7 +60,7 @@ def test_resize_tiles_equals_reference_pipeline_for_every_max_num(h, w):
             continue
         seen.add((cols, rows))
         want = pixel_values_reference(np.stack([np.asarray(t) for t in dynamic_preprocess(img, 1, max_num)]))
-        got = native.resize_tiles(src, cols, rows, 448, True, num_threads=1 + max_num % 2)
+        got = fused(src, cols, rows, 448, True, num_threads=1 + max_num % 2)
         assert torch.equal(got, want), f"{w}x{h} max_num {max_num} ({cols}x{rows})"
 
 
@@ -67,16 +72,16 @@ def test_load_image_native_equals_pillow_path():
 
 def test_thread_counts_agree():
     src = random_image(np.random.default_rng(9), 720, 1280)
-    outs = [native.resize_tiles(src, 4, 2, num_threads=t) for t in (1, 2, 3, 0)]
+    outs = [fused(src, 4, 2, num_threads=t) for t in (1, 2, 3, 0)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_out_argument_and_poison():
     src = random_image(np.random.default_rng(1), 200, 300)
     out = torch.full((7, 3, 448, 448), float("nan"))
-    native.resize_tiles(src, 3, 2, out=out)
+    fused(src, 3, 2, out=out)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, native.resize_tiles(src, 3, 2))
+    assert torch.equal(out, fused(src, 3, 2))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -90,20 +95,20 @@ def test_out_argument_and_poison():
 ])
 def test_bad_images(bad, match):
     with pytest.raises(ImageError, match=match):
-        native.resize_tiles(bad, 1, 1)
+        fused(bad, 1, 1)
 
 
 @pytest.mark.parametrize("cols, rows, match", [(0, 1, "out of range"), (41, 1, "out of range"), (7, 6, "out of range")])
 def test_bad_grids(cols, rows, match):
     with pytest.raises(ImageError, match=match):
-        native.resize_tiles(np.zeros((8, 8, 3), np.uint8), cols, rows)
+        fused(np.zeros((8, 8, 3), np.uint8), cols, rows)
 
 
 def test_bad_out_and_threads():
     src = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(ImageError, match="out must be"):
-        native.resize_tiles(src, 1, 1, out=torch.empty(1, 3, 448, 447))
+        fused(src, 1, 1, out=torch.empty(1, 3, 448, 447))
     with pytest.raises(ImageError, match="num_threads"):
-        native.resize_tiles(src, 1, 1, num_threads=-1)
+        fused(src, 1, 1, num_threads=-1)
     with pytest.raises(ImageError, match="output size"):
         native.resize_bicubic(src, 0, 5)

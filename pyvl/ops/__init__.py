@@ -3,8 +3,13 @@
 The backend is chosen once, when a model is loaded (``pyvl.load(..., backend=...)``), and frozen into an
 :class:`Ops` table that the modules call through. ``reference`` is plain PyTorch (:mod:`pyvl.ops.reference`);
 ``triton`` resolves each op to a kernel in ``pyvl.kernels`` when one is registered for it and tells you when
-one is not. Per-op overrides (``op_backends={"vit_attention": "reference"}``) exist to bisect numerics.
-No import-time switches, no globals: two models loaded with different backends coexist.
+one is not. ``auto`` takes the kernels on CUDA; on the CPU it takes PyTorch's fused attention
+(:mod:`pyvl.ops.sdpa`) for bf16/fp16, where the float32 references are slow at no gain in accuracy, and the
+references otherwise. ``resize_tiles`` (image preprocessing) is served by the compiled kernels of
+``pyvl._C`` (CUDA on a CUDA device, C++ otherwise) under every backend but ``reference``, which runs the
+Pillow + torch pipeline; all three agree bit for bit. Per-op overrides
+(``op_backends={"vit_attention": "reference"}``) exist to bisect numerics. ``Ops.backends`` says what
+serves each op. No import-time switches, no globals: two models loaded with different backends coexist.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from . import reference
+from . import reference, sdpa
 
 __all__ = ["Ops", "BACKENDS", "OP_NAMES", "resolve_ops"]
 
@@ -34,6 +39,7 @@ class Ops:
     pixel_shuffle: Callable
     silu_mul: Callable
     gelu: Callable
+    resize_tiles: Callable  # (rgb uint8 [H, W, 3], cols, rows, tile, thumbnail, mean, std, dtype, device)
     backends: Mapping[str, str]  # op name -> backend that serves it, for `pyvl info` and bug reports
 
 
@@ -54,6 +60,10 @@ _TRITON_OPS: dict[str, str] = {
 # kernel, where a Triton version would not pay. backend="triton" serves them with torch and says so.
 TORCH_OPS = frozenset({"layer_norm", "gelu"})
 
+# Ops that auto serves with PyTorch's fused attention for these dtypes when no kernel serves them (the CPU).
+_SDPA_OPS = frozenset({"vit_attention", "causal_attention"})
+_SDPA_DTYPES = frozenset({torch.bfloat16, torch.float16})
+
 
 def _triton_impl(name: str, required: bool) -> Callable | None:
     """The registered kernel for ``name``, or None (no kernel, or Triton missing and not required)."""
@@ -70,13 +80,30 @@ def _triton_impl(name: str, required: bool) -> Callable | None:
         return None
 
 
-def resolve_ops(backend: str = "auto", device: torch.device | str = "cpu",
-                op_backends: Mapping[str, str] | None = None) -> Ops:
-    """Build the op table for ``backend`` on ``device``, with optional per-op overrides.
+def _resize_tiles_impl(want: str, device: torch.device) -> tuple[Callable, str]:
+    """The compiled preprocessing kernel for ``device`` (CUDA, else C++), or the reference when asked for
+    or when ``pyvl._C`` is not built (a source checkout). No Triton kernel exists for it, so "triton" takes
+    the compiled one as "auto" does."""
+    if want != "reference":
+        try:
+            from . import preprocess
+        except ImportError:
+            preprocess = None
+        if preprocess is not None and device.type == "cuda" and preprocess.native.has_cuda():
+            return preprocess.resize_tiles_cuda, "cuda"
+        if preprocess is not None:
+            return preprocess.resize_tiles_cpu, "native"
+    return reference.resize_tiles, "reference"
 
-    ``auto`` takes a kernel for each op that has one when the device is CUDA, the reference otherwise.
-    ``triton`` (or a per-op "triton") insists: an op without a registered kernel is an error, never a
-    silent fallback, except the TORCH_OPS, which no backend replaces.
+
+def resolve_ops(backend: str = "auto", device: torch.device | str = "cpu",
+                op_backends: Mapping[str, str] | None = None, dtype: torch.dtype = torch.float32) -> Ops:
+    """Build the op table for ``backend`` on ``device`` for a model in ``dtype``, with per-op overrides.
+
+    ``auto`` takes a kernel for each op that has one when the device is CUDA; elsewhere SDPA for attention
+    in bf16/fp16, the reference otherwise. ``triton`` (or a per-op "triton") insists: an op without a
+    registered kernel is an error, never a silent fallback, except the TORCH_OPS, which no backend
+    replaces, and resize_tiles (see ``_resize_tiles_impl``).
     """
     device = torch.device(device)
     if backend not in BACKENDS:
@@ -92,12 +119,22 @@ def resolve_ops(backend: str = "auto", device: torch.device | str = "cpu",
         want = op_backends.get(name, backend)
         if want not in BACKENDS:
             raise ValueError(f"op_backends[{name!r}] = {want!r} is not one of {BACKENDS}")
-        wants_kernel = (want == "triton" or (want == "auto" and device.type == "cuda")) and name not in TORCH_OPS
+        if name == "resize_tiles":
+            impls[name], served[name] = _resize_tiles_impl(want, device)
+            continue
+        if name in TORCH_OPS:
+            impls[name], served[name] = getattr(reference, name), "torch"
+            continue
+        wants_kernel = want == "triton" or (want == "auto" and device.type == "cuda")
         kernel = _triton_impl(name, required=want == "triton") if wants_kernel else None
-        if want == "triton" and kernel is None and name not in TORCH_OPS:
+        if kernel is not None:
+            impls[name], served[name] = kernel, "triton"
+        elif want == "triton":
             missing.append(name)
-        impls[name] = kernel if kernel is not None else getattr(reference, name)
-        served[name] = "triton" if kernel is not None else ("torch" if name in TORCH_OPS else "reference")
+        elif want == "auto" and device.type != "cuda" and name in _SDPA_OPS and dtype in _SDPA_DTYPES:
+            impls[name], served[name] = getattr(sdpa, name), "sdpa"
+        else:
+            impls[name], served[name] = getattr(reference, name), "reference"
     if missing:
         raise ValueError(f"backend 'triton' has no kernel for ops {missing}; pass "
                          f"op_backends={{name: 'reference'}} for them or use backend='auto'")

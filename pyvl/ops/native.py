@@ -46,12 +46,11 @@ except ImportError as exc:  # the usual cause: the source tree's pyvl/ shadows t
         "or use an editable install (`pip install -e .`), which works from anywhere."
     ) from exc
 
-__all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "has_cuda", "normalize_tiles", "resize_bicubic", "resize_tiles",
-    "resize_tiles_cuda",
-]
+__all__ = ["MAX_GRID_TILES", "has_cuda", "normalize_tiles", "resize_bicubic", "resize_tiles", "resize_tiles_cuda"]
 
-from pyvl.image import IMAGENET_MEAN, IMAGENET_STD, MAX_TILES  # noqa: E402  (one definition of the constants)
+# The largest grid the kernels accept: the range they are tested at. Which grid an image gets is the tiling
+# policy's business (pyvl.image.choose_grid, at most pyvl.image.MAX_TILES), not this module's.
+MAX_GRID_TILES = 40
 
 # torch dtype -> _C dtype code, per device type.
 _OUT_DTYPES = {
@@ -152,8 +151,8 @@ def _(tiles, mean, std, out, num_threads) -> None:
 
 def normalize_tiles(
     tiles: np.ndarray | torch.Tensor,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float],
+    std: Sequence[float],
     out: torch.Tensor | None = None,
     num_threads: int = 0,
 ) -> torch.Tensor:
@@ -201,12 +200,12 @@ def _check_threads(num_threads, op: str) -> None:
 
 
 def _check_grid(cols, rows, tile, op: str) -> None:
-    """cols x rows tiles of tile x tile pixels: 1..MAX_TILES tiles (the range InternVL 1.5 was run with)."""
+    """cols x rows tiles of tile x tile pixels, 1..MAX_GRID_TILES of them."""
     for name, value in (("cols", cols), ("rows", rows), ("tile", tile)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
             raise ImageError(f"{op}: {name} must be an int, got {value!r}")
-    if not (1 <= cols * rows <= MAX_TILES) or cols < 1 or rows < 1:
-        raise ImageError(f"{op}: a grid of {cols}x{rows} tiles is out of range (1..{MAX_TILES} tiles)")
+    if not (1 <= cols * rows <= MAX_GRID_TILES) or cols < 1 or rows < 1:
+        raise ImageError(f"{op}: a grid of {cols}x{rows} tiles is out of range (1..{MAX_GRID_TILES} tiles)")
     if tile < 1:
         raise ImageError(f"{op}: tile size must be positive, got {tile}")
 
@@ -222,9 +221,8 @@ def resize_bicubic(image: np.ndarray, out_w: int, out_h: int, num_threads: int =
     return out
 
 
-def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int = 448, thumbnail: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 out: torch.Tensor | None = None, num_threads: int = 0) -> torch.Tensor:
+def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: bool, mean: Sequence[float],
+                 std: Sequence[float], out: torch.Tensor | None = None, num_threads: int = 0) -> torch.Tensor:
     """RGB uint8 [H, W, 3] -> normalised float32 tiles [cols*rows (+1), 3, tile, tile] (see module doc).
 
     The thumbnail is appended only when asked for *and* the grid has more than one tile, as the original.
@@ -285,9 +283,8 @@ def _cuda_target(device, image, op: str) -> torch.device:
     return target
 
 
-def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, tile: int = 448,
-                      thumbnail: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
-                      std: Sequence[float] = IMAGENET_STD, out: torch.Tensor | None = None,
+def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, tile: int, thumbnail: bool,
+                      mean: Sequence[float], std: Sequence[float], out: torch.Tensor | None = None,
                       dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda") -> torch.Tensor:
     """RGB uint8 [H, W, 3] -> normalised tiles [cols*rows (+1), 3, tile, tile] of `dtype` on a CUDA device.
 

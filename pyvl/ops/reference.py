@@ -5,16 +5,21 @@ and casts back where it does. Layouts:
   attention q: [B, Hq, Sq, D], k/v: [B, Hkv, Sk, D] (GQA: query head n reads KV head n // (Hq // Hkv))
   rotary cos/sin: [B, S, D] already gathered at the token positions (rotate-half, duplicated halves)
   pixel_shuffle x: [N, h, w, C] patch grid (row-major tokens) -> [N, h*w*r^2, C/r^2]
+  resize_tiles image: RGB uint8 [H, W, 3] -> tiles [cols*rows (+1 thumbnail), 3, T, T] (NCHW)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 __all__ = [
     "rms_norm", "layer_norm", "vit_attention", "causal_attention", "apply_rotary", "pixel_shuffle",
-    "silu_mul", "gelu",
+    "silu_mul", "gelu", "resize_tiles", "tile_boxes", "tile_images", "normalize_tiles",
 ]
 
 
@@ -100,3 +105,43 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU, as both the InternViT MLP and mlp1 use."""
     return F.gelu(x)
+
+
+def tile_boxes(cols: int, rows: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """Crop boxes (left, top, right, bottom) of the grid tiles, row-major."""
+    return [((k % cols) * tile, (k // cols) * tile, (k % cols + 1) * tile, (k // cols + 1) * tile)
+            for k in range(cols * rows)]
+
+
+def tile_images(img: Image.Image, cols: int, rows: int, tile: int, thumbnail: bool) -> list[Image.Image]:
+    """The original dynamic_preprocess after its grid choice: resize the RGB image to the grid with Pillow
+    BICUBIC, crop row-major, then the whole image resized to one tile last when asked for and cols*rows > 1."""
+    # BICUBIC is Pillow's default for RGB (the original passes no filter); explicit so the mode can't change it.
+    resized = img.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC)
+    tiles = [resized.crop(box) for box in tile_boxes(cols, rows, tile)]
+    if thumbnail and len(tiles) != 1:
+        tiles.append(img.resize((tile, tile), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def normalize_tiles(tiles: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W]: torchvision ToTensor + Normalize(mean, std), in float32."""
+    # NHWC -> NCHW (the layout the ViT patch embedding expects); contiguous like ToTensor's output.
+    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).contiguous().float().div(255)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (x - mean_t) / std_t
+
+
+def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: bool, mean: Sequence[float],
+                 std: Sequence[float], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+                 ) -> torch.Tensor:
+    """RGB uint8 [H, W, 3] -> normalised tiles [cols*rows (+1), 3, tile, tile] in ``dtype`` on ``device``.
+
+    The original pipeline (Pillow tiles, then ToTensor + Normalize) for a grid already chosen; other dtypes
+    are the float32 tiles cast.
+    """
+    img = Image.fromarray(np.ascontiguousarray(image))  # [H, W, 3] uint8 -> mode RGB
+    tiles = tile_images(img, cols, rows, tile, thumbnail)
+    pixels = normalize_tiles(np.stack([np.asarray(t) for t in tiles]), mean, std)  # (N, T, T, 3) -> NCHW
+    return pixels.to(device=device, dtype=dtype)

@@ -1,0 +1,43 @@
+"""Attention through ``torch.nn.functional.scaled_dot_product_attention``: the CPU choice for bf16/fp16.
+
+The references compute attention in float32 whatever the input dtype, which on the CPU costs a float32 copy of
+Q, K, V and of the whole (S, S) score matrix per head. PyTorch's fused CPU attention reads bf16/fp16 directly,
+accumulates in float32 and never materialises the scores, at the same error against the float32 oracle (one
+ViT layer of Mini-InternVL at bf16: max error 1.7e-3 both ways). ``pyvl.ops.resolve_ops`` serves these for
+bf16/fp16 on the CPU under ``backend="auto"``; float32 keeps the references, which are bit-identical to the
+original. Layouts and semantics are the references' (:mod:`pyvl.ops.reference`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["vit_attention", "causal_attention"]
+
+
+def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional softmax(q k^T / sqrt(D)) v over [B, H, S, D], in the input dtype."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     kv_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention of the last Sq positions over Sk keys; kv_start [B] masks left padding.
+
+    SDPA's own ``is_causal`` aligns the mask top-left (query i sees keys <= i), right only when Sq == Sk, so
+    other cases get an explicit mask aligned bottom-right. A query always sees its own key, as in the
+    reference, so rows of padding tokens stay finite.
+    """
+    sq, sk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]  # query head n reads KV head n // (Hq // Hkv): SDPA's enable_gqa grouping
+    if kv_start is None and sq == sk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    q_pos = torch.arange(sk - sq, sk, device=q.device)
+    k_pos = torch.arange(sk, device=q.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (Sq, Sk)
+    if kv_start is not None:
+        real_key = k_pos[None, :] >= kv_start[:, None]  # (B, Sk)
+        allowed = (allowed[None] & real_key[:, None, :]) | (k_pos[None, None, :] == q_pos[None, :, None])
+        allowed = allowed[:, None]  # (B, 1, Sq, Sk), broadcast over heads
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
