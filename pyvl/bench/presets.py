@@ -83,10 +83,10 @@ def preset_config(name: str) -> ModelConfig:
     return ModelConfig.from_dict(preset_dict(name), source=f"preset {name}")
 
 
-def _meta_model(cfg: ModelConfig, backend: str = "reference", device: torch.device | str = "cpu"
-                ) -> InternVLChatModel:
+def _meta_model(cfg: ModelConfig, backend: str = "reference", device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> InternVLChatModel:
     with torch.device("meta"):
-        return InternVLChatModel(cfg, resolve_ops(backend, device))
+        return InternVLChatModel(cfg, resolve_ops(backend, device, dtype=dtype))
 
 
 def parameter_count(cfg: ModelConfig) -> dict[str, int]:
@@ -111,7 +111,7 @@ def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtyp
     """An :class:`InternVLChatModel` of ``cfg``'s exact shapes with random weights, allocated once on ``device``
     in ``dtype``: built on meta, cast on meta (so no float32 copy ever exists), then ``to_empty`` + init."""
     device = torch.device(device)
-    model = _meta_model(cfg, backend, device).to(dtype)
+    model = _meta_model(cfg, backend, device, dtype).to(dtype)
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import causal_mask
+
 __all__ = ["vit_attention", "causal_attention"]
 
 
@@ -33,11 +35,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     gqa = q.shape[1] != k.shape[1]  # query head n reads KV head n // (Hq // Hkv): SDPA's enable_gqa grouping
     if kv_start is None and sq == sk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    q_pos = torch.arange(sk - sq, sk, device=q.device)
-    k_pos = torch.arange(sk, device=q.device)
-    allowed = k_pos[None, :] <= q_pos[:, None]  # (Sq, Sk)
+    allowed = causal_mask(sq, sk, kv_start, q.device)
     if kv_start is not None:
-        real_key = k_pos[None, :] >= kv_start[:, None]  # (B, Sk)
-        allowed = (allowed[None] & real_key[:, None, :]) | (k_pos[None, None, :] == q_pos[None, :, None])
         allowed = allowed[:, None]  # (B, 1, Sq, Sk), broadcast over heads
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
