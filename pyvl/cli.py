@@ -148,48 +148,70 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
+def _print_result(args, result: dict, formatter) -> int:
+    print(json.dumps(result, indent=1) if args.json else formatter(result))
+    return 0
+
+
+def _bench_preprocess(args) -> int:
     from .bench.timing import format_table
 
-    if args.what == "preprocess":
-        from .bench import preprocess
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes] if args.sizes else None
+    if args.device is not None and args.device.startswith("cuda"):
+        from .bench import preprocess_cuda
 
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes] if args.sizes else preprocess.SIZES
-        rows = preprocess.run(sizes=sizes, max_nums=args.max_nums or preprocess.MAX_NUMS, repeat=args.repeat or 5)
-    elif args.what == "kernels":
-        from .bench import kernels
+        result = preprocess_cuda.run(sizes=sizes or preprocess_cuda.SIZES,
+                                     max_nums=args.max_nums or preprocess_cuda.MAX_NUMS, repeat_ms=args.rep_ms)
+        return _print_result(args, result, preprocess_cuda.format_result)
+    if args.device not in (None, "cpu"):
+        raise PyvlError(f"bench preprocess: --device {args.device} is neither cpu nor cuda")
+    from .bench import preprocess
 
-        result = kernels.run(ops=args.ops, repeat_ms=args.rep_ms)
-        if args.json:
-            print(json.dumps(result, indent=1))
-        else:
-            print(kernels.format_result(result))
-        return 0
-    elif args.what == "e2e":
-        from .bench import e2e
-
-        if not args.random_weights:
-            raise PyvlError("bench e2e runs on random weights only for now: pass --random-weights")
-        try:
-            result = e2e.run(args.preset, device=args.device, dtype=args.dtype, tiles=args.tiles,
-                             prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                             backend=args.backend, repeat=args.repeat or 3, compare_hf=not args.no_hf)
-        except ValueError as exc:
-            raise PyvlError(str(exc)) from None
-        if args.json:
-            print(json.dumps(result, indent=1))
-            return 0
-        setup = result["setup"]
-        print(", ".join(f"{k} {v}" for k, v in setup.items() if k != "ops"))
-        print("ops: " + ", ".join(f"{k}={v}" for k, v in setup["ops"].items()))
-        print(format_table([{k: v for k, v in r.items() if k != "key"} for r in result["rows"]]))
-        for note in result["notes"]:
-            print(f"note: {note}")
-        return 0
-    else:  # argparse restricts the choices
-        raise AssertionError(args.what)
+    rows = preprocess.run(sizes=sizes or preprocess.SIZES, max_nums=args.max_nums or preprocess.MAX_NUMS,
+                          repeat=args.repeat or 5)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0
+
+
+def _bench_e2e(args) -> int:
+    from .bench import e2e
+    from .bench.timing import format_table
+
+    if not args.random_weights:
+        raise PyvlError("bench e2e runs on random weights only for now: pass --random-weights")
+    try:
+        result = e2e.run(args.preset, device=args.device, dtype=args.dtype, tiles=args.tiles,
+                         prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, backend=args.backend,
+                         repeat=args.repeat or 3, compare_hf=not args.no_hf, hf_only=args.hf_only)
+    except ValueError as exc:
+        raise PyvlError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    setup = result["setup"]
+    print(", ".join(f"{k} {v}" for k, v in setup.items() if k != "ops"))
+    if setup.get("ops"):
+        print("ops: " + ", ".join(f"{k}={v}" for k, v in setup["ops"].items()))
+    print(format_table([{k: "-" if v is None else v for k, v in r.items() if k != "key"} for r in result["rows"]]))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "preprocess":
+        return _bench_preprocess(args)
+    if args.what == "e2e":
+        return _bench_e2e(args)
+    if args.what == "kernels":
+        from .bench import kernels
+
+        return _print_result(args, kernels.run(ops=args.ops, repeat_ms=args.rep_ms), kernels.format_result)
+    if args.what == "sweep":
+        from .bench import sweep
+
+        return _print_result(args, sweep.run(repeat_ms=args.rep_ms), sweep.format_result)
+    raise AssertionError(args.what)  # argparse restricts the choices
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,23 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmarks (median times and ratios against baselines run alongside)")
-    bench.add_argument("what", choices=("preprocess", "kernels", "e2e"),
-                       help="preprocess: image -> pixel values; kernels: each Triton kernel against torch at the "
-                            "real shapes (CUDA); e2e: pixels -> tokens at a preset's size, next to HF transformers")
-    bench.add_argument("--repeat", type=int, default=None, help="timed runs per figure (default: preprocess 5, e2e 3)")
+    bench.add_argument("what", choices=("preprocess", "kernels", "sweep", "e2e"),
+                       help="preprocess: image -> pixel values (CPU, or --device cuda); kernels: each Triton kernel "
+                            "against torch at the real shapes (CUDA); sweep: block configurations of ViT and "
+                            "decode attention (CUDA); e2e: pixels -> tokens at a preset's size, next to HF "
+                            "transformers")
+    bench.add_argument("--repeat", type=int, default=None,
+                       help="timed runs per figure (default: preprocess 5, e2e 3)")
+    bench.add_argument("--rep-ms", type=int, default=200,
+                       help="time budget of each do_bench measurement, ms (kernels, sweep, preprocess --device cuda)")
+    bench.add_argument("--device", default=None,
+                       help="preprocess: cpu (default) or cuda; e2e: cuda, cpu, ... (default: cuda if available)")
     bench.add_argument("--json", action="store_true")
     prep = bench.add_argument_group("preprocess")
     prep.add_argument("--sizes", nargs="*", help="image sizes WxH (default: 3840x2160 1920x1080 640x480)")
-    prep.add_argument("--max-nums", nargs="*", type=int, help="max_num values (default: 6 12 40)")
+    prep.add_argument("--max-nums", nargs="*", type=int,
+                      help="max_num values (default: 6 12 40 on the CPU, 12 on CUDA)")
     kern = bench.add_argument_group("kernels")
     kern.add_argument("--ops", nargs="*", default=None, help="only these ops (default: every registered kernel)")
-    kern.add_argument("--rep-ms", type=int, default=200, help="time budget of each do_bench measurement, ms")
     e2e_flags = bench.add_argument_group("e2e")
     e2e_flags.add_argument("--preset", default="internvl-chat-v1-5",
                            choices=("internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5", "tiny"))
     e2e_flags.add_argument("--random-weights", action="store_true",
                            help="random weights at the preset's exact size")
-    e2e_flags.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     e2e_flags.add_argument("--dtype", default=None,
                            help="bf16, fp16 or float32 (default: bf16 on CUDA, float32 on CPU)")
     e2e_flags.add_argument("--tiles", nargs="+", type=int, default=[1, 7, 13],
@@ -237,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     e2e_flags.add_argument("--decode-tokens", type=int, default=32,
                            help="greedy steps timed for decode (default: 32)")
     e2e_flags.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
-    e2e_flags.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    hf = e2e_flags.add_mutually_exclusive_group()
+    hf.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    hf.add_argument("--hf-only", action="store_true",
+                    help="only HF transformers' figures (to run them after pyvl's, in a separate process)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,4 +1,5 @@
-"""``pyvl bench kernels`` / ``pyvl bench e2e``: presets at the spec's sizes, the CPU path of e2e, the CUDA gate.
+"""``pyvl bench``: presets at the spec's sizes, the CPU path of e2e, the CUDA gates, the result formatting, the
+kernel-resource helper and the sweep's configuration plumbing (under TRITON_INTERPRET=1 without a GPU).
 
 Timings are never asserted (they are only checked to be positive numbers); the GPU figures are measured by
 running the commands on a GPU machine.
@@ -7,24 +8,28 @@ running the commands on a GPU machine.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 
 import pytest
 import torch
 
-from pyvl.bench import e2e
-from pyvl.bench.presets import PRESETS, parameter_count, preset_config, random_model
-from pyvl.cli import main
-from pyvl.demo import ASSETS
-from pyvl.tokenizer import Tokenizer
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs: before pyvl.kernels is imported
+
+from pyvl.bench import e2e  # noqa: E402
+from pyvl.bench.presets import PRESETS, parameter_count, preset_config, random_model  # noqa: E402
+from pyvl.cli import build_parser, main  # noqa: E402
+from pyvl.demo import ASSETS  # noqa: E402
+from pyvl.tokenizer import Tokenizer  # noqa: E402
 
 # Spec section 1: (vision layers, width, heads, MLP, norm, qkv bias, qk norm; LLM layers, width, heads, kv heads, FFN)
 SPEC = {
     "internvl-chat-v1-5": ((45, 3200, 25, 12800, "rms_norm", False, True), (48, 6144, 48, 8, 16384)),
     "mini-internvl-chat-2b-v1-5": ((24, 1024, 16, 4096, "layer_norm", True, False), (24, 2048, 16, 8, 8192)),
 }
-E2E_KEYS = {"key", "figure", "unit", "pyvl"}
+E2E_KEYS = {"key", "figure", "unit", "pyvl", "hf", "hf/pyvl"}
 
 
 @pytest.mark.parametrize("name", sorted(SPEC))
@@ -87,13 +92,15 @@ def test_bench_e2e_tiny_on_cpu_json(capsys):
     rows = {r["key"]: r for r in result["rows"]}
     assert set(rows) == {"preprocess", "vision_1", "vision_2", "prefill", "ttft", "decode", "peak_memory"}
     for row in rows.values():
-        assert set(row) == E2E_KEYS  # no HF columns on the CPU
+        assert set(row) == E2E_KEYS  # the same columns always; HF's are None on the CPU
         assert isinstance(row["pyvl"], float) and row["pyvl"] > 0, row
+        assert row["hf"] is None and row["hf/pyvl"] is None
     assert rows["decode"]["unit"] == "ms/token" and rows["peak_memory"]["unit"] == "GB"
     setup = result["setup"]
     assert (setup["preset"], setup["device"], setup["dtype"], setup["tiles"]) == ("tiny", "cpu", "float32", [1, 2])
     assert setup["prompt_tokens"] == 2 * 256 + setup["text_tokens"]
     assert setup["ops"]["vit_attention"] == "reference"  # backend auto on the CPU
+    assert setup["systems"] == ["pyvl"]
     assert len(result["notes"]) == 1 and "HF comparison" in result["notes"][0]
 
 
@@ -128,8 +135,161 @@ def test_hf_model_has_the_same_size(name):
     assert abs(hf - ours) <= 2 * cfg.vision.hidden_size  # HF adds a final vision LayerNorm (weight + bias)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
-def test_bench_kernels_needs_cuda(capsys):
-    assert main(["bench", "kernels"]) == 2
-    err = capsys.readouterr().err
-    assert "needs a CUDA GPU" in err and "Traceback" not in err
+def test_bench_e2e_keeps_the_other_figures_when_a_stage_fails(capsys, monkeypatch):
+    def broken(**_):
+        raise RuntimeError("no memory left")
+
+    monkeypatch.setattr(e2e, "GenerationConfig", broken)  # the ttft + decode stage raises
+    code = main(["bench", "e2e", "--preset", "tiny", "--random-weights", "--device", "cpu", "--tiles", "1",
+                 "--prompt-tokens", "0", "--decode-tokens", "2", "--repeat", "1", "--no-hf", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["key"]: r for r in result["rows"]}
+    assert rows["ttft"]["pyvl"] is None and rows["decode"]["pyvl"] is None
+    assert rows["prefill"]["pyvl"] > 0 and rows["vision_1"]["pyvl"] > 0
+    assert any("ttft+decode failed: RuntimeError: no memory left" in n for n in result["notes"])
+
+
+def test_bench_parser():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "sweep", "--json", "--rep-ms", "50"])
+    assert (args.what, args.json, args.rep_ms) == ("sweep", True, 50)
+    args = parser.parse_args(["bench", "preprocess", "--device", "cuda", "--sizes", "640x480", "--max-nums", "6"])
+    assert (args.device, args.sizes, args.max_nums) == ("cuda", ["640x480"], [6])
+    args = parser.parse_args(["bench", "e2e", "--random-weights", "--hf-only"])
+    assert args.hf_only and not args.no_hf
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "e2e", "--hf-only", "--no-hf"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages printed without a GPU")
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "kernels"], "bench kernels needs a CUDA GPU"),
+    (["bench", "sweep", "--json"], "bench sweep needs a CUDA GPU"),
+    (["bench", "preprocess", "--device", "cuda", "--json"], "bench preprocess --device cuda needs a CUDA device"),
+    (["bench", "e2e", "--preset", "tiny", "--random-weights", "--device", "cpu", "--hf-only"], "CUDA only"),
+])
+def test_gpu_benchmarks_need_cuda(capsys, argv, words):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines[-1].startswith("pyvl: error: ") and words in lines[-1], captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_kernel_resources_of_a_compiled_kernel_and_of_anything_else():
+    from pyvl.bench.resources import format_resources, resources
+
+    class Compiled:  # what Triton 3.x's CompiledKernel carries once its binary is loaded
+        metadata = types.SimpleNamespace(shared=98304)
+
+        def _init_handles(self):
+            self.n_regs, self.n_spills = 255, 4
+
+    got = resources(Compiled())
+    assert got == {"regs": 255, "spills": 4, "shared_bytes": 98304}
+    assert resources(None) == {"regs": None, "spills": None, "shared_bytes": None}  # the interpreter's launch
+    assert format_resources([got, resources(None)]) == "255/4/96K + -/-/-"
+    assert format_resources([]) == "-"
+
+
+def test_launched_kernels_records_each_launch_and_unwraps():
+    from pyvl.bench.resources import launched_kernels
+    from pyvl.kernels import causal_attention as ca
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(1, 4, 1, 16, device=device)
+    cache = torch.randn(2, 1, 2, 40, 16, device=device)
+    lens = torch.full((1,), 40, dtype=torch.int32, device=device)
+    with launched_kernels() as kernels:
+        ca.decode_attention(q, cache[0], cache[1], lens, num_splits=3)
+        ca.decode_attention(q, cache[0], cache[1], lens, num_splits=3)  # the same kernels: listed once
+    assert [k["kernel"] for k in kernels] == ["_decode_split_kernel", "_decode_reduce_kernel"]
+    assert all(set(k) == {"kernel", "regs", "spills", "shared_bytes"} for k in kernels)
+    if device == "cpu":
+        assert all(k["regs"] is None and k["shared_bytes"] is None for k in kernels)
+    assert "run" not in vars(ca._decode_split_kernel) and "run" not in vars(ca._decode_reduce_kernel)
+
+
+def test_rotation_copies_exceed_twice_the_l2():
+    from pyvl.bench.kernels import rotation_copies
+
+    mb = 2**20
+    assert rotation_copies(14 * mb, 60 * mb) == 9  # 3400 keys: 9 copies = 126 MB >= 120 MB
+    assert rotation_copies(134 * mb, 60 * mb) == 2  # never fewer than two, so no call finds its K/V cached
+    for nbytes in (1, 7 * mb, 59 * mb, 500 * mb):
+        assert rotation_copies(nbytes, 60 * mb) * nbytes >= 120 * mb
+
+
+def test_sweep_vit_non_default_config_matches_the_reference():
+    from pyvl.bench import sweep
+    from pyvl.kernels.vit_attention import default_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    other = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    assert other != default_config(16, torch.float32, 33)
+    rows = sweep.vit_rows(shape=(1, 2, 33, 16), configs=[other], device=device, dtype=torch.float32)
+    assert [r["default"] for r in rows] == [True, False] and rows[1]["params"] == other
+    for r in rows:
+        assert r["status"] == "ok" and r["rel_err"] < 1e-5, r  # float32: IEEE dots
+        assert r["ms"] is None and r["kernels"][0]["kernel"] == "_vit_attention_kernel"
+    assert "BLOCK_M=16 BLOCK_N=32 warps=4 stages=1" in sweep.format_result(
+        {"setup": {"device": "cpu", "torch": "t", "triton": "x", "l2_MB": 0}, "rows": rows, "notes": []})
+
+
+def test_sweep_decode_split_override_matches_the_reference():
+    from pyvl.bench import sweep
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = sweep.decode_rows((4, 2, 40, 16), configs=[dict(num_splits=3, BLOCK_N=16), dict(num_splits=1)],
+                             device=device, dtype=torch.float32, copies=2)
+    assert rows[0]["default"] and not any(r["default"] for r in rows[1:])
+    assert [r["params"]["num_splits"] for r in rows[1:]] == [3, 1]
+    assert rows[0]["params"]["num_splits"] not in (3, 1)  # the launcher's own choice, resolved for the table
+    for r in rows:
+        assert r["status"] == "ok" and r["rel_err"] < 1e-5, r
+
+
+def test_sweep_rows_fail_on_nan_and_report_errors():
+    from pyvl.bench import sweep
+
+    nan = sweep._row("op", "s", {"BLOCK_N": 16}, False, lambda: [torch.zeros(1)], lambda outs: float("nan"),
+                     None, 1, 1.0, "GB/s")
+    assert nan["status"].startswith("FAIL") and nan["rel_err"] is None
+
+    def broken():
+        raise RuntimeError("out of resource: shared memory")
+
+    err = sweep._row("op", "s", {"BLOCK_N": 16}, False, broken, None, None, 1, 1.0, "GB/s")
+    assert err["status"] == "error: RuntimeError: out of resource: shared memory" and err["ms"] is None
+
+
+def test_kernels_and_preprocess_results_format():
+    from pyvl.bench import kernels, preprocess_cuda
+
+    row = {"op": "causal_attention", "shape": "decode 48/8 x 3400 x 128", "timing": "graph, 9 K/V copies",
+           "ms": 0.0123, "rate": 1234.5, "unit": "GB/s", "of_ceiling": 0.4, "baseline": "SDPA gqa",
+           "baseline_ms": None, "baseline/ours": None, "rel_diff": 1.2e-3, "target": ">= 1500 GB/s",
+           "kernels": [{"kernel": "_decode_split_kernel", "regs": 128, "spills": 0, "shared_bytes": 32768}]}
+    text = kernels.format_result({"setup": {"device": "H200", "torch": "2", "triton": "3.6", "l2_MB": 60.0},
+                                  "ceilings": {"copy_GBps": 3900.0, "gemm_bf16_TFLOPs": 700.0}, "rows": [row],
+                                  "notes": ["x: failed"]})
+    assert "graph, 9 K/V copies" in text and "128/0/32K" in text and "regs/spills/smem" in text
+    assert text.splitlines()[-1] == "note: x: failed"
+    prep = {"image": "3840x2160", "max_num": 12, "grid": "4x2", "tiles": 9, "dtype": "bfloat16",
+            "kernel_ms": 0.08, "from_host_ms": 3.1, "h2d_pinned_ms": 1.2, "h2d_pageable_ms": 2.5,
+            "interpolate_ms": 0.9, "floor_ms": 0.01, "floor/kernel": 0.1, "interpolate/kernel": 11.2,
+            "max_abs_diff_vs_cpu": 0.0, "interp_max_abs_diff": 0.1, "target": "< 0.1 ms"}
+    text = preprocess_cuda.format_result({"setup": {"device": "H200", "torch": "2", "tile": 448},
+                                          "copy_GBps": 3900.0, "rows": [prep], "notes": []})
+    assert "from host" in text and "diff vs CPU" in text and "< 0.1 ms" in text
+
+
+def test_interpolate_baseline_has_the_kernels_output_shape():
+    from pyvl.bench.preprocess import synthetic_photo
+    from pyvl.bench.preprocess_cuda import interpolate_tiles
+
+    image = torch.from_numpy(synthetic_photo(600, 300))
+    tiles = interpolate_tiles(image, 2, 1, torch.bfloat16, tile=64)
+    assert tiles.shape == (3, 3, 64, 64) and tiles.dtype == torch.bfloat16 and torch.isfinite(tiles.float()).all()
+    assert interpolate_tiles(image, 1, 1, torch.float32, tile=64).shape == (1, 3, 64, 64)  # no thumbnail

@@ -16,6 +16,12 @@ HF transformers (when importable, on CUDA) runs the same figures with its native
 of the same size (SDPA, random bf16, as shared/tools/hf_baseline.py), after pyvl's model is freed. Its TTFT is one
 forward with logits_to_keep=1 plus an argmax, its prefill the text model alone on the same ids (images replaced
 by a text id), its decode (t(generate N) - t(generate 1)) / (N - 1), as the baseline script measures them.
+``hf_only=True`` (``--hf-only``) runs HF's figures alone, so a time-boxed device run can time pyvl first and HF
+in a later process only if time is left.
+
+The result is complete whatever fails: every row has "pyvl", "hf" and "hf/pyvl" (None where not measured), and
+a stage that raises (an out-of-memory prefill, say) leaves its figure None with a note saying why, while the
+other stages still run.
 """
 
 from __future__ import annotations
@@ -71,10 +77,21 @@ def build_prompt(tokenizer: Tokenizer, num_tiles: int, text_tokens: int, num_ima
     return ids
 
 
-def _preprocess(repeat: int, baseline: bool) -> dict:
+def _stage(figures: dict, notes: list, who: str, key: str, fn) -> None:
+    """figures[key] = fn(), or a note naming the failure (the figure then stays out, i.e. None)."""
+    try:
+        figures[key] = fn()
+    except Exception as exc:  # keep the other stages' figures: one device run must bring back all it can
+        notes.append(f"{who} {key} failed: {type(exc).__name__}: {str(exc)[:300]}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _preprocess(repeat: int, ours: bool, baseline: bool) -> dict:
     photo = synthetic_photo(*PHOTO)
-    out = {"tiles": load_image(photo, max_num=12).shape[0],
-           "pyvl": median_seconds(lambda: load_image(photo, max_num=12), repeat=repeat) * 1e3}
+    out = {"tiles": load_image(photo, max_num=12).shape[0]}
+    if ours:
+        out["pyvl"] = median_seconds(lambda: load_image(photo, max_num=12), repeat=repeat) * 1e3
     if baseline:  # what HF users run: the original load_image (Pillow tiles, then ToTensor + Normalize)
         out["hf"] = median_seconds(lambda: pillow_pipeline(photo, 12), repeat=repeat) * 1e3
     return out
@@ -87,7 +104,8 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def _pyvl_figures(cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id, decode_tokens, repeat) -> dict:
+def _pyvl_figures(cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id, decode_tokens, repeat,
+                  notes: list) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _log(f"building pyvl's model on {device} ({dtype}, backend {backend})")
@@ -99,32 +117,41 @@ def _pyvl_figures(cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id, 
                          generator=torch.Generator().manual_seed(0)).to(device, dtype)
     for t in tiles:
         _log(f"pyvl: vision + projector, {t} tiles")
-        figures[f"vision_{t}"] = _median_ms(lambda: chat.extract_feature(pixels[:t]), device, repeat)
+        _stage(figures, notes, "pyvl", f"vision_{t}",
+               lambda: _median_ms(lambda: chat.extract_feature(pixels[:t]), device, repeat))
+
+    def prefill() -> float:
+        prompt = torch.tensor(ids, device=device)
+        embeds = model.embed(prompt[None], model.extract_feature(pixels), img_id)
+        positions = torch.arange(len(ids), device=device)[None]
+        return _median_ms(lambda: model.language_model(embeds, positions, model.new_cache(1, len(ids))), device,
+                          repeat)
 
     _log(f"pyvl: prefill, {len(ids)} tokens")
-    prompt = torch.tensor(ids, device=device)
-    embeds = model.embed(prompt[None], model.extract_feature(pixels), img_id)
-    positions = torch.arange(len(ids), device=device)[None]
-    figures["prefill"] = _median_ms(
-        lambda: model.language_model(embeds, positions, model.new_cache(1, len(ids))), device, repeat)
+    _stage(figures, notes, "pyvl", "prefill", prefill)
+
+    def first_token_and_decode() -> tuple[float, float]:
+        gen = GenerationConfig(max_new_tokens=decode_tokens, eos_token_id=(-1,))  # -1 is no id: exactly N steps
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        ttft, decode = [], []
+        for run in range(repeat + 1):
+            sync()
+            start = first = time.perf_counter()
+            # _run is the loop chat()/generate() consume; iterating it times the first step and the rest apart.
+            for i, _ in enumerate(chat._run([ids], pixels, gen)):
+                if i == 0:
+                    sync()
+                    first = time.perf_counter()
+            sync()
+            if run:  # run 0 is the warm-up
+                ttft.append((first - start) * 1e3)
+                decode.append((time.perf_counter() - first) * 1e3 / (decode_tokens - 1))
+        return statistics.median(ttft), statistics.median(decode)
 
     _log(f"pyvl: time to first token + {decode_tokens} decode steps")
-    gen = GenerationConfig(max_new_tokens=decode_tokens, eos_token_id=(-1,))  # -1 is no id: exactly N steps
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    ttft, decode = [], []
-    for run in range(repeat + 1):
-        sync()
-        start = first = time.perf_counter()
-        # _run is the loop chat()/generate() consume; iterating it times the first step and the rest apart.
-        for i, _ in enumerate(chat._run([ids], pixels, gen)):
-            if i == 0:
-                sync()
-                first = time.perf_counter()
-        sync()
-        if run:  # run 0 is the warm-up
-            ttft.append((first - start) * 1e3)
-            decode.append((time.perf_counter() - first) * 1e3 / (decode_tokens - 1))
-    figures["ttft"], figures["decode"] = statistics.median(ttft), statistics.median(decode)
+    _stage(figures, notes, "pyvl", "ttft+decode", first_token_and_decode)
+    if "ttft+decode" in figures:
+        figures["ttft"], figures["decode"] = figures.pop("ttft+decode")
     figures["peak_memory"] = _peak_memory_gb(device)
     return figures
 
@@ -181,7 +208,8 @@ def _hf_model(cfg: ModelConfig, device, dtype, img_id: int):
 
 
 @torch.inference_mode()
-def _hf_figures(cfg: ModelConfig, device, dtype, tiles, ids, img_id, text_id, decode_tokens, repeat) -> dict:
+def _hf_figures(cfg: ModelConfig, device, dtype, tiles, ids, img_id, text_id, decode_tokens, repeat,
+                notes: list) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _log("building HF transformers' InternVLForConditionalGeneration (SDPA)")
@@ -191,39 +219,47 @@ def _hf_figures(cfg: ModelConfig, device, dtype, tiles, ids, img_id, text_id, de
     figures = {}
     for t in tiles:
         _log(f"HF: vision + projector, {t} tiles")
-        figures[f"vision_{t}"] = _median_ms(lambda: model.model.get_image_features(
+        _stage(figures, notes, "HF", f"vision_{t}", lambda: _median_ms(lambda: model.model.get_image_features(
             pixel_values=pixels[:t], vision_feature_layer=cfg.select_layer,
-            vision_feature_select_strategy="default"), device, repeat)
+            vision_feature_select_strategy="default"), device, repeat))
     prompt = torch.tensor([ids], device=device)
     text = prompt.masked_fill(prompt == img_id, text_id)
     _log("HF: time to first token, prefill, decode")
-    figures["ttft"] = _median_ms(lambda: model(input_ids=prompt, pixel_values=pixels, logits_to_keep=1
-                                               ).logits.argmax(-1), device, repeat)
-    figures["prefill"] = _median_ms(lambda: model.model.language_model(input_ids=text), device, repeat)
+    _stage(figures, notes, "HF", "ttft", lambda: _median_ms(
+        lambda: model(input_ids=prompt, pixel_values=pixels, logits_to_keep=1).logits.argmax(-1), device, repeat))
+    _stage(figures, notes, "HF", "prefill",
+           lambda: _median_ms(lambda: model.model.language_model(input_ids=text), device, repeat))
     generate = lambda n: model.generate(input_ids=text, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
                                         do_sample=False, eos_token_id=None, pad_token_id=0)
-    one, many = (_median_ms(lambda: generate(n), device, repeat) for n in (1, decode_tokens))
-    figures["decode"] = (many - one) / (decode_tokens - 1)
+
+    def decode() -> float:
+        one, many = (_median_ms(lambda: generate(n), device, repeat) for n in (1, decode_tokens))
+        return (many - one) / (decode_tokens - 1)
+
+    _stage(figures, notes, "HF", "decode", decode)
     figures["peak_memory"] = _peak_memory_gb(device)
     return figures
 
 
 def _hf_unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"HF comparison runs on CUDA only (device {device}): skipped"
     try:
         import transformers  # noqa: F401
     except ImportError:
         return "transformers is not installed: HF comparison skipped (pip install transformers)"
-    if device.type != "cuda":
-        return f"HF comparison runs on CUDA only (device {device}): skipped"
     return None
 
 
 def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=(1, 7, 13), prompt_tokens: int = 70,
-        decode_tokens: int = 32, backend: str = "auto", repeat: int = 3, compare_hf: bool = True) -> dict:
-    """Run the benchmark; returns {"setup": {...}, "rows": [{key, figure, unit, pyvl[, hf, hf/pyvl]}], "notes"}."""
+        decode_tokens: int = 32, backend: str = "auto", repeat: int = 3, compare_hf: bool = True,
+        hf_only: bool = False) -> dict:
+    """Run the benchmark; {"setup": {...}, "rows": [{key, figure, unit, pyvl, hf, hf/pyvl}], "notes": [...]}."""
     if decode_tokens < 2 or repeat < 1 or prompt_tokens < 0 or not tiles or min(tiles) < 1:
         raise ValueError("bench e2e needs --decode-tokens >= 2, --repeat >= 1, --prompt-tokens >= 0 and tile "
                          "counts >= 1")
+    if hf_only and not compare_hf:
+        raise ValueError("bench e2e: --hf-only and --no-hf exclude each other")
     cfg = preset_config(preset)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _resolve_dtype(dtype, device, cfg.torch_dtype)
@@ -233,20 +269,27 @@ def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=
     ids = build_prompt(tokenizer, tiles[-1], prompt_tokens, cfg.num_image_token)
     notes = [] if compare_hf else ["HF comparison not asked for (--no-hf)"]
     skip = _hf_unavailable(device) if compare_hf else None
+    if skip and hf_only:
+        raise ValueError(f"bench e2e --hf-only: {skip}")
     if skip:
         notes.append(skip)
-    with_hf = compare_hf and skip is None
+    with_hf, with_pyvl = compare_hf and skip is None, not hf_only
     _log(f"preprocessing a {PHOTO[0]}x{PHOTO[1]} photo on the CPU")
-    prep = _preprocess(repeat, baseline=with_hf)
-    ours = _pyvl_figures(cfg, device, dtype, backend, tiles, ids, img_id, decode_tokens, repeat)
-    gc.collect()  # pyvl's model is gone once _pyvl_figures returns; free its memory before HF's is built
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    prep = _preprocess(repeat, ours=with_pyvl, baseline=with_hf)
+    ours = {}
+    if with_pyvl:
+        try:
+            ours = _pyvl_figures(cfg, device, dtype, backend, tiles, ids, img_id, decode_tokens, repeat, notes)
+        except Exception as exc:  # the model could not be built (out of memory, a kernel that fails to compile)
+            notes.append(f"pyvl failed: {type(exc).__name__}: {str(exc)[:300]}")
+        gc.collect()  # pyvl's model is gone once _pyvl_figures returns; free its memory before HF's is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     hf = {}
     if with_hf:
         text_id = tokenizer.encode("the", add_bos=False)[0]
         try:
-            hf = _hf_figures(cfg, device, dtype, tiles, ids, img_id, text_id, decode_tokens, repeat)
+            hf = _hf_figures(cfg, device, dtype, tiles, ids, img_id, text_id, decode_tokens, repeat, notes)
         except Exception as exc:  # report pyvl's figures even when HF cannot run (an old version, OOM)
             notes.append(f"HF comparison failed: {type(exc).__name__}: {str(exc)[:300]}")
         gc.collect()
@@ -259,23 +302,25 @@ def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=
                 ("ttft", f"time to first token, {tiles[-1]} tiles + {n_text} text tokens", "ms"),
                 ("decode", f"decode, {decode_tokens} new tokens (steps after the first)", "ms/token"),
                 ("peak_memory", "peak GPU memory" if device.type == "cuda" else "peak RSS of the process", "GB")]
-    values = {**{k: v for k, v in ours.items() if k != "backends"}, "preprocess": prep["pyvl"]}
+    values = {**{k: v for k, v in ours.items() if k != "backends"}, **({"preprocess": prep["pyvl"]} if ours else {})}
     hf_values = {**hf, **({"preprocess": prep["hf"]} if hf else {})}
     rows = []
     for key, figure, unit in figures:
-        row = {"key": key, "figure": figure, "unit": unit, "pyvl": round(values[key], 3)}
-        if hf_values:
-            row["hf"] = round(hf_values[key], 3)
-            row["hf/pyvl"] = round(hf_values[key] / values[key], 2)
-        rows.append(row)
+        mine, theirs = values.get(key), hf_values.get(key)
+        rows.append({"key": key, "figure": figure, "unit": unit,
+                     "pyvl": None if mine is None else round(mine, 3),
+                     "hf": None if theirs is None else round(theirs, 3),
+                     "hf/pyvl": round(theirs / mine, 2) if mine and theirs is not None else None})
     counts = parameter_count(cfg)
     setup = {
         "preset": preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."), "backend": backend, "ops": ours["backends"],
+        "dtype": str(dtype).removeprefix("torch."), "backend": backend, "ops": ours.get("backends"),
+        "systems": [name for name, ran in (("pyvl", with_pyvl), ("hf", with_hf)) if ran],
         "parameters_B": round(counts["total"] / 1e9, 3),
         "weights_GB": round(counts["total"] * torch.empty((), dtype=dtype).element_size() / 1e9, 2),
         "tiles": tiles, "prompt_tokens": len(ids), "text_tokens": n_text, "decode_tokens": decode_tokens,
-        "repeat": repeat, "host_cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "repeat": repeat, "photo": f"{PHOTO[0]}x{PHOTO[1]}", "host_cpus": os.cpu_count(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
     }
     if with_hf:
         import transformers

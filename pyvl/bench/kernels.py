@@ -1,10 +1,17 @@
 """``pyvl bench kernels``: every registered Triton kernel against torch at InternVL-Chat-V1-5's real shapes (CUDA).
 
-Each row: the median time (triton.testing.do_bench, CUDA events; "graph" rows replay a CUDA graph with
-do_bench_cudagraph, as the decode step runs: decode attention both ways, the one-token shapes of the other ops),
-the rate, its fraction of the device ceilings measured in the same run, and the baseline timed the same way in
-the same run: torch SDPA for attention, the plain-torch reference op (pyvl.ops.reference, what
-backend="reference" runs) for the rest; rel diff = |ours - baseline| / |baseline| over the whole output.
+Each row: the median time (timing "eager": triton.testing.do_bench, CUDA events, L2 flushed before each call;
+"graph": CUDA-graph replays with do_bench_cudagraph, as the decode step runs: decode attention, the one-token
+shapes of the other ops), the rate, its fraction of the device ceilings measured in the same run, the baseline
+timed the same way in the same run (torch SDPA for attention, the plain-torch reference op of
+pyvl.ops.reference, what backend="reference" runs, for the rest), rel diff = |ours - baseline| / |baseline| over
+the whole output, and registers per thread / spills / shared memory of each Triton kernel launched
+(pyvl.bench.resources; None where unavailable).
+
+Decode attention is timed three ways: eager; "graph, hot L2" (the same 14 MB of K/V every replay: at 3400
+keys it stays in the L2 and the GB/s is inflated); and "graph, N K/V copies": one graph walks over N distinct
+K/V caches, N * K/V bytes >= 2x the L2 (torch.cuda.get_device_properties().L2_cache_size, else 60 MB), so
+every call reads its K/V from HBM as in a real decode step; its ms is per call (replay time / N).
 
     attention     TFLOP/s = 4 * B * H * S_q * S_k * D / t (causal: only the allowed (query, key) pairs)
                   decode: GB/s of K and V read once (2 * Hkv * L * D * 2 bytes) + q + out
@@ -27,9 +34,11 @@ import torch.nn.functional as F
 
 from ..errors import PyvlError
 from ..ops import _TRITON_OPS, reference
+from .resources import format_resources, launched_kernels
 from .timing import format_table
 
-__all__ = ["median_ms", "graph_ms", "copy_gbps", "gemm_tflops", "run", "format_result"]
+__all__ = ["require_gpu", "median_ms", "graph_ms", "copy_gbps", "gemm_tflops", "l2_bytes", "rotation_copies",
+           "run", "format_result"]
 
 BF16 = torch.bfloat16
 DEVICE = "cuda"
@@ -55,6 +64,17 @@ def graph_ms(fn, rep_ms: int = 200) -> float:
     from triton.testing import do_bench_cudagraph
 
     return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
+def l2_bytes() -> int:
+    """The device's L2 size (60 MB, an H200's, when torch does not report it)."""
+    size = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
+    return size if isinstance(size, int) and size > 0 else 60 * 2**20
+
+
+def rotation_copies(bytes_per_call: int, l2: int) -> int:
+    """Distinct buffer copies one graph must walk so that together they exceed twice the L2 (at least 2)."""
+    return max(2, math.ceil(2 * l2 / bytes_per_call))
 
 
 def copy_gbps(nbytes: int = 1 << 30, rep_ms: int = 200) -> float:
@@ -88,20 +108,25 @@ class _Case:
     def __init__(self, ceilings: dict, rep_ms: int):
         self.ceilings, self.rep_ms = ceilings, rep_ms
 
-    def row(self, op, shape, ours, base, base_name, amount, unit, graph=False) -> dict:
+    def row(self, op, shape, ours, base, base_name, amount, unit, graph=False, timing=None, calls=1) -> dict:
+        """``calls``: how many kernel calls one ``ours()`` / ``base()`` makes; ms and rate are per call."""
+        with launched_kernels() as kernels:
+            first = ours()  # compiles; also the output compared below
         timer = graph_ms if graph else median_ms
-        ms = timer(ours, self.rep_ms)
+        ms = timer(ours, self.rep_ms) / calls
         try:
-            base_ms = timer(base, self.rep_ms)
+            base_ms = timer(base, self.rep_ms) / calls
         except Exception as exc:  # e.g. a torch op that cannot be captured in a graph: keep our figure
             base_ms, base_name = None, f"{base_name} failed: {type(exc).__name__}"
         rate = amount / ms / (1e9 if unit == "TFLOP/s" else 1e6)
         ceiling = self.ceilings["gemm_bf16_TFLOPs"] if unit == "TFLOP/s" else self.ceilings["copy_GBps"]
-        return {"op": op, "shape": shape, "timing": "graph" if graph else "eager", "ms": round(ms, 4),
+        timing = timing or ("graph" if graph else "eager, L2 flushed")
+        return {"op": op, "shape": shape, "timing": timing, "ms": round(ms, 4),
                 "rate": round(rate, 1), "unit": unit, "of_ceiling": round(rate / ceiling, 3),
                 "baseline": base_name, "baseline_ms": None if base_ms is None else round(base_ms, 4),
                 "baseline/ours": None if base_ms is None else round(base_ms / ms, 2),
-                "rel_diff": float(f"{_rel_diff(ours(), base()):.2e}"), "target": TARGETS.get((op, shape), "")}
+                "rel_diff": float(f"{_rel_diff(first, base()):.2e}"), "target": TARGETS.get((op, shape), ""),
+                "kernels": kernels}
 
 
 def _vit_attention(case: _Case) -> list[dict]:
@@ -127,19 +152,23 @@ def _causal_attention(case: _Case) -> list[dict]:
         rows.append(case.row("causal_attention", f"prefill {hq}/{hkv} x {PROMPT} x {d}", lambda: kernel(q, k, v),
                              lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                              "SDPA gqa", 4 * hq * d * PROMPT * (PROMPT + 1) // 2, "TFLOP/s"))
-    hq, hkv = HEADS, KV_HEADS
+    hq, hkv, l2 = HEADS, KV_HEADS, l2_bytes()
     for length in DECODE_LENGTHS:
-        cache = torch.randn(2, 1, hkv, length + 128, d, device=DEVICE, dtype=BF16)
-        k, v = cache[0, :, :, :length], cache[1, :, :, :length]
-        q = torch.randn(1, hq, 1, d, device=DEVICE, dtype=BF16)
+        shape, nbytes = f"decode {hq}/{hkv} x {length} x {d}", 2 * hkv * length * d * 2 + 2 * hq * d * 2
         lens = torch.full((1,), length, dtype=torch.int32, device=DEVICE)  # device lengths: graph-capturable
-        out = torch.empty_like(q)
-        nbytes = 2 * hkv * length * d * 2 + 2 * hq * d * 2
-        ours = lambda: decode_attention(q, cache[0], cache[1], lens, out=out)  # noqa: E731
-        base = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-        for graph in (False, True):
-            rows.append(case.row("causal_attention", f"decode {hq}/{hkv} x {length} x {d}", ours, base,
-                                 "SDPA gqa", nbytes, "GB/s", graph=graph))
+        q = torch.randn(1, hq, 1, d, device=DEVICE, dtype=BF16)
+        copies = rotation_copies(nbytes, l2)
+        caches = [torch.randn(2, 1, hkv, length + 128, d, device=DEVICE, dtype=BF16) for _ in range(copies)]
+        outs = [torch.empty_like(q) for _ in range(copies)]
+        ours = lambda c=caches[0], o=outs[0]: decode_attention(q, c[0], c[1], lens, out=o)  # noqa: E731
+        base = lambda c=caches[0]: F.scaled_dot_product_attention(  # noqa: E731
+            q, c[0, :, :, :length], c[1, :, :, :length], enable_gqa=True)
+        rows.append(case.row("causal_attention", shape, ours, base, "SDPA gqa", nbytes, "GB/s"))
+        rows.append(case.row("causal_attention", shape, ours, base, "SDPA gqa", nbytes, "GB/s", graph=True,
+                             timing="graph, hot L2"))
+        rows.append(case.row("causal_attention", shape, lambda: [ours(c, o) for c, o in zip(caches, outs)],
+                             lambda: [base(c) for c in caches], "SDPA gqa", nbytes, "GB/s", graph=True,
+                             timing=f"graph, {copies} K/V copies", calls=copies))
     return rows
 
 
@@ -195,19 +224,20 @@ CASES = {"vit_attention": _vit_attention, "causal_attention": _causal_attention,
          "silu_mul": _silu_mul, "apply_rotary": _apply_rotary, "pixel_shuffle": _pixel_shuffle}
 
 
-def _require_gpu() -> None:
+def require_gpu(command: str) -> None:
+    """PyvlError naming the missing device, before anything touches CUDA."""
     if not torch.cuda.is_available():
-        raise PyvlError("pyvl bench kernels needs a CUDA GPU: it times the Triton kernels on the device "
+        raise PyvlError(f"bench {command} needs a CUDA GPU: it times the Triton kernels on the device "
                         "(torch.cuda.is_available() is False here)")
     from pyvl.kernels.vit_attention import _interpreting
 
     if _interpreting():
-        raise PyvlError("bench kernels: TRITON_INTERPRET=1 is set; unset it to time the kernels on the GPU")
+        raise PyvlError(f"bench {command}: TRITON_INTERPRET=1 is set; unset it to time the kernels on the GPU")
 
 
 def run(ops=None, repeat_ms: int = 200) -> dict:
     """Time the registered kernels (all, or ``ops``); {"setup", "ceilings", "rows", "notes"}."""
-    _require_gpu()
+    require_gpu("kernels")
     unknown = sorted(set(ops or ()) - set(_TRITON_OPS))
     if unknown:
         raise PyvlError(f"bench kernels: unknown ops {unknown}; registered kernels: {sorted(_TRITON_OPS)}")
@@ -226,7 +256,8 @@ def run(ops=None, repeat_ms: int = 200) -> dict:
         except Exception as exc:  # one broken kernel should not hide the others' figures
             notes.append(f"{op}: {type(exc).__name__}: {str(exc)[:300]}")
         torch.cuda.empty_cache()
-    setup = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    setup = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+             "l2_MB": round(l2_bytes() / 2**20, 1)}
     return {"setup": setup, "ceilings": ceilings, "rows": rows, "notes": notes}
 
 
@@ -242,5 +273,5 @@ def format_result(result: dict) -> str:
              "rate": f"{r['rate']:.0f} {r['unit']}", "of ceiling": f"{r['of_ceiling']:.1%}",
              "baseline": r["baseline"], "baseline ms": _fmt(r["baseline_ms"], ".4f"),
              "baseline/ours": _fmt(r["baseline/ours"], ".2f"), "rel diff": f"{r['rel_diff']:.1e}",
-             "target": r["target"]} for r in result["rows"]]
+             "regs/spills/smem": format_resources(r["kernels"]), "target": r["target"]} for r in result["rows"]]
     return "\n".join([head, format_table(rows)] + [f"note: {n}" for n in result["notes"]])

@@ -1,0 +1,185 @@
+"""``pyvl bench sweep``: a handful of block configurations of ViT and decode attention, checked and timed (CUDA).
+
+Each configuration is launched through the kernel's own launcher with its override arguments
+(``vit_attention(config=...)``, ``decode_attention(num_splits=..., config=...)``), compared with the
+plain-torch oracle (pyvl.ops.reference on float32 inputs: rel err = ||ours - oracle|| / ||oracle||; NaN or
+above 1e-2 is a FAIL), then timed; the launcher's default configuration is always among them, marked, and
+every other row gives its time relative to it. A configuration that does not compile (e.g. too much shared
+memory) becomes an error row. Each row also carries the launched kernels' registers / spills / shared memory.
+
+    ViT attention   13 x 25 x 1025 x 128 bf16 (InternViT-6B, 13 tiles): BLOCK_M, BLOCK_N, num_warps, num_stages;
+                    timed eagerly (do_bench, L2 flushed), TFLOP/s = 4 * B * H * S^2 * D / t
+    decode          48/8 heads x 3400 and x 32768 keys x 128 bf16 (InternLM2-20B): num_splits, BLOCK_N,
+                    num_warps, num_stages; timed as CUDA-graph replays walking over enough K/V copies to exceed
+                    twice the L2 (as in pyvl bench kernels), GB/s of K and V read once
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops import reference
+from .resources import format_resources, launched_kernels
+from .timing import format_table
+
+__all__ = ["VIT_CONFIGS", "DECODE_CONFIGS", "vit_rows", "decode_rows", "run", "format_result"]
+
+REL_BOUND = 1e-2  # bf16 kernels sit between 1e-3 and 1e-2 (tests/kernel_tolerances.py)
+VIT_SHAPE = (13, 25, 1025, 128)  # (tiles, heads, S, head_dim)
+DECODE_SHAPES = ((48, 8, 3400, 128), (48, 8, 32768, 128))  # (query heads, KV heads, cached keys, head_dim)
+VIT_CONFIGS = (  # the default (added first when missing) plus neighbours in each direction
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+)
+DECODE_CONFIGS = (  # num_splits None = the launcher's heuristic for that BLOCK_N
+    dict(num_splits=8, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(num_splits=16, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(num_splits=32, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(num_splits=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(num_splits=None, BLOCK_N=32, num_warps=4, num_stages=3),
+    dict(num_splits=None, BLOCK_N=128, num_warps=4, num_stages=2),
+    dict(num_splits=None, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(num_splits=None, BLOCK_N=64, num_warps=4, num_stages=2),
+)
+
+
+def _rel_err(ours: torch.Tensor, oracle: torch.Tensor) -> float:
+    return float((ours.float() - oracle).norm() / oracle.norm())
+
+
+def _with_default(default: dict, configs) -> list[dict]:
+    return [default] + [dict(c) for c in configs if dict(c) != default]
+
+
+def _describe(cfg: dict) -> str:
+    short = {"num_splits": "splits", "num_warps": "warps", "num_stages": "stages"}
+    return " ".join(f"{short.get(k, k)}={v}" for k, v in cfg.items())
+
+
+def _row(op: str, shape: str, cfg: dict, is_default: bool, call, rel_err, timer, calls: int, amount: float,
+         unit: str) -> dict:
+    """Check one configuration (``call()`` -> the outputs of ``calls`` launches, ``rel_err(outputs)`` -> the
+    worst relative error against the oracle), then time it with ``timer(call) -> ms`` (None: not timed)."""
+    row = {"op": op, "shape": shape, "config": _describe(cfg), "params": cfg, "default": is_default,
+           "status": "ok", "rel_err": None, "ms": None, "rate": None, "unit": unit, "vs_default": None,
+           "kernels": []}
+    try:
+        with launched_kernels() as kernels:
+            outs = call()
+        row["kernels"] = kernels
+        rel = rel_err(outs)
+        row["rel_err"] = None if math.isnan(rel) else float(f"{rel:.2e}")
+        if not rel <= REL_BOUND:  # NaN fails too
+            row["status"] = f"FAIL: rel err {rel:.2e} > {REL_BOUND:g}"
+        elif timer is not None:
+            ms = timer(call) / calls
+            row["ms"] = round(ms, 4)
+            row["rate"] = round(amount / ms / (1e9 if unit == "TFLOP/s" else 1e6), 1)
+    except Exception as exc:  # a configuration that does not compile or launch: report it, try the next
+        row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+    return row
+
+
+def _relative(rows: list[dict]) -> list[dict]:
+    base = next((r["ms"] for r in rows if r["default"]), None)
+    for r in rows:
+        if base and r["ms"]:
+            r["vs_default"] = round(base / r["ms"], 3)  # > 1: faster than the default
+    return rows
+
+
+def vit_rows(shape=VIT_SHAPE, configs=VIT_CONFIGS, device="cuda", dtype=torch.bfloat16, timer=None) -> list[dict]:
+    """One row per configuration of vit_attention at ``shape`` (B, H, S, D), the default first."""
+    from pyvl.kernels.vit_attention import default_config, vit_attention
+
+    b, h, s, d = shape
+    qkv = torch.randn(b, s, 3, h, d, device=device, dtype=dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views, as the ViT passes
+    oracle = reference.vit_attention(q.float(), k.float(), v.float())
+    default = default_config(d, dtype, s)
+    out = torch.empty(b, h, s, d, device=device, dtype=dtype)
+    rows = [_row("vit_attention", "x".join(map(str, shape)), cfg, cfg == default,
+                 lambda cfg=cfg: [vit_attention(q, k, v, out=out, config=cfg)],
+                 lambda outs: _rel_err(outs[0], oracle), timer, 1, 4 * b * h * s * s * d, "TFLOP/s")
+            for cfg in _with_default(default, configs)]
+    return _relative(rows)
+
+
+def decode_rows(shape, configs=DECODE_CONFIGS, device="cuda", dtype=torch.bfloat16, timer=None,
+                copies: int = 1) -> list[dict]:
+    """One row per configuration of decode_attention at ``shape`` (Hq, Hkv, keys, D), the default first; each
+    call walks over ``copies`` distinct K/V caches (so that a graph of it reads them from HBM, not the L2)."""
+    from pyvl.kernels.causal_attention import decode_attention, decode_config, decode_splits
+
+    hq, hkv, length, d = shape
+    capacity = length + 128  # the cache is longer than the row, as in the model
+    q = torch.randn(1, hq, 1, d, device=device, dtype=dtype)
+    caches = [torch.randn(2, 1, hkv, capacity, d, device=device, dtype=dtype) for _ in range(copies)]
+    lens = torch.full((1,), length, dtype=torch.int32, device=device)  # device lengths: graph-capturable
+    oracles = [reference.causal_attention(q.float(), c[0, :, :, :length].float(), c[1, :, :, :length].float())
+               for c in caches]
+    outs = [torch.empty_like(q) for _ in caches]
+    blocks = decode_config(d, dtype)
+    resolve = lambda cfg: dict(cfg, num_splits=cfg["num_splits"] or decode_splits(  # noqa: E731
+        hkv, capacity, cfg["BLOCK_N"], q.device))  # show the split count the launcher would pick
+    default = resolve(dict(num_splits=None, **blocks))
+    configs = [resolve({"num_splits": None, **blocks, **c}) for c in configs]
+
+    def call(cfg):
+        tuning = {k: v for k, v in cfg.items() if k != "num_splits"}
+        return [decode_attention(q, c[0], c[1], lens, out=o, num_splits=cfg["num_splits"], config=tuning)
+                for c, o in zip(caches, outs)]
+
+    rel_err = lambda got: max(_rel_err(o, r) for o, r in zip(got, oracles))  # noqa: E731
+    rows = [_row("decode_attention", f"{hq}/{hkv} x {length} x {d}", cfg, cfg == default,
+                 lambda cfg=cfg: call(cfg), rel_err, timer, copies, 2 * hkv * length * d * 2 + 2 * hq * d * 2,
+                 "GB/s")
+            for cfg in _with_default(default, configs)]
+    return _relative(rows)
+
+
+def run(repeat_ms: int = 100) -> dict:
+    """The whole sweep on the GPU; {"setup", "rows", "notes"}."""
+    from .kernels import graph_ms, l2_bytes, median_ms, require_gpu, rotation_copies
+
+    require_gpu("sweep")
+    import triton
+
+    rows, notes, l2 = [], [], l2_bytes()
+    try:
+        rows += vit_rows(timer=lambda fn: median_ms(fn, repeat_ms))
+    except Exception as exc:  # the decode rows are still worth having
+        notes.append(f"vit_attention sweep: {type(exc).__name__}: {str(exc)[:300]}")
+    torch.cuda.empty_cache()
+    for hq, hkv, length, d in DECODE_SHAPES:
+        copies = rotation_copies(2 * hkv * length * d * 2, l2)
+        try:
+            rows += decode_rows((hq, hkv, length, d), timer=lambda fn: graph_ms(fn, repeat_ms), copies=copies)
+        except Exception as exc:
+            notes.append(f"decode_attention sweep x {length}: {type(exc).__name__}: {str(exc)[:300]}")
+        torch.cuda.empty_cache()
+    setup = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+             "l2_MB": round(l2 / 2**20, 1), "rel_bound": REL_BOUND}
+    return {"setup": setup, "rows": rows, "notes": notes}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_result(result: dict) -> str:
+    s = result["setup"]
+    head = (f"{s['device']}, torch {s['torch']}, triton {s['triton']}, L2 {s['l2_MB']} MB; * = the launcher's "
+            f"default; vs default > 1 is faster")
+    rows = [{"op": r["op"], "shape": r["shape"], "config": r["config"], "default": "*" if r["default"] else "",
+             "status": r["status"], "rel err": _fmt(r["rel_err"], ".1e"), "ms": _fmt(r["ms"], ".4f"),
+             "rate": "-" if r["rate"] is None else f"{r['rate']:.0f} {r['unit']}",
+             "vs default": _fmt(r["vs_default"], ".2f"), "regs/spills/smem": format_resources(r["kernels"])}
+            for r in result["rows"]]
+    return "\n".join([head, format_table(rows)] + [f"note: {n}" for n in result["notes"]])
