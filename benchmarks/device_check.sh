@@ -44,7 +44,8 @@ py=${DEVICE_CHECK_PYTHON:-python3}
 RESERVE_S=8  # kill-after grace (5 s) + the summary
 # How a bench command says it cannot run on this machine (a dry run records that as skipped, not FAILED).
 NEEDS_GPU='needs (a )?CUDA|not compiled with CUDA|no CUDA GPUs|NVIDIA driver|CUDA only|transformers is not installed'
-STEPS="env build tests_kernels bench_kernels e2e_v15 tests_preprocess bench_preprocess e2e_mini tests_image sweep e2e_v15_hf"
+STEPS="env build tests_kernels bench_kernels e2e_v15 tests_preprocess bench_preprocess e2e_mini tests_image sweep"
+STEPS="$STEPS e2e_v15_hf"
 mkdir -p "$out"
 work=$(mktemp -d)
 log="$out/device_check.log"
@@ -123,10 +124,12 @@ run_step() {
 }
 
 env_report() {
-  echo "== host: $(nproc) cores, $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB RAM"}'), $(df -h /tmp | awk 'NR==2 {print $4 " free on /tmp"}')"
+  echo "== host: $(nproc) cores, $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB RAM"}')," \
+    "$(df -h /tmp | awk 'NR==2 {print $4 " free on /tmp"}')"
   echo "== nvidia-smi"
-  timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,clocks.sm,power.limit,temperature.gpu \
-    --format=csv 2>&1 || echo "nvidia-smi: not working"
+  timeout 20 nvidia-smi --format=csv \
+    --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem,clocks.sm,power.limit,temperature.gpu \
+    2>&1 || echo "nvidia-smi: not working"
   echo "== nvcc"
   if command -v nvcc >/dev/null; then echo "on PATH: $(command -v nvcc)"; nvcc --version | tail -n 2
   else echo "not on PATH${cuda_bin_note}"; fi
@@ -192,7 +195,8 @@ assert c.has_cuda() or not int(os.environ["WANT"]), "built without CUDA"'
     REPO=$repo "$py" -c 'import filecmp, os, pyvl
 src, inst = os.path.join(os.environ["REPO"], "pyvl"), os.path.dirname(pyvl.__file__)
 rel = [os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src) for f in fs if f.endswith(".py")]
-stale = [r for r in rel if not os.path.exists(os.path.join(inst, r)) or not filecmp.cmp(os.path.join(src, r), os.path.join(inst, r), shallow=False)]
+same = lambda r: os.path.exists(os.path.join(inst, r)) and filecmp.cmp(os.path.join(src, r), os.path.join(inst, r), False)
+stale = [r for r in rel if not same(r)]
 print(f" (STALE: {len(stale)} Python files differ from the checkout, e.g. {stale[0]})" if stale else "")'
   }
   : >"$out/build.log"
@@ -227,8 +231,9 @@ print(f" (STALE: {len(stale)} Python files differ from the checkout, e.g. {stale
   echo "SUMMARY: no build"; return 1
 }
 
-# pytest_step ID FILES K_DRY: one pytest process with its own JUnit report; on the GPU in parallel where
-# pytest-xdist is there. SIGINT at the limit, so pytest still writes the report of what ran.
+# pytest_step ID FILES K_DRY WORKERS PER_TEST_S BUDGET: one pytest process with its own JUnit report; on the
+# GPU with WORKERS processes where pytest-xdist is there (-k K_DRY in a dry run). SIGINT at the limit, so pytest
+# still writes the report of what ran.
 pytest_step() {
   local id=$1 files=$2 k_dry=$3 workers=$4 per_test_s=$5 args=()
   [ "$xdist" = 1 ] && [ "$dry" = 0 ] && args+=(-n "$workers")
@@ -277,7 +282,8 @@ def write(name, obj):
     with open(os.path.join(out, name), "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
 
-results = {sid: result(sid) for sid in ("bench_kernels", "bench_preprocess", "sweep", "e2e_v15", "e2e_mini", "e2e_v15_hf")}
+BENCH_STEPS = ("bench_kernels", "bench_preprocess", "sweep", "e2e_v15", "e2e_mini", "e2e_v15_hf")
+results = {sid: result(sid) for sid in BENCH_STEPS}
 write("bench.json", {"kernels": results["bench_kernels"], "preprocess_cuda": results["bench_preprocess"]})
 write("sweep.json", results["sweep"])
 write("e2e.json", {"v15": results["e2e_v15"], "mini": results["e2e_mini"], "v15_hf": results["e2e_v15_hf"]})
@@ -375,7 +381,8 @@ elif [ "$build_in_use" = "no build" ] || [ -z "$build_in_use" ]; then
   build_in_use="none: the checkout's pyvl/ on PYTHONPATH, no _C"
 fi
 
-kernel_tests="test_vit_attention.py test_causal_attention.py test_rms_norm.py test_apply_rotary.py test_silu_mul.py test_pixel_shuffle.py"
+kernel_tests="test_vit_attention.py test_causal_attention.py test_rms_norm.py test_apply_rotary.py test_silu_mul.py"
+kernel_tests="$kernel_tests test_pixel_shuffle.py"
 pytest_step tests_kernels "$kernel_tests" test_rejects_bad_inputs 8 60 60
 bench_step bench_kernels 45 kernels
 bench_step e2e_v15 60 e2e --preset internvl-chat-v1-5 --random-weights --no-hf --device cuda
