@@ -262,6 +262,8 @@ def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=
         raise ValueError("bench e2e: --hf-only and --no-hf exclude each other")
     cfg = preset_config(preset)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():  # before minutes of CPU preprocessing
+        raise ValueError(f"bench e2e --device {device} needs a CUDA GPU (torch.cuda.is_available() is False here)")
     dtype = _resolve_dtype(dtype, device, cfg.torch_dtype)
     tiles = sorted(set(int(t) for t in tiles))
     tokenizer = Tokenizer.from_folder(ASSETS)
