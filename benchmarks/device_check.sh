@@ -21,12 +21,12 @@
 #   build             PYVL_CUDA=ON, sm_90a; else .whl/, else OFF    est  60  budget  85
 #   tests_kernels     Triton kernels at real shapes, -n 8           est  40  budget  60
 #   bench_kernels     pyvl bench kernels (regs/spills/smem)         est  30  budget  45
-#   e2e_v15           pyvl alone at V1-5 size, random weights       est  45  budget  60
+#   e2e_v15           pyvl alone at V1-5 size, random weights       est  45  budget  75
 #   tests_preprocess  CUDA resize + normalise vs the CPU kernel     est  15  budget  30
 #   bench_preprocess  CUDA preprocessing vs F.interpolate, floor    est  10  budget  20
-#   e2e_mini          pyvl alone at Mini-InternVL-2B size           est  20  budget  30
+#   e2e_mini          pyvl alone at Mini-InternVL-2B size           est  20  budget  25
 #   tests_image       image, golden (fp32, TF32 off), backend       est  20  budget  30
-#   sweep             block configs, ViT + decode attention         est  20  budget  30
+#   sweep             block configs, ViT + decode attention         est  20  budget  20
 #   e2e_v15_hf        HF transformers at V1-5 size                  est  60  budget  90  (only with >= 100 s left)
 #   (summary reserve 8)  estimates without HF: 268 s; budgets without HF: 410 s + 8 reserve.
 #
@@ -385,12 +385,12 @@ kernel_tests="test_vit_attention.py test_causal_attention.py test_rms_norm.py te
 kernel_tests="$kernel_tests test_pixel_shuffle.py"
 pytest_step tests_kernels "$kernel_tests" test_rejects_bad_inputs 8 60 60
 bench_step bench_kernels 45 kernels
-bench_step e2e_v15 60 e2e --preset internvl-chat-v1-5 --random-weights --no-hf --device cuda
+bench_step e2e_v15 75 e2e --preset internvl-chat-v1-5 --random-weights --no-hf --device cuda
 pytest_step tests_preprocess "test_native_cuda_resize.py test_native.py test_resize_tiles.py" test_bad_grids 8 60 30
 bench_step bench_preprocess 20 preprocess --device cuda
-bench_step e2e_mini 30 e2e --preset mini-internvl-chat-2b-v1-5 --random-weights --no-hf --device cuda
+bench_step e2e_mini 25 e2e --preset mini-internvl-chat-2b-v1-5 --random-weights --no-hf --device cuda
 pytest_step tests_image "test_image.py test_golden.py test_backend_triton.py" test_grid_table 4 60 30
-bench_step sweep 30 sweep
+bench_step sweep 20 sweep
 if [ $((deadline - SECONDS - RESERVE_S)) -ge 100 ]; then
   bench_step e2e_v15_hf 90 e2e --preset internvl-chat-v1-5 --random-weights --hf-only --device cuda
 else
