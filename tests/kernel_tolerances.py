@@ -9,16 +9,25 @@ The oracle is the reference op run on float32-upcast inputs. A kernel output in 
   * ||kernel - oracle|| / ||oracle|| <= rel: the bounds of .library/device/METHOD.md (float32 far under 1e-3,
     bf16 between 1e-3 and 1e-2). float32 attention uses IEEE float32 dots, never tf32.
 Timing never appears here.
+
+Seeds: every ``fresh_generator()`` call draws a new seed from ``secrets`` (so each run tries new inputs) and
+prints it, so a failing test's "Captured stdout" shows it next to the failure (the tests also put it in their
+assertion messages). To reproduce a failure, set the environment variable ``PYVL_TEST_SEED=<int>``: every
+generator then uses that seed, e.g. ``PYVL_TEST_SEED=123 python -m pytest tests/test_rms_norm.py``.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TOLERANCES", "Tolerance", "assert_matches_oracle", "fresh_generator", "randn"]
+__all__ = ["SEED_VARIABLE", "TOLERANCES", "Tolerance", "assert_matches_oracle", "chosen_seed", "fresh_generator",
+           "randn"]
+
+SEED_VARIABLE = "PYVL_TEST_SEED"
 
 
 @dataclass(frozen=True)
@@ -35,9 +44,22 @@ TOLERANCES = {
 }
 
 
+def chosen_seed() -> int:
+    """$PYVL_TEST_SEED when set (to reproduce a failure), else a fresh random 31-bit seed."""
+    fixed = os.environ.get(SEED_VARIABLE, "").strip()
+    if not fixed:
+        return secrets.randbits(31)
+    try:
+        return int(fixed, 0)
+    except ValueError:
+        raise ValueError(f"{SEED_VARIABLE}={fixed!r} is not an integer seed") from None
+
+
 def fresh_generator() -> tuple[torch.Generator, int]:
-    """A CPU generator on a new random seed (returned too, for the failure message)."""
-    seed = secrets.randbits(31)
+    """A CPU generator on chosen_seed(), the seed returned for the failure message and printed (pytest shows a
+    failing test's captured output, so the seed is reported even where an assertion has no message)."""
+    seed = chosen_seed()
+    print(f"kernel test seed {seed} (reproduce with {SEED_VARIABLE}={seed})")
     return torch.Generator().manual_seed(seed), seed
 
 

@@ -82,24 +82,53 @@ def test_stream_with_image_and_sampling(model):
 
 
 def test_stops_on_im_end(model):
-    case = "text_eos_stop"
+    """Generation ends at the first <|im_end|>: it is the last id returned, nothing follows it, even with room
+    for many more tokens; chat() answers the text before it; in a batch a finished row gets only pads."""
     from conftest import golden_cases
 
-    expected = golden_cases("v15")["cases"][case]
-    model.chat(None, expected["question"], dict(max_new_tokens=12))
-    assert model.last_stats.new_tokens == len(expected["new_token_ids"])
-    assert expected["stopped_on_eos"]
+    expected = golden_cases("v15")["cases"]["text_eos_stop"]  # greedy ids of the original, ending in <|im_end|>
+    im_end, pad = model.tokenizer.im_end_id, model.tokenizer.pad_id
+    ids = model.tokenizer.encode(model.build_query(expected["question"]))
+    for budget in (12, 60):
+        new = model.generate(ids, None, dict(max_new_tokens=budget))[0].tolist()
+        assert new == expected["new_token_ids"], budget
+        assert new.index(im_end) == len(new) - 1 < budget - 1, f"{new}: must end at its first <|im_end|>"
+    assert model.chat(None, expected["question"], dict(max_new_tokens=60)) == expected["response"]
+    assert model.last_stats.new_tokens == len(new)
+    assert "".join(model.stream(None, expected["question"], dict(max_new_tokens=60))) == expected["response"]
+    # any stop id ends it at its first occurrence: the third greedy token as the only stop id
+    third = new[2]
+    assert third not in new[:2]
+    assert model.generate(ids, None, dict(max_new_tokens=60, eos_token_id=[third]))[0].tolist() == new[:3]
+    # batch: the row that stops first is padded (pad id, not more tokens) until the other row stops
+    other = model.tokenizer.encode(model.build_query("Hello, who are you?"))
+    alone = model.generate(other, None, dict(max_new_tokens=60))[0].tolist()
+    assert alone.index(im_end) == len(alone) - 1 and len(alone) < len(new)  # it stops first
+    both = model.generate([ids, other], None, dict(max_new_tokens=60)).tolist()
+    assert both == [new, alone + [pad] * (len(new) - len(alone))]
 
 
-def test_prompt_longer_than_context_is_refused():
+def test_context_boundary_is_exact():
+    """max_context tokens in all: a prompt of max_context - 1 tokens gets exactly one new token, a prompt of
+    max_context is refused, and generation stops exactly when prompt + answer fill the context."""
     small = pyvl.load(GOLDEN / "v15" / "checkpoint", device="cpu", max_context=64)
+    tok = small.tokenizer
+    no_stop = dict(max_new_tokens=500, eos_token_id=[tok.unk_id])  # <unk> is never chosen: only the context stops
     with pytest.raises(PromptError, match=r"prompt has \d+ tokens but the context holds 64"):
         small.chat(None, "word " * 80)
-    with pytest.raises(PromptError, match="context holds 64"):
-        small.logits(list(range(3, 70)))
-    # a prompt that fits stops generating when the context is full
-    answer_ids = small.generate(small.tokenizer.encode("hi " * 10), None, dict(max_new_tokens=500))
-    assert answer_ids.shape[1] <= 64 - len(small.tokenizer.encode("hi " * 10))
+    filler = tok.encode("hi " * 100)
+    with pytest.raises(PromptError, match="prompt has 64 tokens but the context holds 64"):
+        small.generate(filler[:64], None, no_stop)
+    with pytest.raises(PromptError, match="prompt has 64 tokens"):  # a batch is judged by its longest prompt
+        small.generate([filler[:10], filler[:64]], None, no_stop)
+    assert small.generate(filler[:63], None, no_stop).shape == (1, 1)
+    for n in (11, 40):
+        assert small.generate(filler[:n], None, no_stop).shape == (1, 64 - n)
+    assert small.generate(filler[:11], None, dict(no_stop, max_new_tokens=5)).shape == (1, 5)  # budget first
+    # logits need no new token: a full context is accepted, one more refused
+    assert small.logits(filler[:64]).shape == (64, len(tok))
+    with pytest.raises(PromptError, match="65 tokens; the context holds 64"):
+        small.logits(filler[:65])
 
 
 @pytest.mark.parametrize("config, match", [

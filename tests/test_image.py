@@ -293,3 +293,34 @@ def test_load_image_on_the_gpu_matches_the_cpu(dtype):
         gpu = load_image(GRADIENT, max_num=max_num, device="cuda", dtype=dtype)
         assert gpu.device.type == "cuda" and gpu.dtype == dtype
         assert torch.equal(gpu.cpu(), cpu.to(dtype))
+
+
+# Exact ties of the grid rule (spec 8.2 step 3): W*H == 0.5 * S^2 * i*j for a grid (i, j) whose aspect ratio ties
+# with an earlier candidate. "More than half" is strict, so the image keeps the earlier, smaller grid; one pixel
+# more and it takes the larger one. Worked by hand from the rule:
+#   1008x896 (aspect 1.125; 1x1, 2x2, 3x3 tie at diff 0.125, 4/3 is 0.208 away): area 903168 = 0.5*448^2*9
+#   1024x882 (aspect 1.161; 1/1 is 0.161 away, 4/3 0.172): area 903168 again; 896x1008 is the portrait twin
+#   2048x588 (aspect 3.483; 3/1 and 6/2 tie at 0.483, 4/1 is 0.517): area 1204224 = 0.5*448^2*12
+#   18x16 with S = 12, max 4: 1x1 and 2x2 tie; area 288 = 0.5*12^2*4
+@pytest.mark.parametrize("w, h, max_num, image_size, on_tie, one_more", [
+    (1008, 896, 12, 448, (2, 2), ((1009, 896), (3, 3))),
+    (896, 1008, 12, 448, (2, 2), ((896, 1009), (3, 3))),
+    (1024, 882, 12, 448, (2, 2), ((1024, 883), (3, 3))),
+    (2048, 588, 12, 448, (3, 1), ((2049, 588), (6, 2))),
+    (18, 16, 4, 12, (1, 1), ((19, 16), (2, 2))),
+])
+def test_grid_tie_needs_more_than_half_the_pixels(w, h, max_num, image_size, on_tie, one_more):
+    cols, rows = choose_grid(w, h, 1, max_num, image_size)
+    larger = one_more[1]
+    assert w * h == 0.5 * image_size ** 2 * larger[0] * larger[1]  # the case really sits on the boundary
+    assert abs(w / h - cols / rows) == abs(w / h - larger[0] / larger[1])  # ... of an exact aspect tie
+    assert (cols, rows) == on_tie, f"{w}x{h} fills exactly half of {larger}: it must keep {on_tie}"
+    assert choose_grid(*one_more[0], 1, max_num, image_size) == larger
+    assert choose_grid(w - (w > h), h - (h >= w), 1, max_num, image_size) == on_tie  # one pixel less: still
+
+
+def test_grid_tie_through_dynamic_preprocess():
+    """The tie decides the tiles: 1008x896 at max 12 gives 4 tiles + thumbnail, not 9 + thumbnail."""
+    img = Image.new("RGB", (1008, 896), (10, 20, 30))
+    tiles = dynamic_preprocess(img, max_num=12)
+    assert len(tiles) == 5 and all(t.size == (448, 448) for t in tiles)

@@ -1,7 +1,8 @@
 """pyvl.kernels.pixel_shuffle against pyvl.ops.reference.pixel_shuffle: a permutation, so torch.equal.
 
-Grids 4, 6 and 32 (the real 1024-patch grid), odd-ish channel counts, v1 and v2, float32 and bfloat16, views with
-strides (the CLS row skipped by pointer offset), outputs poisoned with NaN. Runs under TRITON_INTERPRET=1 on
+Grids 4, 6 and 32 (the real 1024-patch grid), non-square h != w grids (where v1's transposed order shows),
+odd-ish channel counts, v1 and v2, float32 and bfloat16, views with strides (the CLS row skipped by pointer
+offset), outputs poisoned with NaN. Runs under TRITON_INTERPRET=1 on
 CPU-only machines.
 """
 
@@ -56,6 +57,45 @@ def test_from_vit_skips_cls_without_copy(n, g, c, dtype, ps_version):
     view = vit[:, 1:].reshape(n, g, g, c)
     assert view.data_ptr() == vit.data_ptr() + c * vit.element_size()
     assert torch.equal(pixel_shuffle(view, 0.5, ps_version), want), f"seed {seed} (view)"
+
+
+NON_SQUARE = [(1, 2, 4, 3), (2, 4, 6, 5), (1, 6, 2, 8), (2, 8, 4, 3), (1, 4, 32, 6)]  # (N, h, w, C), h != w
+
+
+@pytest.mark.parametrize("ps_version", ["v1", "v2"])
+@pytest.mark.parametrize("n, h, w, c", NON_SQUARE)
+def test_non_square_grids(n, h, w, c, ps_version):
+    """h != w: v1's transposed token order (t = j * h/2 + a) and v2's (t = a * w/2 + j) differ from any
+    square-grid indexing that swaps h and w, which square grids cannot tell apart."""
+    gen, seed = fresh_generator()
+    x = randn(n, h, w, c, dtype=torch.float32, device=DEVICE, gen=gen)
+    want = ref.pixel_shuffle(x, 0.5, ps_version)
+    assert want.shape == (n, h * w // 4, 4 * c)
+    out = poisoned(want.shape, torch.float32)
+    assert pixel_shuffle(x, 0.5, ps_version, out=out) is out
+    assert torch.equal(out, want), f"seed {seed} {ps_version} grid {h}x{w}"
+    # the transposed view (w x h) is a strided input of the other shape: same rule
+    xt = x.transpose(1, 2)
+    assert torch.equal(pixel_shuffle(xt, 0.5, ps_version), ref.pixel_shuffle(xt, 0.5, ps_version)), \
+        f"seed {seed} {ps_version} grid {w}x{h} (transposed view)"
+
+
+def test_non_square_token_order_by_hand():
+    """The definition on a 2x4 grid of scalars: v2 keeps row-major cells, v1 lists them column by column."""
+    x = torch.arange(8, dtype=torch.float32, device=DEVICE).reshape(1, 2, 4, 1)  # x[0, r, c, 0] = 4r + c
+    cells = [[0, 1, 4, 5], [2, 3, 6, 7]]  # 2x2 cell (0, j): [x(0,2j), x(0,2j+1), x(1,2j), x(1,2j+1)]
+    for version in ("v1", "v2"):  # one cell row: both orders agree here
+        assert pixel_shuffle(x, 0.5, version)[0].tolist() == cells, version
+    y = torch.arange(16, dtype=torch.float32, device=DEVICE).reshape(1, 4, 4, 1)[:, :, :2]  # a 4x2 grid view
+    # y[0, r, c] = 4r + c; cells (a, 0) for a = 0, 1 -> [4*2a, 4*2a + 1, 4*(2a+1), 4*(2a+1) + 1]
+    assert pixel_shuffle(y, 0.5, "v2")[0].tolist() == [[0, 1, 4, 5], [8, 9, 12, 13]]
+    assert pixel_shuffle(y, 0.5, "v1")[0].tolist() == [[0, 1, 4, 5], [8, 9, 12, 13]]
+    z = torch.arange(24, dtype=torch.float32, device=DEVICE).reshape(1, 4, 6, 1)  # z[0, r, c] = 6r + c
+    grid = [[[6 * 2 * a + 2 * j, 6 * 2 * a + 2 * j + 1, 6 * (2 * a + 1) + 2 * j, 6 * (2 * a + 1) + 2 * j + 1]
+             for j in range(3)] for a in range(2)]  # grid[a][j]: the 2 x 3 merged cells
+    assert pixel_shuffle(z, 0.5, "v2")[0].tolist() == [grid[a][j] for a in range(2) for j in range(3)]
+    assert pixel_shuffle(z, 0.5, "v1")[0].tolist() == [grid[a][j] for j in range(3) for a in range(2)]
+    assert torch.equal(ref.pixel_shuffle(z, 0.5, "v1"), pixel_shuffle(z, 0.5, "v1"))
 
 
 @pytest.mark.parametrize("c", [48, 200])

@@ -44,6 +44,48 @@ def test_matches_reference(dtype, shape):
     assert_matches_oracle(out, ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS), f"seed {seed}")
 
 
+def _closed_form_case(dtype):
+    """Rows of +-a: mean(x^2) = a^2 exactly, so rms_norm(x, 1, eps) = +-a / sqrt(a^2 + eps), known in closed form.
+
+    a^2 = eps (and a^2 = eps / 4, 4 eps) makes eps as large as the variance, so each misplaced eps is off by far
+    more than rounding: eps outside the sqrt gives a / (a + eps) ~ 1 instead of 1/sqrt(2); eps added to the rms
+    (sqrt(ms) + eps) likewise; eps dropped gives 1; eps squared gives ~1. a is exact in every dtype (a power of 2).
+    """
+    c = 200  # not a power of two: the masked tail must not count in the mean
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(c // 2)
+    amplitudes = torch.tensor([2.0 ** -10, 2.0 ** -11, 2.0 ** -9], dtype=torch.float64)  # a^2 = eps, eps/4, 4 eps
+    eps = 2.0 ** -20
+    x = (amplitudes[:, None] * sign).to(dtype=dtype, device=DEVICE)
+    exact = amplitudes[:, None] / torch.sqrt(amplitudes[:, None] ** 2 + eps) * sign
+    return x, eps, exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eps_sits_inside_the_sqrt_with_the_mean_square(dtype):
+    """Small-variance rows where eps matters: reference and kernel both equal x / sqrt(mean(x^2) + eps)."""
+    x, eps, exact = _closed_form_case(dtype)
+    w = torch.ones(x.shape[-1], dtype=dtype, device=DEVICE)
+    assert abs(exact[0, 0].item() - 2 ** -0.5) < 1e-12  # a^2 = eps: half-way, not 1 as with a misplaced eps
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8  # one rounding of the normalised value to dtype
+    for name, got in (("reference", ref.rms_norm(x, w, eps)), ("kernel", rms_norm(x, w, eps))):
+        err = (got.double().cpu() - exact).abs().max().item()
+        assert err <= tol, f"{name} {dtype}: max error {err:.3e} against x / sqrt(mean(x^2) + eps)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_small_variance_random_rows(dtype):
+    """Random rows of rms ~ sqrt(eps): the kernel against the reference where eps is a large part of the sum."""
+    gen, seed = fresh_generator()
+    eps = 1e-5
+    x = rows_view((9, 200), dtype, gen, scale=3e-3)  # mean(x^2) ~ 9e-6 ~ eps
+    w = weight(200, dtype, gen)
+    out = torch.full(x.shape, float("nan"), dtype=dtype, device=DEVICE)
+    rms_norm(x, w, eps, out=out)
+    assert_matches_oracle(out, ref.rms_norm(x.float(), w.float(), eps), ref.rms_norm(x, w, eps), f"seed {seed}")
+    # eps is not negligible here: dropping it would move the result by far more than the tolerance
+    assert (ref.rms_norm(x.float(), w.float(), eps) - ref.rms_norm(x.float(), w.float(), 0.0)).abs().max() > 0.1
+
+
 def test_float32_weight_promotes_the_output():
     """weight float32, x bf16: torch's weight * normed.to(bf16) is float32, and so is the kernel's output."""
     gen, seed = fresh_generator()
@@ -63,12 +105,17 @@ def test_add_rms_norm(dtype):
     summed = x + r  # rounded to dtype, like the kernel's residual output
     normed, h = add_rms_norm(x, r, w, EPS, out=torch.full_like(x, float("nan")),
                              residual_out=torch.full_like(x, float("nan")))
-    assert torch.equal(h, summed)
+    assert torch.equal(h, summed), f"seed {seed}"
     assert_matches_oracle(normed, ref.rms_norm(summed.float(), w.float(), EPS), ref.rms_norm(summed, w, EPS),
                           f"seed {seed}")
     # In place: the sum may overwrite the residual stream it was read from.
     normed2, h2 = add_rms_norm(x, r, w, EPS, residual_out=r)
-    assert h2 is r and torch.equal(r, summed) and torch.equal(normed2, normed)
+    assert h2 is r and torch.equal(r, summed) and torch.equal(normed2, normed), f"seed {seed}"
+    # the fused path on small-variance sums, where eps is as large as mean(h^2)
+    tiny = randn(3, 200, dtype=dtype, device=DEVICE, gen=gen, scale=2e-3)
+    normed3, h3 = add_rms_norm(tiny, tiny, w, 1e-5)
+    assert_matches_oracle(normed3, ref.rms_norm(h3.float(), w.float(), 1e-5), ref.rms_norm(h3, w, 1e-5),
+                          f"small variance, seed {seed}")
 
 
 def test_rejects_bad_inputs():

@@ -5,12 +5,16 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+import pyvl.chat
 from pyvl.errors import PromptError
+from pyvl.image import load_image
 from pyvl.template import (DEFAULT_SYSTEM_MESSAGE, INTERNLM2_CHAT, SEP, ChatTemplate, build_query,
                            effective_question, image_block)
 from pyvl.tokenizer import Tokenizer
+from conftest import image_for_key, loaded_model
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 VARIANTS = ("mini", "v15")
@@ -61,17 +65,44 @@ def test_chat_prompt(tok, variant, name):
 
 
 @pytest.mark.parametrize("variant,name", BATCH)
-def test_batch_chat_prompts(tok, variant, name):
+def test_batch_chat_prompts(tok, variant, name, monkeypatch):
     case = CASES[variant][name]
     queries = [build_query(q, [n]) for q, n in zip(case["questions"], case["num_patches_list"])]
     assert queries == [expand(p) for p in case["prompts_compact"]]
     assert [sha256(q) for q in queries] == case["prompt_sha256"]
     encoded = [tok.encode(q) for q in queries]
+    assert len({len(e) for e in encoded}) > 1  # the case has prompts of different lengths, so padding shows
+    # What pyvl's batch_chat hands the LLM, caught at the model's embedding and at the decode loop (which is
+    # stubbed out: only the prefill inputs matter here).
+    model = loaded_model(variant)
+    seen = {}
+    real_embed = model.model.embed
+
+    def embed(input_ids, image_embeds, img_context_id):
+        seen["ids"] = input_ids.clone()
+        return real_embed(input_ids, image_embeds, img_context_id)
+
+    def decode_steps(model_, embeds, positions, cache, gen, stop_ids, pad_id, bos_id):
+        seen.update(positions=positions.clone(), kv_start=cache.kv_start, pad_id=pad_id, rows=embeds.shape[0])
+        return iter(())
+
+    monkeypatch.setattr(model.model, "embed", embed)
+    monkeypatch.setattr(pyvl.chat, "decode_steps", decode_steps)
+    images = [image_for_key(key) for key in case["pixel_values_keys"]]
+    pixels = torch.cat([load_image(path, max_num=max_num) for path, max_num in images])
+    model.batch_chat(pixels, case["questions"], dict(max_new_tokens=1), num_patches_list=case["num_patches_list"])
     width = max(map(len, encoded))
-    assert case["padding_side"] == "left" and case["pad_token_id"] == tok.pad_id
+    pads = [width - len(e) for e in encoded]
+    assert seen["rows"] == len(encoded) and seen["pad_id"] == tok.pad_id
+    # left padding with the pad id: each row is its own prompt, right-aligned
+    assert seen["ids"].tolist() == [[tok.pad_id] * p + e for p, e in zip(pads, encoded)]
+    # positions restart at 0 on each row's first real token and run to its length - 1; pads sit at 1 (HF)
+    assert seen["positions"].tolist() == [[1] * p + list(range(len(e))) for p, e in zip(pads, encoded)]
+    assert seen["kv_start"] is not None and seen["kv_start"].tolist() == pads  # the pads are never attended
+    # the same padding as the original's (its recorded input_ids and attention_mask)
     tensors = load_file(GOLDEN / variant / "cases" / f"{name}.safetensors")
-    assert tensors["input_ids"].tolist() == [[tok.pad_id] * (width - len(e)) + e for e in encoded]
-    assert tensors["attention_mask"].tolist() == [[0] * (width - len(e)) + [1] * len(e) for e in encoded]
+    assert seen["ids"].tolist() == tensors["input_ids"].tolist()
+    assert tensors["attention_mask"].tolist() == [[0] * p + [1] * len(e) for p, e in zip(pads, encoded)]
 
 
 # ----------------------------------------------------------------------------------------- rules

@@ -223,6 +223,34 @@ def test_non_special_added_tokens(tmp_path):
     _check_stream_random(tok, seed=7, count=1500)
 
 
+def test_added_tokens_sharing_a_prefix_match_longest(tmp_path):
+    """Leftmost-longest, whatever order the files list them in: the shorter token of a shared prefix is listed
+    first in one pair ("<tool>" before "<tool>call") and last in the other ("<a|b>" after "<a|b|c>")."""
+    folder = _copy_tokenizer(tmp_path)
+
+    def add(cfg):
+        cfg["added_tokens_decoder"]["1009"] = {"content": "<tool>", "special": False}
+        cfg["added_tokens_decoder"]["1010"] = {"content": "<tool>call", "special": False}
+        cfg["added_tokens_decoder"]["1011"] = {"content": "<a|b|c>", "special": False}
+    _edit_json(folder / "tokenizer_config.json", add)
+    _edit_json(folder / "added_tokens.json", lambda added: added.update({"<a|b>": 1012}))
+    tok = Tokenizer.from_folder(folder)
+    assert len(tok) == 1013
+    enc = lambda text: tok.encode(text, add_bos=False)  # noqa: E731
+    assert enc("<tool>call") == [1010]
+    assert enc("<tool>") == [1009]
+    assert enc("<tool>cal") == [1009] + enc("cal")  # no longer token fits: the shorter one, then text
+    assert enc("x<tool>callx") == enc("x") + [1010] + enc("x")
+    assert enc("<tool><tool>call") == [1009, 1010]
+    assert enc("<a|b|c>") == [1011] and enc("<a|b>") == [1012]
+    assert enc("<a|b|c><a|b>") == [1011, 1012]
+    assert enc("<a|b>|c>") == [1012] + enc("|c>")
+    # the longer token also wins against a built-in one it extends
+    _edit_json(folder / "added_tokens.json", lambda added: added.update({"<img>x": 1013}))
+    tok2 = Tokenizer.from_folder(folder)
+    assert tok2.encode("<img>x<img>", add_bos=False) == [1013, 1000]
+
+
 # ----------------------------------------------------------------------------------------- errors
 def test_missing_or_corrupt_model(tmp_path):
     folder = _copy_tokenizer(tmp_path)
