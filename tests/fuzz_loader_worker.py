@@ -332,7 +332,10 @@ def main() -> int:
                 if name.endswith(".safetensors"):  # valid copies where escaping paths would point
                     (outside / name).write_bytes(pristine[variant][name])
                     (folder / "sub" / name).write_bytes(pristine[variant][name])
-            record = {"i": i, "variant": variant, "mutation": desc, "may_change": may_change}
+            # Values the documented rules refuse, and required keys deleted, must not load at all.
+            must_refuse = desc.endswith("(invalid)") or desc.endswith("(required)")
+            record = {"i": i, "variant": variant, "mutation": desc, "may_change": may_change,
+                      "must_refuse": must_refuse}
             try:
                 model = pyvl.load(folder, device="cpu", dtype="float32")
             except PyvlError as exc:

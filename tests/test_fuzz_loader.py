@@ -3,7 +3,7 @@
 Every mutant (see tests/fuzz_loader_worker.py) must be refused with a PyvlError or load a model whose outputs
 equal the unmutated model's, unless the mutant is marked as a valid model pyvl cannot tell from the original
 (same-size float relabel, equal-size tensors swapped, a valid config value, a key left to its default).
-PYVL_FUZZ_N (default 300) sets the number of mutants, PYVL_FUZZ_SEED the seed (default fixed; printed on
+PYVL_FUZZ_N (default 200; about 15-40 s on a 2-core box) sets the number of mutants, PYVL_FUZZ_SEED the seed (default fixed; printed on
 failure). One worker process runs them in order; if it dies or stops answering, the mutant it was on counts as
 a crash or hang and a fresh worker carries on with the next.
 """
@@ -67,12 +67,14 @@ def failures(results: list[dict]) -> list[dict]:
             bad.append(r)
         elif r["outcome"] == "changed" and not r["may_change"]:
             bad.append(r)
+        elif r["outcome"] in ("same", "changed") and r["must_refuse"]:
+            bad.append(r)
     return bad
 
 
 def test_fuzzed_checkpoints_are_refused_or_load_unchanged():
     seed = int(os.environ.get("PYVL_FUZZ_SEED", "20261201"))
-    n = int(os.environ.get("PYVL_FUZZ_N", "300"))
+    n = int(os.environ.get("PYVL_FUZZ_N", "200"))
     results = run_fuzz(seed, n)
     counts = collections.Counter(r["outcome"] for r in results)
     bad = failures(results)
