@@ -4,8 +4,8 @@ Every mutant (see tests/fuzz_loader_worker.py) must be refused with a PyvlError 
 equal the unmutated model's, unless the mutant is marked as a valid model pyvl cannot tell from the original
 (same-size float relabel, equal-size tensors swapped, a valid config value, a key left to its default).
 PYVL_FUZZ_N (default 200; about 15-40 s on a 2-core box) sets the number of mutants, PYVL_FUZZ_SEED the seed
-(default fixed; printed on failure). One worker process runs them in order; if it dies or stops answering, the mutant it was on counts as
-a crash or hang and a fresh worker carries on with the next.
+(default fixed; printed on failure). One worker process runs them in order; if it dies or stops answering,
+the mutant it was on counts as a crash or hang and a fresh worker carries on with the next.
 """
 
 from __future__ import annotations
