@@ -1,10 +1,12 @@
 """Load time and peak host memory of ``pyvl.load``: weights must exist once, never twice.
 
-    python benchmarks/bench_load.py [MODEL_FOLDER] [--dtype bfloat16] [--device cpu] [--json]
+    python benchmarks/bench_load.py [MODEL_FOLDER] [--dtype bfloat16] [--device cpu] [--mmap] [--json]
 
 Without a folder it writes a synthetic ~64 MB bf16 checkpoint (demo layout, wider LLM, 4 shards) to a temp
 folder. The load runs in this process after imports; the kernel's peak-RSS counter (VmHWM) is reset right
-before it (``echo 5 > /proc/self/clear_refs``), so the reported peak is the load's own.
+before it (``echo 5 > /proc/self/clear_refs``), so the reported peak is the load's own. The default load copies
+every tensor into memory the model owns (plain reads, no mapping); ``--mmap`` measures the zero-copy mapping
+option instead (``pyvl.loader.load_model(..., mmap=True)``), whose mapped pages count in RSS as they are touched.
 """
 
 from __future__ import annotations
@@ -56,19 +58,28 @@ def write_synthetic_checkpoint(folder: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def measure(folder: Path, dtype: str, device: str) -> dict:
+def measure(folder: Path, dtype: str, device: str, mmap: bool) -> dict:
+    import torch
+
     import pyvl
-    from pyvl.loader import index_checkpoint
+    from pyvl.config import load_config
+    from pyvl.loader import index_checkpoint, load_model
+    from pyvl.ops import resolve_ops
 
     weight_bytes = sum(i.nbytes for i in index_checkpoint(folder).values())
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    model = pyvl.load(folder, device=device, dtype=dtype)
+    if mmap:
+        dev = torch.device(device)
+        model = load_model(load_config(folder), resolve_ops("auto", dev), folder, dev, getattr(torch, dtype),
+                           mmap=True)
+    else:
+        model = pyvl.load(folder, device=device, dtype=dtype).model
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM")
-    held = sum(p.numel() * p.element_size() for p in model.model.parameters())
-    return {"folder": str(folder), "dtype": dtype, "device": device, "load_s": round(seconds, 3),
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"folder": str(folder), "dtype": dtype, "device": device, "mmap": mmap, "load_s": round(seconds, 3),
             "checkpoint_MiB": round(weight_bytes / 2**20, 1), "params_MiB": round(held / 2**20, 1),
             "peak_rss_growth_MiB": round((peak - before) / 1024, 1)}
 
@@ -78,13 +89,14 @@ def main() -> int:
     p.add_argument("folder", nargs="?")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--mmap", action="store_true", help="map the files (zero-copy option) instead of copying")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else Path(tmp) / "synthetic"
         if not args.folder:
             write_synthetic_checkpoint(folder)
-        result = measure(folder, args.dtype, args.device)
+        result = measure(folder, args.dtype, args.device, args.mmap)
     if args.json:
         print(json.dumps(result))
     else:

@@ -1,24 +1,47 @@
-"""Model configuration: frozen dataclasses built from a released ``config.json``.
+"""Model configuration: frozen dataclasses built from a released ``config.json``, validated before use.
 
 Only the keys that change the computation are kept. Required keys missing from the file raise
 :class:`~pyvl.errors.ConfigError`; keys whose class default is known to be wrong for the released models
 (``ps_version``, ``select_layer``) fall back to the original class default with a logged warning (spec 1.1).
 Serialisation leftovers such as ``llm_config.use_cache`` or ``max_length`` are ignored on purpose (spec trap 23).
+
+Every kept value is checked in ``__post_init__`` (so no model is ever built from an unchecked config): ints
+must be JSON ints (not 1.5, ``true`` or ``"64"``), floats JSON numbers (not booleans or strings) and finite,
+booleans JSON booleans. Each has a range; the ceilings sit far above the largest released model
+(InternVL-Chat-V1-5: ViT 45 x 3200, MLP 12800; LLM 48 x 6144, FFN 16384, vocab 92553, 32768 positions) and
+only stop configs that would build for minutes or allocate absurd sizes before any weight is read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["VisionConfig", "LLMConfig", "ModelConfig", "load_config"]
+__all__ = ["VisionConfig", "LLMConfig", "ModelConfig", "load_config", "LIMITS"]
 
 log = logging.getLogger("pyvl")
+
+# Ceilings (inclusive). Released maxima in brackets.
+LIMITS = {
+    "layers": 1024,            # [48]
+    "width": 65536,            # hidden sizes [6144]
+    "ffn_width": 262144,       # intermediate sizes [16384]
+    "heads": 1024,             # [48]
+    "vocab": 2**20,            # [92553]
+    "positions": 2**22,        # max_position_embeddings [32768]
+    "image_size": 4480,        # tile side in pixels [448]; 448000 would make 256M-token prompts
+    "dynamic_patch": 256,      # tiles per image [12]
+    "eps": 1e-2,               # norm epsilons [1e-5, 1e-6]
+    "rope_theta": 1e12,        # [1e6]
+    "rope_factor": 1024.0,     # [2, 3]
+}
+_MISSING = object()
 
 
 def _require(section: dict, key: str, where: str) -> Any:
@@ -30,6 +53,61 @@ def _require(section: dict, key: str, where: str) -> Any:
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def _section(d: Any, where: str) -> dict:
+    _check(isinstance(d, dict), f"{where}: expected a JSON object, got {type(d).__name__} {d!r:.80}")
+    return d
+
+
+def _check_int(where: str, value: Any, lo: int, hi: int) -> int:
+    _check(isinstance(value, int) and not isinstance(value, bool),
+           f"{where} = {value!r:.80}: expected an integer (a JSON int) in [{lo}, {hi}]")
+    _check(lo <= value <= hi, f"{where} = {value}: out of range, expected an integer in [{lo}, {hi}]")
+    return value
+
+
+def _check_float(where: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
+    rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+           f"{where} = {value!r:.80}: expected a number (a JSON number) in {rng}")
+    ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
+    _check(ok, f"{where} = {value}: out of range, expected a finite number in {rng}")
+    return float(value)
+
+
+def _check_bool(where: str, value: Any) -> bool:
+    _check(isinstance(value, bool), f"{where} = {value!r:.80}: expected true or false (a JSON boolean)")
+    return value
+
+
+def _check_choice(where: str, value: Any, choices: tuple) -> Any:
+    _check(isinstance(value, (str, type(None))) and value in choices,
+           f"{where} = {value!r:.80}: expected one of {list(choices)}")
+    return value
+
+
+def _validate_fields(obj: Any, where: str, spec: dict[str, tuple]) -> None:
+    """Check every field against ``spec`` (field -> (json key, kind, *bounds)); floats are stored as float."""
+    for f in fields(obj):
+        if f.name not in spec:
+            continue
+        key, kind, *bounds = spec[f.name]
+        value, name = getattr(obj, f.name), f"{where}.{key}" if where else key
+        if kind == "int":
+            _check_int(name, value, *bounds)
+        elif kind == "float":
+            object.__setattr__(obj, f.name, _check_float(name, value, *bounds))
+        elif kind == "bool":
+            _check_bool(name, value)
+        else:
+            _check_choice(name, value, bounds[0])
+
+
+def _get(d: dict, key: str, default: Any, none_is_default: bool = False) -> Any:
+    """``d[key]`` without coercion; the default when absent (or null, where the original treats null so)."""
+    value = d.get(key, default)
+    return default if value is None and none_is_default else value
 
 
 @dataclass(frozen=True)
@@ -49,9 +127,21 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        where = "config.json vision_config"
-        _check(self.norm_type in ("rms_norm", "layer_norm"),
-               f"{where}: norm_type {self.norm_type!r} is not 'rms_norm' or 'layer_norm'")
+        where = "vision_config"
+        _validate_fields(self, where, {
+            "hidden_size": ("hidden_size", "int", 1, LIMITS["width"]),
+            "num_attention_heads": ("num_attention_heads", "int", 1, LIMITS["heads"]),
+            "intermediate_size": ("intermediate_size", "int", 1, LIMITS["ffn_width"]),
+            "num_hidden_layers": ("num_hidden_layers", "int", 1, LIMITS["layers"]),
+            "image_size": ("image_size", "int", 1, LIMITS["image_size"]),
+            "patch_size": ("patch_size", "int", 1, LIMITS["image_size"]),
+            # pyvl's preprocessing makes RGB tiles only.
+            "num_channels": ("num_channels", "int", 3, 3),
+            "qkv_bias": ("qkv_bias", "bool"),
+            "qk_normalization": ("qk_normalization", "bool"),
+            "norm_type": ("norm_type", "choice", ("rms_norm", "layer_norm")),
+            "layer_norm_eps": ("layer_norm_eps", "float", 0.0, LIMITS["eps"], True),
+        })
         _check(self.hidden_size % self.num_attention_heads == 0,
                f"{where}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                f"{self.num_attention_heads}")
@@ -63,23 +153,24 @@ class VisionConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VisionConfig":
-        where = "config.json vision_config"
+    def from_dict(cls, d: Any) -> "VisionConfig":
+        where = "vision_config"
+        d = _section(d, where)
         act = d.get("hidden_act", "gelu")
-        _check(act == "gelu", f"{where}: hidden_act {act!r} is not supported (expected 'gelu')")
+        _check(act == "gelu", f"{where}.hidden_act = {act!r:.80}: not supported (expected 'gelu')")
         return cls(
-            hidden_size=int(_require(d, "hidden_size", where)),
-            num_attention_heads=int(_require(d, "num_attention_heads", where)),
-            intermediate_size=int(_require(d, "intermediate_size", where)),
-            num_hidden_layers=int(_require(d, "num_hidden_layers", where)),
-            image_size=int(_require(d, "image_size", where)),
-            patch_size=int(d.get("patch_size", 14)),
-            num_channels=int(d.get("num_channels", 3)),
-            qkv_bias=bool(d.get("qkv_bias", False)),
-            qk_normalization=bool(d.get("qk_normalization", True)),
+            hidden_size=_require(d, "hidden_size", where),
+            num_attention_heads=_require(d, "num_attention_heads", where),
+            intermediate_size=_require(d, "intermediate_size", where),
+            num_hidden_layers=_require(d, "num_hidden_layers", where),
+            image_size=_require(d, "image_size", where),
+            patch_size=_get(d, "patch_size", 14),
+            num_channels=_get(d, "num_channels", 3),
+            qkv_bias=_get(d, "qkv_bias", False),
+            qk_normalization=_get(d, "qk_normalization", True),
             # The oldest 6B config has no norm_type key; the class default is rms_norm (spec 1.2).
-            norm_type=str(d.get("norm_type", "rms_norm")),
-            layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+            norm_type=_get(d, "norm_type", "rms_norm"),
+            layer_norm_eps=_get(d, "layer_norm_eps", 1e-6),
         )
 
 
@@ -105,18 +196,33 @@ class LLMConfig:
     pad_token_id: int = 2
 
     def __post_init__(self) -> None:
-        where = "config.json llm_config"
+        where = "llm_config"
+        _validate_fields(self, where, {
+            "hidden_size": ("hidden_size", "int", 1, LIMITS["width"]),
+            "intermediate_size": ("intermediate_size", "int", 1, LIMITS["ffn_width"]),
+            "num_hidden_layers": ("num_hidden_layers", "int", 1, LIMITS["layers"]),
+            "num_attention_heads": ("num_attention_heads", "int", 1, LIMITS["heads"]),
+            "num_key_value_heads": ("num_key_value_heads", "int", 1, LIMITS["heads"]),
+            "vocab_size": ("vocab_size", "int", 1, LIMITS["vocab"]),
+            "max_position_embeddings": ("max_position_embeddings", "int", 1, LIMITS["positions"]),
+            "rope_theta": ("rope_theta", "float", 0.0, LIMITS["rope_theta"], True),
+            "rms_norm_eps": ("rms_norm_eps", "float", 0.0, LIMITS["eps"], True),
+            "rope_scaling_type": ("rope_scaling.type", "choice", (None, "dynamic", "linear")),
+            "rope_scaling_factor": ("rope_scaling.factor", "float", 1.0, LIMITS["rope_factor"]),
+            "bias": ("bias", "bool"),
+            "tie_word_embeddings": ("tie_word_embeddings", "bool"),
+        })
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            _check_int(f"{where}.{key}", getattr(self, key), 0, self.vocab_size - 1)
         _check(self.hidden_size % self.num_attention_heads == 0,
                f"{where}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                f"{self.num_attention_heads}")
         _check(self.num_attention_heads % self.num_key_value_heads == 0,
                f"{where}: num_attention_heads {self.num_attention_heads} is not a multiple of "
                f"num_key_value_heads {self.num_key_value_heads}")
-        _check(self.rope_scaling_type in (None, "dynamic", "linear"),
-               f"{where}: rope_scaling type {self.rope_scaling_type!r} is not supported "
-               "(expected 'dynamic', 'linear' or no rope_scaling)")
-        _check(self.rope_scaling_factor >= 1.0,
-               f"{where}: rope_scaling factor {self.rope_scaling_factor} must be >= 1")
+        _check(self.head_dim % 2 == 0,
+               f"{where}: head_dim hidden_size/num_attention_heads = {self.head_dim} must be even "
+               "(rotate-half RoPE splits it in two)")
 
     @property
     def head_dim(self) -> int:
@@ -127,39 +233,45 @@ class LLMConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LLMConfig":
-        where = "config.json llm_config"
-        arch = (d.get("architectures") or ["InternLM2ForCausalLM"])[0]
+    def from_dict(cls, d: Any) -> "LLMConfig":
+        where = "llm_config"
+        d = _section(d, where)
+        archs = d.get("architectures") or ["InternLM2ForCausalLM"]
+        arch = archs[0] if isinstance(archs, list) else archs
         _check(arch == "InternLM2ForCausalLM",
-               f"{where}: architectures[0] is {arch!r}; pyvl supports InternLM2ForCausalLM only")
+               f"{where}.architectures[0] = {arch!r:.80}; pyvl supports InternLM2ForCausalLM only")
         act = d.get("hidden_act", "silu")
-        _check(act == "silu", f"{where}: hidden_act {act!r} is not supported (expected 'silu')")
+        _check(act == "silu", f"{where}.hidden_act = {act!r:.80}: not supported (expected 'silu')")
         scaling = d.get("rope_scaling")
         if scaling is not None:
             _check(isinstance(scaling, dict) and "factor" in scaling and "type" in scaling,
-                   f"{where}: rope_scaling {scaling!r} must be an object with 'type' and 'factor'")
+                   f"{where}.rope_scaling = {scaling!r:.80}: must be an object with 'type' and 'factor'")
+            _check(scaling["type"] in ("dynamic", "linear"),
+                   f"{where}.rope_scaling type {scaling['type']!r:.80} is not supported "
+                   "(expected 'dynamic', 'linear' or no rope_scaling)")
         if "bias" not in d:
             # The InternLM2 class default is bias=True, which would add biases the released files lack.
             log.warning("%s: key 'bias' is missing; using the class default True (released models set false)",
                         where)
-        heads = int(_require(d, "num_attention_heads", where))
+        heads = _require(d, "num_attention_heads", where)
         return cls(
-            hidden_size=int(_require(d, "hidden_size", where)),
-            intermediate_size=int(_require(d, "intermediate_size", where)),
-            num_hidden_layers=int(_require(d, "num_hidden_layers", where)),
+            hidden_size=_require(d, "hidden_size", where),
+            intermediate_size=_require(d, "intermediate_size", where),
+            num_hidden_layers=_require(d, "num_hidden_layers", where),
             num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            vocab_size=int(_require(d, "vocab_size", where)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            rope_theta=float(d.get("rope_theta", 10000)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_scaling_type=None if scaling is None else str(scaling["type"]),
-            rope_scaling_factor=1.0 if scaling is None else float(scaling["factor"]),
-            bias=bool(d.get("bias", True)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=int(d.get("bos_token_id", 1)),
-            eos_token_id=int(d.get("eos_token_id", 2)),
-            pad_token_id=int(d.get("pad_token_id", 2) if d.get("pad_token_id") is not None else 2),
+            # null or absent: one KV head per query head, as the original.
+            num_key_value_heads=_get(d, "num_key_value_heads", heads, none_is_default=True),
+            vocab_size=_require(d, "vocab_size", where),
+            max_position_embeddings=_get(d, "max_position_embeddings", 2048),
+            rope_theta=_get(d, "rope_theta", 10000),
+            rms_norm_eps=_get(d, "rms_norm_eps", 1e-6),
+            rope_scaling_type=None if scaling is None else scaling["type"],
+            rope_scaling_factor=1.0 if scaling is None else scaling["factor"],
+            bias=_get(d, "bias", True),
+            tie_word_embeddings=_get(d, "tie_word_embeddings", False),
+            bos_token_id=_get(d, "bos_token_id", 1),
+            eos_token_id=_get(d, "eos_token_id", 2),
+            pad_token_id=_get(d, "pad_token_id", 2, none_is_default=True),
         )
 
 
@@ -181,22 +293,32 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        _check(self.ps_version in ("v1", "v2"),
-               f"config.json: ps_version {self.ps_version!r} is not 'v1' or 'v2'")
         n_states = self.vision.num_hidden_layers + 1
-        _check(-n_states <= self.select_layer < n_states,
-               f"config.json: select_layer {self.select_layer} is out of range for "
-               f"{self.vision.num_hidden_layers} vision layers (valid: {-n_states}..{n_states - 1})")
+        _validate_fields(self, "", {
+            "select_layer": ("select_layer", "int", -n_states, n_states - 1),
+            "image_size": ("force_image_size", "int", 1, LIMITS["image_size"]),
+            "downsample_ratio": ("downsample_ratio", "float", 0.0, 1.0, True),
+            "ps_version": ("ps_version", "choice", ("v1", "v2")),
+            "template": ("template", "choice", ("internlm2-chat",)),
+            "use_thumbnail": ("use_thumbnail", "bool"),
+            "min_dynamic_patch": ("min_dynamic_patch", "int", 1, LIMITS["dynamic_patch"]),
+            "max_dynamic_patch": ("max_dynamic_patch", "int", 1, LIMITS["dynamic_patch"]),
+            "torch_dtype": ("torch_dtype", "choice", ("bfloat16", "float16", "float32")),
+        })
+        _check(self.system_message is None or isinstance(self.system_message, str),
+               f"system_message = {self.system_message!r:.80}: expected a string or null")
+        _check(self.image_size % self.vision.patch_size == 0,
+               f"force_image_size = {self.image_size}: not a multiple of vision_config.patch_size "
+               f"{self.vision.patch_size}")
         grid = self.image_size // self.vision.patch_size
         merged = grid * self.downsample_ratio
-        _check(merged == int(merged) and merged > 0,
-               f"config.json: downsample_ratio {self.downsample_ratio} does not divide the "
-               f"{grid}x{grid} patch grid into whole tokens")
-        _check(self.template == "internlm2-chat",
-               f"config.json: template {self.template!r} is not supported (expected 'internlm2-chat')")
-        _check(1 <= self.min_dynamic_patch <= self.max_dynamic_patch,
-               f"config.json: min_dynamic_patch {self.min_dynamic_patch} / max_dynamic_patch "
-               f"{self.max_dynamic_patch} are inconsistent")
+        projector_in = self.vision.hidden_size / self.downsample_ratio ** 2
+        _check(merged == int(merged) and merged > 0 and projector_in == int(projector_in),
+               f"downsample_ratio = {self.downsample_ratio}: does not divide the {grid}x{grid} patch "
+               f"grid into whole tokens of whole width (vision hidden_size {self.vision.hidden_size})")
+        _check(self.min_dynamic_patch <= self.max_dynamic_patch,
+               f"min_dynamic_patch {self.min_dynamic_patch} / max_dynamic_patch "
+               f"{self.max_dynamic_patch} are inconsistent (min must be <= max)")
 
     @property
     def num_image_token(self) -> int:
@@ -209,13 +331,16 @@ class ModelConfig:
         return int(round(self.vision.hidden_size / self.downsample_ratio ** 2))
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, d: Any, source: str = "config.json") -> "ModelConfig":
         _check(isinstance(d, dict), f"{source}: expected a JSON object at the top level")
         model_type = d.get("model_type", "internvl_chat")
         _check(model_type == "internvl_chat",
-               f"{source}: model_type {model_type!r} is not 'internvl_chat'")
-        vision = VisionConfig.from_dict(_require(d, "vision_config", source))
-        llm = LLMConfig.from_dict(_require(d, "llm_config", source))
+               f"{source}: model_type {model_type!r:.80} is not 'internvl_chat'")
+        try:
+            vision = VisionConfig.from_dict(_require(d, "vision_config", source))
+            llm = LLMConfig.from_dict(_require(d, "llm_config", source))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         if "ps_version" not in d:
             log.warning("%s: 'ps_version' is missing; using the class default 'v1' "
                         "(the released V1-5 models use 'v2')", source)
@@ -223,35 +348,40 @@ class ModelConfig:
             log.warning("%s: 'select_layer' is missing; using the class default -1 "
                         "(the V1-5-era class default was -4)", source)
         hidden = d.get("hidden_size")
-        _check(hidden is None or int(hidden) == llm.hidden_size,
-               f"{source}: hidden_size {hidden} contradicts llm_config.hidden_size {llm.hidden_size}")
-        image_size = d.get("force_image_size") or vision.image_size
-        _check(not d.get("use_backbone_lora") and not d.get("use_llm_lora"),
-               f"{source}: LoRA checkpoints (use_backbone_lora/use_llm_lora) are not supported; merge them first")
-        return cls(
-            vision=vision,
-            llm=llm,
-            select_layer=int(d.get("select_layer", -1)),
-            image_size=int(image_size),
-            downsample_ratio=float(d.get("downsample_ratio", 0.5)),
-            ps_version=str(d.get("ps_version", "v1")),
-            template=str(d.get("template") or "internlm2-chat"),
-            use_thumbnail=bool(d.get("use_thumbnail", False)),
-            min_dynamic_patch=int(d.get("min_dynamic_patch", 1)),
-            max_dynamic_patch=int(d.get("max_dynamic_patch", 6)),
-            system_message=d.get("system_message"),
-            torch_dtype=str(d.get("torch_dtype", "bfloat16")),
-        )
+        _check(hidden is None or (type(hidden) is int and hidden == llm.hidden_size),
+               f"{source}: hidden_size {hidden!r:.80} contradicts llm_config.hidden_size {llm.hidden_size}")
+        for key in ("use_backbone_lora", "use_llm_lora"):  # LoRA ranks, 0 = off
+            rank = d.get(key, 0)
+            _check(isinstance(rank, int) and not rank,
+                   f"{source}: {key} = {rank!r:.80}; LoRA checkpoints are not supported (merge them first; "
+                   "expected 0)")
+        try:
+            return cls(
+                vision=vision,
+                llm=llm,
+                select_layer=_get(d, "select_layer", -1),
+                # null: the vision tower's own size, as the original.
+                image_size=_get(d, "force_image_size", vision.image_size, none_is_default=True),
+                downsample_ratio=_get(d, "downsample_ratio", 0.5),
+                ps_version=_get(d, "ps_version", "v1"),
+                template=_get(d, "template", "internlm2-chat", none_is_default=True),
+                use_thumbnail=_get(d, "use_thumbnail", False),
+                min_dynamic_patch=_get(d, "min_dynamic_patch", 1),
+                max_dynamic_patch=_get(d, "max_dynamic_patch", 6),
+                system_message=d.get("system_message"),
+                torch_dtype=_get(d, "torch_dtype", "bfloat16"),
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
 
 def load_config(folder: str | Path) -> ModelConfig:
-    """Read ``folder/config.json`` into a :class:`ModelConfig`."""
+    """Read ``folder/config.json`` into a validated :class:`ModelConfig`."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; a model folder needs config.json")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     return ModelConfig.from_dict(data, source=str(path))
-

@@ -1,10 +1,18 @@
-"""Weights straight from safetensors: header checks, a strict key/shape check, then tensor-by-tensor loading.
+"""Weights straight from safetensors: header checks, a strict key/shape/dtype check, then tensor-by-tensor loading.
 
-The model is built on the ``meta`` device (no memory), every checkpoint header is parsed and checked against
-it first, and only then are tensors read, one at a time from the memory-mapped files, converted to the target
-device and dtype, and assigned. So the host never holds a second copy of the weights, and a bad folder fails
-before anything is allocated. The one layout fix is the InternLM2 ``wqkv`` regrouping (see models/llm.py).
-Pickle checkpoints are refused: unpickling runs arbitrary code.
+Order (``load_model``): config -> expected {key: shape} from the config alone (``expected_shapes``) -> every
+header parsed, validated and checked against it (``check_checkpoint``) -> only then the model is built on the
+``meta`` device and filled one tensor at a time, converted to the target device and dtype. A bad folder fails
+before any layer exists or any weight is allocated. The one layout fix is the InternLM2 ``wqkv`` regrouping.
+
+Memory: by default each tensor is read with plain file reads into memory the model owns, so the files may change
+or vanish afterwards with no effect, and the host holds one copy of the weights plus one tensor in flight.
+``mmap=True`` maps the files instead (zero-copy where no conversion is needed, e.g. a bf16 file loaded as bf16
+on the CPU): the parameters then alias the file's pages, so rewriting the file changes the model and truncating
+it can kill the process with SIGBUS.
+
+What cannot be checked: the bytes themselves (safetensors has no checksum), and a relabel between same-size
+float dtypes (BF16 <-> F16) - both read as valid numbers. Pickle checkpoints are refused: unpickling runs code.
 """
 
 from __future__ import annotations
@@ -15,24 +23,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .errors import CheckpointError
 from .models.llm import regroup_wqkv
+from .shapes import expected_shapes
 
-__all__ = ["TensorInfo", "read_header", "index_checkpoint", "load_weights"]
+__all__ = ["TensorInfo", "read_header", "index_checkpoint", "check_checkpoint", "expected_shapes",
+           "load_weights", "load_model"]
 
 SAFETENSORS_DTYPES = {
     "BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2), "F32": (torch.float32, 4),
     "F64": (torch.float64, 8), "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2),
     "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
 }
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # every model parameter is a float
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_READ_ERRORS = (OSError, RuntimeError, ValueError, TypeError, SafetensorError)
 
 
 @dataclass(frozen=True)
@@ -41,10 +53,44 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # absolute file offset of the first byte
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """One header entry -> (dtype, shape, begin, nbytes), or a CheckpointError naming the file and key."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{where}: entry must be an object with exactly dtype/shape/data_offsets, "
+                              f"got {entry!r:.120}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{where}: dtype {dtype!r:.40} is not one of {sorted(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r:.120} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r:.120} is not a list of two integers")
+    numel = 1
+    for dim in shape:  # Python ints: a huge product cannot overflow, it just fails the size check
+        numel *= dim
+    nbytes = numel * SAFETENSORS_DTYPES[dtype][1]
+    begin, end = offsets
+    if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
+        raise CheckpointError(f"{where} ({dtype}, shape {shape}) has data_offsets [{begin}, {end}] but needs "
+                              f"{nbytes} bytes inside a {data_size}-byte data section; the file is truncated "
+                              "or corrupt")
+    return dtype, tuple(shape), begin, nbytes
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate one safetensors header; errors name the file and the key at fault."""
+    """Parse and validate one safetensors header; errors name the file and the key at fault.
+
+    Beyond each entry's own consistency, the tensors must tile the data section exactly (no gap, no overlap,
+    nothing after the last one), as the safetensors format requires.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -58,34 +104,31 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                                       f"{size - 8} after it; the file is truncated or not safetensors")
             raw = f.read(n)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
-    data_size = size - 8 - n
-    out = {}
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ {metadata!r:.120} is not an object of strings")
+    data_size, base = size - 8 - n, 8 + n
+    spans, out = [], {}
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: entry {name!r} lacks dtype/shape/data_offsets") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}; expected one of "
-                                  f"{sorted(SAFETENSORS_DTYPES)}")
-        numel = 1
-        for dim in shape:
-            numel *= int(dim)
-        nbytes = numel * SAFETENSORS_DTYPES[dtype][1]
-        if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} ({dtype}, shape {list(shape)}) has data_offsets "
-                                  f"[{begin}, {end}] but needs {nbytes} bytes inside a {data_size}-byte data "
-                                  "section; the file is truncated or corrupt")
-        out[name] = TensorInfo(path, dtype, shape, nbytes)
+        dtype, shape, begin, nbytes = _parse_entry(path, name, entry, data_size)
+        spans.append((begin, begin + nbytes, name))
+        out[name] = TensorInfo(path, dtype, shape, nbytes, base + begin)
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at data offset {begin}, expected {pos}: tensors "
+                                  "overlap or leave a gap; the file is corrupt")
+        pos = end
+    if pos != data_size:
+        raise CheckpointError(f"{path}: tensors end at data offset {pos} but the data section holds {data_size} "
+                              "bytes; the file is truncated, padded or corrupt")
     return out
 
 
@@ -98,6 +141,19 @@ def _refuse_pickles(folder: Path) -> None:
             "(safetensors.torch.save_file) or download the .safetensors release")
 
 
+def _shard_path(folder: Path, index: Path, name: str, shard: Any) -> Path:
+    """A weight_map value must be a plain ``*.safetensors`` file name in the folder itself.
+
+    Symbolic links are followed (the Hugging Face cache links snapshot files to blobs elsewhere); what is
+    refused is an index that names paths: absolute, ``..``, or into subfolders.
+    """
+    if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard
+            and "/" not in shard and "\\" not in shard and not Path(shard).is_absolute()):
+        raise CheckpointError(f"{index}: weight_map[{name!r}] = {shard!r:.120} is not a plain *.safetensors "
+                              f"file name inside {folder}")
+    return folder / shard
+
+
 def index_checkpoint(folder: str | Path) -> dict[str, TensorInfo]:
     """Every tensor of a model folder -> where it lives, from the shard index or the single file."""
     folder = Path(folder)
@@ -107,20 +163,23 @@ def index_checkpoint(folder: str | Path) -> dict[str, TensorInfo]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
             raise CheckpointError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)"
                                   ) from None
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
+        except OSError as exc:
+            raise CheckpointError(f"{index}: cannot read ({exc.strerror or exc})") from None
+        paths = {name: _shard_path(folder, index, name, shard) for name, shard in weight_map.items()}
+        shards = sorted(set(paths.values()))
+        missing = [p.name for p in shards if not p.is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard file(s) {missing} listed in weight_map are missing "
                                   f"from {folder}")
-        headers = {s: read_header(folder / s) for s in shards}
+        headers = {p: read_header(p) for p in shards}
         tensors = {}
-        for name, shard in weight_map.items():
-            if name not in headers[shard]:
-                raise CheckpointError(f"{index}: maps {name!r} to {shard}, but that file has no such tensor")
-            tensors[name] = headers[shard][name]
+        for name, path in paths.items():
+            if name not in headers[path]:
+                raise CheckpointError(f"{index}: maps {name!r} to {path.name}, but that file has no such tensor")
+            tensors[name] = headers[path][name]
         return tensors
     single = folder / "model.safetensors"
     if single.is_file():
@@ -129,42 +188,63 @@ def index_checkpoint(folder: str | Path) -> dict[str, TensorInfo]:
     raise CheckpointError(f"{folder}: no model.safetensors.index.json or model.safetensors found")
 
 
-def _layout_fix(cfg: ModelConfig) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    def fix(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name.endswith(".attention.wqkv.weight") or name.endswith(".attention.wqkv.bias"):
-            return regroup_wqkv(tensor, cfg.llm)
-        return tensor
-    return fix
-
-
 def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, TensorInfo], folder: Path) -> None:
-    """One error that lists every missing, unexpected and mis-shaped key, or nothing."""
+    """One error that lists every missing, unexpected, mis-shaped and non-float key, or nothing."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
+    common = sorted(set(expected) & set(found))
     misshaped = [f"{k}: checkpoint {list(found[k].shape)}, model expects {list(expected[k])}"
-                 for k in sorted(set(expected) & set(found)) if tuple(found[k].shape) != tuple(expected[k])]
-    if missing or unexpected or misshaped:
+                 for k in common if tuple(found[k].shape) != tuple(expected[k])]
+    not_float = [f"{k}: {found[k].dtype} in {found[k].file.name}, expected one of {list(FLOAT_DTYPES)}"
+                 for k in common if found[k].dtype not in FLOAT_DTYPES]
+    if missing or unexpected or misshaped or not_float:
         lines = [f"{folder}: the checkpoint does not match config.json"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped),
+                             ("not a float dtype", not_float)):
             if items:
                 lines.append(f"  {len(items)} {title}:")
                 lines.extend(f"    {item}" for item in items)
         raise CheckpointError("\n".join(lines))
 
 
-def _iter_tensors(tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, torch.Tensor]]:
+def check_checkpoint(folder: str | Path, cfg: ModelConfig) -> dict[str, TensorInfo]:
+    """Index ``folder`` and check its keys, shapes and dtypes against ``cfg`` alone (no model needed)."""
+    tensors = index_checkpoint(folder)
+    check_keys(expected_shapes(cfg), tensors, Path(folder))
+    return tensors
+
+
+def _read_owned(info: TensorInfo, name: str, f) -> torch.Tensor:
+    """Read one tensor's bytes into fresh memory (no mapping), in the file's dtype and shape."""
+    torch_dtype = SAFETENSORS_DTYPES[info.dtype][0]
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    f.seek(info.offset)
+    if info.nbytes and f.readinto(memoryview(buf.numpy())) != info.nbytes:
+        raise CheckpointError(f"{info.file}: tensor {name!r} ends past the end of the file; it was truncated "
+                              "while loading")
+    return buf.view(torch_dtype).reshape(info.shape)
+
+
+def _iter_tensors(tensors: dict[str, TensorInfo], mmap: bool) -> Iterator[tuple[str, torch.Tensor]]:
     by_file: dict[Path, list[str]] = {}
     for name, info in tensors.items():
         by_file.setdefault(info.file, []).append(name)
     for path, names in by_file.items():
+        name = None
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in names:
-                    yield name, f.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"{path}: failed while reading tensors ({exc})") from None
+            if mmap:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in names:
+                        yield name, f.get_tensor(name)
+            else:
+                with open(path, "rb") as f:
+                    for name in sorted(names, key=lambda n: tensors[n].offset):  # sequential reads
+                        yield name, _read_owned(tensors[name], name, f)
+        except CheckpointError:
+            raise
+        except _READ_ERRORS as exc:
+            raise CheckpointError(f"{path}: failed while reading tensor {name!r} ({type(exc).__name__}: {exc})"
+                                  ) from None
 
 
 class _Progress:
@@ -190,6 +270,14 @@ class _Progress:
             sys.stderr.write(f" {time.perf_counter() - self.start:.1f}s\n")
 
 
+def _layout_fix(cfg: ModelConfig) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    def fix(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name.endswith(".attention.wqkv.weight") or name.endswith(".attention.wqkv.bias"):
+            return regroup_wqkv(tensor, cfg.llm)
+        return tensor
+    return fix
+
+
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -197,16 +285,30 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_weights(model: torch.nn.Module, cfg: ModelConfig, folder: Path, device: torch.device,
-                 dtype: torch.dtype, progress: bool | None = None) -> None:
-    """Fill a meta-device ``model`` from ``folder``: strict check first, then one tensor at a time."""
-    tensors = index_checkpoint(folder)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(expected, tensors, folder)
+                 dtype: torch.dtype, progress: bool | None = None, mmap: bool = False) -> None:
+    """Fill a meta-device ``model`` from ``folder``: strict check first, then one tensor at a time.
+
+    mmap=False (default): every parameter owns its memory. mmap=True: map the files; see the module notes.
+    """
+    tensors = check_checkpoint(folder, cfg)
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensors, Path(folder))
     total = sum(info.nbytes for info in tensors.values())
     # Default: a bar for loads over 1 GiB when stderr is a terminal (a long load should not look hung).
     bar = _Progress(total, enabled=progress if progress is not None else (total > 2**30 and sys.stderr.isatty()))
     fix = _layout_fix(cfg)
-    for name, tensor in _iter_tensors(tensors):
+    for name, tensor in _iter_tensors(tensors, mmap):
         _assign(model, name, fix(name, tensor).to(device=device, dtype=dtype))
         bar.update(tensors[name].nbytes)
     bar.close()
+
+
+def load_model(cfg: ModelConfig, ops, folder: Path, device: torch.device, dtype: torch.dtype,
+               progress: bool | None = None, mmap: bool = False) -> torch.nn.Module:
+    """Check the checkpoint against ``cfg``, then build the model on ``meta`` and fill it (see load_weights)."""
+    from .models.vlm import InternVLChatModel
+
+    check_checkpoint(folder, cfg)
+    with torch.device("meta"):
+        model = InternVLChatModel(cfg, ops)
+    load_weights(model, cfg, folder, device, dtype, progress=progress, mmap=mmap)
+    return model

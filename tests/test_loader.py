@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pyvl
-from pyvl.errors import CheckpointError, ConfigError
+from pyvl.config import load_config
+from pyvl.errors import CheckpointError
 from pyvl.loader import index_checkpoint, read_header
+from ckpt_files import edit_header, shard_of
 from conftest import GOLDEN
 
 MINI = GOLDEN / "mini" / "checkpoint"
@@ -142,12 +144,13 @@ def test_index_points_at_absent_tensor(folder):
         pyvl.load(folder, device="cpu")
 
 
-def test_pickle_checkpoint_is_refused(folder):
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "model.pkl"])
+def test_pickle_checkpoint_is_refused(folder, name):
     for shard in shard_names(folder):
         (folder / shard).unlink()
     (folder / "model.safetensors.index.json").unlink()
-    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(CheckpointError, match="pickle.*arbitrary code"):
+    (folder / name).write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match=f"pickle checkpoint.*{name}.*arbitrary code"):
         pyvl.load(folder, device="cpu")
 
 
@@ -171,46 +174,184 @@ def test_read_header_reports_sizes(folder):
                                                            .read_text())["weight_map"])
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda c: c.pop("llm_config"), "required key 'llm_config'"),
-    (lambda c: c["vision_config"].pop("hidden_size"), "vision_config: required key 'hidden_size'"),
-    (lambda c: c.update(ps_version="v3"), "ps_version 'v3'"),
-    (lambda c: c.update(select_layer=-9), "select_layer -9 is out of range"),
-    (lambda c: c.update(hidden_size=65), "hidden_size 65 contradicts"),
-    (lambda c: c["llm_config"].update(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
-    (lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling type 'yarn'"),
-    (lambda c: c["llm_config"].update(architectures=["Phi3ForCausalLM"]), "InternLM2ForCausalLM only"),
-    (lambda c: c.update(template="phi3-chat"), "template 'phi3-chat'"),
-])
-def test_config_errors(folder, edit, match):
-    cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    edit(cfg)
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=match):
-        pyvl.load(folder, device="cpu")
-
-
-def test_config_not_json(folder):
-    (folder / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
-        pyvl.load(folder, device="cpu")
-
-
-def test_missing_ps_version_warns_and_uses_class_default(folder, caplog):
-    cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    del cfg["ps_version"], cfg["select_layer"]
-    cfg_path.write_text(json.dumps(cfg))
-    with caplog.at_level("WARNING", logger="pyvl"):
-        model = pyvl.load(folder, device="cpu")
-    assert model.config.ps_version == "v1" and model.config.select_layer == -1
-    assert "ps_version" in caplog.text and "select_layer" in caplog.text
-
-
 def test_progress_bar(capsys):
     pyvl.load(MINI, device="cpu", progress=True)
     err = capsys.readouterr().err
     assert "loading weights" in err and "100.0%" in err
     pyvl.load(MINI, device="cpu")  # small load, not a terminal: silent
     assert capsys.readouterr().err == ""
+
+
+def test_checkpoint_missing_exactly_one_key_is_refused(folder):
+    key = "language_model.model.norm.weight"
+    _rewrite_without(folder, key)
+    with pytest.raises(CheckpointError) as err:
+        pyvl.load(folder, device="cpu")
+    assert f"1 missing:\n    {key}" in str(err.value) and "unexpected" not in str(err.value)
+
+
+def _rewrite_without(folder, key):
+    shard = shard_of(folder, key)
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"][key]
+    index_path.write_text(json.dumps(index))
+
+
+def test_data_offsets_span_must_equal_dtype_times_shape(folder):
+    """One tensor's span is 2 bytes longer than bf16 x shape (padding after its data); nothing else is wrong."""
+    key = "language_model.model.norm.weight"
+    shard = shard_of(folder, key)
+
+    def pad(header, data):
+        begin, end = header[key]["data_offsets"]
+        for entry in header.values():
+            if isinstance(entry, dict) and "data_offsets" in entry and entry["data_offsets"][0] >= end:
+                entry["data_offsets"] = [o + 2 for o in entry["data_offsets"]]
+        header[key]["data_offsets"] = [begin, end + 2]
+        return data[:end] + b"\0\0" + data[end:]
+
+    edit_header(shard, pad)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '{key}' \(BF16, shape \[64\]\) has "
+                                              r"data_offsets \[\d+, \d+\] but needs 128 bytes"):
+        pyvl.load(folder, device="cpu")
+
+
+def test_float_tensor_relabelled_as_integer_is_refused(folder):
+    key = "language_model.output.weight"
+    edit_header(shard_of(folder, key), lambda header, data: header[key].update(dtype="I16"))
+    with pytest.raises(CheckpointError, match=rf"1 not a float dtype:\n    {key}: I16"):
+        pyvl.load(folder, device="cpu")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("dtype", ["BF16"], "dtype \\['BF16'\\] is not one of"),
+    ("dtype", "F8_E4M3", "dtype 'F8_E4M3' is not one of"),
+    ("shape", [[64]], "is not a list of non-negative integers"),
+    ("shape", [-64], "is not a list of non-negative integers"),
+    ("shape", [True], "is not a list of non-negative integers"),
+    ("shape", "64", "is not a list of non-negative integers"),
+    ("shape", [2**40, 2**40, 2**40], "needs 2658455991569831745807614120560689152 bytes"),
+    ("data_offsets", ["0", "128"], "is not a list of two integers"),
+    ("data_offsets", [0], "is not a list of two integers"),
+    ("data_offsets", [0, 128.0], "is not a list of two integers"),
+    ("data_offsets", None, "is not a list of two integers"),
+])
+def test_malformed_header_entry_names_file_and_key(folder, field, value, match):
+    key = "language_model.model.norm.weight"
+    shard = shard_of(folder, key)
+    edit_header(shard, lambda header, data: header[key].update({field: value}))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '{key}'.*{match}"):
+        pyvl.load(folder, device="cpu")
+
+
+def test_overlapping_tensors_are_refused(folder):
+    shard = folder / shard_names(folder)[0]
+
+    def overlap(header, data):
+        a, b = sorted((e["data_offsets"], n) for n, e in header.items() if n != "__metadata__")[:2]
+        header[b[1]]["data_offsets"] = list(a[0]) if a[0][1] - a[0][0] == b[0][1] - b[0][0] else [0, b[0][1] - b[0][0]]
+
+    edit_header(shard, overlap)
+    with pytest.raises(CheckpointError, match="overlap or leave a gap"):
+        pyvl.load(folder, device="cpu")
+
+
+def test_non_string_metadata_is_refused(folder):
+    shard = folder / shard_names(folder)[0]
+    edit_header(shard, lambda header, data: header.update(__metadata__={"format": 1}))
+    with pytest.raises(CheckpointError, match=f"{shard.name}: __metadata__"):
+        pyvl.load(folder, device="cpu")
+
+
+@pytest.mark.parametrize("value", ["ABSOLUTE", "../model/{shard}", "sub/{shard}", "./{shard}", 7, None, ["{shard}"],
+                                   "config.json"])
+def test_weight_map_values_must_be_plain_file_names_in_the_folder(folder, tmp_path, value):
+    key = "language_model.model.norm.weight"
+    shard = shard_of(folder, key)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(shard, outside / shard.name)
+    (folder / "sub").mkdir()
+    shutil.copy(shard, folder / "sub" / shard.name)
+    if value == "ABSOLUTE":
+        value = str(outside / shard.name)
+    elif isinstance(value, str):
+        value = value.format(shard=shard.name)
+    elif isinstance(value, list):
+        value = [shard.name]
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"][key] = value
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"weight_map\['{key}'\] = .* is not a plain \*.safetensors file name"):
+        pyvl.load(folder, device="cpu")
+
+
+def test_mmap_reader_errors_become_checkpoint_errors(folder):
+    """safetensors' own SafetensorError (here: a tensor name it cannot find) must not escape."""
+    from pyvl.loader import TensorInfo, _iter_tensors
+
+    info = next(iter(index_checkpoint(folder).values()))
+    bogus = {"not.in.the.file": TensorInfo(info.file, info.dtype, info.shape, info.nbytes, info.offset)}
+    with pytest.raises(CheckpointError, match="failed while reading tensor 'not.in.the.file'"):
+        list(_iter_tensors(bogus, mmap=True))
+
+
+def test_checkpoint_checked_against_config_before_the_model_exists(folder, monkeypatch):
+    from pyvl import loader
+    from pyvl.models import vlm
+
+    built = []
+    monkeypatch.setattr(vlm.InternVLChatModel, "__init__", lambda *a: built.append(a) or pytest.fail("built"))
+    _rewrite_without(folder, "language_model.model.norm.weight")
+    with pytest.raises(CheckpointError, match="1 missing"):
+        loader.load_model(load_config(folder), None, folder, torch.device("cpu"), torch.float32)
+    assert not built
+
+
+@pytest.mark.parametrize("source", ["v15", "mini", "preset:internvl-chat-v1-5", "preset:mini-internvl-chat-2b-v1-5",
+                                    "preset:tiny"])
+def test_expected_shapes_equal_the_built_model(source):
+    from pyvl.bench.presets import preset_config
+    from pyvl.loader import expected_shapes
+    from pyvl.models.vlm import InternVLChatModel
+    from pyvl.ops import resolve_ops
+
+    cfg = preset_config(source[7:]) if source.startswith("preset:") else load_config(GOLDEN / source / "checkpoint")
+    with torch.device("meta"):
+        model = InternVLChatModel(cfg, resolve_ops())
+    assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_loaded_weights_do_not_depend_on_the_files(folder, dtype):
+    """Default load copies: zeroing, then truncating, every shard afterwards changes nothing."""
+    model = pyvl.load(folder, device="cpu", dtype=dtype)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    logits = model.logits([1, 5, 6, 7])
+    paths = [folder / shard for shard in shard_names(folder)]
+    for path in paths:
+        size = path.stat().st_size
+        with open(path, "r+b") as f:  # in place: a mapping of this file would see the zeros
+            f.write(b"\0" * size)
+    # Compared before truncating: with mapped parameters this fails here instead of dying of SIGBUS below.
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for path in paths:
+        path.write_bytes(b"")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(model.logits([1, 5, 6, 7]), logits)
+
+
+def test_mmap_option_loads_the_same_weights(folder):
+    from pyvl.loader import load_model
+    from pyvl.ops import resolve_ops
+
+    cfg = load_config(folder)
+    a = load_model(cfg, resolve_ops(), folder, torch.device("cpu"), torch.bfloat16, mmap=True).state_dict()
+    b = load_model(cfg, resolve_ops(), folder, torch.device("cpu"), torch.bfloat16).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
