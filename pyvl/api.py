@@ -12,8 +12,7 @@ import torch
 from .chat import InternVLChat
 from .config import load_config
 from .errors import CheckpointError, ConfigError
-from .loader import load_weights
-from .models.vlm import InternVLChatModel
+from .loader import load_model
 from .ops import resolve_ops
 from .tokenizer import Tokenizer
 
@@ -65,13 +64,15 @@ def _context_length(folder: Path, llm_max_positions: int) -> int:
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          backend: str = "auto", op_backends: Mapping[str, str] | None = None, max_context: int | None = None,
-         progress: bool | None = None) -> InternVLChat:
+         progress: bool | None = None, mmap: bool = False) -> InternVLChat:
     """Load an InternVL 1.5 folder (config.json, safetensors, tokenizer) as released.
 
     device: "cuda", "cpu", ... (default: CUDA when available). dtype: default bf16 on CUDA, float32 on CPU.
     backend: "auto" | "reference" | "triton"; op_backends overrides it per op (see pyvl.ops).
     max_context: the longest prompt + answer accepted (default: see ``_context_length``).
     progress: show a stderr progress bar (default: for loads over 1 GiB when stderr is a terminal).
+    mmap: map the safetensors files instead of copying (zero-copy for a same-dtype CPU load; the files must then
+    stay unchanged while the model lives, and truncating one can kill the process with SIGBUS).
     Raises ConfigError / CheckpointError naming the file and key at fault; nothing is half-loaded.
     """
     folder = Path(path)
@@ -85,9 +86,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         raise ConfigError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but llm_config.vocab_size is "
                           f"{cfg.llm.vocab_size}")
     ops = resolve_ops(backend, device, op_backends, dtype)
-    with torch.device("meta"):
-        model = InternVLChatModel(cfg, ops)
-    load_weights(model, cfg, folder, device, dtype, progress=progress)
+    model = load_model(cfg, ops, folder, device, dtype, progress=progress, mmap=mmap)
     model.eval()
     context = max_context if max_context is not None else _context_length(folder, cfg.llm.max_position_embeddings)
     if context < 2:
