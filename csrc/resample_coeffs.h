@@ -1,6 +1,6 @@
 // Pillow's 8-bit bicubic resampling arithmetic, shared by the CPU kernel (csrc/cpu/resize_tiles.cpp) and the
 // host side of the CUDA kernel (kernels/cuda/resize_tiles.cu), so both compute the very same fixed-point
-// weights and apply the same rounding and the same pass-order rule. One definition of each.
+// weights and apply the same rounding and the same pass-order rules. One definition of each.
 //
 // Pillow (libImaging/Resample.c, 8 bpc): weights are doubles normalised per output pixel, then rounded to
 // fixed point with 22 fractional bits; a pass accumulates uint8 * weight in int starting from 1 << 21 (the
@@ -10,9 +10,12 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "common.h"
 
 #ifdef __CUDACC__
 #define PYVL_HOST_DEVICE __host__ __device__
@@ -46,11 +49,48 @@ inline int taps(std::int64_t in_size, std::int64_t out_size) {
   return static_cast<int>(std::ceil(2.0 * std::max(scale, 1.0))) * 2 + 1;
 }
 
-// The order of the two passes for a resize (h, w) -> (oh, ow). Pillow 13 runs the vertical pass first when
-// the height shrinks by more than twice as many pixels as the width; the uint8 rounding between the passes
-// makes the order visible in the result.
-inline bool vertical_first(std::int64_t h, std::int64_t w, std::int64_t oh, std::int64_t ow) {
-  return h - oh > 0 && h - oh > (w - ow) * 2;
+// Sides of a source or output image: at most 2^28 pixels, so taps and weight-table sizes (about
+// 4 * in + 5 * out entries) stay far from overflowing int / int64 arithmetic. Pillow's pixel limit is lower.
+inline constexpr std::int64_t kMaxSide = std::int64_t{1} << 28;
+
+inline void check_sides(std::int64_t h, std::int64_t w, std::int64_t oh, std::int64_t ow, const char* op) {
+  check(h > 0 && w > 0 && h <= kMaxSide && w <= kMaxSide, op, ": source size ", w, "x", h,
+        " is out of range (1..", kMaxSide, " per side)");
+  check(oh > 0 && ow > 0 && oh <= kMaxSide && ow <= kMaxSide, op, ": output size ", ow, "x", oh,
+        " is out of range (1..", kMaxSide, " per side)");
+}
+
+// Which Pillow's rule orders the two passes; the uint8 rounding between the passes makes the order visible
+// in the result, so the caller passes the rule of the Pillow it must equal.
+enum PassOrder : int {
+  kHorizontalFirst = 0,   // Pillow <= 12.1 (ImagingResampleInner): always the horizontal pass first
+  kTallVerticalFirst = 1,  // Pillow 12.2, 12.3 (Image.resize): vertical first when h > 100 w and the height shrinks
+  kShrinkVerticalFirst = 2,  // Pillow 13: vertical first when the height shrinks by more than twice the width
+};
+
+inline void check_pass_order(int pass_order, const char* op) {
+  check(pass_order >= kHorizontalFirst && pass_order <= kShrinkVerticalFirst, op, ": pass_order must be ",
+        int{kHorizontalFirst}, ", ", int{kTallVerticalFirst}, " or ", int{kShrinkVerticalFirst}, ", got ",
+        pass_order);
+}
+
+// True when the resize (h, w) -> (oh, ow) runs the vertical pass first under `pass_order`.
+inline bool vertical_first(std::int64_t h, std::int64_t w, std::int64_t oh, std::int64_t ow, int pass_order) {
+  switch (pass_order) {
+    case kTallVerticalFirst: return h > w * 100 && oh < h;
+    case kShrinkVerticalFirst: return h - oh > 0 && h - oh > (w - ow) * 2;
+    default: return false;
+  }
+}
+
+// taps(in_size, out_size), refusing a weight table larger than Pillow's precompute_coeffs allows (out_size x
+// taps doubles within INT_MAX bytes): Pillow raises MemoryError there, so no image Pillow resizes is refused.
+inline int checked_taps(std::int64_t in_size, std::int64_t out_size) {
+  const int k = taps(in_size, out_size);
+  if (out_size > INT_MAX / (std::int64_t{k} * static_cast<std::int64_t>(sizeof(double))))
+    throw AllocationTooLarge(concat("resizing ", in_size, " pixels to ", out_size, " needs a weight table of ",
+                                    out_size, " x ", k, " taps, more than Pillow allows (", INT_MAX, " bytes)"));
+  return k;
 }
 
 // Fixed-point weights of one axis: output i reads `count[i]` inputs starting at `first[i]`.
@@ -61,7 +101,8 @@ struct Axis {
 
   // Pillow's precompute_coeffs + normalize_coeffs_8bpc for the box (0, in_size): the support widens with the
   // downscale factor (antialiasing) and the weights are normalised per output pixel before rounding.
-  Axis(std::int64_t in_size, std::int64_t out_size) : ksize(taps(in_size, out_size)), first(out_size), count(out_size) {
+  Axis(std::int64_t in_size, std::int64_t out_size) : ksize(checked_taps(in_size, out_size)), first(out_size),
+                                                       count(out_size) {
     const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
     const double filterscale = std::max(scale, 1.0);
     const double support = 2.0 * filterscale;

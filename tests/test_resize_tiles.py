@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +115,132 @@ def test_bad_out_and_threads():
         fused(src, 1, 1, num_threads=-1)
     with pytest.raises(ImageError, match="output size"):
         native.resize_bicubic(src, 0, 5)
+
+
+# --- native kernel internals: pass-order rules, SIMD vs portable code, memory, no crash on huge images ---
+
+from pyvl import _C  # noqa: E402  (after pyvl.ops.native, whose ImportError explains a missing build)
+
+RULES = (_C.PASS_ORDER_PILLOW_12_1, _C.PASS_ORDER_PILLOW_12_2, _C.PASS_ORDER_PILLOW_13)
+
+
+def c_resize(src: np.ndarray, out_h: int, out_w: int, pass_order: int, simd: bool = True) -> np.ndarray:
+    h, w, _ = src.shape
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    _C.resize_bicubic_cpu(src.ctypes.data, h, w, w * 3, out.ctypes.data, out_h, out_w, 1, pass_order=pass_order,
+                          simd=simd)
+    return out
+
+
+def two_pass(src: np.ndarray, out_h: int, out_w: int, vertical_first: bool) -> np.ndarray:
+    """Pillow's two passes in a chosen order: a resize along one axis only is one pass in every Pillow version."""
+    h, w, _ = src.shape
+    mid = (w, out_h) if vertical_first else (out_w, h)
+    return np.asarray(Image.fromarray(src).resize(mid, Image.Resampling.BICUBIC).resize((out_w, out_h),
+                                                                                     Image.Resampling.BICUBIC))
+
+
+# (h, w, out_h, out_w, vertical first under each rule): each rule's boundary, on and one pixel past its tie.
+ORDER_CASES = [
+    (250, 300, 100, 150, (False, False, False)),  # 13: h - oh = 150 < 2 (w - ow) = 300
+    (300, 250, 100, 150, (False, False, False)),  # 13: tie, h - oh = 200 = 2 (w - ow): horizontal first
+    (301, 250, 100, 150, (False, False, True)),   # 13: one past the tie
+    (1920, 1080, 448, 448, (False, False, True)),  # a portrait photo
+    (500, 5, 100, 7, (False, False, True)),       # 12.2: tie, h = 100 w: horizontal first
+    (501, 5, 100, 7, (False, True, True)),        # 12.2: h > 100 w and the height shrinks
+    (834, 3, 487, 98, (False, True, True)),
+]
+
+
+@pytest.mark.parametrize("h, w, out_h, out_w, vertical_first", ORDER_CASES)
+def test_each_pass_order_rule_runs_its_pillows_order(h, w, out_h, out_w, vertical_first):
+    src = random_image(np.random.default_rng(h * w), h, w)
+    orders = {v: two_pass(src, out_h, out_w, v) for v in (False, True)}
+    assert not np.array_equal(orders[False], orders[True]), "the case must tell the two orders apart"
+    for rule, v_first in zip(RULES, vertical_first):
+        assert np.array_equal(c_resize(src, out_h, out_w, rule), orders[v_first]), (rule, v_first)
+
+
+def installed_pillow_rule() -> int:
+    major, minor = (int(v) for v in Image.__version__.split(".")[:2])
+    if (major, minor) <= (12, 1):
+        return _C.PASS_ORDER_PILLOW_12_1
+    return _C.PASS_ORDER_PILLOW_12_2 if major == 12 else _C.PASS_ORDER_PILLOW_13
+
+
+@pytest.mark.parametrize("h, w, out_h, out_w, _", ORDER_CASES)
+def test_installed_pillows_rule_equals_pillow(h, w, out_h, out_w, _):
+    src = random_image(np.random.default_rng(h + w), h, w)
+    want = np.asarray(Image.fromarray(src).resize((out_w, out_h), Image.Resampling.BICUBIC))
+    assert np.array_equal(c_resize(src, out_h, out_w, installed_pillow_rule()), want)
+
+
+def test_bad_pass_order():
+    with pytest.raises(ValueError, match="pass_order must be"):
+        c_resize(np.zeros((4, 4, 3), np.uint8), 2, 2, 3)
+
+
+@pytest.mark.skipif(not _C.cpu_has_avx2(), reason="this CPU has no AVX2: only the portable code exists")
+def test_avx2_and_portable_code_agree():
+    rng = np.random.default_rng(3)
+    for h, w, out_h, out_w in [(1, 1, 1, 1), (3, 7, 5, 2), (17, 1001, 33, 448), (100, 4001, 9, 1344),
+                               (640, 480, 896, 1344), (1000, 3, 40, 500)]:
+        src = random_image(rng, h, w)
+        for rule in RULES:
+            assert np.array_equal(c_resize(src, out_h, out_w, rule, simd=True),
+                                  c_resize(src, out_h, out_w, rule, simd=False)), (h, w, out_h, out_w, rule)
+    src = random_image(rng, 300, 1000)
+    tiles = []
+    for simd in (True, False):
+        out = torch.full((4, 3, 448, 448), float("nan"))
+        _C.resize_tiles_cpu(src.ctypes.data, 300, 1000, 3000, out.data_ptr(), 3, 1, 448, True, native.IMAGENET_MEAN,
+                            native.IMAGENET_STD, 2, pass_order=_C.PASS_ORDER_PILLOW_13, simd=simd)
+        tiles.append(out)
+    assert torch.equal(tiles[0], tiles[1])
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_huge_thin_image_raises_instead_of_aborting():
+    # 89,000,000 x 1 is under Pillow's pixel limit; its weight tables exceed what Pillow allows (Pillow raises
+    # MemoryError too). This used to end in std::terminate (SIGABRT), so it runs in a subprocess.
+    proc = run_python(
+        "import numpy as np\n"
+        "from pyvl.image import choose_grid\n"
+        "from pyvl.ops import native\n"
+        "cols, rows = choose_grid(89_000_000, 1, 1, 12)\n"
+        "try:\n"
+        "    native.resize_tiles(np.zeros((1, 89_000_000, 3), np.uint8), cols, rows, num_threads=2)\n"
+        "except (MemoryError, ValueError) as e:\n"
+        "    print('refused:', type(e).__name__, e)\n"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: MemoryError" in proc.stdout and "more than Pillow allows" in proc.stdout
+
+
+PEAK_RSS = """
+import resource, numpy as np
+from PIL import Image
+from pyvl.ops import native
+src = np.random.default_rng(0).integers(0, 256, (1, {w}, 3), dtype=np.uint8)
+before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
+if {pillow}:
+    Image.fromarray(src).resize((64, 1), Image.Resampling.BICUBIC)
+else:
+    native.resize_bicubic(src, 64, 1, num_threads=2)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def test_scratch_memory_of_a_wide_image_is_bounded_like_pillows():
+    # Scratch that grows with the source width (48 bytes a column per thread before) would be 3-4x Pillow's
+    # peak here; the weight tables (what Pillow allocates too) are ~32 bytes a column in both.
+    w = 3_000_000
+    peaks = {}
+    for pillow in (True, False):
+        proc = run_python(PEAK_RSS.format(w=w, pillow=pillow))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks[pillow] = int(proc.stdout.split()[-1])
+    assert peaks[False] < 1.5 * peaks[True] + (8 << 20), f"pyvl {peaks[False] >> 20} MB, Pillow {peaks[True] >> 20} MB"

@@ -5,7 +5,8 @@
 //   thumb = PIL resize(src, (T, T), BICUBIC) when `thumbnail`                           -> tile  cols*rows (last)
 //   out[n, c, y, x] = (u / 255 - mean[c]) / std[c]   float32 (IEEE, as normalize_tiles), then RNE to bf16
 //
-// Each resize is Pillow's two separable passes in Pillow's order (resample::vertical_first), with the fixed-
+// Each resize is Pillow's two separable passes in the order of the Pillow named by `pass_order`
+// (resample::vertical_first), with the fixed-
 // point weights computed on the host by the same code as the CPU kernel (csrc/resample_coeffs.h) and the
 // uint8 image between the passes kept in device memory:
 //   pass 1 (h-first: horizontal over every source row; v-first: vertical into every output row) -> uint8 tmp
@@ -38,7 +39,7 @@ using resample::kHalf;
 
 constexpr int kThreads = 128;           // output pixels of one row per block
 constexpr std::int64_t kAlign = 256;    // byte alignment of every array in the workspace buffers
-constexpr std::int64_t kMaxSide = 1 << 28;  // image and output sides; keeps every pixel coordinate an int
+using resample::kMaxSide;  // image and output sides: keeps every pixel coordinate an int
 
 struct Channels {
   float v[3];
@@ -207,13 +208,15 @@ struct Layout {
 };
 
 Layout make_layout(std::int64_t h, std::int64_t w, std::int64_t cols, std::int64_t rows, std::int64_t tile,
-                   bool thumbnail) {
+                   bool thumbnail, int pass_order) {
+  resample::check_pass_order(pass_order, "resize_tiles_cuda");
   check(h > 0 && w > 0 && h <= kMaxSide && w <= kMaxSide, "resize_tiles_cuda: source size ", w, "x", h,
         " is out of range (1..", kMaxSide, " per side)");
   check(cols > 0 && rows > 0 && tile > 0 && cols <= kMaxSide && rows <= kMaxSide && tile <= kMaxSide,
         "resize_tiles_cuda: cols, rows and tile must be in 1..", kMaxSide, ", got ", cols, ", ", rows, ", ", tile);
   check(cols * tile <= kMaxSide && rows * tile <= kMaxSide, "resize_tiles_cuda: output size ", cols * tile, "x",
         rows * tile, " is out of range (1..", kMaxSide, " per side)");
+  check(cols * rows < INT_MAX, "resize_tiles_cuda: ", cols, " x ", rows, " tiles is more than one launch indexes");
   Layout layout{};
   layout.targets = thumbnail ? 2 : 1;
   const auto take = [](std::int64_t& end, std::int64_t bytes) {
@@ -225,9 +228,9 @@ Layout make_layout(std::int64_t h, std::int64_t w, std::int64_t cols, std::int64
     TargetLayout& t = layout.t[i];
     t.out_h = i == 0 ? rows * tile : tile;
     t.out_w = i == 0 ? cols * tile : tile;
-    t.vertical_first = resample::vertical_first(h, w, t.out_h, t.out_w);
-    t.h_taps = resample::taps(w, t.out_w);
-    t.v_taps = resample::taps(h, t.out_h);
+    t.vertical_first = resample::vertical_first(h, w, t.out_h, t.out_w, pass_order);
+    t.h_taps = resample::checked_taps(w, t.out_w);
+    t.v_taps = resample::checked_taps(h, t.out_h);
     const std::int64_t word = sizeof(int);
     t.h_bounds = take(layout.coefficient_bytes, 2 * t.out_w * word);
     t.h_weights = take(layout.coefficient_bytes, t.out_w * t.h_taps * word);
@@ -313,14 +316,16 @@ void check_launch(const char* what) {
 }  // namespace
 
 ResizeTilesWorkspace resize_tiles_cuda_workspace(std::int64_t h, std::int64_t w, std::int64_t cols,
-                                                 std::int64_t rows, std::int64_t tile, bool thumbnail) {
-  const Layout layout = make_layout(h, w, cols, rows, tile, thumbnail);
+                                                 std::int64_t rows, std::int64_t tile, bool thumbnail,
+                                                 int pass_order) {
+  const Layout layout = make_layout(h, w, cols, rows, tile, thumbnail, pass_order);
   return {layout.coefficient_bytes, layout.intermediate_bytes};
 }
 
 void resize_tiles_cuda_coefficients(std::int64_t h, std::int64_t w, std::int64_t cols, std::int64_t rows,
-                                    std::int64_t tile, bool thumbnail, void* host_dst, std::int64_t nbytes) {
-  const Layout layout = make_layout(h, w, cols, rows, tile, thumbnail);
+                                    std::int64_t tile, bool thumbnail, int pass_order, void* host_dst,
+                                    std::int64_t nbytes) {
+  const Layout layout = make_layout(h, w, cols, rows, tile, thumbnail, pass_order);
   check(nbytes >= layout.coefficient_bytes, "resize_tiles_cuda_coefficients: the buffer has ", nbytes,
         " bytes, the coefficients need ", layout.coefficient_bytes);
   auto* base = static_cast<char*>(host_dst);
@@ -334,11 +339,11 @@ void resize_tiles_cuda_coefficients(std::int64_t h, std::int64_t w, std::int64_t
 
 void resize_tiles_cuda(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride, void* dst,
                        int dtype, std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
-                       const float mean[3], const float stdev[3], const void* coefficients,
+                       int pass_order, const float mean[3], const float stdev[3], const void* coefficients,
                        std::int64_t coefficient_bytes, void* intermediate, std::int64_t intermediate_bytes,
                        std::uintptr_t stream) {
   check(dtype == kFloat32 || dtype == kBFloat16, "resize_tiles_cuda: unknown output dtype code ", dtype);
-  const Layout layout = make_layout(h, w, cols, rows, tile, thumbnail);
+  const Layout layout = make_layout(h, w, cols, rows, tile, thumbnail, pass_order);
   check(coefficient_bytes >= layout.coefficient_bytes, "resize_tiles_cuda: the coefficient buffer has ",
         coefficient_bytes, " bytes, ", layout.coefficient_bytes, " needed");
   check(intermediate_bytes >= layout.intermediate_bytes, "resize_tiles_cuda: the intermediate buffer has ",
