@@ -15,9 +15,6 @@
 namespace py = pybind11;
 using Channels = std::array<float, 3>;
 
-// Until pyvl/ops/native.py passes the installed Pillow's rule on every call, the rule of Pillow 13.
-constexpr int kDefaultPassOrder = pyvl::resample::kShrinkVerticalFirst;
-
 namespace {
 
 [[noreturn, maybe_unused]] void no_cuda() {
@@ -168,13 +165,13 @@ PYBIND11_MODULE(_C, m) {
         "uint8 [n,h,w,3] at src -> float32 [n,3,h,w] at dst, (u/255 - mean[c]) / std[c]; 0 threads = auto.");
   m.def("resize_bicubic_cpu", &resize_bicubic_cpu, release_gil, py::arg("src"), py::arg("h"), py::arg("w"),
         py::arg("row_stride"), py::arg("dst"), py::arg("out_h"), py::arg("out_w"), py::arg("num_threads") = 0,
-        py::kw_only(), py::arg("pass_order") = kDefaultPassOrder, py::arg("simd") = true,
+        py::kw_only(), py::arg("pass_order"), py::arg("simd") = true,
         "RGB uint8 [h,w,3] -> uint8 [out_h,out_w,3], bit-identical to PIL resize(BICUBIC) of the Pillow whose "
         "pass_order (PASS_ORDER_PILLOW_12_1, _12_2 or _13) is given; simd=False forces the portable code.");
   m.def("resize_tiles_cpu", &resize_tiles_cpu, release_gil, py::arg("src"), py::arg("h"), py::arg("w"),
         py::arg("row_stride"), py::arg("dst"), py::arg("cols"), py::arg("rows"), py::arg("tile"),
         py::arg("thumbnail"), py::arg("mean"), py::arg("std"), py::arg("num_threads") = 0, py::kw_only(),
-        py::arg("pass_order") = kDefaultPassOrder, py::arg("simd") = true,
+        py::arg("pass_order"), py::arg("simd") = true,
         "RGB uint8 image -> float32 [cols*rows(+1),3,tile,tile]: Pillow-exact bicubic grid + thumbnail, normalised "
         "(pass_order and simd as in resize_bicubic_cpu).");
   m.def("normalize_tiles_cuda", &normalize_tiles_cuda, release_gil, py::arg("src"), py::arg("dst"),
@@ -183,17 +180,17 @@ PYBIND11_MODULE(_C, m) {
         "CUDA normalize_tiles on device pointers, dst dtype FLOAT32 or BFLOAT16, enqueued on `stream`.");
   m.def("resize_tiles_cuda_workspace", &resize_tiles_cuda_workspace, py::arg("h"), py::arg("w"), py::arg("cols"),
         py::arg("rows"), py::arg("tile"), py::arg("thumbnail"), py::kw_only(),
-        py::arg("pass_order") = kDefaultPassOrder,
+        py::arg("pass_order"),
         "(coefficient_bytes, intermediate_bytes): the two device buffers resize_tiles_cuda needs.");
   m.def("resize_tiles_cuda_coefficients", &resize_tiles_cuda_coefficients, release_gil, py::arg("h"), py::arg("w"),
         py::arg("cols"), py::arg("rows"), py::arg("tile"), py::arg("thumbnail"), py::arg("dst"), py::arg("nbytes"),
-        py::kw_only(), py::arg("pass_order") = kDefaultPassOrder,
+        py::kw_only(), py::arg("pass_order"),
         "Write resize_tiles_cuda's bicubic weights (Pillow's fixed point) into host memory at dst.");
   m.def("resize_tiles_cuda", &resize_tiles_cuda, release_gil, py::arg("src"), py::arg("h"), py::arg("w"),
         py::arg("row_stride"), py::arg("dst"), py::arg("dtype"), py::arg("cols"), py::arg("rows"), py::arg("tile"),
         py::arg("thumbnail"), py::arg("mean"), py::arg("std"), py::arg("coefficients"),
         py::arg("coefficient_bytes"), py::arg("intermediate"), py::arg("intermediate_bytes"), py::arg("stream"),
-        py::kw_only(), py::arg("pass_order") = kDefaultPassOrder,
+        py::kw_only(), py::arg("pass_order"),
         "CUDA resize_tiles on device pointers (dst FLOAT32 or BFLOAT16 [N,3,tile,tile]), enqueued on `stream`; "
         "`coefficients` holds a device copy of what resize_tiles_cuda_coefficients wrote.");
 }

@@ -219,18 +219,20 @@ def image_to_tiles(image, resize_tiles, max_num: int = 12, min_num: int = 1, ima
 
 
 def _load_image_op(device: torch.device, use_native: bool, num_threads: int):
-    """load_image's resize_tiles: CUDA on a CUDA device (no fallback: a missing extension is an error there),
-    the C++ kernel on the CPU when built and wanted, the Pillow + torch reference otherwise."""
+    """load_image's resize_tiles: CUDA on a CUDA device (a missing extension is an error there), the C++ kernel
+    on the CPU when built and wanted; the Pillow + torch reference otherwise, and whenever the installed Pillow
+    is not a release the kernels reproduce (with a warning)."""
     if device.type == "cuda":
         from pyvl.ops import preprocess
 
-        return preprocess.resize_tiles_cuda
+        return preprocess.resize_tiles_cuda if preprocess.matches_installed_pillow() else reference.resize_tiles
     if use_native:
         try:
             from pyvl.ops import preprocess
         except ImportError:  # the compiled extension is unavailable (e.g. a source checkout)
             return reference.resize_tiles
-        return functools.partial(preprocess.resize_tiles_cpu, num_threads=num_threads)
+        if preprocess.matches_installed_pillow():
+            return functools.partial(preprocess.resize_tiles_cpu, num_threads=num_threads)
     return reference.resize_tiles
 
 

@@ -22,6 +22,8 @@ from pyvl.image import IMAGENET_MEAN, IMAGENET_STD, choose_grid
 native = pytest.importorskip("pyvl.ops.native", reason="pyvl._C is not built")  # test_packaging insists it is
 from pyvl import _C  # noqa: E402  (after pyvl.ops.native, whose ImportError explains a missing build)
 
+PASS = _C.PASS_ORDER_PILLOW_13  # the bindings' own checks do not depend on the rule
+
 
 def fused_cuda(image, cols, rows, tile=448, thumbnail=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
     """native.resize_tiles_cuda with InternVL's tile size and constants (the kernel itself takes them all)."""
@@ -127,7 +129,7 @@ def test_bindings_exist_with_cuda():
     assert all(hasattr(_C, name) for name in names)  # bound in every build; CPU-only ones raise
     if not native.has_cuda():
         with pytest.raises(RuntimeError, match="built without CUDA"):
-            _C.resize_tiles_cuda_workspace(8, 8, 1, 1, 448, False)
+            _C.resize_tiles_cuda_workspace(8, 8, 1, 1, 448, False, pass_order=PASS)
 
 
 # --- host-side planning of a CUDA build: no GPU needed --------------------------------------------------------
@@ -159,13 +161,14 @@ def decode_coefficients(buf: np.ndarray, h, w, cols, rows, tile, thumbnail):
     (1, 1, 1, 1, 448, False), (17, 5, 6, 1, 13, True),
 ])
 def test_workspace_and_coefficients(h, w, cols, rows, tile, thumbnail):
-    coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, cols, rows, tile, thumbnail)
+    coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, cols, rows, tile, thumbnail, pass_order=PASS)
     targets = [(rows * tile, cols * tile)] + ([(tile, tile)] if thumbnail else [])
     # The uint8 image between the passes: source rows at the output width (h-first) or output rows at the
     # source width (v-first): the pass-order rule decides the size.
     assert tmp_bytes == sum(aligned(3 * (oh * w if vertical_first(h, w, oh, ow) else h * ow)) for oh, ow in targets)
     buf = np.full(coeff_bytes, 0x5A, np.uint8)  # poisoned: padding must come back zeroed too
-    _C.resize_tiles_cuda_coefficients(h, w, cols, rows, tile, thumbnail, buf.ctypes.data, coeff_bytes)
+    _C.resize_tiles_cuda_coefficients(h, w, cols, rows, tile, thumbnail, buf.ctypes.data, coeff_bytes,
+                                      pass_order=PASS)
     for axes in decode_coefficients(buf, h, w, cols, rows, tile, thumbnail):
         for n_in, bounds, weights in axes:
             first, count = bounds[:, 0], bounds[:, 1]
@@ -181,9 +184,9 @@ def test_workspace_and_coefficients(h, w, cols, rows, tile, thumbnail):
 def test_identity_weights():
     # Same size in and out: bicubic at integer offsets, one weight of exactly 1.0 at the pixel itself.
     n = 9
-    coeff_bytes, _ = _C.resize_tiles_cuda_workspace(n, n, 1, 1, n, False)
+    coeff_bytes, _ = _C.resize_tiles_cuda_workspace(n, n, 1, 1, n, False, pass_order=PASS)
     buf = np.zeros(coeff_bytes, np.uint8)
-    _C.resize_tiles_cuda_coefficients(n, n, 1, 1, n, False, buf.ctypes.data, coeff_bytes)
+    _C.resize_tiles_cuda_coefficients(n, n, 1, 1, n, False, buf.ctypes.data, coeff_bytes, pass_order=PASS)
     for _, bounds, weights in decode_coefficients(buf, n, n, 1, 1, n, False)[0]:
         for i, (first, count) in enumerate(bounds):
             expected = np.zeros(weights.shape[1], np.int32)
@@ -195,10 +198,10 @@ def test_identity_weights():
 def test_native_guards_reject_nonsense():
     # The bindings' own checks, for callers that bypass the wrapper; all fire before any CUDA call.
     h, w = 8, 8
-    coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, 2, 1, 448, True)
+    coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, 2, 1, 448, True, pass_order=PASS)
     args = dict(src=1, h=h, w=w, row_stride=3 * w, dst=1, dtype=_C.BFLOAT16, cols=2, rows=1, tile=448,
                 thumbnail=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, coefficients=1,
-                coefficient_bytes=coeff_bytes, intermediate=1, intermediate_bytes=tmp_bytes, stream=0)
+                coefficient_bytes=coeff_bytes, intermediate=1, intermediate_bytes=tmp_bytes, stream=0, pass_order=PASS)
     for change, match in [
         ({"src": 0}, "src is a null data pointer"), ({"dst": 0}, "dst is a null data pointer"),
         ({"coefficients": 0}, "coefficients is a null"), ({"intermediate": 0}, "intermediate is a null"),
@@ -212,9 +215,9 @@ def test_native_guards_reject_nonsense():
             _C.resize_tiles_cuda(**{**args, **change})
     buf = np.zeros(coeff_bytes, np.uint8)
     with pytest.raises(ValueError, match="the buffer has 4 bytes"):
-        _C.resize_tiles_cuda_coefficients(h, w, 2, 1, 448, True, buf.ctypes.data, 4)
+        _C.resize_tiles_cuda_coefficients(h, w, 2, 1, 448, True, buf.ctypes.data, 4, pass_order=PASS)
     with pytest.raises(ValueError, match="dst is a null"):
-        _C.resize_tiles_cuda_coefficients(h, w, 2, 1, 448, True, 0, coeff_bytes)
+        _C.resize_tiles_cuda_coefficients(h, w, 2, 1, 448, True, 0, coeff_bytes, pass_order=PASS)
 
 
 # --- the GPU against the CPU kernel, bit for bit ------------------------------------------------------------

@@ -161,18 +161,22 @@ def test_each_pass_order_rule_runs_its_pillows_order(h, w, out_h, out_w, vertica
         assert np.array_equal(c_resize(src, out_h, out_w, rule), orders[v_first]), (rule, v_first)
 
 
-def installed_pillow_rule() -> int:
-    major, minor = (int(v) for v in Image.__version__.split(".")[:2])
-    if (major, minor) <= (12, 1):
-        return _C.PASS_ORDER_PILLOW_12_1
-    return _C.PASS_ORDER_PILLOW_12_2 if major == 12 else _C.PASS_ORDER_PILLOW_13
+@pytest.mark.parametrize("version, rule", [
+    ("10.0.0", _C.PASS_ORDER_PILLOW_12_1), ("11.3.0", _C.PASS_ORDER_PILLOW_12_1),
+    ("12.1.1", _C.PASS_ORDER_PILLOW_12_1), ("12.2.0", _C.PASS_ORDER_PILLOW_12_2),
+    ("12.3.0", _C.PASS_ORDER_PILLOW_12_2), ("13.0.0", _C.PASS_ORDER_PILLOW_13), ("13.1.2", _C.PASS_ORDER_PILLOW_13),
+    ("9.5.0", None), ("14.0.0", None), ("12.1.1.post0", None),  # untested releases and Pillow-SIMD
+])
+def test_pass_order_of_each_pillow_release(version, rule):
+    assert native.pass_order_for(version) == rule
 
 
 @pytest.mark.parametrize("h, w, out_h, out_w, _", ORDER_CASES)
 def test_installed_pillows_rule_equals_pillow(h, w, out_h, out_w, _):
+    """The default rule is the installed Pillow's (.ci/run also runs this file under a second Pillow release)."""
     src = random_image(np.random.default_rng(h + w), h, w)
     want = np.asarray(Image.fromarray(src).resize((out_w, out_h), Image.Resampling.BICUBIC))
-    assert np.array_equal(c_resize(src, out_h, out_w, installed_pillow_rule()), want)
+    assert np.array_equal(native.resize_bicubic(src, out_w, out_h), want)
 
 
 def test_bad_pass_order():
@@ -193,8 +197,8 @@ def test_avx2_and_portable_code_agree():
     tiles = []
     for simd in (True, False):
         out = torch.full((4, 3, 448, 448), float("nan"))
-        _C.resize_tiles_cpu(src.ctypes.data, 300, 1000, 3000, out.data_ptr(), 3, 1, 448, True, native.IMAGENET_MEAN,
-                            native.IMAGENET_STD, 2, pass_order=_C.PASS_ORDER_PILLOW_13, simd=simd)
+        _C.resize_tiles_cpu(src.ctypes.data, 300, 1000, 3000, out.data_ptr(), 3, 1, 448, True, IMAGENET_MEAN,
+                            IMAGENET_STD, 2, pass_order=_C.PASS_ORDER_PILLOW_13, simd=simd)
         tiles.append(out)
     assert torch.equal(tiles[0], tiles[1])
 
@@ -208,16 +212,19 @@ def test_huge_thin_image_raises_instead_of_aborting():
     # MemoryError too). This used to end in std::terminate (SIGABRT), so it runs in a subprocess.
     proc = run_python(
         "import numpy as np\n"
-        "from pyvl.image import choose_grid\n"
+        "from pyvl.errors import ImageError\n"
+        "from pyvl.image import IMAGENET_MEAN, IMAGENET_STD, choose_grid\n"
         "from pyvl.ops import native\n"
         "cols, rows = choose_grid(89_000_000, 1, 1, 12)\n"
         "try:\n"
-        "    native.resize_tiles(np.zeros((1, 89_000_000, 3), np.uint8), cols, rows, num_threads=2)\n"
-        "except (MemoryError, ValueError) as e:\n"
-        "    print('refused:', type(e).__name__, e)\n"
+        "    native.resize_tiles(np.zeros((1, 89_000_000, 3), np.uint8), cols, rows, 448, True, IMAGENET_MEAN,\n"
+        "                        IMAGENET_STD, num_threads=2)\n"
+        "except ImageError as e:\n"
+        "    print('refused:', type(e.__cause__).__name__, e)\n"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: MemoryError" in proc.stdout and "more than Pillow allows" in proc.stdout
+    assert "89000000x1 image" in proc.stdout  # the ImageError names the size
 
 
 PEAK_RSS = """
@@ -244,3 +251,18 @@ def test_scratch_memory_of_a_wide_image_is_bounded_like_pillows():
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks[pillow] = int(proc.stdout.split()[-1])
     assert peaks[False] < 1.5 * peaks[True] + (8 << 20), f"pyvl {peaks[False] >> 20} MB, Pillow {peaks[True] >> 20} MB"
+
+
+def test_unknown_pillow_release_falls_back_to_the_pillow_path(monkeypatch):
+    """A Pillow whose resize the kernels do not reproduce: warned about, then preprocessed by Pillow itself."""
+    from pyvl.ops import resolve_ops
+
+    monkeypatch.setattr(native, "pillow_pass_order", lambda: None)
+    src = random_image(np.random.default_rng(5), 1080, 720)  # portrait: the pass order matters here
+    with pytest.warns(UserWarning, match="Pillow .* Pillow \\+ torch instead"):
+        got = load_image(src, max_num=6)
+    assert torch.equal(got, load_image(src, max_num=6, use_native=False))
+    with pytest.warns(UserWarning, match="Pillow \\+ torch instead"):
+        assert resolve_ops("auto", "cpu").backends["resize_tiles"] == "reference"
+    with pytest.raises(ImageError, match="pass pass_order="):
+        native.resize_bicubic(src, 448, 448)

@@ -89,9 +89,9 @@ def _resize_tiles_impl(want: str, device: torch.device) -> tuple[Callable, str]:
             from . import preprocess
         except ImportError:
             preprocess = None
-        if preprocess is not None and device.type == "cuda" and preprocess.native.has_cuda():
-            return preprocess.resize_tiles_cuda, "cuda"
-        if preprocess is not None:
+        if preprocess is not None and preprocess.matches_installed_pillow():
+            if device.type == "cuda" and preprocess.native.has_cuda():
+                return preprocess.resize_tiles_cuda, "cuda"
             return preprocess.resize_tiles_cpu, "native"
     return reference.resize_tiles, "reference"
 

@@ -16,7 +16,10 @@ normalize_tiles
     float32 value rounded to nearest even, as ``.to(torch.bfloat16)`` does.
 
 resize_bicubic
-    RGB uint8 [H, W, 3] -> uint8 [out_h, out_w, 3], bit-identical to ``PIL.Image.resize(.., BICUBIC)``.
+    RGB uint8 [H, W, 3] -> uint8 [out_h, out_w, 3], bit-identical to ``PIL.Image.resize(.., BICUBIC)`` of the
+    installed Pillow: which of the two passes runs first changed in Pillow 12.2 and 13 and is visible in the
+    result, so the resize functions take ``pass_order`` (default: the installed Pillow's, see
+    :func:`pillow_pass_order`).
 resize_tiles
     RGB uint8 [H, W, 3] -> float32 [cols*rows (+1 thumbnail), 3, T, T]: the original dynamic_preprocess
     (grid resize, row-major crops, thumbnail of the whole image last) and normalize_tiles in one pass.
@@ -28,9 +31,11 @@ resize_tiles_cuda
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
+import PIL
 import torch
 
 from pyvl.errors import ImageError
@@ -46,7 +51,8 @@ except ImportError as exc:  # the usual cause: the source tree's pyvl/ shadows t
         "or use an editable install (`pip install -e .`), which works from anywhere."
     ) from exc
 
-__all__ = ["MAX_GRID_TILES", "has_cuda", "normalize_tiles", "resize_bicubic", "resize_tiles", "resize_tiles_cuda"]
+__all__ = ["MAX_GRID_TILES", "pillow_pass_order", "pass_order_for", "has_cuda", "normalize_tiles", "resize_bicubic",
+           "resize_tiles", "resize_tiles_cuda"]
 
 # The largest grid the kernels accept: the range they are tested at. Which grid an image gets is the tiling
 # policy's business (pyvl.image.choose_grid, at most pyvl.image.MAX_TILES), not this module's.
@@ -57,6 +63,52 @@ _OUT_DTYPES = {
     "cpu": {torch.float32: _C.FLOAT32},
     "cuda": {torch.float32: _C.FLOAT32, torch.bfloat16: _C.BFLOAT16},
 }
+
+
+def _pillow_release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of an upstream Pillow release; None for Pillow-SIMD (".postN"), whose resampler differs."""
+    parts = version.split(".")
+    if "post" in version or len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def pass_order_for(version: str) -> int | None:
+    """The `_C.PASS_ORDER_*` rule of Pillow ``version``, or None outside the releases pyvl reproduces (10.0-13.x)."""
+    release = _pillow_release(version)
+    if release is None or not (10, 0) <= release < (14, 0):
+        return None
+    if release <= (12, 1):
+        return _C.PASS_ORDER_PILLOW_12_1  # horizontal pass first, always
+    if release < (13, 0):
+        return _C.PASS_ORDER_PILLOW_12_2  # vertical first for tall images that shrink
+    return _C.PASS_ORDER_PILLOW_13  # vertical first when the height shrinks more than twice the width
+
+
+@functools.lru_cache(maxsize=None)
+def pillow_pass_order() -> int | None:
+    """The installed Pillow's pass-order rule (None: not one the kernels reproduce; use the Pillow path)."""
+    return pass_order_for(PIL.__version__)
+
+
+def _resolve_pass_order(pass_order: int | None, op: str) -> int:
+    if pass_order is None:
+        pass_order = pillow_pass_order()
+        if pass_order is None:
+            raise ImageError(f"{op}: the installed Pillow {PIL.__version__} is not a release whose resize pyvl "
+                             "reproduces (upstream Pillow 10.0-13.x); pass pass_order=_C.PASS_ORDER_PILLOW_* "
+                             "explicitly or use the Pillow path (load_image(..., use_native=False))")
+    if pass_order not in (_C.PASS_ORDER_PILLOW_12_1, _C.PASS_ORDER_PILLOW_12_2, _C.PASS_ORDER_PILLOW_13):
+        raise ImageError(f"{op}: pass_order={pass_order!r} is not one of pyvl._C.PASS_ORDER_PILLOW_*")
+    return pass_order
+
+
+def _call(op: str, what: str, fn, *args, **kwargs) -> None:
+    """Run a native resize; its refusals (sizes, memory) become an ImageError naming the image and the output."""
+    try:
+        fn(*args, **kwargs)
+    except (MemoryError, ValueError) as exc:
+        raise ImageError(f"{op}: {what}: {exc}") from exc
 
 
 def has_cuda() -> bool:
@@ -210,19 +262,23 @@ def _check_grid(cols, rows, tile, op: str) -> None:
         raise ImageError(f"{op}: tile size must be positive, got {tile}")
 
 
-def resize_bicubic(image: np.ndarray, out_w: int, out_h: int, num_threads: int = 0) -> np.ndarray:
+def resize_bicubic(image: np.ndarray, out_w: int, out_h: int, num_threads: int = 0,
+                   pass_order: int | None = None) -> np.ndarray:
     """Pillow-exact ``resize((out_w, out_h), BICUBIC)`` of an RGB uint8 [H, W, 3] array."""
     h, w, stride = _check_image(image, "resize_bicubic")
     _check_threads(num_threads, "resize_bicubic")
+    pass_order = _resolve_pass_order(pass_order, "resize_bicubic")
     if out_w < 1 or out_h < 1:
         raise ImageError(f"resize_bicubic: output size must be positive, got {out_w}x{out_h}")
     out = np.empty((out_h, out_w, 3), dtype=np.uint8)
-    _C.resize_bicubic_cpu(image.ctypes.data, h, w, stride, out.ctypes.data, out_h, out_w, num_threads)
+    _call("resize_bicubic", f"{w}x{h} image to {out_w}x{out_h}", _C.resize_bicubic_cpu, image.ctypes.data, h, w,
+          stride, out.ctypes.data, out_h, out_w, num_threads, pass_order=pass_order)
     return out
 
 
 def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: bool, mean: Sequence[float],
-                 std: Sequence[float], out: torch.Tensor | None = None, num_threads: int = 0) -> torch.Tensor:
+                 std: Sequence[float], out: torch.Tensor | None = None, num_threads: int = 0,
+                 pass_order: int | None = None) -> torch.Tensor:
     """RGB uint8 [H, W, 3] -> normalised float32 tiles [cols*rows (+1), 3, tile, tile] (see module doc).
 
     The thumbnail is appended only when asked for *and* the grid has more than one tile, as the original.
@@ -231,6 +287,7 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: 
     mean, std = _channels("mean", mean), _channels("std", std)
     _check_threads(num_threads, "resize_tiles")
     _check_grid(cols, rows, tile, "resize_tiles")
+    pass_order = _resolve_pass_order(pass_order, "resize_tiles")
     thumbnail = bool(thumbnail) and cols * rows > 1
     n = cols * rows + int(thumbnail)
     if out is None:
@@ -239,8 +296,9 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: 
           or not out.is_contiguous()):
         raise ImageError(f"resize_tiles: out must be a contiguous float32 CPU tensor of shape {(n, 3, tile, tile)}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    _C.resize_tiles_cpu(image.ctypes.data, h, w, stride, out.data_ptr(), cols, rows, tile, thumbnail, mean, std,
-                        num_threads)
+    _call("resize_tiles", f"{w}x{h} image, {cols}x{rows} grid of {tile}px tiles", _C.resize_tiles_cpu,
+          image.ctypes.data, h, w, stride, out.data_ptr(), cols, rows, tile, thumbnail, mean, std, num_threads,
+          pass_order=pass_order)
     return out
 
 
@@ -285,7 +343,8 @@ def _cuda_target(device, image, op: str) -> torch.device:
 
 def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, tile: int, thumbnail: bool,
                       mean: Sequence[float], std: Sequence[float], out: torch.Tensor | None = None,
-                      dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda") -> torch.Tensor:
+                      dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda",
+                      pass_order: int | None = None) -> torch.Tensor:
     """RGB uint8 [H, W, 3] -> normalised tiles [cols*rows (+1), 3, tile, tile] of `dtype` on a CUDA device.
 
     Exactly :func:`resize_tiles` (Pillow-exact bicubic, thumbnail last when asked for and cols*rows > 1), in
@@ -299,6 +358,7 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
     h, w, row_stride, on_cuda = _check_cuda_image(image, op)
     mean, std = _channels("mean", mean), _channels("std", std)
     _check_grid(cols, rows, tile, op)
+    pass_order = _resolve_pass_order(pass_order, op)
     if dtype not in (torch.float32, torch.bfloat16):
         raise ImageError(f"{op}: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     target = _cuda_target(device, image, op)
@@ -325,7 +385,12 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
 
     with torch.cuda.device(target):  # the kernels launch on the current device, which must own the stream
         stream = torch.cuda.current_stream(target)
-        coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, cols, rows, tile, thumbnail)
+        what = f"{w}x{h} image, {cols}x{rows} grid of {tile}px tiles"
+        try:
+            coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, cols, rows, tile, thumbnail,
+                                                                    pass_order=pass_order)
+        except (MemoryError, ValueError) as exc:
+            raise ImageError(f"{op}: {what}: {exc}") from exc
         # One pinned host buffer, [packed image | weights] (image left out when it is on the GPU already), one
         # asynchronous upload; the caching host allocator keeps the buffer until that copy has run.
         image_bytes = 0 if on_cuda else -(-h * w * 3 // _ALIGN) * _ALIGN
@@ -334,8 +399,8 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
             host = image.numpy() if isinstance(image, torch.Tensor) else image
             staging[: h * w * 3].numpy().reshape(h, w, 3)[...] = host  # (h, w, 3), rows packed
             row_stride = 3 * w
-        _C.resize_tiles_cuda_coefficients(h, w, cols, rows, tile, thumbnail, staging.data_ptr() + image_bytes,
-                                          coeff_bytes)
+        _call(op, what, _C.resize_tiles_cuda_coefficients, h, w, cols, rows, tile, thumbnail,
+              staging.data_ptr() + image_bytes, coeff_bytes, pass_order=pass_order)
         # Device side: [image | weights | uint8 intermediate]; freed on return, safely, as later users of the
         # block are ordered after these kernels on the same stream.
         workspace = torch.empty(image_bytes + coeff_bytes + tmp_bytes, dtype=torch.uint8, device=target)
@@ -344,7 +409,7 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
         src = image.data_ptr() if on_cuda else base
         if out is None:
             out = torch.empty(shape, dtype=dtype, device=target)
-        _C.resize_tiles_cuda(src, h, w, row_stride, out.data_ptr(), _OUT_DTYPES["cuda"][dtype], cols, rows, tile,
-                             thumbnail, mean, std, base + image_bytes, coeff_bytes, base + image_bytes + coeff_bytes,
-                             tmp_bytes, stream.cuda_stream)
+        _call(op, what, _C.resize_tiles_cuda, src, h, w, row_stride, out.data_ptr(), _OUT_DTYPES["cuda"][dtype],
+              cols, rows, tile, thumbnail, mean, std, base + image_bytes, coeff_bytes,
+              base + image_bytes + coeff_bytes, tmp_bytes, stream.cuda_stream, pass_order=pass_order)
     return out

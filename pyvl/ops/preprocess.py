@@ -8,14 +8,27 @@ as the model's own ``.to(dtype)`` of float32 tiles would. Importing this module 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import PIL
 import torch
 
 from . import native
 
-__all__ = ["resize_tiles_cpu", "resize_tiles_cuda"]
+__all__ = ["matches_installed_pillow", "resize_tiles_cpu", "resize_tiles_cuda"]
+
+
+def matches_installed_pillow() -> bool:
+    """True when the kernels reproduce the installed Pillow's resize. Otherwise warn and return False: the
+    caller then takes the Pillow + torch path, so results equal the installed Pillow's, never silently differ."""
+    if native.pillow_pass_order() is not None:
+        return True
+    warnings.warn(f"Pillow {PIL.__version__} is not a release whose resize pyvl's kernels reproduce (upstream "
+                  "Pillow 10.0-13.x); images are preprocessed with Pillow + torch instead (exact, slower)",
+                  stacklevel=3)
+    return False
 
 _CUDA_OUT_DTYPES = (torch.float32, torch.bfloat16)  # what the CUDA kernel writes itself
 
