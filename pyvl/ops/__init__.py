@@ -40,6 +40,11 @@ class Ops:
     silu_mul: Callable
     gelu: Callable
     resize_tiles: Callable  # (rgb uint8 [H, W, 3], cols, rows, tile, thumbnail, mean, std, dtype, device)
+    # Paged KV (pool k/v [num_blocks, Hkv, BLOCK_SIZE, D] per layer; slot = block * BLOCK_SIZE + offset):
+    store_kv: Callable  # (k_new, v_new [N, Hkv, D], k_pool, v_pool, slot_mapping [N] int64; < 0 skipped), in place
+    paged_prefill_attention: Callable  # (q [Sq, Hq, D], k_pool, v_pool, block_table [nb] int32, context_len: int)
+    paged_decode_attention: Callable  # (q [B, Hq, D], k_pool, v_pool, block_tables [B, max_blocks] int32,
+    #                                    context_lens [B] int32 on the device; 0 = padding row -> zeros)
     backends: Mapping[str, str]  # op name -> backend that serves it, for `pyvl info` and bug reports
 
 
@@ -53,6 +58,9 @@ _TRITON_OPS: dict[str, str] = {
     "apply_rotary": "pyvl.kernels.apply_rotary:apply_rotary",
     "silu_mul": "pyvl.kernels.silu_mul:silu_mul",
     "pixel_shuffle": "pyvl.kernels.pixel_shuffle:pixel_shuffle",
+    "store_kv": "pyvl.kernels.store_kv:store_kv",
+    "paged_prefill_attention": "pyvl.kernels.causal_attention:paged_prefill_attention",
+    "paged_decode_attention": "pyvl.kernels.causal_attention:paged_decode_attention",
 }
 
 
@@ -61,7 +69,7 @@ _TRITON_OPS: dict[str, str] = {
 TORCH_OPS = frozenset({"layer_norm", "gelu"})
 
 # Ops that auto serves with PyTorch's fused attention for these dtypes when no kernel serves them (the CPU).
-_SDPA_OPS = frozenset({"vit_attention", "causal_attention"})
+_SDPA_OPS = frozenset({"vit_attention", "causal_attention", "paged_prefill_attention"})
 _SDPA_DTYPES = frozenset({torch.bfloat16, torch.float16})
 
 

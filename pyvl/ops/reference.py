@@ -3,6 +3,8 @@
 Each op computes in float32 where the original InternVL code does (norm statistics, softmax, rotary tables)
 and casts back where it does. Layouts:
   attention q: [B, Hq, Sq, D], k/v: [B, Hkv, Sk, D] (GQA: query head n reads KV head n // (Hq // Hkv))
+  paged KV pool (one layer): k_pool/v_pool [num_blocks, Hkv, BLOCK_SIZE, D]; slot = block_id * BLOCK_SIZE + offset;
+    a sequence's keys 0..L-1 lie in the blocks its block table lists, in order; paged q/out are [tokens, Hq, D]
   rotary cos/sin: [B, S, D] already gathered at the token positions (rotate-half, duplicated halves)
   pixel_shuffle x: [N, h, w, C] patch grid (row-major tokens) -> [N, h*w*r^2, C/r^2]
   resize_tiles image: RGB uint8 [H, W, 3] -> tiles [cols*rows (+1 thumbnail), 3, T, T] (NCHW)
@@ -20,6 +22,7 @@ from PIL import Image
 __all__ = [
     "rms_norm", "layer_norm", "vit_attention", "causal_attention", "apply_rotary", "pixel_shuffle",
     "silu_mul", "gelu", "resize_tiles", "tile_boxes", "tile_images", "normalize_tiles",
+    "store_kv", "gather_kv", "paged_prefill_attention", "paged_decode_attention",
 ]
 
 
@@ -77,6 +80,51 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     probs = scores.softmax(dim=-1).to(q.dtype).float()  # the original casts P back before P @ V
     out = probs.view(b, hkv, group * sq, sk) @ v.float()
     return out.view(b, hq, sq, d).to(q.dtype)
+
+
+def store_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write token t's K/V [N, Hkv, D] into the pools at slot slot_mapping[t]; slots < 0 (padding rows of a
+    CUDA-graph batch) are skipped. In place. The boolean selection syncs the host: eager use only."""
+    block_size = k_pool.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_pool[blocks, :, offsets] = k_new[keep]  # advanced indices around a slice: the indexed view is [n, Hkv, D]
+    v_pool[blocks, :, offsets] = v_new[keep]
+
+
+def gather_kv(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """A sequence's first ``length`` keys (or values) read through its block table: [1, Hkv, length, D]."""
+    n_blocks = -(-length // pool.shape[2])
+    blocks = pool[block_table[:n_blocks].long()]  # [n, Hkv, BS, D]
+    hkv, d = pool.shape[1], pool.shape[3]
+    return blocks.transpose(0, 1).reshape(1, hkv, -1, d)[:, :, :length]
+
+
+def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """Causal GQA attention of one sequence's last Sq positions (q [Sq, Hq, D]) over its keys
+    0..context_len-1, read through block_table [nb] (they include the Sq new tokens, already stored).
+    Returns [Sq, Hq, D]: :func:`causal_attention` on the gathered keys."""
+    k = gather_kv(k_pool, block_table, context_len)
+    v = gather_kv(v_pool, block_table, context_len)
+    out = causal_attention(q.transpose(0, 1)[None], k, v)  # [1, Hq, Sq, D]
+    return out[0].transpose(0, 1).contiguous()
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """One query per row (q [B, Hq, D], at position context_lens[b] - 1) over keys 0..context_lens[b]-1 read
+    through block_tables[b]; rows with length 0 are padding and give zeros. Returns [B, Hq, D]. Reads the lengths
+    on the host (one small attention per row): the eager/CPU path; the Triton kernel is the capturable one."""
+    out = torch.zeros_like(q)
+    for b, length in enumerate(context_lens.tolist()):
+        if length > 0:
+            k = gather_kv(k_pool, block_tables[b], length)
+            v = gather_kv(v_pool, block_tables[b], length)
+            out[b] = causal_attention(q[b][None, :, None], k, v)[0, :, 0]
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

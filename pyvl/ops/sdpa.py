@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import causal_mask
+from .reference import causal_mask, gather_kv
 
-__all__ = ["vit_attention", "causal_attention"]
+__all__ = ["vit_attention", "causal_attention", "paged_prefill_attention"]
 
 
 def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -39,3 +39,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if kv_start is not None:
         allowed = allowed[:, None]  # (B, 1, Sq, Sk), broadcast over heads
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The reference's paged prefill (keys gathered through the block table) with SDPA's attention."""
+    k = gather_kv(k_pool, block_table, context_len)
+    v = gather_kv(v_pool, block_table, context_len)
+    return causal_attention(q.transpose(0, 1)[None], k, v)[0].transpose(0, 1).contiguous()
