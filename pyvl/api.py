@@ -12,6 +12,8 @@ import torch
 from .chat import InternVLChat
 from .config import load_config
 from .errors import CheckpointError, ConfigError
+from .engine.scheduler import Engine, EngineConfig
+from .kv_cache import BLOCK_SIZE, bytes_per_token
 from .loader import load_model
 from .ops import resolve_ops
 from .tokenizer import Tokenizer
@@ -62,9 +64,34 @@ def _context_length(folder: Path, llm_max_positions: int) -> int:
     return max(llm_max_positions, tokenizer_max)
 
 
+def _engine_config(model, device: torch.device, context: int, kv_cache_gb: float | None,
+                   image_cache_gb: float, max_num_seqs: int, max_batched_tokens: int, cuda_graphs: bool
+                   ) -> EngineConfig:
+    """The KV pool from its budget: kv_cache_gb, else half the free GPU memory after the weights on CUDA and
+    the smaller of 2 GiB and room for max_num_seqs full contexts on the CPU."""
+    llm = model.cfg.llm
+    per_block = BLOCK_SIZE * bytes_per_token(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim,
+                                             model.dtype)
+    if kv_cache_gb is not None:
+        budget = kv_cache_gb * 1e9
+    elif device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] * 0.5
+    else:
+        budget = min(2 * 2**30, max_num_seqs * -(-context // BLOCK_SIZE) * per_block)
+    num_blocks = int(budget // per_block)
+    if num_blocks < 1:
+        raise ConfigError(f"kv_cache_gb={kv_cache_gb} holds no block of {BLOCK_SIZE} tokens "
+                          f"({per_block / 1e9:.4f} GB each)")
+    return EngineConfig(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
+                        max_batched_tokens=max_batched_tokens, image_cache_bytes=int(image_cache_gb * 1e9),
+                        cuda_graphs=cuda_graphs, max_context=context)
+
+
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          backend: str = "auto", op_backends: Mapping[str, str] | None = None, max_context: int | None = None,
-         progress: bool | None = None, mmap: bool = False) -> InternVLChat:
+         progress: bool | None = None, mmap: bool = False, kv_cache_gb: float | None = None,
+         image_cache_gb: float = 1.0, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
+         cuda_graphs: bool = True) -> InternVLChat:
     """Load an InternVL 1.5 folder (config.json, safetensors, tokenizer) as released.
 
     device: "cuda", "cpu", ... (default: CUDA when available). dtype: default bf16 on CUDA, float32 on CPU.
@@ -73,6 +100,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     progress: show a stderr progress bar (default: for loads over 1 GiB when stderr is a terminal).
     mmap: map the safetensors files instead of copying (zero-copy for a same-dtype CPU load; the files must then
     stay unchanged while the model lives, and truncating one can kill the process with SIGBUS).
+    Engine (pyvl.engine): kv_cache_gb sizes the paged KV pool (default: half the free GPU memory on CUDA; on
+    the CPU room for max_num_seqs full contexts, at most 2 GiB); image_cache_gb bounds the image-feature cache;
+    max_num_seqs requests decode together; a prefill step takes at most max_batched_tokens tokens;
+    cuda_graphs=False turns CUDA-graph decode off.
     Raises ConfigError / CheckpointError naming the file and key at fault; nothing is half-loaded.
     """
     folder = Path(path)
@@ -91,5 +122,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     context = max_context if max_context is not None else _context_length(folder, cfg.llm.max_position_embeddings)
     if context < 2:
         raise ConfigError(f"max_context {context} must be at least 2")
-    log.info("loaded %s on %s (%s, ops: %s)", folder, device, dtype, dict(ops.backends))
-    return InternVLChat(model, tokenizer, cfg, folder, context, _stop_ids(folder, tokenizer))
+    engine = Engine(model, _engine_config(model, device, context, kv_cache_gb, image_cache_gb, max_num_seqs,
+                                          max_batched_tokens, cuda_graphs), salt=f"{folder.resolve()}|{dtype}")
+    log.info("loaded %s on %s (%s, ops: %s; KV pool %d blocks of %d tokens)", folder, device, dtype,
+             dict(ops.backends), engine.pool.num_blocks, BLOCK_SIZE)
+    return InternVLChat(model, tokenizer, cfg, folder, context, _stop_ids(folder, tokenizer), engine)

@@ -1,13 +1,14 @@
-"""The user-facing model object: the original InternVL ``chat`` API on top of pyvl's runtime.
+"""The user-facing model object: the original InternVL ``chat`` API on top of pyvl's engine.
 
-``InternVLChat`` bundles the network, the tokenizer and the chat template. Prompt building follows the
-original ``chat()``/``batch_chat()`` exactly (pyvl.template); generation follows HF ``generate`` (pyvl.generate).
+``InternVLChat`` bundles the network, the tokenizer, the chat template and the engine. Prompt building follows
+the original ``chat()``/``batch_chat()`` exactly (pyvl.template); every generation is a request to the model's
+engine (pyvl.engine), which batches concurrent calls, reuses cached prefixes and image features, and samples as
+HF ``generate`` does. Thread-safe: calls from several threads are decoded together, each its own.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import functools
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -15,9 +16,13 @@ import torch
 
 from . import template
 from .config import ModelConfig
+from .engine.features import tiles_digest
+from .engine.request import ChatStats, ImageInput, Request
+from .engine.scheduler import Engine
 from .errors import PromptError
-from .generate import GenerationConfig, decode_steps
+from .generate import GenerationConfig
 from .image import image_to_tiles, is_raw_image
+from .kv_cache import BLOCK_SIZE, PagedBatch, PagedKVCache
 from .models.vlm import InternVLChatModel
 from .tokenizer import Tokenizer
 
@@ -26,29 +31,28 @@ __all__ = ["InternVLChat", "ChatStats"]
 History = list[tuple[str, str]]
 
 
-@dataclass
-class ChatStats:
-    """Timings of the last chat/stream call (``pyvl chat --stats`` prints them)."""
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    vision_s: float = 0.0
-    time_to_first_token_s: float = 0.0
-    total_s: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        decode_time = self.total_s - self.time_to_first_token_s
-        return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else 0.0
+def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of every maximal run of ``token`` in ``ids``."""
+    runs, i = [], 0
+    while i < len(ids):
+        if ids[i] == token:
+            j = i
+            while j < len(ids) and ids[j] == token:
+                j += 1
+            runs.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return runs
 
 
 class InternVLChat:
     """A loaded InternVL 1.5 model. Build it with :func:`pyvl.load`."""
 
     def __init__(self, model: InternVLChatModel, tokenizer: Tokenizer, config: ModelConfig, folder: Path,
-                 max_context: int, stop_ids: tuple[int, ...]):
+                 max_context: int, stop_ids: tuple[int, ...], engine: Engine):
         self.model = model
+        self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
         self.folder = folder
@@ -57,7 +61,6 @@ class InternVLChat:
         self.system_message = config.system_message or template.DEFAULT_SYSTEM_MESSAGE
         self.num_image_token = config.num_image_token
         self.img_context_token_id = tokenizer.img_context_id
-        self.last_stats = ChatStats()
 
     @property
     def device(self) -> torch.device:
@@ -144,63 +147,77 @@ class InternVLChat:
             raise PromptError(f"input_ids has {ids.numel()} tokens; the context holds {self.max_context}")
         feats = None if pixel_values is None else self.extract_feature(pixel_values)
         embeds = self.model.embed(ids[None], feats, self.img_context_token_id)
-        cache = self.model.new_cache(1, ids.numel())
+        llm = self.config.llm
+        cache = PagedKVCache(llm.num_hidden_layers, -(-ids.numel() // BLOCK_SIZE), llm.num_key_value_heads,
+                             llm.head_dim, self.dtype, self.device)  # private: no request shares it
         positions = torch.arange(ids.numel(), device=self.device)[None]
-        hidden = self.model.language_model(embeds, positions, cache)
+        hidden = self.model.language_model(embeds, positions, PagedBatch.contiguous_prefill(cache, ids.numel()))
         return self.model.language_model.lm_head(hidden[0])
 
     # ---- generation ----------------------------------------------------------------------------------
-    def _steps(self, encoded: list[list[int]], pixel_values: torch.Tensor | None, gen: GenerationConfig):
-        """Left-pad the prompts, splice images, prefill, then return the decode-step iterator."""
-        t0 = time.perf_counter()
-        longest = max(len(e) for e in encoded)
-        self._check_context(longest)
-        pad = self.tokenizer.pad_id
-        ids = torch.tensor([[pad] * (longest - len(e)) + list(e) for e in encoded], device=self.device)
-        valid = torch.tensor([[False] * (longest - len(e)) + [True] * len(e) for e in encoded],
-                             device=self.device)
-        feats = None if pixel_values is None else self.model.extract_feature(pixel_values)
-        embeds = self.model.embed(ids, feats, self.img_context_token_id)
-        # Left padding: positions restart at 0 on each row's first real token; pads sit at 1 (HF).
-        positions = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
-        capacity = min(self.max_context, longest + max(gen.max_new_tokens, 1))
-        cache = self.model.new_cache(len(encoded), capacity)
-        pads = [longest - len(e) for e in encoded]
-        cache.kv_start = torch.tensor(pads, device=self.device) if any(pads) else None
+    def _image_inputs(self, prompts: list[list[int]], pixel_values: torch.Tensor | None) -> list[list[ImageInput]]:
+        """Each prompt's images: every run of <IMG_CONTEXT> tokens, in prompt order across the prompts, takes the
+        next run-length / num_image_token tiles of pixel_values (the original splices them in that order)."""
+        runs = [[(start, n) for start, n in _runs(ids, self.img_context_token_id)] for ids in prompts]
+        total = sum(n for row in runs for _, n in row)
+        tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        if total != tiles * self.num_image_token or any(n % self.num_image_token for row in runs for _, n in row):
+            raise PromptError(f"the prompt has {total} <IMG_CONTEXT> tokens but the images give "
+                              f"{tiles * self.num_image_token} feature rows ({self.num_image_token} per tile); "
+                              "they must be equal")
+        images, used = [], 0
+        for row in runs:
+            images.append([])
+            for start, n in row:
+                part = pixel_values[used:used + n // self.num_image_token]
+                used += part.shape[0]
+                images[-1].append(ImageInput(tiles_digest(part), start, n, functools.partial(lambda t: t, part)))
+        return images
+
+    def _submit(self, prompt: list[int], images: list[ImageInput], gen: GenerationConfig, output_scores: bool,
+                stats: ChatStats | None) -> Request:
+        self._check_context(len(prompt))
         stop = gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids
-        self.last_stats = ChatStats(prompt_tokens=longest, vision_s=time.perf_counter() - t0)
-        steps = decode_steps(self.model, embeds, positions, cache, gen, stop, pad, self.tokenizer.bos_id)
-        return steps, t0
+        request = Request(prompt, images, gen, frozenset(stop), self.tokenizer.pad_id, self.tokenizer.bos_id,
+                          output_scores=output_scores, stats=stats)
+        if gen.max_new_tokens == 0:  # nothing to generate: the original returns no token either
+            request.finish()
+            return request
+        return self.engine.submit(request)
 
-    def _run(self, encoded: list[list[int]], pixel_values, generation_config):
-        """Yield each decode step (tokens of every row: stop ids included, pads after), timing them."""
+    def _requests(self, prompts: list[list[int]], pixel_values, generation_config, output_scores: bool = False,
+                  stats: ChatStats | None = None) -> list[Request]:
         gen = GenerationConfig.from_user(generation_config)
-        steps, t0 = self._steps(encoded, pixel_values, gen)
-        stats = self.last_stats
-        for i, step in enumerate(steps):
-            if i == 0:
-                stats.time_to_first_token_s = time.perf_counter() - t0
-            stats.new_tokens = i + 1
-            stats.total_s = time.perf_counter() - t0
-            yield step
+        for prompt in prompts:
+            self._check_context(len(prompt))
+        return [self._submit(p, images, gen, output_scores, stats if len(prompts) == 1 else None)
+                for p, images in zip(prompts, self._image_inputs(prompts, pixel_values))]
 
-    @torch.inference_mode()
     def generate(self, input_ids, pixel_values: torch.Tensor | None = None, generation_config=None,
-                 output_scores: bool = False):
-        """Raw generation from token ids: one prompt (list of ints) or several (list of lists, left-padded).
+                 output_scores: bool = False, stats: ChatStats | None = None):
+        """Raw generation from token ids: one prompt (list of ints) or several (list of lists, decoded together).
 
         Returns the new ids [B, T] (stop ids included, pad after a row stops), and with ``output_scores`` also
-        the processed float32 scores [B, T, vocab] that chose them.
+        the processed float32 scores [B, T, vocab] that chose them (zeros after a row stopped).
         """
-        encoded = [list(map(int, row)) for row in (input_ids if input_ids and isinstance(input_ids[0], (list, tuple))
-                                                   else [input_ids])]
+        prompts = [list(map(int, row)) for row in (input_ids if input_ids and isinstance(input_ids[0], (list, tuple))
+                                                  else [input_ids])]
         if pixel_values is not None:
             pixel_values, _ = self._prepare_images(pixel_values, None)
-        steps = list(self._run(encoded, pixel_values, generation_config))
-        ids = torch.stack([s.tokens for s in steps], dim=1) if steps else torch.empty(len(encoded), 0)
+        requests = self._requests(prompts, pixel_values, generation_config, output_scores, stats)
+        outputs = [r.result() for r in requests]
+        width = max(len(o) for o in outputs)
+        ids = torch.tensor([o + [self.tokenizer.pad_id] * (width - len(o)) for o in outputs], dtype=torch.long)
         if not output_scores:
             return ids
-        return ids, (torch.stack([s.scores for s in steps], dim=1) if steps else None)
+        if not width:
+            return ids, None
+        vocab = self.config.llm.vocab_size
+        scores = torch.zeros(len(outputs), width, vocab)
+        for row, r in enumerate(requests):
+            if r.scores:
+                scores[row, :len(r.scores)] = torch.stack(r.scores).cpu()
+        return ids, scores
 
     def _response(self, ids: list[int]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -217,32 +234,30 @@ class InternVLChat:
                                      system_message=self.system_message, num_image_token=self.num_image_token)
         return pixel_values, query, question
 
-    @torch.inference_mode()
     def chat(self, pixel_values, question: str, generation_config=None, history: History | None = None,
-             return_history: bool = False, num_patches_list: Sequence[int] | None = None):
-        """Answer ``question`` about the tiles in ``pixel_values`` (or text only when None)."""
+             return_history: bool = False, num_patches_list: Sequence[int] | None = None,
+             stats: ChatStats | None = None):
+        """Answer ``question`` about the tiles in ``pixel_values`` (or text only when None). ``stats``, when
+        given, is filled with this call's figures (prompt and cached tokens, images encoded, timings)."""
         pixel_values, query, question = self._single_query(pixel_values, question, history, num_patches_list)
-        ids = [int(step.tokens[0]) for step in self._run([self.tokenizer.encode(query)], pixel_values,
-                                                          generation_config)]
-        response = self._response(ids)
+        (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, stats=stats)
+        response = self._response(request.result())
         if not return_history:
             return response
         asked = template.effective_question(question, has_images=pixel_values is not None, history=history)
         return response, list(history or []) + [(asked, response)]
 
-    @torch.inference_mode()
     def stream(self, pixel_values, question: str, generation_config=None, history: History | None = None,
-               num_patches_list: Sequence[int] | None = None) -> Iterator[str]:
-        """Yield the answer as text pieces while it is generated; ''.join(pieces) == chat(...)."""
+               num_patches_list: Sequence[int] | None = None, stats: ChatStats | None = None) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated; ''.join(pieces) == chat(...). Closing the
+        generator early cancels the request (its KV blocks are freed at once)."""
         pixel_values, query, _ = self._single_query(pixel_values, question, history, num_patches_list)
-        gen = GenerationConfig.from_user(generation_config)
-        stop = set(gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids)
+        (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, stats=stats)
         decoder = self.tokenizer.stream_decoder()
         pending = ""  # whitespace held back: chat() strips both ends, so must the stream
         started = False
-        for step in self._run([self.tokenizer.encode(query)], pixel_values, gen):
-            token = int(step.tokens[0])
-            if token in stop:
+        for token in request.stream_tokens():
+            if token in request.stop_ids:
                 break
             text = pending + decoder.push(token)
             if not started:
@@ -258,11 +273,10 @@ class InternVLChat:
         if tail:
             yield tail
 
-    @torch.inference_mode()
     def batch_chat(self, pixel_values, questions: Sequence[str], generation_config=None,
                    num_patches_list: Sequence[int] | None = None, history=None, return_history: bool = False
                    ) -> list[str]:
-        """One question per image (``num_patches_list[k]`` tiles for question k), answered as one batch."""
+        """One question per image (``num_patches_list[k]`` tiles for question k), answered together."""
         if history is not None or return_history:
             raise PromptError("batch_chat does not support history/return_history (nor does the original)")
         questions = list(questions)
@@ -279,6 +293,5 @@ class InternVLChat:
                                         system_message=self.system_message,
                                         num_image_token=self.num_image_token)
                    for q, n in zip(questions, patches)]
-        steps = list(self._run([self.tokenizer.encode(q) for q in queries], pixel_values, generation_config))
-        rows = [[int(s.tokens[r]) for s in steps] for r in range(len(queries))]
-        return [self._response(r) for r in rows]
+        requests = self._requests([self.tokenizer.encode(q) for q in queries], pixel_values, generation_config)
+        return [self._response(r.result()) for r in requests]

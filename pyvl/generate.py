@@ -1,4 +1,4 @@
-"""Token generation: generation settings, logits processing as HF transformers 4.37 does it, the decode loop.
+"""Generation settings and logits processing as HF transformers 4.37 does it (the engine samples with these).
 
 Order of processing per step (as HF generate): repetition penalty (greedy too), then, when sampling,
 temperature -> top-k -> top-p, softmax and a multinomial draw from a seeded generator. The repetition penalty
@@ -9,15 +9,12 @@ sees the tokens generated so far plus the BOS id that HF seeds the output with w
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import torch
 
 from .errors import ConfigError
-from .kv_cache import KVCache
-from .models.vlm import InternVLChatModel
 
-__all__ = ["GenerationConfig", "process_logits", "decode_steps"]
+__all__ = ["GenerationConfig", "process_logits", "select_tokens"]
 
 
 @dataclass(frozen=True)
@@ -96,45 +93,3 @@ def select_tokens(scores: torch.Tensor, cfg: GenerationConfig, generator: torch.
         return scores.argmax(dim=-1)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
-@dataclass
-class Step:
-    tokens: torch.Tensor  # [B] chosen ids (pad for rows that already finished)
-    scores: torch.Tensor  # [B, V] processed float32 scores that chose them
-    finished: torch.Tensor  # [B] bool, True once a row produced a stop id
-
-
-def decode_steps(model: InternVLChatModel, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                 cfg: GenerationConfig, stop_ids: tuple[int, ...], pad_id: int, bos_id: int
-                 ) -> Iterator[Step]:
-    """Prefill ``embeds`` [B, S, H] then decode one token per step, yielding each step.
-
-    Stops after ``max_new_tokens`` steps, when every row has produced a stop id, or when prompt + answer fill
-    the cache.
-    Finished rows keep receiving ``pad_id`` like HF generate does.
-    """
-    lm = model.language_model
-    b = embeds.shape[0]
-    device = embeds.device
-    generator = None
-    if cfg.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    stop = torch.tensor(stop_ids, device=device)
-    seen = torch.full((b, 1), bos_id, dtype=torch.long, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    hidden = lm(embeds, positions, cache)[:, -1]
-    next_pos = positions[:, -1] + 1
-    limit = min(cfg.max_new_tokens, cache.remaining)  # prompt + answer never exceed the cache's context
-    for step in range(limit):
-        scores = process_logits(lm.lm_head(hidden), seen, cfg)
-        tokens = select_tokens(scores, cfg, generator)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-        finished = finished | torch.isin(tokens, stop)
-        yield Step(tokens, scores, finished)
-        if bool(finished.all()) or step + 1 == limit:
-            return
-        seen = torch.cat([seen, tokens[:, None]], dim=1)
-        hidden = lm(lm.embed(tokens[:, None]), next_pos[:, None], cache)[:, -1]
-        next_pos = next_pos + 1

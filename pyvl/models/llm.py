@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import LLMConfig
-from ..kv_cache import KVCache
+from ..kv_cache import PagedBatch
 from ..ops import Ops
 from .rope import RotaryTables
 
@@ -50,17 +50,22 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_h * self.d, cfg.hidden_size, bias=cfg.bias)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch, layer: int
                 ) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_h * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
         q = q.view(b, s, self.n_h, self.d).transpose(1, 2)  # (B, Hq, S, D)
         k = k.view(b, s, self.n_kv, self.d).transpose(1, 2)  # (B, Hkv, S, D)
-        v = v.view(b, s, self.n_kv, self.d).transpose(1, 2)
         q, k = self.ops.apply_rotary(q, k, cos, sin)
-        k_all, v_all = cache.write(layer, k, v)
-        out = self.ops.causal_attention(q, k_all, v_all, cache.kv_start)
-        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_h * self.d))
+        k_pool, v_pool = batch.cache.k[layer], batch.cache.v[layer]  # (blocks, Hkv, block_size, D)
+        self.ops.store_kv(k.transpose(1, 2).reshape(b * s, self.n_kv, self.d),
+                          v.reshape(b * s, self.n_kv, self.d), k_pool, v_pool, batch.slot_mapping)
+        if batch.decode:  # one new token per row
+            out = self.ops.paged_decode_attention(q[:, :, 0], k_pool, v_pool, batch.block_tables, batch.context_lens)
+        else:  # one sequence: its last s positions
+            out = self.ops.paged_prefill_attention(q[0].transpose(0, 1), k_pool, v_pool, batch.block_tables[0],
+                                                   batch.context_len)
+        return self.wo(out.reshape(b, s, self.n_h * self.d))  # (B, Hq, D) / (S, Hq, D) are token-major
 
 
 class FeedForward(nn.Module):
@@ -83,8 +88,8 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.feed_forward = FeedForward(cfg, ops)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, batch: PagedBatch, layer: int) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, batch, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -108,23 +113,24 @@ class InternLM2ForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(input_ids)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                return_hidden_states: bool = False):
-        """Run S new tokens [B, S, H] at ``positions`` [B, S] through every layer, appending to ``cache``.
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
+                rope_lengths: list[int] | None = None, return_hidden_states: bool = False):
+        """Run S new tokens [B, S, H] at ``positions`` [B, S] through every layer, their K/V stored in ``batch``.
 
-        Returns the final-norm hidden states [B, S, H] (and, if asked, the per-layer inputs as in HF's
-        ``hidden_states`` tuple: embeddings, then each layer's output, the last one after the final norm).
+        rope_lengths: per row, the sequence length the original's rotary table is sized by (the whole prompt in
+        a prefill, the current length in a decode step; default: the last position + 1), which matters only past
+        max_position_embeddings with dynamic NTK. Returns the final-norm hidden states [B, S, H] (and, if
+        asked, the per-layer inputs as in HF's ``hidden_states`` tuple: embeddings, then each layer's output,
+        the last one after the final norm).
         """
-        seq_len = cache.length + embeds.shape[1]  # what the original's rotary cache is sized by
-        cos, sin = self.rotary.cos_sin(positions, seq_len)
+        cos, sin = self.rotary.cos_sin_rows(positions, rope_lengths)
         x = embeds
         # Per-layer states are kept only when asked: at 10k tokens they are several GB.
         states = [x] if return_hidden_states else None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, batch, i)
             if states is not None:
                 states.append(x)
-        cache.commit(embeds.shape[1])
         x = self.model.norm(x)
         if states is not None:
             states[-1] = x

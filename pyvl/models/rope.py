@@ -45,6 +45,18 @@ class RotaryTables:
             self._inv_freq_cache[key] = cached
         return cached
 
+    def cos_sin_rows(self, positions: torch.Tensor, seq_lens: list[int] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin of rows [B, S] whose sequences have lengths ``seq_lens`` (default: last position + 1 each).
+        Rows share one table unless dynamic NTK gives them different bases (past max_position_embeddings)."""
+        if seq_lens is None:
+            seq_lens = (positions[:, -1] + 1).tolist()
+        bases = {self.base_for_length(n) for n in seq_lens}
+        if len(bases) == 1:
+            return self.cos_sin(positions, max(seq_lens))
+        rows = [self.cos_sin(positions[i:i + 1], n) for i, n in enumerate(seq_lens)]
+        return torch.cat([c for c, _ in rows]), torch.cat([s for _, s in rows])
+
     def cos_sin(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 cos/sin [B, S, D] at integer ``positions`` [B, S] for a forward of total length seq_len."""
         inv_freq = self.inv_freq(seq_len, positions.device)

@@ -12,7 +12,6 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import PromptError
-from ..kv_cache import KVCache
 from ..ops import Ops
 from .llm import InternLM2ForCausalLM
 from .projector import build_mlp1, shuffle_tokens
@@ -57,8 +56,3 @@ class InternVLChatModel(nn.Module):
             embeds = embeds.clone()
             embeds[slots] = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return embeds
-
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        llm = self.cfg.llm
-        return KVCache(llm.num_hidden_layers, batch, llm.num_key_value_heads, capacity, llm.head_dim,
-                       self.dtype, self.device)

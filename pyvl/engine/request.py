@@ -1,0 +1,147 @@
+"""One call to the engine: its prompt, images, generation settings and stop set, its results and its stats.
+
+A :class:`Request` is built by the caller's thread, handed to :meth:`pyvl.engine.scheduler.Engine.submit`, and
+from then on written only by the engine thread, except :meth:`Request.cancel` (a flag) and the output queue,
+through which the engine hands the caller each new token, then the end (or the error). Nothing in a request is
+shared with another request: the stats of one call are that call's.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..generate import GenerationConfig
+from .blocks import ContentKey, SequenceBlocks, content_keys
+
+__all__ = ["ChatStats", "ImageInput", "Request"]
+
+
+@dataclass
+class ChatStats:
+    """What one call cost; pass ``stats=ChatStats()`` to chat/stream/generate to have it filled in."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
+    new_tokens: int = 0
+    images: int = 0
+    images_encoded: int = 0  # images that ran through the ViT (the others came from the feature cache)
+    vision_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+    preemptions: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decode_time = self.total_s - self.time_to_first_token_s
+        return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a prompt: its digest, where its tokens sit in the prompt, and how to get its tiles.
+
+    ``tiles()`` is called only when the image's features are needed (neither the prefix cache nor the feature
+    cache has them), so a known raw image is not even preprocessed again.
+    """
+
+    digest: bytes
+    start: int  # index of its first <IMG_CONTEXT> token
+    length: int  # tiles * num_image_token
+    tiles: Callable[[], torch.Tensor]  # -> [N, 3, S, S] on any device
+
+
+_END = object()  # queue marker: the request finished
+
+
+class Request:
+    def __init__(self, prompt_ids: list[int], images: list[ImageInput], gen: GenerationConfig,
+                 stop_ids: frozenset[int], pad_id: int, bos_id: int, output_scores: bool = False,
+                 stats: ChatStats | None = None):
+        self.prompt_ids = prompt_ids
+        self.images = images
+        self.gen = gen
+        self.stop_ids = stop_ids
+        self.pad_id = pad_id
+        self.bos_id = bos_id
+        self.output_scores = output_scores
+        self.stats = stats if stats is not None else ChatStats()
+        self.stats.prompt_tokens = len(prompt_ids)
+        self.stats.images = len(images)
+        self.keys: tuple[ContentKey, ...] = content_keys(prompt_ids, [(i.start, i.length, i.digest) for i in images])
+        self.submitted_at = time.perf_counter()
+        # Engine-thread state.
+        self.output_ids: list[int] = []
+        self.scores: list[torch.Tensor] = []
+        self.seq: SequenceBlocks | None = None
+        self.num_computed = 0  # tokens whose K/V is in the cache
+        self.cacheable = False  # its blocks may be shared through the prefix cache (set at admission)
+        self.generator: torch.Generator | None = None
+        self.finished = False
+        self.cancelled = threading.Event()
+        self._outputs: queue.Queue = queue.Queue()
+
+    # ---- what the engine computes ------------------------------------------------------------------------
+    @property
+    def tokens_to_compute(self) -> list[int]:
+        """Prompt plus every output token but the last (which is fed by the next decode step)."""
+        return self.prompt_ids + self.output_ids[:-1]
+
+    @property
+    def prefilling(self) -> bool:
+        """Tokens remain to be prefilled (the prompt, or after a preemption the prompt and the output so far)."""
+        return self.num_computed < len(self.tokens_to_compute)
+
+    def all_keys(self) -> tuple[ContentKey, ...]:
+        """Content keys of every token fed so far: the prompt's, then the output ids."""
+        return self.keys + tuple(self.output_ids)
+
+    # ---- engine -> caller --------------------------------------------------------------------------------
+    def deliver(self, token: int, scores: torch.Tensor | None) -> None:
+        now = time.perf_counter()
+        if not self.output_ids:
+            self.stats.time_to_first_token_s = now - self.submitted_at
+        self.output_ids.append(token)
+        if scores is not None and self.output_scores:
+            self.scores.append(scores)
+        self.stats.new_tokens = len(self.output_ids)
+        self.stats.total_s = now - self.submitted_at
+        self._outputs.put(token)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.stats.total_s = time.perf_counter() - self.submitted_at
+        self._outputs.put(error if error is not None else _END)
+
+    # ---- caller side -------------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop generating; the engine frees this request's blocks at its next step."""
+        self.cancelled.set()
+
+    def stream_tokens(self) -> Iterator[int]:
+        """Each new token id as the engine produces it (stop id included); raises the engine's error, if any.
+        Closing the iterator early cancels the request."""
+        try:
+            while True:
+                item = self._outputs.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    def result(self) -> list[int]:
+        """Block until the request finishes; its output ids."""
+        for _ in self.stream_tokens():
+            pass
+        return self.output_ids

@@ -1,0 +1,269 @@
+"""The engine: one thread that owns the model's KV pool and runs every request, batched.
+
+Requests are submitted from any thread (:meth:`Engine.submit`); the engine thread, started on first use, loops:
+  1. drop cancelled requests (their blocks are freed at once);
+  2. admit waiting requests while fewer than ``max_num_seqs`` run and the pool can hold their prompts: each
+     takes the longest cached prefix of its prompt (full blocks by chained hash, then a tail, copied) and
+     prefills only the rest;
+  3. prefill one chunk of at most ``max_batched_tokens`` tokens of the oldest request still prefilling, so a
+     long prompt (40 tiles: ~10.5k tokens) never stalls the running decodes for its whole prefill;
+  4. decode one token for every other running request, in one batch, each with its own sampling settings.
+When the pool runs out, the youngest running request is preempted: its full blocks are registered (so its
+recompute usually hits the prefix cache), freed, and it goes back to the front of the queue with its output so
+far; it resumes exactly where it was. A request that cannot fit even in an empty pool fails with a PromptError.
+Errors never escape the engine thread: they are delivered to the request(s) they concern.
+
+Image features come from the feature cache by image digest, else from the ViT, and only for images whose tokens
+are not already covered by the cached prefix. Prefix caching is off for prompts longer than
+max_position_embeddings under dynamic NTK (their keys are rotated with a base that depends on the whole length).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PromptError
+from ..generate import process_logits, select_tokens
+from ..kv_cache import PagedKVCache
+from ..models.vlm import InternVLChatModel
+from .blocks import BlockPool, PoolExhausted, SequenceBlocks
+from .features import FeatureCache
+from .request import Request
+from .runner import DecodeRow, ModelRunner
+
+__all__ = ["EngineConfig", "Engine"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int = 16
+    max_batched_tokens: int = 2048
+    image_cache_bytes: int = 1 << 30
+    cuda_graphs: bool = True
+    max_context: int = 32768
+
+
+class Engine:
+    def __init__(self, model: InternVLChatModel, config: EngineConfig, salt: str):
+        llm = model.cfg.llm
+        self.model = model
+        self.config = config
+        self.cache = PagedKVCache(llm.num_hidden_layers, config.num_blocks, llm.num_key_value_heads, llm.head_dim,
+                                  model.dtype, model.device, config.block_size)
+        self.pool = BlockPool(config.num_blocks, config.block_size, salt=salt)
+        self.features = FeatureCache(config.image_cache_bytes)
+        max_blocks = -(-config.max_context // config.block_size)
+        self.runner = ModelRunner(model, self.cache, config.max_num_seqs, max_blocks, config.cuda_graphs)
+        rope = model.language_model.rotary
+        self._prefix_limit = rope.max_positions if rope.scaling == "dynamic" else None
+        self._incoming: deque[Request] = deque()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # ---- any thread ------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        with self._wake:
+            self._incoming.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="pyvl-engine", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return request
+
+    @property
+    def idle(self) -> bool:
+        """No request is queued or running (the pool then holds only cached blocks)."""
+        with self._wake:
+            return not (self._incoming or self._waiting or self._running)
+
+    # ---- the engine thread -----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not (self._incoming or self._waiting or self._running):
+                        self._wake.wait()
+                    self._waiting.extend(self._incoming)
+                    self._incoming.clear()
+                try:
+                    self._step()
+                except Exception as exc:  # a bug in the bookkeeping: fail everything, start clean
+                    for r in list(self._running) + list(self._waiting):
+                        self._end(r, exc)
+                    self._waiting.clear()
+
+    def _step(self) -> None:
+        for r in [r for r in list(self._running) + list(self._waiting) if r.cancelled.is_set()]:
+            self._end(r)
+        self._admit()
+        prefilling = next((r for r in self._running if r.prefilling), None)
+        if prefilling is not None:
+            self._guarded([prefilling], self._prefill_chunk, prefilling)
+        decoding = [r for r in self._running if not r.prefilling]
+        if decoding:
+            self._guarded(decoding, self._decode, decoding)
+
+    def _guarded(self, requests: list[Request], fn, *args) -> None:
+        """Run a model step; an error fails the requests it concerns (delivered to their callers)."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            for r in requests:
+                self._end(r, exc)
+
+    # ---- admission ---------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.config.max_num_seqs:
+            r = self._waiting[0]
+            tokens = r.tokens_to_compute
+            cacheable = self._prefix_limit is None or len(r.prompt_ids) <= self._prefix_limit
+            if cacheable:  # always compute the last prompt token: its logits choose the first new one
+                match = self.pool.match_prefix(r.all_keys()[:len(tokens)],
+                                               max_tokens=len(tokens) - (0 if r.output_ids else 1))
+            else:
+                match = None
+            seq = SequenceBlocks(self.pool, match)
+            cached = match.num_tokens if match else 0
+            needed = -(-(len(tokens) + 1) // self.pool.block_size) - len(seq.block_ids)
+            if needed > self.pool.num_available:
+                seq.release()
+                if match and match.tail:
+                    self.pool.release([match.tail.block_id])
+                if not self._running:  # even an empty pool cannot hold it
+                    self._waiting.popleft()
+                    self._end(r, PromptError(
+                        f"the prompt needs {needed + len(seq.block_ids)} KV blocks of {self.pool.block_size} "
+                        f"tokens but the pool has {self.pool.num_blocks}; load with a larger kv_cache_gb"))
+                    continue
+                return  # wait for running requests to free blocks
+            self._waiting.popleft()
+            if match and match.tail:  # copy-on-write: the tail's tokens into this sequence's own block
+                tail = match.tail
+                self.cache.copy_slots(list(tail.source_slots(self.pool.block_size)),
+                                      seq.append_slots(tail.num_tokens))
+                self.pool.release([tail.block_id])
+            r.seq = seq
+            r.num_computed = cached
+            if not r.output_ids:
+                r.stats.cached_tokens = cached
+            r.cacheable = cacheable
+            self._running.append(r)
+
+    # ---- prefill -----------------------------------------------------------------------------------------
+    def _prefill_chunk(self, r: Request) -> None:
+        tokens = r.tokens_to_compute
+        start = r.num_computed
+        n = min(len(tokens) - start, self.config.max_batched_tokens)
+        slots = self._slots(r, n)
+        if slots is None:
+            return
+        rows = [(max(i.start, start) - start, feats[max(i.start, start) - i.start:min(i.start + i.length, start + n)
+                                                    - i.start])
+                for i, feats in self._features_for(r, start, start + n)]
+        logits = self.runner.prefill(tokens[start:start + n], start, rows, r.seq.block_ids, slots,
+                                     rope_length=len(r.prompt_ids))
+        r.num_computed += n
+        self._register(r)
+        if not r.prefilling and not r.output_ids:
+            self._sample(r, logits[None])
+
+    def _features_for(self, r: Request, start: int, end: int):
+        """(image, feature rows) of every image with tokens in [start, end): cached, else encoded now."""
+        for image in r.images:
+            if image.start >= end or image.start + image.length <= start:
+                continue
+            feats = self.features.get(image.digest)
+            if feats is None:
+                t0 = time.perf_counter()
+                feats = self.runner.encode_image(image.tiles())
+                r.stats.vision_s += time.perf_counter() - t0
+                r.stats.images_encoded += 1
+                if feats.shape[0] != image.length:
+                    raise PromptError(f"an image gives {feats.shape[0]} feature rows but its prompt block has "
+                                      f"{image.length} <IMG_CONTEXT> tokens")
+                self.features.put(image.digest, feats)
+            yield image, feats
+
+    # ---- decode ------------------------------------------------------------------------------------------
+    def _decode(self, batch: list[Request]) -> None:
+        fed: list[tuple[Request, DecodeRow]] = []
+        for r in batch:
+            if r not in self._running:  # preempted to make room for another row of this batch
+                continue
+            slots = self._slots(r, 1)
+            if slots is not None:
+                fed.append((r, DecodeRow(r.output_ids[-1], r.num_computed, list(r.seq.block_ids), slots[0],
+                                         rope_length=r.num_computed + 1)))
+        fed = [(r, row) for r, row in fed if r in self._running]  # a later row's room may have preempted it
+        if not fed:
+            return
+        logits = self.runner.decode([row for _, row in fed])
+        for i, (r, _) in enumerate(fed):
+            r.num_computed += 1
+            self._register(r)
+            self._sample(r, logits[i:i + 1])
+
+    # ---- shared ------------------------------------------------------------------------------------------
+    def _slots(self, r: Request, n: int) -> list[int] | None:
+        """Slots for r's next n tokens, preempting younger requests when the pool is full; None if r itself
+        was preempted or failed (it alone does not fit)."""
+        while True:
+            try:
+                return r.seq.append_slots(n)
+            except PoolExhausted as exc:
+                victim = next((v for v in reversed(self._running) if v is not r), None)
+                if victim is None:
+                    self._end(r, PromptError(f"request of {len(r.tokens_to_compute) + 1} tokens does not fit the "
+                                             f"KV pool ({exc}); load with a larger kv_cache_gb"))
+                    return None
+                self._preempt(victim)
+
+    def _preempt(self, r: Request) -> None:
+        self._register(r)
+        r.seq.release()
+        r.seq, r.num_computed = None, 0
+        r.stats.preemptions += 1
+        self._running.remove(r)
+        self._waiting.appendleft(r)
+
+    def _register(self, r: Request) -> None:
+        if r.cacheable:
+            r.seq.register_full_blocks(r.all_keys())
+
+    def _sample(self, r: Request, logits: torch.Tensor) -> None:
+        gen = r.gen
+        if gen.do_sample and r.generator is None:
+            r.generator = torch.Generator(device=logits.device)
+            r.generator.manual_seed(gen.seed if gen.seed is not None else torch.seed())
+        seen = torch.tensor([[r.bos_id] + r.output_ids], device=logits.device)
+        scores = process_logits(logits, seen, gen)
+        token = int(select_tokens(scores, gen, r.generator)[0])
+        r.deliver(token, scores[0])
+        total = len(r.prompt_ids) + len(r.output_ids)
+        if token in r.stop_ids or len(r.output_ids) >= gen.max_new_tokens or total >= self.config.max_context:
+            self._end(r)
+
+    def _end(self, r: Request, error: BaseException | None = None) -> None:
+        """Finish r (done, cancelled or failed): cache what it computed, free its blocks, tell the caller."""
+        if r.seq is not None:
+            try:
+                self._register(r)
+                if r.cacheable:
+                    r.seq.register_tail(r.all_keys())
+            finally:
+                r.seq.release()
+                r.seq = None
+        if r in self._running:
+            self._running.remove(r)
+        if r in self._waiting:
+            self._waiting.remove(r)
+        r.finish(error)
