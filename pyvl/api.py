@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from . import checks
 from .chat import InternVLChat
 from .config import load_config
 from .errors import CheckpointError, ConfigError
@@ -22,6 +24,7 @@ __all__ = ["load"]
 
 log = logging.getLogger("pyvl")
 
+MAX_CONTEXT = 2**20  # tokens (32x V1-5's 32K positions): a ceiling on typos; memory is checked per call
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
@@ -37,6 +40,27 @@ def _resolve_dtype(dtype, device: torch.device, default: str) -> torch.dtype:
     if str(dtype) not in _DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[str(dtype)]
+
+
+def _resolve_device(device) -> torch.device:
+    """CUDA when available by default; a CPU or a visible CUDA device, else ConfigError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"device must be a str or torch.device such as 'cpu' or 'cuda', got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"device={device!r} is not a torch device ({exc}); use 'cpu' or 'cuda'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device}: pyvl runs on 'cpu' or 'cuda'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device}: no CUDA device is available (torch {torch.__version__}, "
+                              f"CUDA build {torch.version.cuda}); use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def _stop_ids(folder: Path, tokenizer: Tokenizer) -> tuple[int, ...]:
@@ -106,10 +130,20 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     cuda_graphs=False turns CUDA-graph decode off.
     Raises ConfigError / CheckpointError naming the file and key at fault; nothing is half-loaded.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"path must be a model folder (str or os.PathLike), got {type(path).__name__}")
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory; pyvl.load takes a model folder")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _resolve_device(device)
+    if max_context is not None:
+        checks.integer(max_context, "max_context", 2, MAX_CONTEXT, error=ConfigError)
+    if progress is not None:
+        checks.boolean(progress, "progress", error=ConfigError)
+    if not isinstance(backend, str):
+        raise ConfigError(f"backend must be a str ('auto', 'reference' or 'triton'), got {type(backend).__name__}")
+    if op_backends is not None and not isinstance(op_backends, Mapping):
+        raise ConfigError(f"op_backends must be a mapping of op name -> backend, got {type(op_backends).__name__}")
     cfg = load_config(folder)
     dtype = _resolve_dtype(dtype, device, cfg.torch_dtype)
     tokenizer = Tokenizer.from_folder(folder)

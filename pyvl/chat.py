@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import template
+from . import checks, template
 from .config import ModelConfig
 from .engine.features import tiles_digest
 from .engine.request import ChatStats, ImageInput, Request
@@ -74,14 +74,20 @@ class InternVLChat:
     def build_query(self, question: str, num_patches_list: Sequence[int] | None = None,
                     history: History | None = None, system_message: str | None = None) -> str:
         """The exact prompt string the original ``chat()`` tokenizes, image tokens expanded."""
-        return template.build_query(question, num_patches_list=num_patches_list, history=history,
-                                    system_message=self.system_message if system_message is None
+        checks.text(question, "question", PromptError)
+        checks.history(history)
+        if system_message is not None:
+            checks.text(system_message, "system_message", PromptError)
+        return template.build_query(question, num_patches_list=checks.patch_counts(num_patches_list),
+                                    history=history, system_message=self.system_message if system_message is None
                                     else system_message, num_image_token=self.num_image_token)
 
     def tile_images(self, images, max_num: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """Raw image(s) -> (tiles [N, 3, S, S], tiles per image), with the model's tiling settings (``max_num``
         overrides max_dynamic_patch), preprocessed on the model's device in its dtype by its resize_tiles op."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise PromptError("tile_images needs at least one image, got an empty list")
         cfg = self.config
         tiles = [image_to_tiles(item, self.model.ops.resize_tiles,
                                 max_num=cfg.max_dynamic_patch if max_num is None else max_num,
@@ -93,7 +99,7 @@ class InternVLChat:
     def _raw_images_to_tiles(self, images, num_patches_list) -> tuple[torch.Tensor, list[int]]:
         """Raw image(s) -> tiles, one <image> block per image; num_patches_list, if given, must agree."""
         tiles, patches = self.tile_images(images)
-        if num_patches_list is not None and [int(n) for n in num_patches_list] != patches:
+        if num_patches_list is not None and checks.patch_counts(num_patches_list) != patches:
             raise PromptError(f"num_patches_list {list(num_patches_list)} does not match the tiles the images "
                               f"produce ({patches}); leave it out when passing raw images")
         return tiles, patches
@@ -106,6 +112,8 @@ class InternVLChat:
             if num_patches_list:
                 raise PromptError(f"num_patches_list {list(num_patches_list)} was given without pixel_values")
             return None, []
+        if isinstance(pixel_values, (list, tuple)) and not pixel_values:
+            raise PromptError("pixel_values is an empty list; pass None for a text-only prompt")
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise PromptError(f"pixel_values must be a [tiles, 3, {self.config.image_size}, "
@@ -115,8 +123,9 @@ class InternVLChat:
         if tuple(pixel_values.shape[1:]) != expected or pixel_values.shape[0] == 0:
             raise PromptError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
                               f"[tiles >= 1, {', '.join(map(str, expected))}]")
-        patches = [pixel_values.shape[0]] if num_patches_list is None else [int(n) for n in num_patches_list]
-        if sum(patches) != pixel_values.shape[0] or min(patches) < 1:
+        checks.pixel_tensor(pixel_values)
+        patches = [pixel_values.shape[0]] if num_patches_list is None else checks.patch_counts(num_patches_list)
+        if not patches or sum(patches) != pixel_values.shape[0]:
             raise PromptError(f"num_patches_list {patches} must hold positive counts summing to the "
                               f"{pixel_values.shape[0]} tiles of pixel_values")
         return pixel_values, patches
@@ -126,6 +135,18 @@ class InternVLChat:
             raise PromptError(f"the prompt has {n_prompt} tokens but the context holds {self.max_context} "
                               "(prompt plus at least one new token); shorten it, use fewer tiles (max_num), "
                               "or load with a larger max_context")
+
+    def _new_cache(self, num_tokens: int) -> PagedKVCache:
+        """A private KV cache for one prompt of num_tokens (logits()), once it is known to fit in memory."""
+        llm = self.config.llm
+        blocks = -(-num_tokens // BLOCK_SIZE)
+        checks.check_kv_cache_fits(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim,
+                                   blocks * BLOCK_SIZE, 1, self.dtype, self.device, error=PromptError)
+        return PagedKVCache(llm.num_hidden_layers, blocks, llm.num_key_value_heads, llm.head_dim, self.dtype,
+                            self.device)
+
+    def _token_rows(self, input_ids, name: str = "input_ids") -> list[list[int]]:
+        return checks.token_rows(input_ids, name, self.config.llm.vocab_size)
 
     # ---- forward passes ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -137,19 +158,15 @@ class InternVLChat:
     @torch.inference_mode()
     def logits(self, input_ids, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [S, vocab] of one prompt (1-D or [1, S] ids), images spliced in."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
-        if ids.dim() == 2 and ids.shape[0] == 1:
-            ids = ids[0]
-        if ids.dim() != 1 or ids.numel() == 0:
-            raise PromptError(f"input_ids must be one non-empty prompt (1-D or [1, S]), got shape "
-                              f"{tuple(ids.shape)}")
+        rows = self._token_rows(input_ids)
+        if len(rows) != 1:
+            raise PromptError(f"input_ids must be one non-empty prompt (1-D or [1, S]), got {len(rows)} rows")
+        ids = torch.tensor(rows[0], dtype=torch.long, device=self.device)
         if ids.numel() > self.max_context:
             raise PromptError(f"input_ids has {ids.numel()} tokens; the context holds {self.max_context}")
         feats = None if pixel_values is None else self.extract_feature(pixel_values)
         embeds = self.model.embed(ids[None], feats, self.img_context_token_id)
-        llm = self.config.llm
-        cache = PagedKVCache(llm.num_hidden_layers, -(-ids.numel() // BLOCK_SIZE), llm.num_key_value_heads,
-                             llm.head_dim, self.dtype, self.device)  # private: no request shares it
+        cache = self._new_cache(ids.numel())
         positions = torch.arange(ids.numel(), device=self.device)[None]
         hidden = self.model.language_model(embeds, positions, PagedBatch.contiguous_prefill(cache, ids.numel()))
         return self.model.language_model.lm_head(hidden[0])
@@ -200,8 +217,8 @@ class InternVLChat:
         Returns the new ids [B, T] (stop ids included, pad after a row stops), and with ``output_scores`` also
         the processed float32 scores [B, T, vocab] that chose them (zeros after a row stopped).
         """
-        prompts = [list(map(int, row)) for row in (input_ids if input_ids and isinstance(input_ids[0], (list, tuple))
-                                                  else [input_ids])]
+        prompts = self._token_rows(input_ids)
+        checks.boolean(output_scores, "output_scores", PromptError)
         if pixel_values is not None:
             pixel_values, _ = self._prepare_images(pixel_values, None)
         requests = self._requests(prompts, pixel_values, generation_config, output_scores, stats)
@@ -225,6 +242,8 @@ class InternVLChat:
 
     def _single_query(self, pixel_values, question, history, num_patches_list):
         """(tiles, prompt, question as asked) for one chat turn."""
+        checks.text(question, "question", PromptError)
+        checks.history(history)
         raw_list = isinstance(pixel_values, (list, tuple)) and len(pixel_values) > 1
         pixel_values, patches = self._prepare_images(pixel_values, num_patches_list)
         if raw_list and history is None and template.IMAGE_PLACEHOLDER not in question:
@@ -239,6 +258,8 @@ class InternVLChat:
              stats: ChatStats | None = None):
         """Answer ``question`` about the tiles in ``pixel_values`` (or text only when None). ``stats``, when
         given, is filled with this call's figures (prompt and cached tokens, images encoded, timings)."""
+        checks.boolean(return_history, "return_history", PromptError)
+        GenerationConfig.from_user(generation_config)  # bad settings fail before the images are tiled
         pixel_values, query, question = self._single_query(pixel_values, question, history, num_patches_list)
         (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, stats=stats)
         response = self._response(request.result())
@@ -251,6 +272,7 @@ class InternVLChat:
                num_patches_list: Sequence[int] | None = None, stats: ChatStats | None = None) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated; ''.join(pieces) == chat(...). Closing the
         generator early cancels the request (its KV blocks are freed at once)."""
+        GenerationConfig.from_user(generation_config)  # bad settings fail before the images are tiled
         pixel_values, query, _ = self._single_query(pixel_values, question, history, num_patches_list)
         (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, stats=stats)
         decoder = self.tokenizer.stream_decoder()
@@ -279,9 +301,14 @@ class InternVLChat:
         """One question per image (``num_patches_list[k]`` tiles for question k), answered together."""
         if history is not None or return_history:
             raise PromptError("batch_chat does not support history/return_history (nor does the original)")
-        questions = list(questions)
+        if not isinstance(questions, (list, tuple)):
+            hint = "; wrap a single question in a list" if isinstance(questions, str) else ""
+            raise PromptError(f"batch_chat: questions must be a list of str (one per image), got "
+                              f"{type(questions).__name__}{hint}")
+        questions = [checks.text(q, f"questions[{k}]", PromptError) for k, q in enumerate(questions)]
         if not questions:
             raise PromptError("batch_chat needs at least one question")
+        GenerationConfig.from_user(generation_config)
         if pixel_values is None:
             patches = [0] * len(questions)
         else:

@@ -70,9 +70,11 @@ def _answer(model, pixels, patches, question, gen, history, stats: bool):
 
 
 def cmd_chat(args) -> int:
+    from .generate import GenerationConfig
+
+    gen = GenerationConfig.from_user(_generation_config(args))  # bad flags fail before the model loads
     model = _load_model(args)
     pixels, patches = _images(model, args.image, args.max_num)
-    gen = _generation_config(args)
     if args.question:
         _answer(model, pixels, patches, _question_with_images(" ".join(args.question), len(args.image)), gen,
                 None, args.stats)
@@ -216,6 +218,8 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvl", description="InternVL 1.5 inference runtime")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a failure instead of the one-line error")
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="chat about images (streams the answer)")
     chat.add_argument("question", nargs="*", help="the question; omit for an interactive session")
@@ -273,15 +277,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A failure prints one line, ``pyvl: error: ...``, and returns 2 for bad input (a
+    PyvlError) or 1 for anything unexpected; ``--debug`` lets the exception through, traceback and all."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except PyvlError as exc:
-        print(f"pyvl: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, PyvlError):
+            print(f"pyvl: error: {_one_line(str(exc))}", file=sys.stderr)
+            return 2
+        print(f"pyvl: error: unexpected {type(exc).__name__}: {_one_line(str(exc))} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ The torchvision resize in the original's transform is a no-op (tiles are already
 import functools
 import io
 import os
+import stat
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pyvl import checks
 from pyvl.errors import ImageError
 from pyvl.ops import reference
 
@@ -42,6 +44,8 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_TILES = 40  # the InternVL 1.5 model card advertises 1-40 tiles at test time
+MAX_IMAGE_SIZE = 2048  # tile side in pixels (InternVL uses 448): 40 tiles of 2048^2 are already 2 GB of float32
+MAX_THREADS = 1024
 
 
 def _check_pixel_limit(width: int, height: int, name: str) -> None:
@@ -60,8 +64,32 @@ def _check_size(img: Image.Image, name: str) -> None:
     _check_pixel_limit(width, height, name)
 
 
+def _open_regular_file(path: str, name: str):
+    """A binary file object for `path`, which must be a regular file. The open is non-blocking and the check
+    is on the opened descriptor, so a FIFO (which would block until a writer comes), a device, a socket or a
+    directory is refused at once, with no window for the path to be swapped in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file; expected an existing image file") from None
+    except ValueError as exc:  # e.g. an embedded NUL byte
+        raise ImageError(f"{name}: not a usable path ({exc})") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot open ({exc.strerror or exc}); expected a readable image file") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket"
+                if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        raise ImageError(f"{name}: cannot read image: it is {kind}; expected a regular image file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def _decode(source, name: str) -> Image.Image:
-    """Decode a file path or file object fully (so truncated data fails here) and convert to RGB."""
+    """Decode a file object fully (so truncated data fails here) and convert to RGB."""
     limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -76,8 +104,6 @@ def _decode(source, name: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: refusing to decode: {exc} (PIL.Image.MAX_IMAGE_PIXELS = {limit}; "
                          f"raise it yourself only for trusted images)") from exc
-    except FileNotFoundError as exc:
-        raise ImageError(f"{name}: no such file; expected an existing image file") from exc
     except Exception as exc:  # any decoder failure: unknown format, truncated/corrupt data, unreadable path
         raise ImageError(f"{name}: cannot read image ({type(exc).__name__}: {exc}); "
                          f"expected a complete image file Pillow can decode (PNG, JPEG, ...)") from exc
@@ -104,7 +130,10 @@ def open_image(image) -> Image.Image:
     array (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grayscale. Raises ImageError on anything unreadable.
     """
     if isinstance(image, (str, os.PathLike)):
-        return _decode(os.fspath(image), f"image file {os.fspath(image)!r}")
+        path = os.fspath(image)
+        name = f"image file {path!r}"
+        with _open_regular_file(path, name) as f:
+            return _decode(f, name)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if not data:
@@ -129,27 +158,27 @@ def is_raw_image(obj) -> bool:
     return isinstance(obj, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray))
 
 
+def _packed_rgb(image: np.ndarray) -> bool:
+    """Pixels packed (strides (row, 3, 1)) and rows apart by at least one row, forward: what the kernels read."""
+    return image.strides[2] == 1 and image.strides[1] == 3 and image.strides[0] >= 3 * image.shape[1]
+
+
 def open_rgb_array(image) -> np.ndarray:
-    """Like `open_image`, as an RGB uint8 [H, W, 3] array; an RGB array with packed pixels is used as it is
-    (after the same checks), which saves two copies of a large decoded photo."""
+    """Like `open_image`, as an RGB uint8 [H, W, 3] array. An RGB array is used as it is when its pixels are
+    packed (any row stride: a crop of a larger image), which saves two copies of a large decoded photo, and
+    copied once otherwise (flipped, transposed, broadcast or channel-strided views), as Pillow would."""
     if (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-            and image.strides[1:] == (3, 1) and image.shape[0] > 0 and image.shape[1] > 0):
+            and image.shape[0] > 0 and image.shape[1] > 0):
         _check_pixel_limit(image.shape[1], image.shape[0], f"numpy array of shape {image.shape}")
-        return image
+        # copy(order="C") gives standard strides even where a size-1 dimension has an odd one
+        return image if _packed_rgb(image) else image.copy(order="C")
     return np.asarray(open_image(image))
 
 
-def _check_int(value, name: str, low: int, high: int | None = None) -> None:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not ok or value < low or (high is not None and value > high):
-        bounds = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
-        raise ImageError(f"{name}={value!r}: expected {bounds}")
-
-
 def _check_tile_args(min_num, max_num, image_size=448) -> None:
-    _check_int(max_num, "max_num", 1, MAX_TILES)
-    _check_int(min_num, "min_num", 1, max_num)
-    _check_int(image_size, "image_size", 1)
+    checks.integer(max_num, "max_num", 1, MAX_TILES, error=ImageError)
+    checks.integer(min_num, "min_num", 1, max_num, error=ImageError)
+    checks.integer(image_size, "image_size", 1, MAX_IMAGE_SIZE, error=ImageError)
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -166,8 +195,8 @@ def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
 def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
                 image_size: int = 448) -> tuple[int, int]:
     """The (cols, rows) tile grid the original picks for a width x height image (spec 8.2 step 3)."""
-    _check_int(width, "width", 1)
-    _check_int(height, "height", 1)
+    checks.integer(width, "width", 1, error=ImageError)
+    checks.integer(height, "height", 1, error=ImageError)
     _check_tile_args(min_num, max_num, image_size)
     aspect = width / height  # float64, like the original
     area = width * height
@@ -250,7 +279,15 @@ def load_image(image, max_num: int = 12, min_num: int = 1, image_size: int = 448
     float32. A loaded model preprocesses raw images itself, through its op table (``InternVLChat.tile_images``).
     """
     _check_tile_args(min_num, max_num, image_size)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    checks.boolean(use_thumbnail, "use_thumbnail", ImageError)
+    checks.boolean(use_native, "use_native", ImageError)
+    checks.integer(num_threads, "num_threads", 0, MAX_THREADS, ImageError)
+    if not isinstance(dtype, torch.dtype):
+        raise ImageError(f"load_image: dtype must be a torch.dtype (torch.float32, torch.bfloat16), got {dtype!r}")
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ImageError(f"load_image: device={device!r} is not a torch device ({exc})") from None
     if device.type == "cuda":
         if dtype not in (torch.float32, torch.bfloat16):
             raise ImageError(f"load_image: on {device} the tiles are float32 or bfloat16; got dtype={dtype}")

@@ -95,9 +95,14 @@ def build_query(question: str, num_patches_list: Sequence[int] | None = None, hi
         return query
     found = query.count(IMAGE_PLACEHOLDER)
     if found != len(patches):
+        # Stricter than the original, which expands the first len(patches) placeholders and leaves any others
+        # in the prompt as plain text: a stray "<image>" is far more often a mistake than meant literally.
+        rule = (f"pyvl refuses placeholders beyond the images (the original chat() expands the first "
+                f"{len(patches)} and keeps the rest as plain text)" if found > len(patches)
+                else "every image needs its own placeholder")
         raise PromptError(f"the prompt (history included) has {found} '{IMAGE_PLACEHOLDER}' placeholder(s) but "
-                          f"{len(patches)} image(s) were given (num_patches_list {patches}); use one placeholder "
-                          "per image")
+                          f"{len(patches)} image(s) were given (num_patches_list {patches}); use exactly one "
+                          f"placeholder per image: {rule}")
     # replace the k-th placeholder by the k-th block: split once instead of len(patches) str.replace calls
     pieces = query.split(IMAGE_PLACEHOLDER)
     return pieces[0] + "".join(image_block(n, num_image_token) + rest for n, rest in zip(patches, pieces[1:]))

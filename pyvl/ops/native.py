@@ -57,6 +57,7 @@ __all__ = ["MAX_GRID_TILES", "pillow_pass_order", "pass_order_for", "has_cuda", 
 # The largest grid the kernels accept: the range they are tested at. Which grid an image gets is the tiling
 # policy's business (pyvl.image.choose_grid, at most pyvl.image.MAX_TILES), not this module's.
 MAX_GRID_TILES = 40
+MAX_THREADS = 1024  # the kernels take a C int; more threads than this is a mistake, not a machine
 
 # torch dtype -> _C dtype code, per device type.
 _OUT_DTYPES = {
@@ -215,8 +216,7 @@ def normalize_tiles(
     is for the CPU: 0 picks a count from the size and the cores, n > 0 uses n threads.
     """
     mean, std = _channels("mean", mean), _channels("std", std)
-    if not isinstance(num_threads, int) or num_threads < 0:
-        raise ImageError(f"normalize_tiles: num_threads must be an int >= 0 (0 = automatic), got {num_threads!r}")
+    num_threads = _check_threads(num_threads, "normalize_tiles")
     shape, device = _check_tiles(tiles)
     n, h, w, _ = shape
     if out is None:
@@ -240,15 +240,21 @@ def _check_image(image: np.ndarray, op: str) -> tuple[int, int, int]:
         raise ImageError(f"{op}: image must have shape [H, W, 3] (RGB, channels last), got {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ImageError(f"{op}: image must not be empty, got shape {image.shape}")
-    if image.strides[2] != 1 or image.strides[1] != 3 or image.strides[0] < 3 * image.shape[1]:
+    h, w = image.shape[:2]
+    # A dimension of size 1 is never stepped over, so its stride (numpy leaves odd ones there) does not matter.
+    row_stride = image.strides[0] if h > 1 else 3 * w
+    if image.strides[2] != 1 or (w > 1 and image.strides[1] != 3) or row_stride < 3 * w:
         raise ImageError(f"{op}: image of shape {image.shape} must have packed RGB pixels (strides (row, 3, 1)), "
-                         f"got strides {image.strides}; make a contiguous copy first (np.ascontiguousarray)")
-    return image.shape[0], image.shape[1], image.strides[0]
+                         f"got strides {image.strides}; make a contiguous copy first (image.copy())")
+    return h, w, row_stride
 
 
-def _check_threads(num_threads, op: str) -> None:
-    if not isinstance(num_threads, int) or num_threads < 0:
-        raise ImageError(f"{op}: num_threads must be an int >= 0 (0 = automatic), got {num_threads!r}")
+def _check_threads(num_threads, op: str) -> int:
+    if (isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, (int, np.integer))
+            or not 0 <= num_threads <= MAX_THREADS):
+        raise ImageError(f"{op}: num_threads must be an int >= 0 and <= {MAX_THREADS} (0 = automatic), "
+                         f"got {num_threads!r}")
+    return int(num_threads)
 
 
 def _check_grid(cols, rows, tile, op: str) -> None:
@@ -266,7 +272,7 @@ def resize_bicubic(image: np.ndarray, out_w: int, out_h: int, num_threads: int =
                    pass_order: int | None = None) -> np.ndarray:
     """Pillow-exact ``resize((out_w, out_h), BICUBIC)`` of an RGB uint8 [H, W, 3] array."""
     h, w, stride = _check_image(image, "resize_bicubic")
-    _check_threads(num_threads, "resize_bicubic")
+    num_threads = _check_threads(num_threads, "resize_bicubic")
     pass_order = _resolve_pass_order(pass_order, "resize_bicubic")
     if out_w < 1 or out_h < 1:
         raise ImageError(f"resize_bicubic: output size must be positive, got {out_w}x{out_h}")
@@ -285,7 +291,7 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: 
     """
     h, w, stride = _check_image(image, "resize_tiles")
     mean, std = _channels("mean", mean), _channels("std", std)
-    _check_threads(num_threads, "resize_tiles")
+    num_threads = _check_threads(num_threads, "resize_tiles")
     _check_grid(cols, rows, tile, "resize_tiles")
     pass_order = _resolve_pass_order(pass_order, "resize_tiles")
     thumbnail = bool(thumbnail) and cols * rows > 1
