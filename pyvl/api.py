@@ -15,7 +15,6 @@ from .chat import InternVLChat
 from .config import load_config
 from .errors import CheckpointError, ConfigError
 from .engine.scheduler import Engine, EngineConfig
-from .kv_cache import BLOCK_SIZE, bytes_per_token
 from .loader import load_model
 from .ops import resolve_ops
 from .tokenizer import Tokenizer
@@ -88,29 +87,6 @@ def _context_length(folder: Path, llm_max_positions: int) -> int:
     return max(llm_max_positions, tokenizer_max)
 
 
-def _engine_config(model, device: torch.device, context: int, kv_cache_gb: float | None,
-                   image_cache_gb: float, max_num_seqs: int, max_batched_tokens: int, cuda_graphs: bool
-                   ) -> EngineConfig:
-    """The KV pool from its budget: kv_cache_gb, else half the free GPU memory after the weights on CUDA and
-    the smaller of 2 GiB and room for max_num_seqs full contexts on the CPU."""
-    llm = model.cfg.llm
-    per_block = BLOCK_SIZE * bytes_per_token(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim,
-                                             model.dtype)
-    if kv_cache_gb is not None:
-        budget = kv_cache_gb * 1e9
-    elif device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] * 0.5
-    else:
-        budget = min(2 * 2**30, max_num_seqs * -(-context // BLOCK_SIZE) * per_block)
-    num_blocks = int(budget // per_block)
-    if num_blocks < 1:
-        raise ConfigError(f"kv_cache_gb={kv_cache_gb} holds no block of {BLOCK_SIZE} tokens "
-                          f"({per_block / 1e9:.4f} GB each)")
-    return EngineConfig(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
-                        max_batched_tokens=max_batched_tokens, image_cache_bytes=int(image_cache_gb * 1e9),
-                        cuda_graphs=cuda_graphs, max_context=context)
-
-
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          backend: str = "auto", op_backends: Mapping[str, str] | None = None, max_context: int | None = None,
          progress: bool | None = None, mmap: bool = False, kv_cache_gb: float | None = None,
@@ -144,6 +120,13 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         raise ConfigError(f"backend must be a str ('auto', 'reference' or 'triton'), got {type(backend).__name__}")
     if op_backends is not None and not isinstance(op_backends, Mapping):
         raise ConfigError(f"op_backends must be a mapping of op name -> backend, got {type(op_backends).__name__}")
+    checks.boolean(mmap, "mmap", error=ConfigError)
+    if kv_cache_gb is not None:
+        checks.real(kv_cache_gb, "kv_cache_gb", 0, 1e5, low_open=True, error=ConfigError)
+    checks.real(image_cache_gb, "image_cache_gb", 0, 1e5, error=ConfigError)
+    checks.integer(max_num_seqs, "max_num_seqs", 1, 1024, error=ConfigError)
+    checks.integer(max_batched_tokens, "max_batched_tokens", 16, 1 << 20, error=ConfigError)
+    checks.boolean(cuda_graphs, "cuda_graphs", error=ConfigError)
     cfg = load_config(folder)
     dtype = _resolve_dtype(dtype, device, cfg.torch_dtype)
     tokenizer = Tokenizer.from_folder(folder)
@@ -156,8 +139,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     context = max_context if max_context is not None else _context_length(folder, cfg.llm.max_position_embeddings)
     if context < 2:
         raise ConfigError(f"max_context {context} must be at least 2")
-    engine = Engine(model, _engine_config(model, device, context, kv_cache_gb, image_cache_gb, max_num_seqs,
-                                          max_batched_tokens, cuda_graphs), salt=f"{folder.resolve()}|{dtype}")
+    engine = Engine(model, EngineConfig.for_model(model, context, kv_cache_gb, image_cache_gb, max_num_seqs,
+                                                  max_batched_tokens, cuda_graphs), salt=f"{folder.resolve()}|{dtype}")
     log.info("loaded %s on %s (%s, ops: %s; KV pool %d blocks of %d tokens)", folder, device, dtype,
-             dict(ops.backends), engine.pool.num_blocks, BLOCK_SIZE)
+             dict(ops.backends), engine.pool.num_blocks, engine.pool.block_size)
     return InternVLChat(model, tokenizer, cfg, folder, context, _stop_ids(folder, tokenizer), engine)

@@ -9,6 +9,7 @@ HF ``generate`` does. Thread-safe: calls from several threads are decoded togeth
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -192,22 +193,22 @@ class InternVLChat:
         return images
 
     def _submit(self, prompt: list[int], images: list[ImageInput], gen: GenerationConfig, output_scores: bool,
-                stats: ChatStats | None) -> Request:
+                stats: ChatStats | None, started_at: float) -> Request:
         self._check_context(len(prompt))
         stop = gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids
         request = Request(prompt, images, gen, frozenset(stop), self.tokenizer.pad_id, self.tokenizer.bos_id,
-                          output_scores=output_scores, stats=stats)
+                          output_scores=output_scores, stats=stats, started_at=started_at)
         if gen.max_new_tokens == 0:  # nothing to generate: the original returns no token either
             request.finish()
             return request
         return self.engine.submit(request)
 
-    def _requests(self, prompts: list[list[int]], pixel_values, generation_config, output_scores: bool = False,
-                  stats: ChatStats | None = None) -> list[Request]:
+    def _requests(self, prompts: list[list[int]], pixel_values, generation_config, started_at: float,
+                  output_scores: bool = False, stats: ChatStats | None = None) -> list[Request]:
         gen = GenerationConfig.from_user(generation_config)
         for prompt in prompts:
             self._check_context(len(prompt))
-        return [self._submit(p, images, gen, output_scores, stats if len(prompts) == 1 else None)
+        return [self._submit(p, images, gen, output_scores, stats if len(prompts) == 1 else None, started_at)
                 for p, images in zip(prompts, self._image_inputs(prompts, pixel_values))]
 
     def generate(self, input_ids, pixel_values: torch.Tensor | None = None, generation_config=None,
@@ -217,11 +218,12 @@ class InternVLChat:
         Returns the new ids [B, T] (stop ids included, pad after a row stops), and with ``output_scores`` also
         the processed float32 scores [B, T, vocab] that chose them (zeros after a row stopped).
         """
+        started_at = time.perf_counter()
         prompts = self._token_rows(input_ids)
         checks.boolean(output_scores, "output_scores", PromptError)
         if pixel_values is not None:
             pixel_values, _ = self._prepare_images(pixel_values, None)
-        requests = self._requests(prompts, pixel_values, generation_config, output_scores, stats)
+        requests = self._requests(prompts, pixel_values, generation_config, started_at, output_scores, stats)
         outputs = [r.result() for r in requests]
         width = max(len(o) for o in outputs)
         ids = torch.tensor([o + [self.tokenizer.pad_id] * (width - len(o)) for o in outputs], dtype=torch.long)
@@ -258,10 +260,12 @@ class InternVLChat:
              stats: ChatStats | None = None):
         """Answer ``question`` about the tiles in ``pixel_values`` (or text only when None). ``stats``, when
         given, is filled with this call's figures (prompt and cached tokens, images encoded, timings)."""
+        started_at = time.perf_counter()
         checks.boolean(return_history, "return_history", PromptError)
         GenerationConfig.from_user(generation_config)  # bad settings fail before the images are tiled
         pixel_values, query, question = self._single_query(pixel_values, question, history, num_patches_list)
-        (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, stats=stats)
+        (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, started_at,
+                                    stats=stats)
         response = self._response(request.result())
         if not return_history:
             return response
@@ -272,9 +276,11 @@ class InternVLChat:
                num_patches_list: Sequence[int] | None = None, stats: ChatStats | None = None) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated; ''.join(pieces) == chat(...). Closing the
         generator early cancels the request (its KV blocks are freed at once)."""
+        started_at = time.perf_counter()
         GenerationConfig.from_user(generation_config)  # bad settings fail before the images are tiled
         pixel_values, query, _ = self._single_query(pixel_values, question, history, num_patches_list)
-        (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, stats=stats)
+        (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, started_at,
+                                    stats=stats)
         decoder = self.tokenizer.stream_decoder()
         pending = ""  # whitespace held back: chat() strips both ends, so must the stream
         started = False
@@ -299,6 +305,7 @@ class InternVLChat:
                    num_patches_list: Sequence[int] | None = None, history=None, return_history: bool = False
                    ) -> list[str]:
         """One question per image (``num_patches_list[k]`` tiles for question k), answered together."""
+        started_at = time.perf_counter()
         if history is not None or return_history:
             raise PromptError("batch_chat does not support history/return_history (nor does the original)")
         if not isinstance(questions, (list, tuple)):
@@ -320,5 +327,6 @@ class InternVLChat:
                                         system_message=self.system_message,
                                         num_image_token=self.num_image_token)
                    for q, n in zip(questions, patches)]
-        requests = self._requests([self.tokenizer.encode(q) for q in queries], pixel_values, generation_config)
+        requests = self._requests([self.tokenizer.encode(q) for q in queries], pixel_values, generation_config,
+                                  started_at)
         return [self._response(r.result()) for r in requests]

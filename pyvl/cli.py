@@ -55,15 +55,17 @@ def _question_with_images(question: str, n_images: int) -> str:
 
 
 def _answer(model, pixels, patches, question, gen, history, stats: bool):
-    pieces = []
-    for piece in model.stream(pixels, question, gen, history=history, num_patches_list=patches):
+    from .engine.request import ChatStats
+
+    pieces, s = [], ChatStats()
+    for piece in model.stream(pixels, question, gen, history=history, num_patches_list=patches, stats=s):
         pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if stats:
-        s = model.last_stats
-        print(f"[{s.prompt_tokens} prompt tokens, {s.new_tokens} new; vision+prep {s.vision_s * 1e3:.1f} ms, "
+        print(f"[{s.prompt_tokens} prompt tokens ({s.cached_tokens} cached), {s.new_tokens} new; "
+              f"{s.images_encoded} of {s.images} images through the ViT, vision {s.vision_s * 1e3:.1f} ms, "
               f"time to first token {s.time_to_first_token_s * 1e3:.1f} ms, "
               f"decode {s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return "".join(pieces)

@@ -15,14 +15,9 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["BLOCK_SIZE", "PagedKVCache", "PagedBatch", "bytes_per_token"]
+__all__ = ["BLOCK_SIZE", "PagedKVCache", "PagedBatch"]
 
 BLOCK_SIZE = 64  # one Triton key tile (BLOCK_N) never straddles two blocks; one 448px tile = 4 blocks
-
-
-def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """K and V of one token in every layer."""
-    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class PagedKVCache:
@@ -35,9 +30,8 @@ class PagedKVCache:
             self.k = torch.empty(shape, dtype=dtype, device=device)
             self.v = torch.empty(shape, dtype=dtype, device=device)
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            gb = num_blocks * block_size * bytes_per_token(num_layers, num_kv_heads, head_dim, dtype) / 1e9
-            raise ConfigError(f"cannot allocate a KV cache of {num_blocks} blocks x {block_size} tokens "
-                              f"({gb:.2f} GB) on {device}: {exc}; pass a smaller kv_cache_gb") from None
+            raise ConfigError(f"cannot allocate a KV cache of {num_blocks} blocks x {block_size} tokens on "
+                              f"{device}: {exc}; pass a smaller kv_cache_gb") from None
         self.num_blocks = num_blocks
         self.block_size = block_size
 

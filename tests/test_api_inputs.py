@@ -13,7 +13,7 @@ import pyvl
 from pyvl import checks
 from pyvl.errors import CheckpointError, ConfigError, PromptError
 from pyvl.generate import GenerationConfig
-from conftest import GOLDEN, loaded_model
+from conftest import GOLDEN, golden_cases, loaded_model
 
 CHECKPOINT = GOLDEN / "v15" / "checkpoint"
 TALL = GOLDEN / "images" / "tall_300x1000.png"
@@ -187,30 +187,45 @@ def test_token_ids_as_tensors_and_arrays(model):
         model.generate([1, 2], None, gen, output_scores="yes")
 
 
-def test_kv_cache_bytes_is_what_the_cache_allocates(model):
-    llm = model.config.llm
-    cache = model.model.new_cache(3, 17)
-    want = cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
-    assert checks.kv_cache_bytes(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, 17, 3,
-                                 model.dtype) == want
+def test_kv_cache_bytes_is_what_the_pool_allocates(model):
+    llm, cache = model.config.llm, model.engine.cache
+    assert checks.kv_cache_bytes(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim,
+                                 cache.num_blocks * cache.block_size, 1, model.dtype) == cache.nbytes
 
 
 def test_a_cache_larger_than_free_memory_is_refused_before_allocating(monkeypatch):
-    big = pyvl.load(CHECKPOINT, device="cpu", max_context=2**20)
-    llm = big.config.llm
-    per_token = checks.kv_cache_bytes(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, 1, 1, big.dtype)
+    import pyvl.kv_cache
+
+    probe = pyvl.load(CHECKPOINT, device="cpu", kv_cache_gb=0.001)
+    llm = probe.config.llm
+    per_token = checks.kv_cache_bytes(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, 1, 1,
+                                      probe.dtype)
     monkeypatch.setattr(checks, "available_memory", lambda device: 1000 * per_token)
 
-    def no_allocation(*args):
+    def no_allocation(*args, **kwargs):
         raise AssertionError("the cache was allocated")
 
-    monkeypatch.setattr(big.model, "new_cache", no_allocation)
-    with pytest.raises(PromptError, match=r"KV cache for 1 sequence\(s\) of 1048576 tokens .* GiB free"):
-        big.chat(None, "hi", dict(max_new_tokens=10**9))
-    with pytest.raises(PromptError, match=r"KV cache for 2 sequence\(s\)"):
-        big.batch_chat(None, ["a", "b"], dict(max_new_tokens=10**9))
+    monkeypatch.setattr(pyvl.kv_cache.torch, "empty", no_allocation)
+    with pytest.raises(ConfigError, match=r"KV cache for 1 sequence\(s\) of \d+ tokens .* GiB free"):
+        pyvl.load(CHECKPOINT, device="cpu", kv_cache_gb=1.0)
     with pytest.raises(PromptError, match="KV cache for 1 sequence"):
-        big.logits(list(range(1, 1002)))
+        probe.logits(list(range(1, 1002)))
+
+
+def test_a_request_larger_than_the_pool_is_refused_and_the_pool_stays_usable():
+    small = pyvl.load(CHECKPOINT, device="cpu", kv_cache_gb=None, max_context=2**20)
+    tiny = pyvl.load(CHECKPOINT, device="cpu", max_context=4096,
+                     kv_cache_gb=2 * checks.kv_cache_bytes(small.config.llm.num_hidden_layers,
+                                                           small.config.llm.num_key_value_heads,
+                                                           small.config.llm.head_dim, 64, 1, small.dtype) / 1e9)
+    assert tiny.engine.pool.num_blocks == 2  # 128 tokens
+    with pytest.raises(PromptError, match="KV blocks of 64 tokens but the pool has 2"):
+        tiny.chat(None, "hi " * 200)
+    question = golden_cases("v15")["cases"]["text_eos_stop"]["question"]  # the answer ends at <|im_end|>
+    assert tiny.chat(None, question, dict(max_new_tokens=10**9)) == small.chat(None, question,
+                                                                              dict(max_new_tokens=10**9))
+    tiny.engine.pool.check()
+    assert tiny.engine.pool.num_in_use == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MemAvailable is read from Linux's /proc/meminfo")

@@ -93,8 +93,9 @@ def test_stops_on_im_end(model):
         new = model.generate(ids, None, dict(max_new_tokens=budget))[0].tolist()
         assert new == expected["new_token_ids"], budget
         assert new.index(im_end) == len(new) - 1 < budget - 1, f"{new}: must end at its first <|im_end|>"
-    assert model.chat(None, expected["question"], dict(max_new_tokens=60)) == expected["response"]
-    assert model.last_stats.new_tokens == len(new)
+    stats = pyvl.ChatStats()
+    assert model.chat(None, expected["question"], dict(max_new_tokens=60), stats=stats) == expected["response"]
+    assert stats.new_tokens == len(new)
     assert "".join(model.stream(None, expected["question"], dict(max_new_tokens=60))) == expected["response"]
     # any stop id ends it at its first occurrence: the third greedy token as the only stop id
     third = new[2]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import pyvl
 from conftest import GOLDEN, VARIANTS, expand_compact, golden_cases, image_for_key, loaded_model, sha256
+from pyvl.kv_cache import BLOCK_SIZE, PagedBatch, PagedKVCache
 
 FLOAT32_ATOL = 1e-4
 MARGIN_FLOOR = 1e-3  # compare greedy ids only while the original's top-2 margin exceeds this
@@ -133,9 +134,12 @@ def test_text_hidden_states(variant):
         want = tensors(variant, name)
         ids = want["input_ids"]
         lm = model.model.language_model
-        cache = model.model.new_cache(1, ids.numel())
+        llm = model.config.llm
+        cache = PagedKVCache(llm.num_hidden_layers, -(-ids.numel() // BLOCK_SIZE), llm.num_key_value_heads,
+                             llm.head_dim, torch.float32, "cpu")
         with torch.inference_mode():
-            _, states = lm(lm.embed(ids[None]), torch.arange(ids.numel())[None], cache, return_hidden_states=True)
+            _, states = lm(lm.embed(ids[None]), torch.arange(ids.numel())[None],
+                           PagedBatch.contiguous_prefill(cache, ids.numel()), return_hidden_states=True)
         assert_close(torch.stack([s[0] for s in states]), want["llm_hidden_states"], f"{variant}/{name} hidden")
 
 

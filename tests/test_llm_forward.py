@@ -6,6 +6,8 @@ import torch
 
 from conftest import loaded_model
 
+from pyvl.kv_cache import PagedBatch, PagedKVCache
+
 
 def _older_outputs_alive_at_final_norm(keep_states: bool) -> tuple[int, int]:
     """(layer outputs other than the last still alive when the final norm runs, number of layers)."""
@@ -20,7 +22,9 @@ def _older_outputs_alive_at_final_norm(keep_states: bool) -> tuple[int, int]:
     try:
         with torch.inference_mode():
             ids = torch.arange(3, 40)[None]
-            lm(lm.embed(ids), torch.arange(ids.shape[1])[None], model.new_cache(1, ids.shape[1]),
+            cache = PagedKVCache(lm.cfg.num_hidden_layers, 1, lm.cfg.num_key_value_heads, lm.cfg.head_dim,
+                                 torch.float32, "cpu")
+            lm(lm.embed(ids), torch.arange(ids.shape[1])[None], PagedBatch.contiguous_prefill(cache, ids.shape[1]),
                return_hidden_states=keep_states)
     finally:
         for h in handles:

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pyvl.chat
 from pyvl.errors import PromptError
 from pyvl.image import load_image
 from pyvl.template import (DEFAULT_SYSTEM_MESSAGE, INTERNLM2_CHAT, SEP, ChatTemplate, build_query,
@@ -72,37 +71,25 @@ def test_batch_chat_prompts(tok, variant, name, monkeypatch):
     assert [sha256(q) for q in queries] == case["prompt_sha256"]
     encoded = [tok.encode(q) for q in queries]
     assert len({len(e) for e in encoded}) > 1  # the case has prompts of different lengths, so padding shows
-    # What pyvl's batch_chat hands the LLM, caught at the model's embedding and at the decode loop (which is
-    # stubbed out: only the prefill inputs matter here).
+    # The original left-pads the batch (its recorded input_ids and attention_mask); the engine runs each prompt
+    # as its own sequence, so the unpadded rows of the original's batch are exactly what it must be handed.
+    tensors = load_file(GOLDEN / variant / "cases" / f"{name}.safetensors")
+    width = max(map(len, encoded))
+    pads = [width - len(e) for e in encoded]
+    assert tensors["input_ids"].tolist() == [[tok.pad_id] * p + e for p, e in zip(pads, encoded)]
+    assert tensors["attention_mask"].tolist() == [[0] * p + [1] * len(e) for p, e in zip(pads, encoded)]
     model = loaded_model(variant)
-    seen = {}
-    real_embed = model.model.embed
-
-    def embed(input_ids, image_embeds, img_context_id):
-        seen["ids"] = input_ids.clone()
-        return real_embed(input_ids, image_embeds, img_context_id)
-
-    def decode_steps(model_, embeds, positions, cache, gen, stop_ids, pad_id, bos_id):
-        seen.update(positions=positions.clone(), kv_start=cache.kv_start, pad_id=pad_id, rows=embeds.shape[0])
-        return iter(())
-
-    monkeypatch.setattr(model.model, "embed", embed)
-    monkeypatch.setattr(pyvl.chat, "decode_steps", decode_steps)
+    submitted = []
+    real_submit = model.engine.submit
+    monkeypatch.setattr(model.engine, "submit", lambda request: submitted.append(request) or real_submit(request))
     images = [image_for_key(key) for key in case["pixel_values_keys"]]
     pixels = torch.cat([load_image(path, max_num=max_num) for path, max_num in images])
     model.batch_chat(pixels, case["questions"], dict(max_new_tokens=1), num_patches_list=case["num_patches_list"])
-    width = max(map(len, encoded))
-    pads = [width - len(e) for e in encoded]
-    assert seen["rows"] == len(encoded) and seen["pad_id"] == tok.pad_id
-    # left padding with the pad id: each row is its own prompt, right-aligned
-    assert seen["ids"].tolist() == [[tok.pad_id] * p + e for p, e in zip(pads, encoded)]
-    # positions restart at 0 on each row's first real token and run to its length - 1; pads sit at 1 (HF)
-    assert seen["positions"].tolist() == [[1] * p + list(range(len(e))) for p, e in zip(pads, encoded)]
-    assert seen["kv_start"] is not None and seen["kv_start"].tolist() == pads  # the pads are never attended
-    # the same padding as the original's (its recorded input_ids and attention_mask)
-    tensors = load_file(GOLDEN / variant / "cases" / f"{name}.safetensors")
-    assert seen["ids"].tolist() == tensors["input_ids"].tolist()
-    assert tensors["attention_mask"].tolist() == [[0] * p + [1] * len(e) for p, e in zip(pads, encoded)]
+    assert [r.prompt_ids for r in submitted] == encoded  # one request per question, no padding
+    # each prompt's image run takes its own image's tiles, in order
+    tiles = [t.shape[0] for t in torch.split(pixels, case["num_patches_list"])]
+    assert [[i.length for i in r.images] for r in submitted] == [[n * model.num_image_token] for n in tiles]
+    assert [[i.start for i in r.images] for r in submitted] == [[e.index(tok.img_context_id)] for e in encoded]
 
 
 # ----------------------------------------------------------------------------------------- rules

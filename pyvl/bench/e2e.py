@@ -38,10 +38,13 @@ import torch
 from .. import template
 from ..api import _resolve_dtype
 from ..chat import InternVLChat
+from ..engine.request import ChatStats
+from ..engine.scheduler import Engine, EngineConfig
 from ..config import ModelConfig
 from ..demo import ASSETS
 from ..generate import GenerationConfig
 from ..image import load_image
+from ..kv_cache import PagedBatch
 from ..tokenizer import Tokenizer
 from .presets import parameter_count, preset_config, random_model
 from .preprocess import pillow_pipeline, synthetic_photo
@@ -111,7 +114,11 @@ def _pyvl_figures(cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id, 
     _log(f"building pyvl's model on {device} ({dtype}, backend {backend})")
     model = random_model(cfg, device, dtype, backend)
     tokenizer = Tokenizer.from_folder(ASSETS)
-    chat = InternVLChat(model, tokenizer, cfg, ASSETS, cfg.llm.max_position_embeddings, (tokenizer.im_end_id,))
+    context = cfg.llm.max_position_embeddings
+    # Every timed run is a cold one: no prefix or image-feature reuse between the repeats.
+    engine = Engine(model, EngineConfig.for_model(model, context, image_cache_gb=0, max_num_seqs=1,
+                                                  prefix_caching=False), salt="bench e2e")
+    chat = InternVLChat(model, tokenizer, cfg, ASSETS, context, (tokenizer.im_end_id,), engine)
     figures = {"backends": dict(model.ops.backends)}
     pixels = torch.randn(max(tiles), 3, cfg.image_size, cfg.image_size,
                          generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -124,28 +131,21 @@ def _pyvl_figures(cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id, 
         prompt = torch.tensor(ids, device=device)
         embeds = model.embed(prompt[None], model.extract_feature(pixels), img_id)
         positions = torch.arange(len(ids), device=device)[None]
-        return _median_ms(lambda: model.language_model(embeds, positions, model.new_cache(1, len(ids))), device,
-                          repeat)
+        batch = PagedBatch.contiguous_prefill(engine.cache, len(ids))  # the pool's first blocks: it is idle
+        return _median_ms(lambda: model.language_model(embeds, positions, batch), device, repeat)
 
     _log(f"pyvl: prefill, {len(ids)} tokens")
     _stage(figures, notes, "pyvl", "prefill", prefill)
 
     def first_token_and_decode() -> tuple[float, float]:
-        gen = GenerationConfig(max_new_tokens=decode_tokens, eos_token_id=(-1,))  # -1 is no id: exactly N steps
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        gen = GenerationConfig(max_new_tokens=decode_tokens, eos_token_id=(cfg.llm.vocab_size,))  # no such id
         ttft, decode = [], []
         for run in range(repeat + 1):
-            sync()
-            start = first = time.perf_counter()
-            # _run is the loop chat()/generate() consume; iterating it times the first step and the rest apart.
-            for i, _ in enumerate(chat._run([ids], pixels, gen)):
-                if i == 0:
-                    sync()
-                    first = time.perf_counter()
-            sync()
+            stats = ChatStats()
+            chat.generate(ids, pixels, gen, stats=stats)  # returns once the tokens are on the host
             if run:  # run 0 is the warm-up
-                ttft.append((first - start) * 1e3)
-                decode.append((time.perf_counter() - first) * 1e3 / (decode_tokens - 1))
+                ttft.append(stats.time_to_first_token_s * 1e3)
+                decode.append((stats.total_s - stats.time_to_first_token_s) * 1e3 / (decode_tokens - 1))
         return statistics.median(ttft), statistics.median(decode)
 
     _log(f"pyvl: time to first token + {decode_tokens} decode steps")

@@ -62,7 +62,7 @@ _END = object()  # queue marker: the request finished
 class Request:
     def __init__(self, prompt_ids: list[int], images: list[ImageInput], gen: GenerationConfig,
                  stop_ids: frozenset[int], pad_id: int, bos_id: int, output_scores: bool = False,
-                 stats: ChatStats | None = None):
+                 stats: ChatStats | None = None, started_at: float | None = None):
         self.prompt_ids = prompt_ids
         self.images = images
         self.gen = gen
@@ -74,7 +74,8 @@ class Request:
         self.stats.prompt_tokens = len(prompt_ids)
         self.stats.images = len(images)
         self.keys: tuple[ContentKey, ...] = content_keys(prompt_ids, [(i.start, i.length, i.digest) for i in images])
-        self.submitted_at = time.perf_counter()
+        # The call's start (preprocessing and hashing its images included): time to first token counts from here.
+        self.submitted_at = started_at if started_at is not None else time.perf_counter()
         # Engine-thread state.
         self.output_ids: list[int] = []
         self.scores: list[torch.Tensor] = []

@@ -20,16 +20,19 @@ max_position_embeddings under dynamic NTK (their keys are rotated with a base th
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 import time
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import PromptError
+from .. import checks
+from ..errors import ConfigError, PromptError, PyvlError
 from ..generate import process_logits, select_tokens
-from ..kv_cache import PagedKVCache
+from ..kv_cache import BLOCK_SIZE, PagedKVCache
 from ..models.vlm import InternVLChatModel
 from .blocks import BlockPool, PoolExhausted, SequenceBlocks
 from .features import FeatureCache
@@ -48,6 +51,32 @@ class EngineConfig:
     image_cache_bytes: int = 1 << 30
     cuda_graphs: bool = True
     max_context: int = 32768
+    prefix_caching: bool = True  # off: every prompt is prefilled whole (benchmarks of the cold path)
+
+    @classmethod
+    def for_model(cls, model: InternVLChatModel, max_context: int, kv_cache_gb: float | None = None,
+                  image_cache_gb: float = 1.0, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
+                  cuda_graphs: bool = True, prefix_caching: bool = True) -> "EngineConfig":
+        """The KV pool from its budget: kv_cache_gb, else half the free GPU memory after the weights on CUDA
+        and, on the CPU, room for max_num_seqs full contexts, at most 2 GiB and a quarter of the free memory."""
+        llm, device = model.cfg.llm, model.device
+        shape = (llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim)
+        per_block = checks.kv_cache_bytes(*shape, BLOCK_SIZE, 1, model.dtype)
+        free = checks.available_memory(device)
+        if kv_cache_gb is not None:
+            budget = kv_cache_gb * 1e9
+        elif device.type == "cuda":
+            budget = free * 0.5
+        else:
+            budget = min(2 * 2**30, max_num_seqs * -(-max_context // BLOCK_SIZE) * per_block, (free or 2**62) / 4)
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ConfigError(f"kv_cache_gb={kv_cache_gb} holds no block of {BLOCK_SIZE} tokens "
+                              f"({per_block / 1e9:.4f} GB each)")
+        checks.check_kv_cache_fits(*shape, num_blocks * BLOCK_SIZE, 1, model.dtype, device, error=ConfigError)
+        return cls(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
+                   max_batched_tokens=max_batched_tokens, image_cache_bytes=int(image_cache_gb * 1e9),
+                   cuda_graphs=cuda_graphs, max_context=max_context, prefix_caching=prefix_caching)
 
 
 class Engine:
@@ -68,16 +97,31 @@ class Engine:
         self._running: list[Request] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     # ---- any thread ------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
         with self._wake:
+            if self._closed:
+                raise PyvlError("the engine was shut down (the interpreter is exiting); no new requests")
             self._incoming.append(request)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="pyvl-engine", daemon=True)
+                # The thread holds the engine weakly between steps, so an unused model can still be freed.
+                self._thread = threading.Thread(target=_serve, args=(weakref.ref(self),), name="pyvl-engine",
+                                                daemon=True)
                 self._thread.start()
+                # A thread still inside torch when the interpreter finalises aborts the process: stop it first.
+                atexit.register(_shutdown, weakref.ref(self))
             self._wake.notify()
         return request
+
+    def shutdown(self) -> None:
+        """Finish the current step, fail what is left with a PyvlError, and stop the engine thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     @property
     def idle(self) -> bool:
@@ -86,20 +130,25 @@ class Engine:
             return not (self._incoming or self._waiting or self._running)
 
     # ---- the engine thread -----------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not (self._incoming or self._waiting or self._running):
-                        self._wake.wait()
-                    self._waiting.extend(self._incoming)
-                    self._incoming.clear()
-                try:
-                    self._step()
-                except Exception as exc:  # a bug in the bookkeeping: fail everything, start clean
-                    for r in list(self._running) + list(self._waiting):
-                        self._end(r, exc)
-                    self._waiting.clear()
+    def _serve_once(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for work, then run one step; False once the engine is shut down."""
+        with self._wake:
+            if not (self._incoming or self._waiting or self._running or self._closed):
+                self._wake.wait(timeout)
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+            if self._closed:
+                for r in list(self._running) + list(self._waiting):
+                    self._end(r, PyvlError("the engine was shut down before this request finished"))
+                return False
+        if not (self._waiting or self._running):
+            return True
+        try:
+            self._step()
+        except Exception as exc:  # a bug in the bookkeeping: fail everything, start clean
+            for r in list(self._running) + list(self._waiting):
+                self._end(r, exc)
+        return True
 
     def _step(self) -> None:
         for r in [r for r in list(self._running) + list(self._waiting) if r.cancelled.is_set()]:
@@ -125,7 +174,8 @@ class Engine:
         while self._waiting and len(self._running) < self.config.max_num_seqs:
             r = self._waiting[0]
             tokens = r.tokens_to_compute
-            cacheable = self._prefix_limit is None or len(r.prompt_ids) <= self._prefix_limit
+            cacheable = self.config.prefix_caching and (self._prefix_limit is None
+                                                        or len(r.prompt_ids) <= self._prefix_limit)
             if cacheable:  # always compute the last prompt token: its logits choose the first new one
                 match = self.pool.match_prefix(r.all_keys()[:len(tokens)],
                                                max_tokens=len(tokens) - (0 if r.output_ids else 1))
@@ -267,3 +317,19 @@ class Engine:
         if r in self._waiting:
             self._waiting.remove(r)
         r.finish(error)
+
+
+def _serve(ref: "weakref.ref[Engine]") -> None:
+    """The engine thread: steps while the engine exists and is open."""
+    with torch.inference_mode():
+        while True:
+            engine = ref()
+            if engine is None or not engine._serve_once(timeout=0.5):
+                return
+            del engine  # hold it only during a step
+
+
+def _shutdown(ref: "weakref.ref[Engine]") -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
