@@ -8,9 +8,14 @@ out by hand from those processors' code, not read back from ours.
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
+
 import pytest
 import torch
 
+from pyvl.engine.sampling import Sampler, SamplingParams
+from pyvl.errors import ConfigError
 from pyvl.generate import GenerationConfig, process_logits, select_tokens
 from conftest import golden_cases, loaded_model
 
@@ -24,7 +29,17 @@ def _today(scores: torch.Tensor, seen: list[list[int]], cfg: GenerationConfig, s
     return processed, select_tokens(processed, cfg, generator)
 
 
-IMPLEMENTATIONS = {"generate": _today}
+def _engine(scores: torch.Tensor, seen: list[list[int]], cfg: GenerationConfig, seed: int | None = None):
+    """The engine's Sampler, one slot per row, the rows' masks seeded with the same ids."""
+    sampler = Sampler(capacity=scores.shape[0], vocab_size=scores.shape[1], bos_id=seen[0][0])
+    for slot, row in enumerate(seen):
+        assert row[0] == sampler.bos_id
+        sampler.activate(slot, SamplingParams.from_config(replace(cfg, seed=seed)), output_ids=row[1:])
+    tokens, processed = sampler.sample(scores)
+    return processed, tokens
+
+
+IMPLEMENTATIONS = {"generate": _today, "sampler": _engine}
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
@@ -92,6 +107,14 @@ def test_top_p_keeps_the_smallest_set_over_top_p(process, top_p, kept):
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     out, _ = process(scores, [[0]], GenerationConfig(do_sample=True, top_k=0, top_p=top_p), seed=0)
     assert _kept(out) == kept
+
+
+def test_top_p_1_disables_it(process):
+    """HF adds no TopPLogitsWarper at top_p=1.0, so a finite score whose probability underflows to 0 stays finite
+    (a cut at cumulative <= 0 would drop it)."""
+    scores = torch.tensor([[0.0, -200.0, 1.0]])
+    out, _ = process(scores, [[0]], GenerationConfig(do_sample=True, top_k=0, top_p=1.0), seed=0)
+    assert out.tolist() == scores.tolist()
 
 
 # ---- temperature and the warpers' order ---------------------------------------------------------------------------
@@ -171,3 +194,108 @@ def test_a_row_that_stops_gets_pads_while_the_other_continues_as_alone(model):
     assert alone_a[0].tolist() == stops_early["new_token_ids"][:at + 1]
     assert both[1].tolist() == alone_b[0].tolist() == goes_on["new_token_ids"][:8]
     torch.testing.assert_close(both_scores[1], alone_b_scores[0], atol=1e-4, rtol=0)
+
+
+# ---- the Sampler against today's process_logits + select_tokens, row by row ---------------------------------------
+VOCAB = 40
+SETTINGS = [GenerationConfig(do_sample=d, temperature=t, top_k=k, top_p=p, repetition_penalty=r)
+            for d, t, k, p, r in itertools.product([False, True], [1.0, 0.7], [0, 5, VOCAB + 3], [1.0, 0.8],
+                                                   [1.0, 1.3])]
+
+
+def _reference_row(steps: list[torch.Tensor], cfg: GenerationConfig, seed: int, bos: int):
+    """Today's decode loop for one row, over the given logits [1, V] per step: (scores, tokens) per step."""
+    generator = torch.Generator().manual_seed(seed)
+    seen, out = torch.tensor([[bos]]), []
+    for logits in steps:
+        scores = process_logits(logits, seen, cfg)
+        tokens = select_tokens(scores, cfg, generator)
+        out.append((scores, tokens))
+        seen = torch.cat([seen, tokens[:, None]], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("cfg", SETTINGS, ids=lambda c: f"s{int(c.do_sample)}-t{c.temperature}-k{c.top_k}"
+                                                        f"-p{c.top_p}-r{c.repetition_penalty}")
+def test_sampler_rows_equal_todays_code_alone_and_batched(cfg):
+    """Each setting alone (capacity 1) and in slot 2 of a 5-slot table next to rows of other settings and a free
+    slot: bit-identical processed scores and tokens over 4 steps (the mask learns each chosen token)."""
+    torch.manual_seed(SETTINGS.index(cfg))
+    n_steps, bos, seed = 4, 3, 11
+    logits = torch.randn(n_steps, 5, VOCAB) * 3
+    logits[:, :, :4] += 4  # tokens worth repeating, so the penalty bites
+    other = SETTINGS[(SETTINGS.index(cfg) + 9) % len(SETTINGS)]
+    neighbours = {0: replace(SETTINGS[-1], seed=5), 1: replace(SETTINGS[7], seed=6), 4: other}
+    want = {slot: _reference_row([logits[t, slot:slot + 1] for t in range(n_steps)], c, c.seed or seed, bos)
+            for slot, c in {**neighbours, 2: cfg}.items()}
+    alone = Sampler(1, VOCAB, bos)
+    alone.activate(0, SamplingParams.from_config(replace(cfg, seed=seed)))
+    batched = Sampler(5, VOCAB, bos)
+    for slot, c in neighbours.items():
+        batched.activate(slot, SamplingParams.from_config(replace(c, seed=c.seed or seed)))
+    batched.activate(2, SamplingParams.from_config(replace(cfg, seed=seed)))  # slot 3 stays free
+    for t in range(n_steps):
+        tokens, scores = alone.sample(logits[t, 2:3])
+        assert torch.equal(scores, want[2][t][0]) and torch.equal(tokens, want[2][t][1])
+        tokens, scores = batched.sample(logits[t])
+        for slot in neighbours | {2: cfg}:
+            assert torch.equal(scores[slot:slot + 1], want[slot][t][0]), (t, slot)
+            assert torch.equal(tokens[slot:slot + 1], want[slot][t][1]), (t, slot)
+
+
+def test_a_fresh_slot_penalises_only_the_bos_id():
+    sampler = Sampler(2, 6, bos_id=1)
+    sampler.activate(1, SamplingParams(repetition_penalty=2.0))
+    _, scores = sampler.sample(torch.full((2, 6), 3.0))
+    assert scores[1].tolist() == [3.0, 1.5, 3.0, 3.0, 3.0, 3.0]
+    assert sampler.seen[1].nonzero().flatten().tolist() == [0, 1]  # BOS, then the argmax chosen (id 0)
+
+
+def test_a_reused_slot_forgets_the_previous_request():
+    sampler = Sampler(1, 6, bos_id=1)
+    sampler.activate(0, SamplingParams(do_sample=True, top_k=2, repetition_penalty=3.0, seed=0), output_ids=[4, 5])
+    sampler.sample(torch.randn(1, 6))
+    sampler.deactivate(0)
+    sampler.activate(0, SamplingParams(repetition_penalty=2.0))
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    assert sampler.process(scores).tolist() == [[1.0, 1.0, 3.0, 4.0, 5.0, 6.0]]
+
+
+def test_a_resumed_row_continues_its_random_stream():
+    """A preempted request re-activated with its output and its generator draws what it would have drawn."""
+    params = SamplingParams(do_sample=True, temperature=1.5, top_k=0, repetition_penalty=1.2, seed=3)
+    logits = torch.randn(6, 1, 50)
+    straight = Sampler(1, 50, bos_id=1)
+    straight.activate(0, params)
+    want = [int(straight.sample(step)[0]) for step in logits]
+    resumed = Sampler(3, 50, bos_id=1)
+    resumed.activate(0, params)
+    got = [int(resumed.sample(step.expand(3, -1))[0][0]) for step in logits[:3]]
+    stream = resumed.generator(0)
+    resumed.deactivate(0)
+    resumed.activate(2, params, output_ids=got, generator=stream)
+    got += [int(resumed.sample(step.expand(3, -1))[0][2]) for step in logits[3:]]
+    assert got == want and len(set(want)) > 1
+
+
+def test_sampling_params_reuse_the_generation_config_checks():
+    assert SamplingParams.from_config(GenerationConfig(do_sample=True, top_p=0.5, seed=2)) == \
+        SamplingParams(do_sample=True, top_p=0.5, seed=2)
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingParams(do_sample=True, temperature=0.0)
+
+
+def test_sampler_slot_misuse_is_refused():
+    sampler = Sampler(2, 8, bos_id=1)
+    sampler.activate(1, SamplingParams())
+    with pytest.raises(ValueError, match="not a free slot"):
+        sampler.activate(1, SamplingParams())
+    with pytest.raises(ValueError, match="not a free slot"):
+        sampler.activate(2, SamplingParams())
+    with pytest.raises(ValueError, match="not active"):
+        sampler.deactivate(0)
+    with pytest.raises(ValueError, match="slot 1 is active"):
+        sampler.sample(torch.zeros(1, 8))
+    assert sampler.active_slots == [1]
