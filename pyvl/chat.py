@@ -193,11 +193,11 @@ class InternVLChat:
         return images
 
     def _submit(self, prompt: list[int], images: list[ImageInput], gen: GenerationConfig, output_scores: bool,
-                stats: ChatStats | None, started_at: float) -> Request:
+                stats: ChatStats | None, started_at: float, rope_offset: int) -> Request:
         self._check_context(len(prompt))
         stop = gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids
         request = Request(prompt, images, gen, frozenset(stop), self.tokenizer.pad_id, self.tokenizer.bos_id,
-                          output_scores=output_scores, stats=stats, started_at=started_at)
+                          output_scores=output_scores, stats=stats, started_at=started_at, rope_offset=rope_offset)
         if gen.max_new_tokens == 0:  # nothing to generate: the original returns no token either
             request.finish()
             return request
@@ -208,7 +208,9 @@ class InternVLChat:
         gen = GenerationConfig.from_user(generation_config)
         for prompt in prompts:
             self._check_context(len(prompt))
-        return [self._submit(p, images, gen, output_scores, stats if len(prompts) == 1 else None, started_at)
+        longest = max(len(p) for p in prompts)  # the original's padded batch width (see Request.rope_offset)
+        return [self._submit(p, images, gen, output_scores, stats if len(prompts) == 1 else None, started_at,
+                             longest - len(p))
                 for p, images in zip(prompts, self._image_inputs(prompts, pixel_values))]
 
     def generate(self, input_ids, pixel_values: torch.Tensor | None = None, generation_config=None,

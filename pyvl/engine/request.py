@@ -62,7 +62,7 @@ _END = object()  # queue marker: the request finished
 class Request:
     def __init__(self, prompt_ids: list[int], images: list[ImageInput], gen: GenerationConfig,
                  stop_ids: frozenset[int], pad_id: int, bos_id: int, output_scores: bool = False,
-                 stats: ChatStats | None = None, started_at: float | None = None):
+                 stats: ChatStats | None = None, started_at: float | None = None, rope_offset: int = 0):
         self.prompt_ids = prompt_ids
         self.images = images
         self.gen = gen
@@ -70,6 +70,10 @@ class Request:
         self.pad_id = pad_id
         self.bos_id = bos_id
         self.output_scores = output_scores
+        # The original runs a batch left-padded to its longest prompt, and its rotary table (which differs only
+        # past max_position_embeddings, under dynamic NTK) is sized by that padded length: rows of a batch call
+        # count their length from there, so they get the very same rotations.
+        self.rope_offset = rope_offset
         self.stats = stats if stats is not None else ChatStats()
         self.stats.prompt_tokens = len(prompt_ids)
         self.stats.images = len(images)

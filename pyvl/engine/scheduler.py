@@ -15,7 +15,8 @@ Errors never escape the engine thread: they are delivered to the request(s) they
 
 Image features come from the feature cache by image digest, else from the ViT, and only for images whose tokens
 are not already covered by the cached prefix. Prefix caching is off for prompts longer than
-max_position_embeddings under dynamic NTK (their keys are rotated with a base that depends on the whole length).
+max_position_embeddings under dynamic NTK (their keys are rotated with a base that depends on the whole length,
+which is also why the rows of one batch call are rotated as the original's left-padded batch would be).
 """
 
 from __future__ import annotations
@@ -174,8 +175,8 @@ class Engine:
         while self._waiting and len(self._running) < self.config.max_num_seqs:
             r = self._waiting[0]
             tokens = r.tokens_to_compute
-            cacheable = self.config.prefix_caching and (self._prefix_limit is None
-                                                        or len(r.prompt_ids) <= self._prefix_limit)
+            cacheable = self.config.prefix_caching and (
+                self._prefix_limit is None or len(r.prompt_ids) + r.rope_offset <= self._prefix_limit)
             if cacheable:  # always compute the last prompt token: its logits choose the first new one
                 match = self.pool.match_prefix(r.all_keys()[:len(tokens)],
                                                max_tokens=len(tokens) - (0 if r.output_ids else 1))
@@ -220,7 +221,7 @@ class Engine:
                                                     - i.start])
                 for i, feats in self._features_for(r, start, start + n)]
         logits = self.runner.prefill(tokens[start:start + n], start, rows, r.seq.block_ids, slots,
-                                     rope_length=len(r.prompt_ids))
+                                     rope_length=len(r.prompt_ids) + r.rope_offset)
         r.num_computed += n
         self._register(r)
         if not r.prefilling and not r.output_ids:
@@ -252,7 +253,7 @@ class Engine:
             slots = self._slots(r, 1)
             if slots is not None:
                 fed.append((r, DecodeRow(r.output_ids[-1], r.num_computed, list(r.seq.block_ids), slots[0],
-                                         rope_length=r.num_computed + 1)))
+                                         rope_length=r.num_computed + 1 + r.rope_offset)))
         fed = [(r, row) for r, row in fed if r in self._running]  # a later row's room may have preempted it
         if not fed:
             return
