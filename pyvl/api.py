@@ -139,8 +139,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     context = max_context if max_context is not None else _context_length(folder, cfg.llm.max_position_embeddings)
     if context < 2:
         raise ConfigError(f"max_context {context} must be at least 2")
-    engine = Engine(model, EngineConfig.for_model(model, context, kv_cache_gb, image_cache_gb, max_num_seqs,
-                                                  max_batched_tokens, cuda_graphs), salt=f"{folder.resolve()}|{dtype}")
+    engine_config = EngineConfig.for_model(model, context, kv_cache_gb, image_cache_gb, max_num_seqs,
+                                           max_batched_tokens, cuda_graphs)
+    engine = Engine(model, engine_config, salt=f"{folder.resolve()}|{dtype}", bos_id=tokenizer.bos_id)
     log.info("loaded %s on %s (%s, ops: %s; KV pool %d blocks of %d tokens)", folder, device, dtype,
              dict(ops.backends), engine.pool.num_blocks, engine.pool.block_size)
     return InternVLChat(model, tokenizer, cfg, folder, context, _stop_ids(folder, tokenizer), engine)

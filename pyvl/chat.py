@@ -196,8 +196,8 @@ class InternVLChat:
                 stats: ChatStats | None, started_at: float, rope_offset: int) -> Request:
         self._check_context(len(prompt))
         stop = gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids
-        request = Request(prompt, images, gen, frozenset(stop), self.tokenizer.pad_id, self.tokenizer.bos_id,
-                          output_scores=output_scores, stats=stats, started_at=started_at, rope_offset=rope_offset)
+        request = Request(prompt, images, gen, frozenset(stop), output_scores=output_scores, stats=stats,
+                          started_at=started_at, rope_offset=rope_offset)
         if gen.max_new_tokens == 0:  # nothing to generate: the original returns no token either
             request.finish()
             return request

@@ -205,7 +205,7 @@ def test_a_cache_larger_than_free_memory_is_refused_before_allocating(monkeypatc
     def no_allocation(*args, **kwargs):
         raise AssertionError("the cache was allocated")
 
-    monkeypatch.setattr(pyvl.kv_cache.torch, "empty", no_allocation)
+    monkeypatch.setattr(pyvl.kv_cache.PagedKVCache, "__init__", no_allocation)
     with pytest.raises(ConfigError, match=r"KV cache for 1 sequence\(s\) of \d+ tokens .* GiB free"):
         pyvl.load(CHECKPOINT, device="cpu", kv_cache_gb=1.0)
     with pytest.raises(PromptError, match="KV cache for 1 sequence"):

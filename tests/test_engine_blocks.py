@@ -95,9 +95,21 @@ def test_max_tokens_caps_the_match():
     pool = BlockPool(8, BS)
     keys = list(range(8))
     run_sequence(pool, keys)
-    assert pool.match_prefix(keys, max_tokens=len(keys) - 1).num_tokens == 4
+    capped = pool.match_prefix(keys, max_tokens=len(keys) - 1)
+    # the last full block cannot be taken whole; its first 3 tokens are copied out of it instead
+    assert (capped.num_full_tokens, capped.num_tokens) == (4, 7)
     assert pool.match_prefix(keys, max_tokens=0).num_tokens == 0
     assert pool.match_prefix(keys).num_tokens == 8
+
+
+def test_a_full_block_sharing_only_its_first_tokens_is_copied_from():
+    pool = BlockPool(8, BS)
+    first = run_sequence(pool, list(range(12)), finish=False)
+    match = pool.match_prefix([0, 1, 2, 3, 4, 5, 99, 98, 97])  # diverges inside the second block
+    assert (match.num_full_tokens, match.tail.block_id, match.tail.num_tokens) == (4, first.block_ids[1], 2)
+    assert pool.ref_count(first.block_ids[1]) == 2  # held while the caller copies, then released
+    pool.release([*match.block_ids, match.tail.block_id])
+    pool.check()
 
 
 def test_eviction_takes_free_blocks_first_then_the_least_recently_used():
@@ -264,7 +276,8 @@ def test_identical_token_ids_with_different_images_share_no_block():
     keys_b = content_keys(ids, [(1, 8, b"digest-b")])
     a = run_sequence(pool, keys_a, finish=False)
     match = pool.match_prefix(keys_b)
-    assert match.num_tokens == 0
+    assert (match.num_full_tokens, match.num_tokens) == (0, 1)  # only the leading text token, by copy
+    pool.release([match.tail.block_id])
     b = run_sequence(pool, keys_b, finish=False)
     assert not set(a.block_ids) & set(b.block_ids) and not set(a.hashes) & set(b.hashes)
     assert pool.match_prefix(keys_a).num_full_tokens == 12

@@ -117,7 +117,8 @@ def _pyvl_figures(cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id, 
     context = cfg.llm.max_position_embeddings
     # Every timed run is a cold one: no prefix or image-feature reuse between the repeats.
     engine = Engine(model, EngineConfig.for_model(model, context, image_cache_gb=0, max_num_seqs=1,
-                                                  prefix_caching=False), salt="bench e2e")
+                                                  prefix_caching=False), salt="bench e2e",
+                    bos_id=tokenizer.bos_id)
     chat = InternVLChat(model, tokenizer, cfg, ASSETS, context, (tokenizer.im_end_id,), engine)
     figures = {"backends": dict(model.ops.backends)}
     pixels = torch.randn(max(tiles), 3, cfg.image_size, cfg.image_size,

@@ -12,9 +12,11 @@ Prefix hashing. A full block's hash is ``hash_block(parent, keys)`` with ``paren
 the pool's ``root_hash`` (which encodes the model identity, ``salt``) for the first block; equal hashes mean equal
 keys at equal positions after an equal prefix, hence equal KV.
 
-Tails. A sequence's partial last block may be registered as a tail under (parent hash, its keys). A request
-whose next tokens after a matched prefix share a first few keys with a tail reuses that many tokens by COPYING
-them out of the tail block into a block of its own: a tail is never written by a second sequence.
+Tails. A sequence's partial last block may be registered as a tail under (parent hash, its keys), and every
+registered full block is kept under (parent hash, its keys) too. A request whose next tokens after a matched
+prefix share a first few keys with such a block reuses that many tokens by COPYING them out of it into a block of
+its own (nothing is ever written into a block another sequence may read): so a follow-up question or the next
+turn of a chat prefills exactly the tokens that differ, not whole blocks.
 
 Block states (``check()`` verifies them), each block in exactly one:
   free     ref 0, no hash, no tail; allocation takes these first
@@ -148,6 +150,9 @@ class BlockPool:
         self._block_of: dict[bytes, int] = {}
         self._tail_of: dict[int, tuple[bytes, tuple[ContentKey, ...]]] = {}  # block -> (parent hash, keys)
         self._tails: dict[bytes, dict[int, tuple[ContentKey, ...]]] = {}     # parent hash -> {block: keys}
+        # Full blocks by parent too, so a request that shares only their first tokens can copy those.
+        self._children: dict[bytes, dict[int, tuple[ContentKey, ...]]] = {}  # parent hash -> {block: keys}
+        self._parent_of: dict[int, bytes] = {}
 
     @property
     def num_free(self) -> int:
@@ -211,11 +216,14 @@ class BlockPool:
             blocks.append(block)
         return blocks
 
-    def register_full(self, block_id: int, block_hash: bytes) -> int:
+    def register_full(self, block_id: int, block_hash: bytes, parent: bytes | None = None,
+                      keys: Sequence[ContentKey] = ()) -> int:
         """Mark an in-use block as full (all its tokens written) with hash ``block_hash``; return the block the
         caller holds from now on. If another block already holds that hash (two sequences computed the same
         block), that one is kept: the caller's reference moves to it, its own block is released (freed unless
-        someone else holds it), and the caller must put the returned id in its block table."""
+        someone else holds it), and the caller must put the returned id in its block table. With its ``parent``
+        hash and ``keys``, the block can also be matched by a request sharing only its first tokens (copied, like a
+        tail)."""
         self._require_in_use(block_id)
         own = self._hash_of.get(block_id)
         if own is not None:
@@ -228,6 +236,9 @@ class BlockPool:
         if canonical is None:
             self._hash_of[block_id] = block_hash
             self._block_of[block_hash] = block_id
+            if parent is not None:
+                self._children.setdefault(parent, {})[block_id] = tuple(keys)
+                self._parent_of[block_id] = parent
             return block_id
         self._acquire(canonical)
         self.release([block_id])
@@ -291,6 +302,8 @@ class BlockPool:
                 and all(self._block_of.get(h) == b for b, h in self._hash_of.items()), "hash maps disagree")
         _expect(sum(map(len, self._tails.values())) == len(self._tail_of) and all(self._tails.values())
                 and all(self._tails[p][b] == keys for b, (p, keys) in self._tail_of.items()), "tail maps disagree")
+        _expect(all(self._children[p][b] is not None and b in self._hash_of for b, p in self._parent_of.items())
+                and sum(map(len, self._children.values())) == len(self._parent_of), "child maps disagree")
         for block, (_, keys) in self._tail_of.items():
             _expect(0 < len(keys) < self.block_size and block not in self._hash_of, f"bad tail on block {block}")
 
@@ -304,8 +317,10 @@ class BlockPool:
             raise ValueError(f"block {block} is not in use")
 
     def _best_tail(self, parent: bytes, next_keys: Sequence[ContentKey]) -> TailMatch | None:
+        """The tail or full block after ``parent`` whose first keys agree longest with ``next_keys``."""
         best = None
-        for block, keys in self._tails.get(parent, {}).items():
+        candidates = [*self._tails.get(parent, {}).items(), *self._children.get(parent, {}).items()]
+        for block, keys in candidates:
             n = _common_prefix_len(keys, next_keys)
             if n > 0 and (best is None or n > best.num_tokens):
                 best = TailMatch(block, n)
@@ -315,6 +330,12 @@ class BlockPool:
         block_hash = self._hash_of.pop(block, None)
         if block_hash is not None:
             del self._block_of[block_hash]
+        parent = self._parent_of.pop(block, None)
+        if parent is not None:
+            siblings = self._children[parent]
+            del siblings[block]
+            if not siblings:
+                del self._children[parent]
         if block in self._tail_of:
             self._drop_tail(block)
 
@@ -365,8 +386,9 @@ class SequenceBlocks:
         parent = self.hashes[-1] if self.hashes else self.pool.root_hash
         first = len(self.hashes)
         for i in range(first, self.num_tokens // size):
-            block_hash = hash_block(parent, keys[i * size:(i + 1) * size])
-            self.block_ids[i] = self.pool.register_full(self.block_ids[i], block_hash)
+            block_keys = keys[i * size:(i + 1) * size]
+            block_hash = hash_block(parent, block_keys)
+            self.block_ids[i] = self.pool.register_full(self.block_ids[i], block_hash, parent, block_keys)
             self.hashes.append(block_hash)
             parent = block_hash
         return len(self.hashes) - first

@@ -61,14 +61,12 @@ _END = object()  # queue marker: the request finished
 
 class Request:
     def __init__(self, prompt_ids: list[int], images: list[ImageInput], gen: GenerationConfig,
-                 stop_ids: frozenset[int], pad_id: int, bos_id: int, output_scores: bool = False,
+                 stop_ids: frozenset[int], output_scores: bool = False,
                  stats: ChatStats | None = None, started_at: float | None = None, rope_offset: int = 0):
         self.prompt_ids = prompt_ids
         self.images = images
         self.gen = gen
         self.stop_ids = stop_ids
-        self.pad_id = pad_id
-        self.bos_id = bos_id
         self.output_scores = output_scores
         # The original runs a batch left-padded to its longest prompt, and its rotary table (which differs only
         # past max_position_embeddings, under dynamic NTK) is sized by that padded length: rows of a batch call
@@ -86,7 +84,8 @@ class Request:
         self.seq: SequenceBlocks | None = None
         self.num_computed = 0  # tokens whose K/V is in the cache
         self.cacheable = False  # its blocks may be shared through the prefix cache (set at admission)
-        self.generator: torch.Generator | None = None
+        self.slot: int | None = None  # its row of the engine's sampler while it runs
+        self.generator: torch.Generator | None = None  # its random stream, kept across a preemption
         self.finished = False
         self.cancelled = threading.Event()
         self._outputs: queue.Queue = queue.Queue()

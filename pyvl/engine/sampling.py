@@ -110,45 +110,58 @@ class Sampler:
         # bit off a true division at times, so the same product keeps the rows bit-identical there.
         return x * divisor.reciprocal() if self.device.type == "cuda" else x / divisor
 
-    def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """Processed float32 scores [n, vocab] of slots 0..n-1 (row i = slot i); the masks are not updated."""
-        n = logits.shape[0]
-        scores = logits.float()
-        penalty = self.repetition_penalty[:n, None]
-        penalised = torch.where(scores < 0, scores * penalty, self._divide(scores, penalty))
-        scores = torch.where(self.seen[:n], penalised, scores)
+    def _rows(self, n: int, slots) -> torch.Tensor | slice:
+        """Which slot each of n logits rows belongs to: slots 0..n-1, or the given slot indices."""
+        if slots is None:
+            return slice(0, n)
+        rows = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        if rows.shape != (n,):
+            raise ValueError(f"{n} rows of logits but {tuple(rows.shape)} slots")
+        return rows
 
-        warped = self._divide(scores, self.temperature[:n, None])
+    def process(self, logits: torch.Tensor, slots=None) -> torch.Tensor:
+        """Processed float32 scores [n, vocab] of slots 0..n-1 (row i = slot i), or of ``slots`` (row i =
+        slots[i]); the masks are not updated."""
+        n = logits.shape[0]
+        rows = self._rows(n, slots)
+        scores = logits.float()
+        penalty = self.repetition_penalty[rows, None]
+        penalised = torch.where(scores < 0, scores * penalty, self._divide(scores, penalty))
+        scores = torch.where(self.seen[rows], penalised, scores)
+
+        warped = self._divide(scores, self.temperature[rows, None])
         # One sort serves both warpers: top-k masks a prefix of the ascending order, so masking the sorted values
         # gives exactly the sorted values of the masked row that HF's top-p sorts again.
         ascending, order = torch.sort(warped, dim=-1, stable=True)
-        kth = ascending.gather(1, self.kth_index[:n, None])
+        kth = ascending.gather(1, self.kth_index[rows, None])
         warped = warped.masked_fill(warped < kth, float("-inf"))
         ascending = ascending.masked_fill(ascending < kth, float("-inf"))
-        drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= self.top_p_cut[:n, None]
+        drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= self.top_p_cut[rows, None]
         drop_sorted[:, -1] = False  # min_tokens_to_keep = 1: the most likely token stays
         warped = warped.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-        return torch.where(self.do_sample[:n, None], warped, scores)
+        return torch.where(self.do_sample[rows, None], warped, scores)
 
-    def sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose the next token of slots 0..n-1 from logits [n, vocab]; returns (tokens [n] int64, processed
-        scores [n, vocab] float32) and marks each chosen token in its row's repetition mask.
+    def sample(self, logits: torch.Tensor, slots=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose the next token of slots 0..n-1 (or of ``slots``, row i = slots[i]) from logits [n, vocab];
+        returns (tokens [n] int64, processed scores [n, vocab] float32) and marks each chosen token in its slot's
+        repetition mask.
 
-        Every active slot must be < n. Rows of free slots are computed too and must be ignored by the caller.
+        Without ``slots`` every active slot must be < n; rows of free slots are computed too and must be ignored.
         Host syncs: none, except inside ``torch.multinomial``, which checks each sampled row's probabilities with
         one ``.item()`` (so one sync per sampled row per step on CUDA; greedy-only steps have none).
         """
         n = logits.shape[0]
-        if self._active and max(self._active) >= n:
+        if slots is None and self._active and max(self._active) >= n:
             raise ValueError(f"logits has {n} rows but slot {max(self._active)} is active")
-        scores = self.process(logits)
+        row_slots = list(range(n)) if slots is None else [int(s) for s in slots]
+        scores = self.process(logits, slots)
         tokens = scores.argmax(dim=-1)
-        sampled = sorted(self._generators)
+        sampled = [i for i, slot in enumerate(row_slots) if slot in self._generators]
         if sampled:
             probs = scores[sampled].softmax(dim=-1)
             # each row draws from its own stream, with the very call today's generate makes for one row
-            draws = [torch.multinomial(probs[i:i + 1], 1, generator=self._generators[slot])
-                     for i, slot in enumerate(sampled)]
+            draws = [torch.multinomial(probs[j:j + 1], 1, generator=self._generators[row_slots[i]])
+                     for j, i in enumerate(sampled)]
             tokens[sampled] = torch.cat(draws).squeeze(1)
-        self.seen[:n].scatter_(1, tokens[:, None], True)
+        self.seen[torch.tensor(row_slots, device=self.device), tokens] = True
         return tokens, scores

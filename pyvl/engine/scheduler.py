@@ -32,13 +32,13 @@ import torch
 
 from .. import checks
 from ..errors import ConfigError, PromptError, PyvlError
-from ..generate import process_logits, select_tokens
 from ..kv_cache import BLOCK_SIZE, PagedKVCache
 from ..models.vlm import InternVLChatModel
 from .blocks import BlockPool, PoolExhausted, SequenceBlocks
 from .features import FeatureCache
 from .request import Request
 from .runner import DecodeRow, ModelRunner
+from .sampling import Sampler, SamplingParams
 
 __all__ = ["EngineConfig", "Engine"]
 
@@ -81,7 +81,7 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model: InternVLChatModel, config: EngineConfig, salt: str):
+    def __init__(self, model: InternVLChatModel, config: EngineConfig, salt: str, bos_id: int):
         llm = model.cfg.llm
         self.model = model
         self.config = config
@@ -91,6 +91,9 @@ class Engine:
         self.features = FeatureCache(config.image_cache_bytes)
         max_blocks = -(-config.max_context // config.block_size)
         self.runner = ModelRunner(model, self.cache, config.max_num_seqs, max_blocks, config.cuda_graphs)
+        # One sampler slot per running request: its settings and repetition mask live on the device.
+        self.sampler = Sampler(config.max_num_seqs, llm.vocab_size, bos_id, model.device)
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         rope = model.language_model.rotary
         self._prefix_limit = rope.max_positions if rope.scaling == "dynamic" else None
         self._incoming: deque[Request] = deque()
@@ -204,6 +207,8 @@ class Engine:
                 self.pool.release([tail.block_id])
             r.seq = seq
             r.num_computed = cached
+            r.slot = self._free_slots.pop()
+            self.sampler.activate(r.slot, SamplingParams.from_config(r.gen), r.output_ids, r.generator)
             if not r.output_ids:
                 r.stats.cached_tokens = cached
             r.cacheable = cacheable
@@ -225,7 +230,8 @@ class Engine:
         r.num_computed += n
         self._register(r)
         if not r.prefilling and not r.output_ids:
-            self._sample(r, logits[None])
+            tokens, scores = self.sampler.sample(logits[None], [r.slot])
+            self._accept(r, int(tokens[0]), scores[0])
 
     def _features_for(self, r: Request, start: int, end: int):
         """(image, feature rows) of every image with tokens in [start, end): cached, else encoded now."""
@@ -258,10 +264,11 @@ class Engine:
         if not fed:
             return
         logits = self.runner.decode([row for _, row in fed])
-        for i, (r, _) in enumerate(fed):
+        tokens, scores = self.sampler.sample(logits, [r.slot for r, _ in fed])
+        for i, (r, token) in enumerate(zip([r for r, _ in fed], tokens.tolist())):  # the step's one device read
             r.num_computed += 1
             self._register(r)
-            self._sample(r, logits[i:i + 1])
+            self._accept(r, token, scores[i])
 
     # ---- shared ------------------------------------------------------------------------------------------
     def _slots(self, r: Request, n: int) -> list[int] | None:
@@ -280,6 +287,7 @@ class Engine:
 
     def _preempt(self, r: Request) -> None:
         self._register(r)
+        self._release_slot(r)
         r.seq.release()
         r.seq, r.num_computed = None, 0
         r.stats.preemptions += 1
@@ -290,18 +298,19 @@ class Engine:
         if r.cacheable:
             r.seq.register_full_blocks(r.all_keys())
 
-    def _sample(self, r: Request, logits: torch.Tensor) -> None:
-        gen = r.gen
-        if gen.do_sample and r.generator is None:
-            r.generator = torch.Generator(device=logits.device)
-            r.generator.manual_seed(gen.seed if gen.seed is not None else torch.seed())
-        seen = torch.tensor([[r.bos_id] + r.output_ids], device=logits.device)
-        scores = process_logits(logits, seen, gen)
-        token = int(select_tokens(scores, gen, r.generator)[0])
-        r.deliver(token, scores[0])
+    def _accept(self, r: Request, token: int, scores: torch.Tensor) -> None:
+        r.deliver(token, scores)
         total = len(r.prompt_ids) + len(r.output_ids)
-        if token in r.stop_ids or len(r.output_ids) >= gen.max_new_tokens or total >= self.config.max_context:
+        if token in r.stop_ids or len(r.output_ids) >= r.gen.max_new_tokens or total >= self.config.max_context:
             self._end(r)
+
+    def _release_slot(self, r: Request) -> None:
+        """Give r's sampler slot back, keeping its random stream (a preempted request resumes with it)."""
+        if r.slot is not None:
+            r.generator = self.sampler.generator(r.slot)
+            self.sampler.deactivate(r.slot)
+            self._free_slots.append(r.slot)
+            r.slot = None
 
     def _end(self, r: Request, error: BaseException | None = None) -> None:
         """Finish r (done, cancelled or failed): cache what it computed, free its blocks, tell the caller."""
@@ -313,6 +322,7 @@ class Engine:
             finally:
                 r.seq.release()
                 r.seq = None
+        self._release_slot(r)
         if r in self._running:
             self._running.remove(r)
         if r in self._waiting:
