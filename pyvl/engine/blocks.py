@@ -377,15 +377,17 @@ class SequenceBlocks:
         self.num_tokens += n
         return slots
 
-    def register_full_blocks(self, keys: Sequence[ContentKey]) -> int:
+    def register_full_blocks(self, keys: Sequence[ContentKey], upto: int | None = None) -> int:
         """Hash and register the blocks filled since the last call; keys: the sequence's content keys (at least
-        num_tokens of them). Returns how many were registered (a duplicate's table entry is replaced)."""
-        if len(keys) < self.num_tokens:
-            raise ValueError(f"{len(keys)} keys for a sequence of {self.num_tokens} written tokens")
+        num_tokens of them). ``upto`` (default num_tokens): only tokens before it are written yet, so only blocks
+        that end by then count. Returns how many were registered (a duplicate's table entry is replaced)."""
+        upto = self.num_tokens if upto is None else min(upto, self.num_tokens)
+        if len(keys) < upto:
+            raise ValueError(f"{len(keys)} keys for a sequence of {upto} written tokens")
         size = self.pool.block_size
         parent = self.hashes[-1] if self.hashes else self.pool.root_hash
         first = len(self.hashes)
-        for i in range(first, self.num_tokens // size):
+        for i in range(first, upto // size):
             block_keys = keys[i * size:(i + 1) * size]
             block_hash = hash_block(parent, block_keys)
             self.block_ids[i] = self.pool.register_full(self.block_ids[i], block_hash, parent, block_keys)

@@ -295,8 +295,10 @@ class Engine:
         self._waiting.appendleft(r)
 
     def _register(self, r: Request) -> None:
+        """Offer r's full blocks to the prefix cache: only those whose every token's K/V is computed (a slot
+        taken for this step's token is not written until the step runs)."""
         if r.cacheable:
-            r.seq.register_full_blocks(r.all_keys())
+            r.seq.register_full_blocks(r.all_keys(), upto=r.num_computed)
 
     def _accept(self, r: Request, token: int, scores: torch.Tensor) -> None:
         r.deliver(token, scores)
@@ -316,9 +318,10 @@ class Engine:
         """Finish r (done, cancelled or failed): cache what it computed, free its blocks, tell the caller."""
         if r.seq is not None:
             try:
-                self._register(r)
-                if r.cacheable:
-                    r.seq.register_tail(r.all_keys())
+                if error is None:  # after a failed step the K/V of its tokens may be half written: share none
+                    self._register(r)
+                    if r.cacheable and r.seq.num_tokens == r.num_computed:
+                        r.seq.register_tail(r.all_keys())
             finally:
                 r.seq.release()
                 r.seq = None
