@@ -382,14 +382,14 @@ elif [ "$build_in_use" = "no build" ] || [ -z "$build_in_use" ]; then
 fi
 
 kernel_tests="test_vit_attention.py test_causal_attention.py test_rms_norm.py test_apply_rotary.py test_silu_mul.py"
-kernel_tests="$kernel_tests test_pixel_shuffle.py"
+kernel_tests="$kernel_tests test_pixel_shuffle.py test_paged_attention.py test_store_kv.py"
 pytest_step tests_kernels "$kernel_tests" test_rejects_bad_inputs 8 60 60
 bench_step bench_kernels 45 kernels
 bench_step e2e_v15 75 e2e --preset internvl-chat-v1-5 --random-weights --no-hf --device cuda
 pytest_step tests_preprocess "test_native_cuda_resize.py test_native.py test_resize_tiles.py" test_bad_grids 8 60 30
 bench_step bench_preprocess 20 preprocess --device cuda
 bench_step e2e_mini 25 e2e --preset mini-internvl-chat-2b-v1-5 --random-weights --no-hf --device cuda
-pytest_step tests_image "test_image.py test_golden.py test_backend_triton.py" test_grid_table 4 60 30
+pytest_step tests_image "test_image.py test_golden.py test_backend_triton.py test_engine.py" test_grid_table 4 60 30
 bench_step sweep 20 sweep
 if [ $((deadline - SECONDS - RESERVE_S)) -ge 100 ]; then
   bench_step e2e_v15_hf 90 e2e --preset internvl-chat-v1-5 --random-weights --hf-only --device cuda

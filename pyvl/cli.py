@@ -215,6 +215,13 @@ def cmd_bench(args) -> int:
         from .bench import sweep
 
         return _print_result(args, sweep.run(repeat_ms=args.rep_ms), sweep.format_result)
+    if args.what == "engine":
+        from .bench import engine
+        from .bench.timing import format_table
+        from .demo import demo_model_path
+
+        result = engine.run(args.model or demo_model_path(), device=args.device, repeat=args.repeat or 3)
+        return _print_result(args, result, lambda r: format_table(r["rows"]))
     raise AssertionError(args.what)  # argparse restricts the choices
 
 
@@ -239,11 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmarks (median times and ratios against baselines run alongside)")
-    bench.add_argument("what", choices=("preprocess", "kernels", "sweep", "e2e"),
+    bench.add_argument("what", choices=("preprocess", "kernels", "sweep", "e2e", "engine"),
                        help="preprocess: image -> pixel values (CPU, or --device cuda); kernels: each Triton kernel "
                             "against torch at the real shapes (CUDA); sweep: block configurations of ViT and "
                             "decode attention (CUDA); e2e: pixels -> tokens at a preset's size, next to HF "
-                            "transformers")
+                            "transformers; engine: prefix/image reuse and batching ratios (--model, default demo)")
+    bench.add_argument("--model", default=None, help="engine: model folder (default: the demo model)")
     bench.add_argument("--repeat", type=int, default=None,
                        help="timed runs per figure (default: preprocess 5, e2e 3)")
     bench.add_argument("--rep-ms", type=int, default=200,

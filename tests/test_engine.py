@@ -216,3 +216,24 @@ def test_errors_reach_the_caller_and_the_engine_keeps_serving(monkeypatch):
     wait_idle(model)
     assert model.engine.pool.num_in_use == 0
     assert model.chat(None, "hi", SHORT) == fresh().chat(None, "hi", SHORT)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/device_check.sh runs it)")
+def test_cuda_graph_replay_equals_eager_decode():
+    prompts = [[1] + list(range(100, 100 + n)) for n in (5, 40, 17)]
+    gen = dict(max_new_tokens=24, eos_token_id=[0])
+    outputs = {}
+    for graphs in (False, True):
+        model = pyvl.load(CHECKPOINT, device="cuda", dtype="float32", cuda_graphs=graphs)
+        assert model.engine.runner.use_graphs == graphs
+        outputs[graphs] = model.generate(prompts, None, gen).tolist()
+    assert outputs[True] == outputs[False]
+
+
+def test_stats_say_why_generation_ended():
+    model = fresh()
+    question = __import__("conftest").golden_cases("v15")["cases"]["text_eos_stop"]["question"]
+    stopped, cut = pyvl.ChatStats(), pyvl.ChatStats()
+    model.chat(None, question, dict(max_new_tokens=60), stats=stopped)
+    model.chat(None, question, dict(max_new_tokens=2), stats=cut)
+    assert (stopped.finish_reason, cut.finish_reason, cut.new_tokens) == ("stop", "length", 2)

@@ -172,6 +172,27 @@ def _causal_attention(case: _Case) -> list[dict]:
     return rows
 
 
+def _paged_decode_attention(case: _Case) -> list[dict]:
+    """The engine's decode: B rows over a shuffled block table of the pool, against SDPA on the same keys
+    gathered contiguous (what a non-paged cache would read)."""
+    kernel, rows, d, hq, hkv = _kernel("paged_decode_attention"), [], HEAD_DIM, HEADS, KV_HEADS
+    block = 64
+    for batch, length in ((1, DECODE_LENGTHS[0]), (16, DECODE_LENGTHS[0]), (1, DECODE_LENGTHS[1])):
+        n_blocks = -(-length // block)
+        pool = torch.randn(2, batch * n_blocks + 8, hkv, block, d, device=DEVICE, dtype=BF16)
+        tables = torch.randperm(pool.shape[1] - 8, device=DEVICE)[:batch * n_blocks].view(batch, n_blocks).int()
+        lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
+        q = torch.randn(batch, hq, d, device=DEVICE, dtype=BF16)
+        k = pool[0][tables.long()].permute(0, 2, 1, 3, 4).reshape(batch, hkv, -1, d)[:, :, :length]
+        v = pool[1][tables.long()].permute(0, 2, 1, 3, 4).reshape(batch, hkv, -1, d)[:, :, :length]
+        nbytes = batch * (2 * hkv * length * d * 2 + 2 * hq * d * 2)
+        rows.append(case.row("paged_decode_attention", f"{batch} x {hq}/{hkv} x {length} x {d}",
+                             lambda: kernel(q, pool[0], pool[1], tables, lens),
+                             lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0],
+                             "SDPA gqa (contiguous)", nbytes, "GB/s", graph=True))
+    return rows
+
+
 def _rms_norm(case: _Case) -> list[dict]:
     from pyvl.kernels.rms_norm import add_rms_norm
 
@@ -221,6 +242,7 @@ def _pixel_shuffle(case: _Case) -> list[dict]:
 
 
 CASES = {"vit_attention": _vit_attention, "causal_attention": _causal_attention, "rms_norm": _rms_norm,
+         "paged_decode_attention": _paged_decode_attention,
          "silu_mul": _silu_mul, "apply_rotary": _apply_rotary, "pixel_shuffle": _pixel_shuffle}
 
 

@@ -35,6 +35,7 @@ class ChatStats:
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     preemptions: int = 0
+    finish_reason: str = ""  # "stop" (a stop id), "length" (max_new_tokens or the context), "cancelled", "error"
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -89,6 +90,8 @@ class Request:
         self.finished = False
         self.cancelled = threading.Event()
         self._outputs: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
 
     # ---- what the engine computes ------------------------------------------------------------------------
     @property
@@ -121,8 +124,16 @@ class Request:
         if self.finished:
             return
         self.finished = True
+        if error is not None:
+            self.stats.finish_reason = "error"
+        elif self.cancelled.is_set():
+            self.stats.finish_reason = "cancelled"
+        else:
+            self.stats.finish_reason = "stop" if self.output_ids and self.output_ids[-1] in self.stop_ids else "length"
         self.stats.total_s = time.perf_counter() - self.submitted_at
+        self._error = error
         self._outputs.put(error if error is not None else _END)
+        self._done.set()
 
     # ---- caller side -------------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -145,7 +156,9 @@ class Request:
                 self.cancel()
 
     def result(self) -> list[int]:
-        """Block until the request finishes; its output ids."""
-        for _ in self.stream_tokens():
-            pass
+        """Block until the request finishes; its output ids. (One wake-up at the end, not one per token: a
+        caller that does not stream leaves the engine thread the interpreter.)"""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
         return self.output_ids

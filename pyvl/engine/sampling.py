@@ -128,6 +128,8 @@ class Sampler:
         penalty = self.repetition_penalty[rows, None]
         penalised = torch.where(scores < 0, scores * penalty, self._divide(scores, penalty))
         scores = torch.where(self.seen[rows], penalised, scores)
+        if not self._generators:  # every row is greedy: the warpers would be computed for nothing
+            return scores
 
         warped = self._divide(scores, self.temperature[rows, None])
         # One sort serves both warpers: top-k masks a prefix of the ascending order, so masking the sorted values

@@ -116,15 +116,26 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
     """One query per row (q [B, Hq, D], at position context_lens[b] - 1) over keys 0..context_lens[b]-1 read
-    through block_tables[b]; rows with length 0 are padding and give zeros. Returns [B, Hq, D]. Reads the lengths
-    on the host (one small attention per row): the eager/CPU path; the Triton kernel is the capturable one."""
-    out = torch.zeros_like(q)
-    for b, length in enumerate(context_lens.tolist()):
-        if length > 0:
-            k = gather_kv(k_pool, block_tables[b], length)
-            v = gather_kv(v_pool, block_tables[b], length)
-            out[b] = causal_attention(q[b][None, :, None], k, v)[0, :, 0]
-    return out
+    through block_tables[b]; rows with length 0 are padding and give zeros. Returns [B, Hq, D]. All rows in one
+    batched product over the longest row's keys, shorter rows masked (the maximum length is read on the host:
+    the eager/CPU path; the Triton kernel is the capturable one). Numerics as :func:`causal_attention`."""
+    b, hq, d = q.shape
+    hkv, block = k_pool.shape[1], k_pool.shape[2]
+    longest = int(context_lens.max()) if b else 0
+    if longest == 0:
+        return torch.zeros_like(q)
+    tables = block_tables[:, :-(-longest // block)].long()
+    k = k_pool[tables].permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d)[:, :, :longest]  # (B, Hkv, L, D)
+    v = v_pool[tables].permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d)[:, :, :longest]
+    qf = q.float().view(b, hkv, hq // hkv, d)  # query heads sharing a KV head, as rows
+    scores = (qf @ k.float().transpose(-2, -1)) / (d ** 0.5)  # (B, Hkv, G, L)
+    real = torch.arange(longest, device=q.device)[None] < context_lens[:, None].long()  # (B, L)
+    scores = scores.masked_fill(~real[:, None, None], float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype).float()  # the original casts P back before P @ V
+    # a short row's table may point past its keys at anything (NaN included): those values must not count
+    v = v.float().masked_fill(~real[:, None, :, None], 0.0)
+    out = (probs @ v).view(b, hq, d).to(q.dtype)
+    return out.masked_fill((context_lens == 0)[:, None, None], 0.0)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
