@@ -3,7 +3,8 @@
 Order (``load_model``): config -> expected {key: shape} from the config alone (``expected_shapes``) -> every
 header parsed, validated and checked against it (``check_checkpoint``) -> only then the model is built on the
 ``meta`` device and filled one tensor at a time, converted to the target device and dtype. A bad folder fails
-before any layer exists or any weight is allocated. The one layout fix is the InternLM2 ``wqkv`` regrouping.
+before any layer exists or any weight is allocated. Two layout fixes: InternLM2's ``wqkv`` is regrouped, and each
+FFN's ``w1``/``w3`` are stacked into one ``w13`` as they are read (one GEMM; never two copies).
 
 Memory: by default each tensor is read with plain file reads into memory the model owns, so the files may change
 or vanish afterwards with no effect, and the host holds one copy of the weights plus one tensor in flight.
@@ -280,6 +281,10 @@ def _layout_fix(cfg: ModelConfig) -> Callable[[str, torch.Tensor], torch.Tensor]
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
+    ffn, _, layer = module_name.rpartition(".")
+    if layer in ("w1", "w3") and ffn.endswith(".feed_forward"):  # the second layout fix: w1/w3 stacked
+        model.get_submodule(ffn).load_gate_up(f"{layer}.{attr}", tensor)
+        return
     module = model.get_submodule(module_name) if module_name else model
     setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
 

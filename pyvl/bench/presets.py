@@ -120,4 +120,5 @@ def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtyp
             p.fill_(1.0 if name.endswith("weight") else 0.0)
         else:
             p.normal_(0.0, 0.02, generator=gen)
+    model.language_model.fuse_gate_up()
     return model.eval()

@@ -69,15 +69,44 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU FFN. The checkpoint's w1 (gate) and w3 (up) are stacked into one [2I, H] GEMM, w13, as they are
+    loaded (``load_gate_up``): one matmul instead of two, and never a second copy of them in memory."""
+
     def __init__(self, cfg: LLMConfig, ops: Ops):
         super().__init__()
         self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.bias)  # gate
         self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.bias)  # up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.bias)  # down
         self.ops = ops
+        self.w13: nn.Linear | None = None
+        self._loaded_halves: set[str] = set()  # "w1.weight", "w3.weight", ... written into w13 so far
+
+    def load_gate_up(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a loaded ``w1.weight``/``w3.weight`` (or bias) into its half of w13, allocated on the first."""
+        if self.w13 is None:
+            self.w13 = nn.Linear(self.w1.in_features, 2 * self.w1.out_features, bias=self.w1.bias is not None,
+                                 device="meta")
+        which, attr = name.split(".")
+        fused = getattr(self.w13, attr)
+        if fused.is_meta:
+            fused = nn.Parameter(torch.empty((2 * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
+                                             device=tensor.device), requires_grad=False)
+            setattr(self.w13, attr, fused)
+        half = tensor.shape[0]
+        (fused.data[:half] if which == "w1" else fused.data[half:]).copy_(tensor)
+        self._loaded_halves.add(name)
+        if len(self._loaded_halves) == 2 * len(list(self.w13.parameters())):
+            del self.w1, self.w3  # every half is in: the separate layers are gone for good
+
+    def fuse_gate_up(self) -> None:
+        """Stack already-loaded w1/w3 into w13 (a model built with its weights, e.g. random benchmark weights)."""
+        for which in ("w1", "w3"):
+            for attr, param in list(getattr(self, which).named_parameters()):
+                self.load_gate_up(f"{which}.{attr}", param.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.ops.silu_mul(self.w1(x), self.w3(x)))
+        gate, up = self.w13(x).chunk(2, dim=-1)  # views of the fused output: silu_mul reads them strided
+        return self.w2(self.ops.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -89,8 +118,9 @@ class DecoderLayer(nn.Module):
         self.feed_forward = FeedForward(cfg, ops)
 
     def forward(self, x, cos, sin, batch: PagedBatch, layer: int) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, batch, layer)
-        return x + self.feed_forward(self.ffn_norm(x))
+        attended = self.attention(self.attention_norm(x), cos, sin, batch, layer)
+        normed, x = self.ffn_norm.ops.add_rms_norm(attended, x, self.ffn_norm.weight, self.ffn_norm.eps)
+        return x + self.feed_forward(normed)
 
 
 class InternLM2Model(nn.Module):
@@ -109,6 +139,11 @@ class InternLM2ForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryTables(cfg)
+
+    def fuse_gate_up(self) -> None:
+        """Stack every layer's w1/w3 into one GEMM (after the weights are loaded; the checkpoint keeps them apart)."""
+        for layer in self.model.layers:
+            layer.feed_forward.fuse_gate_up()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(input_ids)

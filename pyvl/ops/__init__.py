@@ -32,6 +32,7 @@ class Ops:
     """The table of op implementations a model calls. Field names are the op names, same on every side."""
 
     rms_norm: Callable
+    add_rms_norm: Callable  # (x, residual, weight, eps) -> (rms_norm(x + residual), x + residual)
     layer_norm: Callable
     vit_attention: Callable
     causal_attention: Callable
@@ -53,6 +54,7 @@ OP_NAMES = tuple(f.name for f in fields(Ops) if f.name != "backends")
 # Kernel modules register their ops here as "op name" -> "module:function" inside pyvl.kernels.
 _TRITON_OPS: dict[str, str] = {
     "rms_norm": "pyvl.kernels.rms_norm:rms_norm",
+    "add_rms_norm": "pyvl.kernels.rms_norm:add_rms_norm",
     "vit_attention": "pyvl.kernels.vit_attention:vit_attention",
     "causal_attention": "pyvl.kernels.causal_attention:causal_attention",
     "apply_rotary": "pyvl.kernels.apply_rotary:apply_rotary",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
-    "rms_norm", "layer_norm", "vit_attention", "causal_attention", "apply_rotary", "pixel_shuffle",
+    "rms_norm", "add_rms_norm", "layer_norm", "vit_attention", "causal_attention", "apply_rotary", "pixel_shuffle",
     "silu_mul", "gelu", "resize_tiles", "tile_boxes", "tile_images", "normalize_tiles",
     "store_kv", "gather_kv", "paged_prefill_attention", "paged_decode_attention",
 ]
@@ -31,6 +31,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a decoder layer's residual add and the next norm, the sum rounded
+    to the activation dtype first, as the original adds then normalises."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
