@@ -131,7 +131,7 @@ def _pyvl_figures(cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id, 
     _stage(figures, notes, "pyvl", "prefill", prefill)
 
     def first_token_and_decode() -> tuple[float, float]:
-        gen = GenerationConfig(max_new_tokens=decode_tokens, eos_token_id=(-1,))  # -1 is no id: exactly N steps
+        gen = GenerationConfig(max_new_tokens=decode_tokens, eos_token_id=(cfg.llm.vocab_size,))  # no such id: N steps
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         ttft, decode = [], []
         for run in range(repeat + 1):
