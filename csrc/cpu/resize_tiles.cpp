@@ -238,8 +238,8 @@ void horizontal_rows(Interleaved& in, const PairedWeights& pw, std::uint8_t* con
 // Vertical pass (Pillow's ImagingResampleVertical_8bpc) of output row `row`: rows of `in` are `stride` bytes
 // apart and the first is source row `in_first`; runs of kVerticalRun values at a time.
 PYVL_MULTIVERSION
-void vertical_row(const std::uint8_t* in, std::int64_t stride, std::int64_t in_first, std::int64_t width,
-                  const Axis& ax, std::int64_t row, std::uint8_t* out) {
+void vertical_row_scalar(const std::uint8_t* in, std::int64_t stride, std::int64_t in_first, std::int64_t width,
+                         const Axis& ax, std::int64_t row, std::uint8_t* out) {
   const std::int64_t n = width * 3;
   const int* k = &ax.weights[row * ax.ksize];
   const std::uint8_t* base = in + (ax.first[row] - in_first) * stride;
@@ -254,6 +254,67 @@ void vertical_row(const std::uint8_t* in, std::int64_t stride, std::int64_t in_f
     }
     for (std::int64_t i = 0; i < m; ++i) out[c0 + i] = clip8(acc[i]);
   }
+}
+
+#ifdef PYVL_HAVE_AVX2_KERNEL
+// The same with AVX2, 32 values of the row per step with the sums in registers: the rows are taken in pairs
+// (an odd last one paired with itself at weight 0), their bytes interleaved and zero-extended to int16 pairs,
+// and _mm256_madd_epi16 with the pair's (hi, hi') and (lo, lo') weight halves gives exact int32 partial sums,
+// as in the horizontal pass. The last n % 32 values are summed one by one.
+__attribute__((target("avx2"))) void vertical_row_avx2(const std::uint8_t* in, std::int64_t stride,
+                                                       std::int64_t in_first, std::int64_t width, const Axis& ax,
+                                                       std::int64_t row, std::uint8_t* out) {
+  const std::int64_t n = width * 3, count = ax.count[row];
+  const int* k = &ax.weights[row * ax.ksize];
+  const std::uint8_t* base = in + (ax.first[row] - in_first) * stride;
+  const auto halves = [](int ka, int kb, int shift, int mask) {  // two int16 weight halves as one int32
+    return static_cast<std::int32_t>(static_cast<std::uint16_t>((ka >> shift) & mask) |
+                                     (static_cast<std::uint32_t>((kb >> shift) & mask) << 16));
+  };
+  const __m256i zero = _mm256_setzero_si256(), half = _mm256_set1_epi32(kHalf);
+  std::int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    __m256i hi[4], lo[4];
+    for (int g = 0; g < 4; ++g) hi[g] = lo[g] = zero;
+    for (std::int64_t y = 0; y < count; y += 2) {
+      const bool pair = y + 1 < count;
+      const int ka = k[y], kb = pair ? k[y + 1] : 0;
+      const __m256i wh = _mm256_set1_epi32(halves(ka, kb, kSplitBits, 0xFFFF));
+      const __m256i wl = _mm256_set1_epi32(halves(ka, kb, 0, (1 << kSplitBits) - 1));
+      const std::uint8_t* pa = base + y * stride + c;
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa));
+      const __m256i b = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa + stride)) : a;
+      // Per 128-bit lane: ab_lo holds values 0-7 (16-23) as byte pairs, ab_hi values 8-15 (24-31).
+      const __m256i ab_lo = _mm256_unpacklo_epi8(a, b), ab_hi = _mm256_unpackhi_epi8(a, b);
+      const __m256i v[4] = {_mm256_unpacklo_epi8(ab_lo, zero), _mm256_unpackhi_epi8(ab_lo, zero),
+                            _mm256_unpacklo_epi8(ab_hi, zero), _mm256_unpackhi_epi8(ab_hi, zero)};
+      for (int g = 0; g < 4; ++g) {  // v[g]: values 4g..4g+3 and 16+4g..16+4g+3
+        hi[g] = _mm256_add_epi32(hi[g], _mm256_madd_epi16(v[g], wh));
+        lo[g] = _mm256_add_epi32(lo[g], _mm256_madd_epi16(v[g], wl));
+      }
+    }
+    __m256i s[4];
+    for (int g = 0; g < 4; ++g)  // clip8: >> 22, then the saturating packs clamp to 0..255
+      s[g] = _mm256_srai_epi32(
+          _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(hi[g], kSplitBits), lo[g]), half), kPrecisionBits);
+    // Per lane, packs gives int16 values (0-7 | 16-23) and (8-15 | 24-31); packus then restores the order 0-31.
+    const __m256i u8 = _mm256_packus_epi16(_mm256_packs_epi32(s[0], s[1]), _mm256_packs_epi32(s[2], s[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), u8);
+  }
+  for (; c < n; ++c) {
+    int acc = kHalf;
+    for (std::int64_t y = 0; y < count; ++y) acc += base[y * stride + c] * k[y];
+    out[c] = clip8(acc);
+  }
+}
+#endif
+
+void vertical_row(const std::uint8_t* in, std::int64_t stride, std::int64_t in_first, std::int64_t width,
+                  const Axis& ax, std::int64_t row, std::uint8_t* out, bool simd) {
+#ifdef PYVL_HAVE_AVX2_KERNEL
+  if (simd && cpu_has_avx2_kernel()) return vertical_row_avx2(in, stride, in_first, width, ax, row, out);
+#endif
+  vertical_row_scalar(in, stride, in_first, width, ax, row, out);
 }
 
 // One resize of the source (the grid or the thumbnail), its passes in the order of the chosen Pillow.
@@ -280,8 +341,8 @@ struct Target {
       horizontal_rows(in, horizontal, out, simd, px);
   }
   // v-first, first pass: output row r resized in y straight from the source.
-  void vertical_source_row(const std::uint8_t* src, std::int64_t row_stride, std::int64_t r) const {
-    vertical_row(src, row_stride, 0, in_w, vertical, r, &tmp[r * in_w * 3]);
+  void vertical_source_row(const std::uint8_t* src, std::int64_t row_stride, std::int64_t r, bool simd) const {
+    vertical_row(src, row_stride, 0, in_w, vertical, r, &tmp[r * in_w * 3], simd);
   }
   // Second pass: finished uint8 output rows [r, r + n), n <= kRowBlock, into `lines` (n x out_w x 3).
   void finish_rows(std::int64_t r, int n, bool simd, std::vector<std::uint8_t>& px, std::uint8_t* lines) const {
@@ -292,7 +353,8 @@ struct Target {
       horizontal_rows(in, horizontal, out, simd, px);
     } else {
       for (int i = 0; i < n; ++i)
-        vertical_row(tmp.get(), out_w * 3, vertical.rows_begin(), out_w, vertical, r + i, lines + i * out_w * 3);
+        vertical_row(tmp.get(), out_w * 3, vertical.rows_begin(), out_w, vertical, r + i, lines + i * out_w * 3,
+                     simd);
     }
   }
 };
@@ -319,7 +381,7 @@ void first_pass(const std::vector<Target*>& targets, const std::uint8_t* src, st
   for (const Target* t : targets) {
     if (!t->vertical_first) continue;
     parallel_for(t->out_h, resolve_threads(num_threads, t->out_h, 16), [&](std::int64_t b, std::int64_t e) {
-      for (std::int64_t r = b; r < e; ++r) t->vertical_source_row(src, row_stride, r);
+      for (std::int64_t r = b; r < e; ++r) t->vertical_source_row(src, row_stride, r, simd);
     });
   }
 }
