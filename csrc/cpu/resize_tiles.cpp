@@ -221,16 +221,24 @@ void horizontal_rows(Interleaved& in, const PairedWeights& pw, std::uint8_t* con
     for (i1 = i0 + 1; i1 < pw.size() && pw.end(i1) - pw.start[i0] <= limit;) ++i1;
     std::int64_t x0;
     const std::uint8_t* block = in.window(pw.start[i0], pw.end(i1 - 1), x0);
-    px.resize(static_cast<std::size_t>((i1 - i0) * kLanes));
+    px.resize(static_cast<std::size_t>((i1 - i0) * kLanes + 1));  // + 1: the last 4-byte move below reads it
 #ifdef PYVL_HAVE_AVX2_KERNEL
     if (avx2)
       horizontal_columns_avx2(block, x0, pw, i0, i1, px.data());
     else
 #endif
       horizontal_columns_scalar(block, x0, pw, i0, i1, px.data());
+    // 4-byte moves (the 4th byte is overwritten by the next pixel), except the row's last pixel: 3 bytes.
+    const std::int64_t last = std::min(i1, pw.size() - 1);
     for (int r = 0; r < kRowBlock; ++r) {
       if (!out[r]) continue;
-      for (std::int64_t i = i0; i < i1; ++i) std::memcpy(out[r] + 3 * i, &px[(i - i0) * kLanes + 3 * r], 3);
+      const std::uint8_t* from = &px[3 * r];
+      for (std::int64_t i = i0; i < last; ++i, from += kLanes) {
+        std::uint32_t v;
+        std::memcpy(&v, from, 4);
+        std::memcpy(out[r] + 3 * i, &v, 4);
+      }
+      if (last < i1) std::memcpy(out[r] + 3 * last, from, 3);
     }
   }
 }
