@@ -5,9 +5,9 @@
 // pass into a uint8 image, then the other, each with fixed-point weights of 22 fractional bits, rounding
 // (+ 1 << 21), an arithmetic shift and a clamp to 0..255. We redo exactly that arithmetic, so every uint8
 // pixel is bit-identical, but vectorised: Pillow computes one pixel at a time, we compute 16 rows x 3 channels
-// per weight (horizontal pass, explicit AVX2 where the CPU has it) or a run of a row per weight (vertical
-// pass). The horizontal passes of the grid and the thumbnail share one sweep over the source, and the last
-// pass writes normalised floats straight into the [N, 3, T, T] tile tensor.
+// per weight (horizontal pass) or a run of a row per weight (vertical pass), with explicit AVX2 for both where
+// the CPU has it. The horizontal passes of the grid and the thumbnail share one sweep over the source, and the
+// last pass writes normalised floats straight into the [N, 3, T, T] tile tensor, one run of a tile row at a time.
 //
 // Memory: besides the uint8 image between the passes and the weight tables (what Pillow allocates too),
 // scratch is bounded by a constant and the kernel taps, never by the source width: the horizontal pass
