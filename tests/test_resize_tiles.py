@@ -187,20 +187,24 @@ def test_bad_pass_order():
 @pytest.mark.skipif(not _C.cpu_has_avx2(), reason="this CPU has no AVX2: only the portable code exists")
 def test_avx2_and_portable_code_agree():
     rng = np.random.default_rng(3)
+    # Row lengths (3 x width) below, at and off multiples of 32 (the vertical pass's step), tap counts odd and
+    # even (a single source row included), both pass orders.
     for h, w, out_h, out_w in [(1, 1, 1, 1), (3, 7, 5, 2), (17, 1001, 33, 448), (100, 4001, 9, 1344),
-                               (640, 480, 896, 1344), (1000, 3, 40, 500)]:
+                               (640, 480, 896, 1344), (1000, 3, 40, 500), (1, 40, 7, 33), (37, 45, 70, 29),
+                               (900, 50, 20, 40), (300, 11, 7, 64)]:
         src = random_image(rng, h, w)
         for rule in RULES:
             assert np.array_equal(c_resize(src, out_h, out_w, rule, simd=True),
                                   c_resize(src, out_h, out_w, rule, simd=False)), (h, w, out_h, out_w, rule)
     src = random_image(rng, 300, 1000)
-    tiles = []
-    for simd in (True, False):
-        out = torch.full((4, 3, 448, 448), float("nan"))
-        _C.resize_tiles_cpu(src.ctypes.data, 300, 1000, 3000, out.data_ptr(), 3, 1, 448, True, IMAGENET_MEAN,
-                            IMAGENET_STD, 2, pass_order=_C.PASS_ORDER_PILLOW_13, simd=simd)
-        tiles.append(out)
-    assert torch.equal(tiles[0], tiles[1])
+    for tile in (448, 1, 5, 13):  # the normalisation's 8-pixel steps, with and without a tail
+        tiles = []
+        for simd in (True, False):
+            out = torch.full((4, 3, tile, tile), float("nan"))
+            _C.resize_tiles_cpu(src.ctypes.data, 300, 1000, 3000, out.data_ptr(), 3, 1, tile, True, IMAGENET_MEAN,
+                                IMAGENET_STD, 2, pass_order=_C.PASS_ORDER_PILLOW_13, simd=simd)
+            tiles.append(out)
+        assert torch.equal(tiles[0], tiles[1]), tile
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
