@@ -244,28 +244,33 @@ class InternVLChat:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return text.split(template.SEP)[0].strip()
 
-    def _single_query(self, pixel_values, question, history, num_patches_list):
-        """(tiles, prompt, question as asked) for one chat turn."""
+    def _single_query(self, pixel_values, question, history, num_patches_list, system_message=None):
+        """(tiles, prompt, question as asked) for one chat turn; system_message None: the model's."""
         checks.text(question, "question", PromptError)
         checks.history(history)
+        if system_message is not None:
+            checks.text(system_message, "system_message", PromptError)
         raw_list = isinstance(pixel_values, (list, tuple)) and len(pixel_values) > 1
         pixel_values, patches = self._prepare_images(pixel_values, num_patches_list)
         if raw_list and history is None and template.IMAGE_PLACEHOLDER not in question:
             # a list of raw images and no placeholder: label each image, as InternVL's multi-image examples do
             question = "".join(f"Image-{i + 1}: {template.IMAGE_PLACEHOLDER}\n" for i in range(len(patches))) + question
         query = template.build_query(question, num_patches_list=patches, history=history,
-                                     system_message=self.system_message, num_image_token=self.num_image_token)
+                                     system_message=self.system_message if system_message is None
+                                     else system_message, num_image_token=self.num_image_token)
         return pixel_values, query, question
 
     def chat(self, pixel_values, question: str, generation_config=None, history: History | None = None,
              return_history: bool = False, num_patches_list: Sequence[int] | None = None,
-             stats: ChatStats | None = None):
+             stats: ChatStats | None = None, system_message: str | None = None):
         """Answer ``question`` about the tiles in ``pixel_values`` (or text only when None). ``stats``, when
-        given, is filled with this call's figures (prompt and cached tokens, images encoded, timings)."""
+        given, is filled with this call's figures (prompt and cached tokens, images encoded, timings).
+        ``system_message`` replaces the model's default system prompt for this call only."""
         started_at = time.perf_counter()
         checks.boolean(return_history, "return_history", PromptError)
         GenerationConfig.from_user(generation_config)  # bad settings fail before the images are tiled
-        pixel_values, query, question = self._single_query(pixel_values, question, history, num_patches_list)
+        pixel_values, query, question = self._single_query(pixel_values, question, history, num_patches_list,
+                                                           system_message)
         (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, started_at,
                                     stats=stats)
         response = self._response(request.result())
@@ -275,12 +280,14 @@ class InternVLChat:
         return response, list(history or []) + [(asked, response)]
 
     def stream(self, pixel_values, question: str, generation_config=None, history: History | None = None,
-               num_patches_list: Sequence[int] | None = None, stats: ChatStats | None = None) -> Iterator[str]:
+               num_patches_list: Sequence[int] | None = None, stats: ChatStats | None = None,
+               system_message: str | None = None) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated; ''.join(pieces) == chat(...). Closing the
         generator early cancels the request (its KV blocks are freed at once)."""
         started_at = time.perf_counter()
         GenerationConfig.from_user(generation_config)  # bad settings fail before the images are tiled
-        pixel_values, query, _ = self._single_query(pixel_values, question, history, num_patches_list)
+        pixel_values, query, _ = self._single_query(pixel_values, question, history, num_patches_list,
+                                                    system_message)
         (request,) = self._requests([self.tokenizer.encode(query)], pixel_values, generation_config, started_at,
                                     stats=stats)
         decoder = self.tokenizer.stream_decoder()
