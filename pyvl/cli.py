@@ -247,6 +247,13 @@ def cmd_bench(args) -> int:
 
         result = engine.run(args.model or demo_model_path(), device=args.device, repeat=args.repeat or 3)
         return _print_result(args, result, lambda r: format_table(r["rows"]))
+    if args.what == "serve":
+        from .bench import serve
+        from .bench.timing import format_table
+
+        result = serve.run(args.model, requests=args.repeat or 16)
+        return _print_result(args, result, lambda r: format_table([{"clients": "1 at a time"} | r["serial"] | {"tok/s vs serial": 1.0}]
+                                                                  + r["rows"]))
     raise AssertionError(args.what)  # argparse restricts the choices
 
 
@@ -291,11 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmarks (median times and ratios against baselines run alongside)")
-    bench.add_argument("what", choices=("preprocess", "kernels", "sweep", "e2e", "engine"),
+    bench.add_argument("what", choices=("preprocess", "kernels", "sweep", "e2e", "engine", "serve"),
                        help="preprocess: image -> pixel values (CPU, or --device cuda); kernels: each Triton kernel "
                             "against torch at the real shapes (CUDA); sweep: block configurations of ViT and "
                             "decode attention (CUDA); e2e: pixels -> tokens at a preset's size, next to HF "
-                            "transformers; engine: prefix/image reuse and batching ratios (--model, default demo)")
+                            "transformers; engine: prefix/image reuse and batching ratios (--model, default demo); serve: 1/4/16 "
+                            "streaming clients against pyvl serve on loopback vs one at a time (--repeat: requests)")
     bench.add_argument("--model", default=None, help="engine: model folder (default: the demo model)")
     bench.add_argument("--repeat", type=int, default=None,
                        help="timed runs per figure (default: preprocess 5, e2e 3)")
