@@ -11,7 +11,6 @@ and everything after it is never sent, and the generation stops there.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 
@@ -48,16 +47,6 @@ class StopMatcher:
         return text
 
 
-def _with_system_message(model, system_message: str | None):
-    """The model, or a shallow copy of it with another system message (everything else, engine included, is
-    shared). model.stream has no per-call system_message yet; this is the one attribute its prompt reads."""
-    if system_message is None or system_message == model.system_message:
-        return model
-    view = copy.copy(model)
-    view.system_message = system_message
-    return view
-
-
 class Generation:
     def __init__(self, model, loop: asyncio.AbstractEventLoop, pixels, patches, call):
         self.model = model
@@ -89,9 +78,9 @@ class Generation:
         call, matcher = self.call, StopMatcher(self.call.stops)
         finish = None
         try:
-            target = _with_system_message(self.model, call.system_message)
-            pieces = target.stream(self.pixels, call.question, call.generation, history=call.history or None,
-                                   num_patches_list=self.patches, stats=self.stats)
+            pieces = self.model.stream(self.pixels, call.question, call.generation, history=call.history or None,
+                                       num_patches_list=self.patches, stats=self.stats,
+                                       system_message=call.system_message)
             try:
                 for piece in pieces:
                     if self.cancelled.is_set():
