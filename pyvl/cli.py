@@ -103,6 +103,31 @@ def cmd_chat(args) -> int:
         history = list(history or []) + [(asked, answer)]
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve import MediaPolicy, ServeSettings
+        from .serve.server import serve
+    except ImportError as exc:
+        raise PyvlError(f"pyvl serve needs the serve extra ({exc.name} is missing): pip install 'pyvl[serve]'") from None
+
+    root = None
+    if args.allowed_local_media_path is not None:
+        root = Path(args.allowed_local_media_path).resolve()
+        if not root.is_dir():
+            raise PyvlError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    for flag in ("max_tiles_per_request", "max_queue", "max_request_mb", "max_image_mb", "fetch_timeout"):
+        if getattr(args, flag) <= 0:
+            raise PyvlError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    model = _load_model(args)
+    media = MediaPolicy(max_bytes=int(args.max_image_mb * 2**20), fetch_timeout_s=args.fetch_timeout,
+                        allow_private_urls=args.allow_private_urls, local_root=root)
+    settings = ServeSettings(served_model_name=args.served_model_name or model.folder.resolve().name,
+                             api_key=args.api_key, media=media, max_tiles_per_request=args.max_tiles_per_request,
+                             max_request_bytes=int(args.max_request_mb * 2**20), max_queue=args.max_queue)
+    serve(model, settings, args.host, args.port, args.log_level)
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("", "K", "M", "B"):
         if abs(n) < 1000:
@@ -222,6 +247,13 @@ def cmd_bench(args) -> int:
 
         result = engine.run(args.model or demo_model_path(), device=args.device, repeat=args.repeat or 3)
         return _print_result(args, result, lambda r: format_table(r["rows"]))
+    if args.what == "serve":
+        from .bench import serve
+        from .bench.timing import format_table
+
+        result = serve.run(args.model, requests=args.repeat or 16)
+        return _print_result(args, result, lambda r: format_table([{"clients": "1 at a time"} | r["serial"] | {"tok/s vs serial": 1.0}]
+                                                                  + r["rows"]))
     raise AssertionError(args.what)  # argparse restricts the choices
 
 
@@ -241,16 +273,37 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--stats", action="store_true", help="print time to first token and tokens/s")
     _add_generation_flags(chat)
     chat.set_defaults(func=cmd_chat)
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions); needs pyvl[serve]")
+    srv.add_argument("--model", default=None, help="model folder (default: the built-in random demo model)")
+    srv.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    srv.add_argument("--allow-private-urls", action="store_true",
+                     help="let image urls reach private, loopback and link-local addresses")
+    srv.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                     help="image urls may be local paths inside DIR (default: none allowed)")
+    srv.add_argument("--max-tiles-per-request", type=int, default=40, help="448px tiles over all images of a request")
+    srv.add_argument("--max-request-mb", type=float, default=50.0, help="largest request body (413 above)")
+    srv.add_argument("--max-image-mb", type=float, default=20.0, help="largest image (data url, download or file)")
+    srv.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds to fetch one image url")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests in flight at once (503 above)")
+    srv.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    srv.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
+    srv.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    srv.set_defaults(func=cmd_serve)
     info = sub.add_parser("info", help="config summary, parameter counts, memory per dtype")
     info.add_argument("path", help="model folder")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmarks (median times and ratios against baselines run alongside)")
-    bench.add_argument("what", choices=("preprocess", "kernels", "sweep", "e2e", "engine"),
+    bench.add_argument("what", choices=("preprocess", "kernels", "sweep", "e2e", "engine", "serve"),
                        help="preprocess: image -> pixel values (CPU, or --device cuda); kernels: each Triton kernel "
                             "against torch at the real shapes (CUDA); sweep: block configurations of ViT and "
                             "decode attention (CUDA); e2e: pixels -> tokens at a preset's size, next to HF "
-                            "transformers; engine: prefix/image reuse and batching ratios (--model, default demo)")
+                            "transformers; engine: prefix/image reuse and batching ratios (--model, default demo); serve: 1/4/16 "
+                            "streaming clients against pyvl serve on loopback vs one at a time (--repeat: requests)")
     bench.add_argument("--model", default=None, help="engine: model folder (default: the demo model)")
     bench.add_argument("--repeat", type=int, default=None,
                        help="timed runs per figure (default: preprocess 5, e2e 3)")
