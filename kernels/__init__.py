@@ -4,8 +4,10 @@
 Triton kernels (registered in ``pyvl.ops._TRITON_OPS``, each launcher with the reference's signature plus
 keyword-only ``out=`` / tuning arguments):
   vit_attention.py     vit_attention          non-causal FlashAttention-2 forward, S = 1025 masked, no padding
-  causal_attention.py  causal_attention       causal GQA prefill (Sq > 1) / split-KV decode (Sq == 1)
-                       decode_attention       the decode kernel with device-side lengths (CUDA-graph friendly)
+  causal_attention.py  paged_prefill_attention, paged_decode_attention
+                                              causal GQA attention over the paged KV pool: one sequence's
+                                              prefill; split-KV decode, lengths from a device tensor (CUDA graphs)
+  store_kv.py          store_kv               scatter new K/V rows into the paged pool by slot
   rms_norm.py          rms_norm, add_rms_norm RMSNorm, and residual add + RMSNorm fused
   apply_rotary.py      apply_rotary           rotate-half RoPE of q and k in one launch (in place via out=)
   silu_mul.py          silu_mul               silu(gate) * up

@@ -1,31 +1,23 @@
-"""Causal GQA attention over the KV cache: a FlashAttention prefill kernel and a split-KV decode kernel.
+"""Causal GQA attention over the paged KV pool: a FlashAttention prefill kernel and a split-KV decode kernel.
 
-    out[b, n, i] = sum_j softmax_j(q[b, n, i] . k[b, n // G, j] / sqrt(D)) v[b, n // G, j]
-    allowed keys of query i (absolute position p = Sk - Sq + i): j <= p and (j >= kv_start[b] or j == p)
+    out[n, i] = sum_j softmax_j(q[n, i] . k[n // G, j] / sqrt(D)) v[n // G, j],   j <= Sk - Sq + i
 
-q: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D], usually views of the preallocated cache [B, Hkv, capacity, D]
-(strided along dims 0-2, last dim contiguous); G = Hq // Hkv; out: [B, Hq, Sq, D]. ``kv_start`` [B] counts the
-left-padding keys of each row; a query always sees its own key, so padding rows stay finite.
-Numerics follow the reference: scores and softmax in float32 (log2 domain, exp2), P rounded to the input dtype
-before P @ V, products accumulated in float32.
+The pool of one layer is k_pool/v_pool [num_blocks, Hkv, BLOCK_SIZE, D]; a sequence's keys are read through its
+block table of int32 block ids; G = Hq // Hkv. BLOCK_N divides BLOCK_SIZE, so each key tile lies inside one KV
+block: one table lookup per tile. Numerics follow the reference: scores and softmax in float32 (log2 domain,
+exp2), P rounded to the input dtype before P @ V, products accumulated in float32.
 
-Prefill (Sq > 1), grid (cdiv(Sq, BLOCK_M), B * Hq), last query blocks (the most keys) launched first:
-  stage 1 streams the key blocks that lie wholly before the block's first query, with no causal mask (and
-  starts at the first block holding a real key, skipping left padding); stage 2 streams the blocks that cross
-  the diagonal with the full mask. Key blocks past the last query are never loaded.
-Decode (Sq == 1), flash-decoding: :func:`decode_attention` reads each row's length from a device int32 tensor
-(so a CUDA graph can replay it). Grid (B * Hkv, num_splits): one program serves all G query heads of a KV head
-(a [G padded to 16, D] @ [D, BLOCK_N] product), so each K/V byte is read once; the row's keys are cut into
-num_splits chunks of whole BLOCK_N blocks, each program writes its chunk's normalised output and log-sum-exp
-(float32), and a second kernel, grid (B * Hq,), merges the splits. With one split the first kernel writes the
-output directly.
-
-Paged variants (the engine's KV pool, one layer k_pool/v_pool [num_blocks, Hkv, BLOCK_SIZE, D], a sequence's keys
-read through its block table of int32 block ids): :func:`paged_prefill_attention` (one sequence, q [Sq, Hq, D],
-grid (cdiv(Sq, BLOCK_M), Hq), the same two stages) and :func:`paged_decode_attention` (q [B, Hq, D], block
-tables [B, max_blocks], lengths [B] on the device, the same split-KV scheme with the split count fixed by the
-table width). BLOCK_N divides BLOCK_SIZE, so each key tile lies inside one KV block: one table lookup per tile.
-Decode rows of length 0 (padding of a CUDA-graph batch) write zeros.
+Prefill, :func:`paged_prefill_attention` (one sequence, q [Sq, Hq, D]), grid (cdiv(Sq, BLOCK_M), Hq), last query
+blocks (the most keys) launched first: stage 1 streams the key tiles that lie wholly before the block's first
+query, with no causal mask; stage 2 streams the tiles that cross the diagonal with the full mask. Key tiles past
+the last query are never loaded.
+Decode, :func:`paged_decode_attention` (q [B, Hq, D], block tables [B, max_blocks], lengths [B] read on the device,
+so a CUDA graph can replay it), flash-decoding: grid (B * Hkv, num_splits), one program serves all G query heads
+of a KV head (a [G padded to 16, D] @ [D, BLOCK_N] product), so each K/V byte is read once; the row's keys are cut
+into num_splits chunks of whole BLOCK_N tiles (the split count fixed by the table width), each program writes its
+chunk's normalised output and log-sum-exp (float32), and a second kernel, grid (B * Hq,), merges the splits. With
+one split the first kernel writes the output directly. Rows of length 0 (padding of a CUDA-graph batch) write
+zeros.
 """
 
 from __future__ import annotations
@@ -38,8 +30,7 @@ import triton.language as tl
 
 from .vit_attention import INTERPRET_LONG, _cast, _check_operands, _interpreting, _mma
 
-__all__ = ["causal_attention", "decode_attention", "paged_prefill_attention", "paged_decode_attention",
-           "prefill_config", "decode_config", "decode_splits"]
+__all__ = ["paged_prefill_attention", "paged_decode_attention", "prefill_config", "decode_config", "decode_splits"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -58,133 +49,6 @@ def _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET: tl.constexpr, PRECISIO
 
 
 @triton.jit
-def _prefill_kernel(
-    Q, K, V, Out, KVStart,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh, stride_os,
-    HQ, GROUP, SQ, SK, qk_scale,
-    HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query blocks see the most keys: start them first
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HQ).to(tl.int64)
-    h = pid_bh % HQ
-    hk = (h // GROUP).to(tl.int64)  # GQA: query head h reads KV head h // G
-    h = h.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    first_pos = SK - SQ + pid_m * BLOCK_M  # absolute position of the block's first query
-    pos_m = first_pos + tl.arange(0, BLOCK_M)
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=offs_m[:, None] < SQ, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh  # scalar: a pointer tile here would hold ~64 registers
-    v_base = V + b * stride_vb + hk * stride_vh
-    if HAS_KV_START:
-        kv_start = tl.load(KVStart + b).to(tl.int32)
-    else:
-        kv_start = 0
-
-    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    diag_lo = (first_pos // BLOCK_N) * BLOCK_N
-    lo = (tl.minimum(kv_start, first_pos) // BLOCK_N) * BLOCK_N  # padding-only blocks are skipped
-    for start_n in range(lo, diag_lo, BLOCK_N):  # stage 1: keys before every query of the block
-        k = tl.load(k_base + (start_n + offs_n)[:, None] * stride_ks + offs_d[None, :])
-        qk = _mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
-        if HAS_KV_START:  # these keys are never a query's own key, so padding is simply masked
-            qk = tl.where((start_n + offs_n)[None, :] >= kv_start, qk, float("-inf"))
-        v = tl.load(v_base + (start_n + offs_n)[:, None] * stride_vs + offs_d[None, :])
-        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET, PRECISION)
-
-    hi = tl.minimum(SK, first_pos + BLOCK_M)
-    for start_n in range(diag_lo, hi, BLOCK_N):  # stage 2: blocks crossing the diagonal, fully masked
-        key = start_n + offs_n
-        key_ok = key < SK
-        k = tl.load(k_base + key[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        qk = _mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
-        allowed = (key[None, :] <= pos_m[:, None]) & key_ok[None, :]
-        if HAS_KV_START:
-            allowed = allowed & ((key[None, :] >= kv_start) | (key[None, :] == pos_m[:, None]))
-        qk = tl.where(allowed, qk, float("-inf"))
-        v = tl.load(v_base + key[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET, PRECISION)
-
-    out = acc / l_i[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, INTERPRET), mask=offs_m[:, None] < SQ)
-
-
-@triton.jit
-def _decode_split_kernel(
-    Q, K, V, SeqLens, KVStart, PartO, PartLse, Out,
-    stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh,
-    HKV, GROUP, NUM_SPLITS, qk_scale,
-    HAS_KV_START: tl.constexpr, DIRECT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    hk = (pid_bh % HKV).to(tl.int64)
-    offs_g = tl.arange(0, BLOCK_G)
-    g_ok = offs_g < GROUP
-    heads = hk * GROUP + offs_g  # the query heads sharing KV head hk
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-
-    seq_len = tl.load(SeqLens + b).to(tl.int32)
-    own = seq_len - 1  # the query sits at the last cached position
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks per split
-    start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
-    if HAS_KV_START:
-        kv_start = tl.load(KVStart + b).to(tl.int32)
-        lo = tl.maximum(start, (tl.minimum(kv_start, own) // BLOCK_N) * BLOCK_N)  # skip padding-only blocks
-    else:
-        kv_start = 0
-        lo = start
-
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh  # scalar: a pointer tile here would hold ~64 registers
-    v_base = V + b * stride_vb + hk * stride_vh
-    m_i = tl.full([BLOCK_G], _NEG, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for start_n in range(lo, end, BLOCK_N):
-        key = start_n + offs_n
-        key_ok = key < end
-        k = tl.load(k_base + key[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        qk = _mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
-        if HAS_KV_START:
-            key_ok = key_ok & ((key >= kv_start) | (key == own))
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
-        v = tl.load(v_base + key[:, None] * stride_vs + offs_d[None, :], mask=(key < end)[:, None], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET, PRECISION)
-
-    if DIRECT:  # one split: this program saw every key
-        out = acc / l_i[:, None]
-        o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, INTERPRET), mask=g_ok[:, None])
-    else:
-        has_keys = l_i > 0  # splits past seq_len (or all padding) hold nothing: lse = -inf, weight 0
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        row = (b * HKV * GROUP + heads) * NUM_SPLITS + split  # partials: [B * Hq, NUM_SPLITS, (D)]
-        tl.store(PartLse + row, lse, mask=g_ok)
-        tl.store(PartO + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=g_ok[:, None])
-
-
-@triton.jit
 def _decode_reduce_kernel(PartO, PartLse, Out, stride_ob, stride_oh, HQ, NUM_SPLITS,
                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0)  # b * Hq + h
@@ -196,7 +60,7 @@ def _decode_reduce_kernel(PartO, PartLse, Out, stride_ob, stride_oh, HQ, NUM_SPL
     row = pid.to(tl.int64) * NUM_SPLITS + offs_s
     lse = tl.load(PartLse + row, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (a paged row of length 0): weights 0, out 0
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (a row of length 0): weights 0, out 0
     w = tl.exp2(lse - m)
     o = tl.load(PartO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     total = tl.sum(w, 0)
@@ -352,116 +216,12 @@ def decode_splits(batch_kv_heads: int, capacity: int, block_n: int, device: torc
     return max(1, min(want, triton.cdiv(capacity, 2 * block_n), 64))
 
 
-def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"{name} wants q [B, Hq, Sq, D] and k, v of one shape [B, Hkv, Sk, D]; got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{name} wants q, k, v of one dtype in {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
-    b, hq, _, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"{name}: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
-    if hq % k.shape[1]:
-        raise ValueError(f"{name}: {hq} query heads are not a multiple of {k.shape[1]} KV heads (GQA)")
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"{name}: head_dim {d} must be a power of two in [16, 256]")
-    _check_operands(name, {"q": q, "k": k, "v": v})
-
-
-def _check_rows(name: str, what: str, t: torch.Tensor | None, q: torch.Tensor) -> None:
-    if t is None:
-        return
-    if t.shape != (q.shape[0],) or t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
-        raise ValueError(f"{name}: {what} must be an int32/int64 tensor [{q.shape[0]}] on {q.device}; got "
-                         f"{tuple(t.shape)} {t.dtype} on {t.device}")
-
-
 def _out(name: str, out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     if out is None:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"{name}: out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last "
                          f"dim; got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
-    return out
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                     kv_start: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                     num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
-    """One new query per row over the first seq_lens[b] cached keys: q [B, Hq, 1, D], k_cache/v_cache
-    [B, Hkv, capacity, D], seq_lens int32 [B] on the device (1 <= seq_lens[b] <= capacity, unchecked: it is
-    never read on the host). Returns out [B, Hq, 1, D]."""
-    name = "decode_attention"
-    _check_qkv(name, q, k_cache, v_cache)
-    if q.shape[2] != 1:
-        raise ValueError(f"{name}: q must hold one query per row, [B, Hq, 1, D]; got {tuple(q.shape)}")
-    _check_rows(name, "seq_lens", seq_lens, q)
-    _check_rows(name, "kv_start", kv_start, q)
-    out = _out(name, out, q)
-    b, hq, _, d = q.shape
-    hkv, capacity = k_cache.shape[1], k_cache.shape[2]
-    group = hq // hkv
-    cfg = dict(decode_config(d, q.dtype), **(config or {}))
-    splits = num_splits or decode_splits(b * hkv, capacity, cfg["BLOCK_N"], q.device)
-    if not 1 <= splits <= 1024:
-        raise ValueError(f"{name}: num_splits {splits} must be in [1, 1024]")
-    if b == 0:
-        return out
-    if splits > 1:
-        part_o = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
-    else:
-        part_o = part_lse = out  # unused
-    interpret = _interpreting()
-    _decode_split_kernel[(b * hkv, splits)](
-        q, k_cache, v_cache, seq_lens, kv_start if kv_start is not None else seq_lens, part_o, part_lse, out,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        hkv, group, splits, d ** -0.5 * _LOG2E,
-        HAS_KV_START=kv_start is not None, DIRECT=splits == 1, HEAD_DIM=d,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"],
-        INTERPRET=interpret, PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    if splits > 1:
-        _decode_reduce_kernel[(b * hq,)](
-            part_o, part_lse, out, out.stride(0), out.stride(1), hq, splits,
-            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(splits), INTERPRET=interpret, num_warps=4,
-        )
-    return out
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None = None,
-                     *, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """Causal GQA attention of the last Sq positions over Sk keys (see the module docstring): the prefill
-    kernel when Sq > 1, :func:`decode_attention` (with every row's length = Sk) when Sq == 1."""
-    name = "causal_attention"
-    _check_qkv(name, q, k, v)
-    _check_rows(name, "kv_start", kv_start, q)
-    b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    if sq > sk:
-        raise ValueError(f"{name}: {sq} queries but only {sk} keys; the queries are the last Sq key positions")
-    if sq == 1:
-        seq_lens = torch.full((b,), sk, dtype=torch.int32, device=q.device)
-        return decode_attention(q, k, v, seq_lens, kv_start, out=out, config=config)
-    out = _out(name, out, q)
-    if out.numel() == 0:
-        return out
-    cfg = dict(prefill_config(d, q.dtype, k.shape[2]), **(config or {}))
-    _prefill_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)](
-        q, k, v, out, kv_start if kv_start is not None else q,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        hq, hq // hkv, sq, sk, d ** -0.5 * _LOG2E,
-        HAS_KV_START=kv_start is not None, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        INTERPRET=_interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
     return out
 
 

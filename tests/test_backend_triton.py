@@ -46,8 +46,9 @@ def test_each_kernel_is_registered(name):
 def test_every_kernel_is_in_use(fast):
     _, model = fast
     served = model.model.ops.backends
-    assert {k for k, v in served.items() if v == "triton"} >= {"rms_norm", "vit_attention", "causal_attention",
-                                                               "apply_rotary", "silu_mul", "pixel_shuffle"}
+    assert {k for k, v in served.items() if v == "triton"} >= {
+        "rms_norm", "add_rms_norm", "vit_attention", "apply_rotary", "silu_mul", "pixel_shuffle", "store_kv",
+        "paged_prefill_attention", "paged_decode_attention"}
     assert {k for k, v in served.items() if v != "triton"} <= {"layer_norm", "gelu", "resize_tiles"}
     assert served["resize_tiles"] in ("native", "cuda")  # the compiled preprocessing, never Pillow
 

@@ -194,21 +194,22 @@ def test_kernel_resources_of_a_compiled_kernel_and_of_anything_else():
 
 
 def test_launched_kernels_records_each_launch_and_unwraps():
+    from pyvl.bench.kernels import paged_pool
     from pyvl.bench.resources import launched_kernels
     from pyvl.kernels import causal_attention as ca
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q = torch.randn(1, 4, 1, 16, device=device)
-    cache = torch.randn(2, 1, 2, 40, 16, device=device)
+    q = torch.randn(1, 4, 16, device=device)
+    pool, tables, _ = paged_pool(1, 40, 2, 16, device, torch.float32)
     lens = torch.full((1,), 40, dtype=torch.int32, device=device)
     with launched_kernels() as kernels:
-        ca.decode_attention(q, cache[0], cache[1], lens, num_splits=3)
-        ca.decode_attention(q, cache[0], cache[1], lens, num_splits=3)  # the same kernels: listed once
-    assert [k["kernel"] for k in kernels] == ["_decode_split_kernel", "_decode_reduce_kernel"]
+        ca.paged_decode_attention(q, pool[0], pool[1], tables, lens, num_splits=3)
+        ca.paged_decode_attention(q, pool[0], pool[1], tables, lens, num_splits=3)  # the same kernels: listed once
+    assert [k["kernel"] for k in kernels] == ["_paged_decode_split_kernel", "_decode_reduce_kernel"]
     assert all(set(k) == {"kernel", "regs", "spills", "shared_bytes"} for k in kernels)
     if device == "cpu":
         assert all(k["regs"] is None and k["shared_bytes"] is None for k in kernels)
-    assert "run" not in vars(ca._decode_split_kernel) and "run" not in vars(ca._decode_reduce_kernel)
+    assert "run" not in vars(ca._paged_decode_split_kernel) and "run" not in vars(ca._decode_reduce_kernel)
 
 
 def test_rotation_copies_exceed_twice_the_l2():
@@ -267,10 +268,10 @@ def test_sweep_rows_fail_on_nan_and_report_errors():
 def test_kernels_and_preprocess_results_format():
     from pyvl.bench import kernels, preprocess_cuda
 
-    row = {"op": "causal_attention", "shape": "decode 48/8 x 3400 x 128", "timing": "graph, 9 K/V copies",
+    row = {"op": "paged_decode_attention", "shape": "decode 48/8 x 3400 x 128", "timing": "graph, 9 K/V copies",
            "ms": 0.0123, "rate": 1234.5, "unit": "GB/s", "of_ceiling": 0.4, "baseline": "SDPA gqa",
            "baseline_ms": None, "baseline/ours": None, "rel_diff": 1.2e-3, "target": ">= 1500 GB/s",
-           "kernels": [{"kernel": "_decode_split_kernel", "regs": 128, "spills": 0, "shared_bytes": 32768}]}
+           "kernels": [{"kernel": "_paged_decode_split_kernel", "regs": 128, "spills": 0, "shared_bytes": 32768}]}
     text = kernels.format_result({"setup": {"device": "H200", "torch": "2", "triton": "3.6", "l2_MB": 60.0},
                                   "ceilings": {"copy_GBps": 3900.0, "gemm_bf16_TFLOPs": 700.0}, "rows": [row],
                                   "notes": ["x: failed"]})

@@ -49,34 +49,34 @@ def test_sdpa_vit_attention_matches_oracle(dtype, b, h, s, d):
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("ratio", [1, 2, 6])
 @pytest.mark.parametrize("sq, sk", [(37, 37), (1, 45), (5, 130), (1, 1)])
-@pytest.mark.parametrize("padded", [False, True])
-def test_sdpa_causal_attention_matches_oracle(dtype, ratio, sq, sk, padded):
+def test_sdpa_paged_prefill_matches_oracle(dtype, ratio, sq, sk):
     gen, seed = fresh_generator()
-    b, hkv, d = 3, 2, 64
-    q = randn(b, hkv * ratio, sq, d, dtype=dtype, device="cpu", gen=gen)
-    k, v = (randn(b, hkv, sk, d, dtype=dtype, device="cpu", gen=gen) for _ in range(2))
-    # Row 1 is left-padded past some queries (rows of padding only see their own key), row 2 a little.
-    kv_start = torch.tensor([0, sk - max(sq // 2, 1), min(3, sk - 1)]) if padded else None
-    out = sdpa.causal_attention(q, k, v, kv_start)
+    hkv, d, bs = 2, 64, 16
+    n_blocks = -(-sk // bs)
+    q = randn(sq, hkv * ratio, d, dtype=dtype, device="cpu", gen=gen)
+    k_pool, v_pool = (randn(n_blocks + 2, hkv, bs, d, dtype=dtype, device="cpu", gen=gen) for _ in range(2))
+    table = torch.randperm(n_blocks + 2, generator=gen)[:n_blocks].to(torch.int32)
+    out = sdpa.paged_prefill_attention(q, k_pool, v_pool, table, sk)
     assert out.dtype == dtype and out.shape == q.shape
-    oracle = reference.causal_attention(q.float(), k.float(), v.float(), kv_start)
-    same = reference.causal_attention(q, k, v, kv_start)
-    assert_matches_oracle(out, oracle, same, f"seed {seed}, {dtype}, GQA {ratio}, Sq {sq}, Sk {sk}, {kv_start}")
+    oracle = reference.paged_prefill_attention(q.float(), k_pool.float(), v_pool.float(), table, sk)
+    same = reference.paged_prefill_attention(q, k_pool, v_pool, table, sk)
+    assert_matches_oracle(out, oracle, same, f"seed {seed}, {dtype}, GQA {ratio}, Sq {sq}, Sk {sk}")
 
 
-def test_sdpa_causal_attention_is_causal_and_skips_padding():
-    """Changing a future key or a padding key must not move any output that may not see it."""
+def test_sdpa_paged_prefill_is_causal():
+    """Changing a future key, or a pool slot past the context, must not move any output that may not see it."""
     gen, _ = fresh_generator()
-    q = randn(2, 4, 6, 16, dtype=torch.bfloat16, device="cpu", gen=gen)
-    k, v = (randn(2, 2, 10, 16, dtype=torch.bfloat16, device="cpu", gen=gen) for _ in range(2))
-    kv_start = torch.tensor([0, 3])
-    base = sdpa.causal_attention(q, k, v, kv_start)
+    q = randn(6, 4, 16, dtype=torch.bfloat16, device="cpu", gen=gen)
+    k, v = (randn(1, 2, 16, 16, dtype=torch.bfloat16, device="cpu", gen=gen) for _ in range(2))
+    table = torch.zeros(1, dtype=torch.int32)
+    base = sdpa.paged_prefill_attention(q, k, v, table, 10)  # queries at positions 4..9
     k2, v2 = k.clone(), v.clone()
-    k2[1, :, 1], v2[1, :, 1] = 9.0, 9.0  # a padding key of row 1
-    k2[:, :, 9], v2[:, :, 9] = -9.0, -9.0  # the last key: only the last query sees it
-    moved = sdpa.causal_attention(q, k2, v2, kv_start)
-    assert torch.equal(moved[:, :, :5], base[:, :, :5])
-    assert not torch.equal(moved[:, :, 5], base[:, :, 5])
+    k2[0, :, 10:], v2[0, :, 10:] = 9.0, 9.0  # slots past the context
+    assert torch.equal(sdpa.paged_prefill_attention(q, k2, v2, table, 10), base)
+    k2[0, :, 9], v2[0, :, 9] = -9.0, -9.0  # the last key: only the last query sees it
+    moved = sdpa.paged_prefill_attention(q, k2, v2, table, 10)
+    assert torch.equal(moved[:5], base[:5])
+    assert not torch.equal(moved[5], base[5])
 
 
 # --- which implementation serves each op --------------------------------------------------------------------
@@ -84,18 +84,19 @@ def test_sdpa_causal_attention_is_causal_and_skips_padding():
 @pytest.mark.parametrize("dtype", HALF)
 def test_auto_on_the_cpu_serves_half_attention_with_sdpa(dtype):
     ops = resolve_ops("auto", "cpu", dtype=dtype)
-    assert ops.vit_attention is sdpa.vit_attention and ops.causal_attention is sdpa.causal_attention
-    assert ops.backends["vit_attention"] == ops.backends["causal_attention"] == "sdpa"
+    assert ops.vit_attention is sdpa.vit_attention and ops.paged_prefill_attention is sdpa.paged_prefill_attention
+    assert ops.backends["vit_attention"] == ops.backends["paged_prefill_attention"] == "sdpa"
     assert ops.rms_norm is reference.rms_norm  # no faster equally exact choice for the rest
     forced = resolve_ops("auto", "cpu", {"vit_attention": "reference"}, dtype=dtype)
     assert forced.vit_attention is reference.vit_attention and forced.backends["vit_attention"] == "reference"
-    assert resolve_ops("reference", "cpu", dtype=dtype).causal_attention is reference.causal_attention
+    assert resolve_ops("reference", "cpu", dtype=dtype).paged_prefill_attention is reference.paged_prefill_attention
 
 
 def test_auto_in_float32_keeps_the_references():
     ops = resolve_ops("auto", "cpu", dtype=torch.float32)
-    assert ops.vit_attention is reference.vit_attention and ops.causal_attention is reference.causal_attention
-    assert {ops.backends[n] for n in ("vit_attention", "causal_attention", "rms_norm")} == {"reference"}
+    assert ops.vit_attention is reference.vit_attention
+    assert ops.paged_prefill_attention is reference.paged_prefill_attention
+    assert {ops.backends[n] for n in ("vit_attention", "paged_prefill_attention", "rms_norm")} == {"reference"}
 
 
 def test_resize_tiles_resolution():

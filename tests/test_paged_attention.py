@@ -146,7 +146,8 @@ def test_reference_paged_decode_is_contiguous_attention():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("hq, hkv, bs, d, splits", [
-    (2, 2, 16, 64, None), (4, 2, 32, 128, 1), (6, 1, 16, 64, 3), (12, 2, 16, 128, 4)])
+    (2, 2, 16, 64, None), (4, 2, 32, 128, 1), (6, 1, 16, 64, 3), (12, 2, 16, 128, 4),
+    (6, 2, 16, 64, 7)])  # more splits than key tiles: every row has empty splits
 def test_paged_decode_kernel_matches_reference(dtype, hq, hkv, bs, d, splits):
     gen, seed = fresh_generator()
     q, k_pool, v_pool, tables, lens, _ = decode_batch(hq, hkv, bs, d, dtype, gen)
@@ -217,11 +218,11 @@ def test_rejects_bad_inputs():
 
 
 @gpu
-@pytest.mark.parametrize("sq", [3400, 300])
-def test_real_paged_prefill(sq):
-    """V1-5 attention shape (48/8 heads, D 128), 3400 keys in shuffled 64-token blocks; 300 = chunked."""
+@pytest.mark.parametrize("hq, sq", [(48, 3400), (48, 300), (16, 3400)])
+def test_real_paged_prefill(hq, sq):
+    """V1-5 attention shapes (48/8 and 16/8 heads, D 128), 3400 keys in shuffled 64-token blocks; 300 = chunked."""
     gen, seed = fresh_generator()
-    q, k_pool, v_pool, table, _, _ = prefill_case(48, 8, 64, 128, sq, 3400, torch.bfloat16, gen)
+    q, k_pool, v_pool, table, _, _ = prefill_case(hq, 8, 64, 128, sq, 3400, torch.bfloat16, gen)
     got = paged_prefill_attention(q, k_pool, v_pool, table, 3400)
     oracle = ref.paged_prefill_attention(q.float(), k_pool.float(), v_pool.float(), table, 3400)
     same = ref.paged_prefill_attention(q, k_pool, v_pool, table, 3400)
@@ -229,11 +230,13 @@ def test_real_paged_prefill(sq):
 
 
 @gpu
-def test_real_paged_decode():
-    """Five rows up to 6144 keys at 48/8 heads, D 128, block 64, table width 128 blocks (8192 keys)."""
+@pytest.mark.parametrize("unit, max_blocks", [(2048, 128), (10240, 512)])
+def test_real_paged_decode(unit, max_blocks):
+    """Five rows up to 3 units of keys (6144 / 30720) at 48/8 heads, D 128, block 64, tables of max_blocks
+    blocks (8192 / 32768 keys)."""
     gen, seed = fresh_generator()
-    q, k_pool, v_pool, tables, lens, _ = decode_batch(48, 8, 64, 128, torch.bfloat16, gen, unit=2048,
-                                                      max_blocks=128)
+    q, k_pool, v_pool, tables, lens, _ = decode_batch(48, 8, 64, 128, torch.bfloat16, gen, unit=unit,
+                                                      max_blocks=max_blocks)
     got = paged_decode_attention(q, k_pool, v_pool, tables, lens)
     oracle = ref.paged_decode_attention(q.float(), k_pool.float(), v_pool.float(), tables, lens)
     same = ref.paged_decode_attention(q, k_pool, v_pool, tables, lens)

@@ -14,8 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pyvl.engine.sampling import Sampler, SamplingParams
-from pyvl.errors import ConfigError
+from pyvl.engine.sampling import Sampler
 from pyvl.generate import GenerationConfig, process_logits, select_tokens
 from conftest import golden_cases, loaded_model
 
@@ -34,7 +33,7 @@ def _engine(scores: torch.Tensor, seen: list[list[int]], cfg: GenerationConfig, 
     sampler = Sampler(capacity=scores.shape[0], vocab_size=scores.shape[1], bos_id=seen[0][0])
     for slot, row in enumerate(seen):
         assert row[0] == sampler.bos_id
-        sampler.activate(slot, SamplingParams.from_config(replace(cfg, seed=seed)), output_ids=row[1:])
+        sampler.activate(slot, replace(cfg, seed=seed), output_ids=row[1:])
     tokens, processed = sampler.sample(scores)
     return processed, tokens
 
@@ -229,11 +228,11 @@ def test_sampler_rows_equal_todays_code_alone_and_batched(cfg):
     want = {slot: _reference_row([logits[t, slot:slot + 1] for t in range(n_steps)], c, c.seed or seed, bos)
             for slot, c in {**neighbours, 2: cfg}.items()}
     alone = Sampler(1, VOCAB, bos)
-    alone.activate(0, SamplingParams.from_config(replace(cfg, seed=seed)))
+    alone.activate(0, replace(cfg, seed=seed))
     batched = Sampler(5, VOCAB, bos)
     for slot, c in neighbours.items():
-        batched.activate(slot, SamplingParams.from_config(replace(c, seed=c.seed or seed)))
-    batched.activate(2, SamplingParams.from_config(replace(cfg, seed=seed)))  # slot 3 stays free
+        batched.activate(slot, replace(c, seed=c.seed or seed))
+    batched.activate(2, replace(cfg, seed=seed))  # slot 3 stays free
     for t in range(n_steps):
         tokens, scores = alone.sample(logits[t, 2:3])
         assert torch.equal(scores, want[2][t][0]) and torch.equal(tokens, want[2][t][1])
@@ -245,7 +244,7 @@ def test_sampler_rows_equal_todays_code_alone_and_batched(cfg):
 
 def test_a_fresh_slot_penalises_only_the_bos_id():
     sampler = Sampler(2, 6, bos_id=1)
-    sampler.activate(1, SamplingParams(repetition_penalty=2.0))
+    sampler.activate(1, GenerationConfig(repetition_penalty=2.0))
     _, scores = sampler.sample(torch.full((2, 6), 3.0))
     assert scores[1].tolist() == [3.0, 1.5, 3.0, 3.0, 3.0, 3.0]
     assert sampler.seen[1].nonzero().flatten().tolist() == [0, 1]  # BOS, then the argmax chosen (id 0)
@@ -253,17 +252,17 @@ def test_a_fresh_slot_penalises_only_the_bos_id():
 
 def test_a_reused_slot_forgets_the_previous_request():
     sampler = Sampler(1, 6, bos_id=1)
-    sampler.activate(0, SamplingParams(do_sample=True, top_k=2, repetition_penalty=3.0, seed=0), output_ids=[4, 5])
+    sampler.activate(0, GenerationConfig(do_sample=True, top_k=2, repetition_penalty=3.0, seed=0), output_ids=[4, 5])
     sampler.sample(torch.randn(1, 6))
     sampler.deactivate(0)
-    sampler.activate(0, SamplingParams(repetition_penalty=2.0))
+    sampler.activate(0, GenerationConfig(repetition_penalty=2.0))
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
     assert sampler.process(scores).tolist() == [[1.0, 1.0, 3.0, 4.0, 5.0, 6.0]]
 
 
 def test_a_resumed_row_continues_its_random_stream():
     """A preempted request re-activated with its output and its generator draws what it would have drawn."""
-    params = SamplingParams(do_sample=True, temperature=1.5, top_k=0, repetition_penalty=1.2, seed=3)
+    params = GenerationConfig(do_sample=True, temperature=1.5, top_k=0, repetition_penalty=1.2, seed=3)
     logits = torch.randn(6, 1, 50)
     straight = Sampler(1, 50, bos_id=1)
     straight.activate(0, params)
@@ -278,22 +277,13 @@ def test_a_resumed_row_continues_its_random_stream():
     assert got == want and len(set(want)) > 1
 
 
-def test_sampling_params_reuse_the_generation_config_checks():
-    assert SamplingParams.from_config(GenerationConfig(do_sample=True, top_p=0.5, seed=2)) == \
-        SamplingParams(do_sample=True, top_p=0.5, seed=2)
-    with pytest.raises(ConfigError, match="top_p"):
-        SamplingParams(top_p=0.0)
-    with pytest.raises(ConfigError, match="temperature"):
-        SamplingParams(do_sample=True, temperature=0.0)
-
-
 def test_sampler_slot_misuse_is_refused():
     sampler = Sampler(2, 8, bos_id=1)
-    sampler.activate(1, SamplingParams())
+    sampler.activate(1, GenerationConfig())
     with pytest.raises(ValueError, match="not a free slot"):
-        sampler.activate(1, SamplingParams())
+        sampler.activate(1, GenerationConfig())
     with pytest.raises(ValueError, match="not a free slot"):
-        sampler.activate(2, SamplingParams())
+        sampler.activate(2, GenerationConfig())
     with pytest.raises(ValueError, match="not active"):
         sampler.deactivate(0)
     with pytest.raises(ValueError, match="slot 1 is active"):

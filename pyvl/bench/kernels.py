@@ -8,9 +8,10 @@ pyvl.ops.reference, what backend="reference" runs, for the rest), rel diff = |ou
 the whole output, and registers per thread / spills / shared memory of each Triton kernel launched
 (pyvl.bench.resources; None where unavailable).
 
-Decode attention is timed three ways: eager; "graph, hot L2" (the same 14 MB of K/V every replay: at 3400
-keys it stays in the L2 and the GB/s is inflated); and "graph, N K/V copies": one graph walks over N distinct
-K/V caches, N * K/V bytes >= 2x the L2 (torch.cuda.get_device_properties().L2_cache_size, else 60 MB), so
+Paged attention reads K/V through shuffled block tables of 64-token blocks; the SDPA baseline reads the same keys
+gathered contiguous. Decode attention is timed three ways: eager; "graph, hot L2" (the same 14 MB of K/V every
+replay: at 3400 keys it stays in the L2 and the GB/s is inflated); and "graph, N K/V copies": one graph walks over
+N distinct K/V pools, N * K/V bytes >= 2x the L2 (torch.cuda.get_device_properties().L2_cache_size, else 60 MB), so
 every call reads its K/V from HBM as in a real decode step; its ms is per call (replay time / N).
 
     attention     TFLOP/s = 4 * B * H * S_q * S_k * D / t (causal: only the allowed (query, key) pairs)
@@ -19,8 +20,8 @@ every call reads its K/V from HBM as in a real decode step; its ms is per call (
     ceilings      a 1 GiB device-to-device copy (read + write bytes) and a bf16 8192^3 GEMM
 
 Shapes (bf16): ViT attention 13 tiles x 25 heads x 1025 x 128 (6B) and x 16 heads x 64 (300M), q/k/v views of
-one fused qkv output; prefill 3400 tokens, 48/8 and 16/8 heads, K/V views of a longer cache; decode 48/8 heads
-over 3400 and 32768 cached keys; rms_norm / silu_mul / apply_rotary at the InternLM2-20B widths for 3400 tokens
+one fused qkv output; prefill 3400 tokens, 48/8 and 16/8 heads; decode 48/8 heads over 3400 and 32768 cached
+keys (and 16 rows x 3400); rms_norm / silu_mul / apply_rotary at the InternLM2-20B widths for 3400 tokens
 (prefill) and 1 token (decode); pixel_shuffle of 13 tiles of InternViT-6B output.
 """
 
@@ -33,12 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PyvlError
+from ..kv_cache import BLOCK_SIZE
 from ..ops import _TRITON_OPS, reference
 from .resources import format_resources, launched_kernels
 from .timing import format_table
 
 __all__ = ["require_gpu", "median_ms", "graph_ms", "copy_gbps", "gemm_tflops", "l2_bytes", "rotation_copies",
-           "run", "format_result"]
+           "paged_pool", "run", "format_result"]
 
 BF16 = torch.bfloat16
 DEVICE = "cuda"
@@ -49,8 +51,8 @@ PREFILL_HEADS = ((48, 8), (16, 8))  # (query heads, KV heads): InternLM2-20B, In
 DECODE_LENGTHS = (3400, 32768)
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 6144, 16384, 48, 8, 128  # InternLM2-20B
 TARGETS = {("vit_attention", "13x25x1025x128"): ">= 450 TFLOP/s",
-           ("causal_attention", "decode 48/8 x 3400 x 128"): ">= 1500 GB/s",
-           ("causal_attention", "decode 48/8 x 32768 x 128"): ">= 3000 GB/s"}  # issue 3
+           ("paged_decode_attention", "decode 48/8 x 3400 x 128"): ">= 1500 GB/s",
+           ("paged_decode_attention", "decode 48/8 x 32768 x 128"): ">= 3000 GB/s"}  # issue 3
 
 
 def median_ms(fn, rep_ms: int = 200) -> float:
@@ -141,55 +143,60 @@ def _vit_attention(case: _Case) -> list[dict]:
     return rows
 
 
-def _causal_attention(case: _Case) -> list[dict]:
-    from pyvl.kernels.causal_attention import decode_attention
+def paged_pool(batch: int, length: int, hkv: int, d: int, device=DEVICE, dtype=BF16):
+    """A K/V pool [2, blocks, Hkv, BLOCK_SIZE, D] holding ``batch`` sequences of ``length`` keys through shuffled
+    block tables int32 [batch, blocks per sequence], and those keys gathered contiguous [2, batch, Hkv, length, D]
+    (what a non-paged cache would read)."""
+    n_blocks = -(-length // BLOCK_SIZE)
+    pool = torch.randn(2, batch * n_blocks + 8, hkv, BLOCK_SIZE, d, device=device, dtype=dtype)
+    tables = torch.randperm(pool.shape[1] - 8, device=device)[:batch * n_blocks].view(batch, n_blocks).int()
+    kv = pool[:, tables.long()].permute(0, 1, 3, 2, 4, 5).reshape(2, batch, hkv, -1, d)[:, :, :, :length]
+    return pool, tables, kv.contiguous()
 
-    kernel, rows, d = _kernel("causal_attention"), [], HEAD_DIM
+
+def _paged_prefill_attention(case: _Case) -> list[dict]:
+    """A whole prompt through a shuffled block table, against SDPA causal on the same keys gathered."""
+    kernel, rows, d = _kernel("paged_prefill_attention"), [], HEAD_DIM
     for hq, hkv in PREFILL_HEADS:
-        q = torch.randn(1, PROMPT, hq, d, device=DEVICE, dtype=BF16).transpose(1, 2)  # (1, Hq, S, D) view
-        cache = torch.randn(2, 1, hkv, PROMPT + 512, d, device=DEVICE, dtype=BF16)
-        k, v = cache[0, :, :, :PROMPT], cache[1, :, :, :PROMPT]  # views of a longer cache, as in the model
-        rows.append(case.row("causal_attention", f"prefill {hq}/{hkv} x {PROMPT} x {d}", lambda: kernel(q, k, v),
-                             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                             "SDPA gqa", 4 * hq * d * PROMPT * (PROMPT + 1) // 2, "TFLOP/s"))
-    hq, hkv, l2 = HEADS, KV_HEADS, l2_bytes()
-    for length in DECODE_LENGTHS:
-        shape, nbytes = f"decode {hq}/{hkv} x {length} x {d}", 2 * hkv * length * d * 2 + 2 * hq * d * 2
-        lens = torch.full((1,), length, dtype=torch.int32, device=DEVICE)  # device lengths: graph-capturable
-        q = torch.randn(1, hq, 1, d, device=DEVICE, dtype=BF16)
-        copies = rotation_copies(nbytes, l2)
-        caches = [torch.randn(2, 1, hkv, length + 128, d, device=DEVICE, dtype=BF16) for _ in range(copies)]
-        outs = [torch.empty_like(q) for _ in range(copies)]
-        ours = lambda c=caches[0], o=outs[0]: decode_attention(q, c[0], c[1], lens, out=o)  # noqa: E731
-        base = lambda c=caches[0]: F.scaled_dot_product_attention(  # noqa: E731
-            q, c[0, :, :, :length], c[1, :, :, :length], enable_gqa=True)
-        rows.append(case.row("causal_attention", shape, ours, base, "SDPA gqa", nbytes, "GB/s"))
-        rows.append(case.row("causal_attention", shape, ours, base, "SDPA gqa", nbytes, "GB/s", graph=True,
-                             timing="graph, hot L2"))
-        rows.append(case.row("causal_attention", shape, lambda: [ours(c, o) for c, o in zip(caches, outs)],
-                             lambda: [base(c) for c in caches], "SDPA gqa", nbytes, "GB/s", graph=True,
-                             timing=f"graph, {copies} K/V copies", calls=copies))
+        pool, tables, kv = paged_pool(1, PROMPT, hkv, d)
+        q = torch.randn(PROMPT, hq + 2 * hkv, d, device=DEVICE, dtype=BF16)[:, :hq]  # a view of fused qkv rows
+        qt = q.transpose(0, 1)[None]  # (1, Hq, S, D)
+        rows.append(case.row("paged_prefill_attention", f"prefill {hq}/{hkv} x {PROMPT} x {d}",
+                             lambda: kernel(q, pool[0], pool[1], tables[0], PROMPT),
+                             lambda: F.scaled_dot_product_attention(qt, kv[0], kv[1], is_causal=True,
+                                                                    enable_gqa=True)[0].transpose(0, 1),
+                             "SDPA gqa (gathered)", 4 * hq * d * PROMPT * (PROMPT + 1) // 2, "TFLOP/s"))
     return rows
 
 
 def _paged_decode_attention(case: _Case) -> list[dict]:
-    """The engine's decode: B rows over a shuffled block table of the pool, against SDPA on the same keys
-    gathered contiguous (what a non-paged cache would read)."""
-    kernel, rows, d, hq, hkv = _kernel("paged_decode_attention"), [], HEAD_DIM, HEADS, KV_HEADS
-    block = 64
-    for batch, length in ((1, DECODE_LENGTHS[0]), (16, DECODE_LENGTHS[0]), (1, DECODE_LENGTHS[1])):
-        n_blocks = -(-length // block)
-        pool = torch.randn(2, batch * n_blocks + 8, hkv, block, d, device=DEVICE, dtype=BF16)
-        tables = torch.randperm(pool.shape[1] - 8, device=DEVICE)[:batch * n_blocks].view(batch, n_blocks).int()
-        lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
-        q = torch.randn(batch, hq, d, device=DEVICE, dtype=BF16)
-        k = pool[0][tables.long()].permute(0, 2, 1, 3, 4).reshape(batch, hkv, -1, d)[:, :, :length]
-        v = pool[1][tables.long()].permute(0, 2, 1, 3, 4).reshape(batch, hkv, -1, d)[:, :, :length]
-        nbytes = batch * (2 * hkv * length * d * 2 + 2 * hq * d * 2)
-        rows.append(case.row("paged_decode_attention", f"{batch} x {hq}/{hkv} x {length} x {d}",
-                             lambda: kernel(q, pool[0], pool[1], tables, lens),
-                             lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0],
-                             "SDPA gqa (contiguous)", nbytes, "GB/s", graph=True))
+    """The engine's decode over shuffled block tables, against SDPA on the same keys gathered contiguous."""
+    kernel, rows, d, hq, hkv, l2 = _kernel("paged_decode_attention"), [], HEAD_DIM, HEADS, KV_HEADS, l2_bytes()
+    for length in DECODE_LENGTHS:
+        shape, nbytes = f"decode {hq}/{hkv} x {length} x {d}", 2 * hkv * length * d * 2 + 2 * hq * d * 2
+        lens = torch.full((1,), length, dtype=torch.int32, device=DEVICE)  # device lengths: graph-capturable
+        q = torch.randn(1, hq, d, device=DEVICE, dtype=BF16)
+        copies = rotation_copies(nbytes, l2)
+        pools = [paged_pool(1, length, hkv, d) for _ in range(copies)]
+        outs = [torch.empty_like(q) for _ in range(copies)]
+        ours = lambda c=pools[0], o=outs[0]: kernel(q, c[0][0], c[0][1], c[1], lens, out=o)  # noqa: E731
+        base = lambda c=pools[0]: F.scaled_dot_product_attention(  # noqa: E731
+            q[:, :, None], c[2][0], c[2][1], enable_gqa=True)[:, :, 0]
+        rows.append(case.row("paged_decode_attention", shape, ours, base, "SDPA gqa (gathered)", nbytes, "GB/s"))
+        rows.append(case.row("paged_decode_attention", shape, ours, base, "SDPA gqa (gathered)", nbytes, "GB/s",
+                             graph=True, timing="graph, hot L2"))
+        rows.append(case.row("paged_decode_attention", shape, lambda: [ours(c, o) for c, o in zip(pools, outs)],
+                             lambda: [base(c) for c in pools], "SDPA gqa (gathered)", nbytes, "GB/s", graph=True,
+                             timing=f"graph, {copies} K/V copies", calls=copies))
+    batch, length = 16, DECODE_LENGTHS[0]  # a full decode batch
+    pool, tables, kv = paged_pool(batch, length, hkv, d)
+    lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, hq, d, device=DEVICE, dtype=BF16)
+    rows.append(case.row("paged_decode_attention", f"decode {batch} x {hq}/{hkv} x {length} x {d}",
+                         lambda: kernel(q, pool[0], pool[1], tables, lens),
+                         lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], enable_gqa=True)[:, :, 0],
+                         "SDPA gqa (gathered)", batch * (2 * hkv * length * d * 2 + 2 * hq * d * 2), "GB/s",
+                         graph=True))
     return rows
 
 
@@ -241,8 +248,8 @@ def _pixel_shuffle(case: _Case) -> list[dict]:
                      lambda: reference.pixel_shuffle(grid, 0.5, "v2"), "reference", 2 * grid.numel() * 2, "GB/s")]
 
 
-CASES = {"vit_attention": _vit_attention, "causal_attention": _causal_attention, "rms_norm": _rms_norm,
-         "paged_decode_attention": _paged_decode_attention,
+CASES = {"vit_attention": _vit_attention, "paged_prefill_attention": _paged_prefill_attention,
+         "paged_decode_attention": _paged_decode_attention, "rms_norm": _rms_norm,
          "silu_mul": _silu_mul, "apply_rotary": _apply_rotary, "pixel_shuffle": _pixel_shuffle}
 
 

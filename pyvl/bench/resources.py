@@ -16,7 +16,8 @@ import importlib
 
 __all__ = ["KERNEL_MODULES", "launched_kernels", "resources", "format_resources"]
 
-KERNEL_MODULES = ("vit_attention", "causal_attention", "rms_norm", "apply_rotary", "silu_mul", "pixel_shuffle")
+KERNEL_MODULES = ("vit_attention", "causal_attention", "store_kv", "rms_norm", "apply_rotary", "silu_mul",
+                  "pixel_shuffle")
 _MISSING = object()
 
 

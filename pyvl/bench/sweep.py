@@ -1,7 +1,7 @@
 """``pyvl bench sweep``: a handful of block configurations of ViT and decode attention, checked and timed (CUDA).
 
 Each configuration is launched through the kernel's own launcher with its override arguments
-(``vit_attention(config=...)``, ``decode_attention(num_splits=..., config=...)``), compared with the
+(``vit_attention(config=...)``, ``paged_decode_attention(num_splits=..., config=...)``), compared with the
 plain-torch oracle (pyvl.ops.reference on float32 inputs: rel err = ||ours - oracle|| / ||oracle||; NaN or
 above 1e-2 is a FAIL), then timed; the launcher's default configuration is always among them, marked, and
 every other row gives its time relative to it. A configuration that does not compile (e.g. too much shared
@@ -9,9 +9,10 @@ memory) becomes an error row. Each row also carries the launched kernels' regist
 
     ViT attention   13 x 25 x 1025 x 128 bf16 (InternViT-6B, 13 tiles): BLOCK_M, BLOCK_N, num_warps, num_stages;
                     timed eagerly (do_bench, L2 flushed), TFLOP/s = 4 * B * H * S^2 * D / t
-    decode          48/8 heads x 3400 and x 32768 keys x 128 bf16 (InternLM2-20B): num_splits, BLOCK_N,
-                    num_warps, num_stages; timed as CUDA-graph replays walking over enough K/V copies to exceed
-                    twice the L2 (as in pyvl bench kernels), GB/s of K and V read once
+    decode          paged, 48/8 heads x 3400 and x 32768 keys x 128 bf16 (InternLM2-20B) in shuffled 64-token
+                    blocks: num_splits, BLOCK_N (at most the block size), num_warps, num_stages; timed as
+                    CUDA-graph replays walking over enough K/V pools to exceed twice the L2 (as in pyvl bench
+                    kernels), GB/s of K and V read once
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ VIT_CONFIGS = (  # the default (added first when missing) plus neighbours in eac
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
 )
-DECODE_CONFIGS = (  # num_splits None = the launcher's heuristic for that BLOCK_N
+DECODE_CONFIGS = (  # num_splits None = the launcher's heuristic; BLOCK_N at most the 64-token KV block
     dict(num_splits=8, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(num_splits=16, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(num_splits=32, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(num_splits=64, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(num_splits=None, BLOCK_N=32, num_warps=4, num_stages=3),
-    dict(num_splits=None, BLOCK_N=128, num_warps=4, num_stages=2),
-    dict(num_splits=None, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(num_splits=None, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(num_splits=None, BLOCK_N=64, num_warps=8, num_stages=3),
     dict(num_splits=None, BLOCK_N=64, num_warps=4, num_stages=2),
 )
 
@@ -113,31 +114,32 @@ def vit_rows(shape=VIT_SHAPE, configs=VIT_CONFIGS, device="cuda", dtype=torch.bf
 
 def decode_rows(shape, configs=DECODE_CONFIGS, device="cuda", dtype=torch.bfloat16, timer=None,
                 copies: int = 1) -> list[dict]:
-    """One row per configuration of decode_attention at ``shape`` (Hq, Hkv, keys, D), the default first; each
-    call walks over ``copies`` distinct K/V caches (so that a graph of it reads them from HBM, not the L2)."""
-    from pyvl.kernels.causal_attention import decode_attention, decode_config, decode_splits
+    """One row per configuration of paged_decode_attention at ``shape`` (Hq, Hkv, keys, D), the default first;
+    each call walks over ``copies`` distinct K/V pools (so that a graph of it reads them from HBM, not the L2)."""
+    from pyvl.kernels.causal_attention import decode_config, decode_splits, paged_decode_attention
+
+    from .kernels import paged_pool
 
     hq, hkv, length, d = shape
-    capacity = length + 128  # the cache is longer than the row, as in the model
-    q = torch.randn(1, hq, 1, d, device=device, dtype=dtype)
-    caches = [torch.randn(2, 1, hkv, capacity, d, device=device, dtype=dtype) for _ in range(copies)]
+    q = torch.randn(1, hq, d, device=device, dtype=dtype)
+    pools = [paged_pool(1, length, hkv, d, device, dtype)[:2] for _ in range(copies)]
     lens = torch.full((1,), length, dtype=torch.int32, device=device)  # device lengths: graph-capturable
-    oracles = [reference.causal_attention(q.float(), c[0, :, :, :length].float(), c[1, :, :, :length].float())
-               for c in caches]
-    outs = [torch.empty_like(q) for _ in caches]
+    oracles = [reference.paged_decode_attention(q.float(), p[0].float(), p[1].float(), t, lens) for p, t in pools]
+    outs = [torch.empty_like(q) for _ in pools]
+    block_size, capacity = pools[0][0].shape[3], pools[0][1].shape[1] * pools[0][0].shape[3]
     blocks = decode_config(d, dtype)
     resolve = lambda cfg: dict(cfg, num_splits=cfg["num_splits"] or decode_splits(  # noqa: E731
-        hkv, capacity, cfg["BLOCK_N"], q.device))  # show the split count the launcher would pick
+        hkv, capacity, min(cfg["BLOCK_N"], block_size), q.device))  # show the split count the launcher would pick
     default = resolve(dict(num_splits=None, **blocks))
     configs = [resolve({"num_splits": None, **blocks, **c}) for c in configs]
 
     def call(cfg):
         tuning = {k: v for k, v in cfg.items() if k != "num_splits"}
-        return [decode_attention(q, c[0], c[1], lens, out=o, num_splits=cfg["num_splits"], config=tuning)
-                for c, o in zip(caches, outs)]
+        return [paged_decode_attention(q, p[0], p[1], t, lens, out=o, num_splits=cfg["num_splits"], config=tuning)
+                for (p, t), o in zip(pools, outs)]
 
     rel_err = lambda got: max(_rel_err(o, r) for o, r in zip(got, oracles))  # noqa: E731
-    rows = [_row("decode_attention", f"{hq}/{hkv} x {length} x {d}", cfg, cfg == default,
+    rows = [_row("paged_decode_attention", f"{hq}/{hkv} x {length} x {d}", cfg, cfg == default,
                  lambda cfg=cfg: call(cfg), rel_err, timer, copies, 2 * hkv * length * d * 2 + 2 * hq * d * 2,
                  "GB/s")
             for cfg in _with_default(default, configs)]
@@ -162,7 +164,7 @@ def run(repeat_ms: int = 100) -> dict:
         try:
             rows += decode_rows((hq, hkv, length, d), timer=lambda fn: graph_ms(fn, repeat_ms), copies=copies)
         except Exception as exc:
-            notes.append(f"decode_attention sweep x {length}: {type(exc).__name__}: {str(exc)[:300]}")
+            notes.append(f"paged_decode_attention sweep x {length}: {type(exc).__name__}: {str(exc)[:300]}")
         torch.cuda.empty_cache()
     setup = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
              "l2_MB": round(l2 / 2**20, 1), "rel_bound": REL_BOUND}

@@ -13,33 +13,13 @@ device, a slot is activated when a request starts decoding and deactivated when 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Iterable
 
 import torch
 
 from ..generate import GenerationConfig
 
-__all__ = ["SamplingParams", "Sampler"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """The sampling part of a :class:`GenerationConfig` (validated by it)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        GenerationConfig(**{f.name: getattr(self, f.name) for f in fields(self)})  # raises ConfigError if invalid
-
-    @classmethod
-    def from_config(cls, cfg: GenerationConfig) -> "SamplingParams":
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+__all__ = ["Sampler"]
 
 
 class Sampler:
@@ -71,11 +51,12 @@ class Sampler:
         """The slot's random stream (None for a greedy row): pass it back to ``activate`` to resume a request."""
         return self._generators.get(slot)
 
-    def activate(self, slot: int, params: SamplingParams, output_ids: Iterable[int] = (),
+    def activate(self, slot: int, params: GenerationConfig, output_ids: Iterable[int] = (),
                  generator: torch.Generator | None = None) -> None:
-        """Start a request in ``slot``. ``output_ids`` (already generated, e.g. before a preemption) join the
-        mask; ``generator`` continues a stream, else a sampled row gets a fresh one seeded with ``params.seed``
-        (a random seed when None, as today's ``generate``)."""
+        """Start a request in ``slot`` with the sampling fields of ``params`` (validated by GenerationConfig).
+        ``output_ids`` (already generated, e.g. before a preemption) join the mask; ``generator`` continues a
+        stream, else a sampled row gets a fresh one seeded with ``params.seed`` (a random seed when None, as
+        today's ``generate``)."""
         if not 0 <= slot < self.capacity or slot in self._active:
             raise ValueError(f"slot {slot} is not a free slot of this sampler (capacity {self.capacity}, "
                              f"active {self.active_slots})")

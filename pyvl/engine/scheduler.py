@@ -38,7 +38,7 @@ from .blocks import BlockPool, PoolExhausted, SequenceBlocks
 from .features import FeatureCache
 from .request import Request
 from .runner import DecodeRow, ModelRunner
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
 
 __all__ = ["EngineConfig", "Engine"]
 
@@ -208,7 +208,7 @@ class Engine:
             r.seq = seq
             r.num_computed = cached
             r.slot = self._free_slots.pop()
-            self.sampler.activate(r.slot, SamplingParams.from_config(r.gen), r.output_ids, r.generator)
+            self.sampler.activate(r.slot, r.gen, r.output_ids, r.generator)
             if not r.output_ids:
                 r.stats.cached_tokens = cached
             r.cacheable = cacheable

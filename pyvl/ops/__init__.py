@@ -35,7 +35,6 @@ class Ops:
     add_rms_norm: Callable  # (x, residual, weight, eps) -> (rms_norm(x + residual), x + residual)
     layer_norm: Callable
     vit_attention: Callable
-    causal_attention: Callable
     apply_rotary: Callable
     pixel_shuffle: Callable
     silu_mul: Callable
@@ -56,7 +55,6 @@ _TRITON_OPS: dict[str, str] = {
     "rms_norm": "pyvl.kernels.rms_norm:rms_norm",
     "add_rms_norm": "pyvl.kernels.rms_norm:add_rms_norm",
     "vit_attention": "pyvl.kernels.vit_attention:vit_attention",
-    "causal_attention": "pyvl.kernels.causal_attention:causal_attention",
     "apply_rotary": "pyvl.kernels.apply_rotary:apply_rotary",
     "silu_mul": "pyvl.kernels.silu_mul:silu_mul",
     "pixel_shuffle": "pyvl.kernels.pixel_shuffle:pixel_shuffle",
@@ -71,7 +69,7 @@ _TRITON_OPS: dict[str, str] = {
 TORCH_OPS = frozenset({"layer_norm", "gelu"})
 
 # Ops that auto serves with PyTorch's fused attention for these dtypes when no kernel serves them (the CPU).
-_SDPA_OPS = frozenset({"vit_attention", "causal_attention", "paged_prefill_attention"})
+_SDPA_OPS = frozenset({"vit_attention", "paged_prefill_attention"})
 _SDPA_DTYPES = frozenset({torch.bfloat16, torch.float16})
 
 

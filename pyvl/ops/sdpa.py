@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .reference import causal_mask, gather_kv
 
-__all__ = ["vit_attention", "causal_attention", "paged_prefill_attention"]
+__all__ = ["vit_attention", "paged_prefill_attention"]
 
 
 def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -23,22 +23,17 @@ def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     kv_start: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal GQA attention of the last Sq positions over Sk keys; kv_start [B] masks left padding.
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention of the last Sq positions over Sk keys, [B, H, S, D] as the reference's.
 
     SDPA's own ``is_causal`` aligns the mask top-left (query i sees keys <= i), right only when Sq == Sk, so
-    other cases get an explicit mask aligned bottom-right. A query always sees its own key, as in the
-    reference, so rows of padding tokens stay finite.
+    other cases (a prompt continuing a cached prefix) get an explicit mask aligned bottom-right.
     """
     sq, sk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]  # query head n reads KV head n // (Hq // Hkv): SDPA's enable_gqa grouping
-    if kv_start is None and sq == sk:
+    if sq == sk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    allowed = causal_mask(sq, sk, kv_start, q.device)
-    if kv_start is not None:
-        allowed = allowed[:, None]  # (B, 1, Sq, Sk), broadcast over heads
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(sq, sk, None, q.device), enable_gqa=gqa)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -46,4 +41,4 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     """The reference's paged prefill (keys gathered through the block table) with SDPA's attention."""
     k = gather_kv(k_pool, block_table, context_len)
     v = gather_kv(v_pool, block_table, context_len)
-    return causal_attention(q.transpose(0, 1)[None], k, v)[0].transpose(0, 1).contiguous()
+    return _causal_attention(q.transpose(0, 1)[None], k, v)[0].transpose(0, 1).contiguous()
