@@ -67,9 +67,13 @@ def randn(*shape, dtype, device, gen: torch.Generator, scale: float = 1.0) -> to
     return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device)
 
 
-def assert_matches_oracle(out: torch.Tensor, oracle: torch.Tensor, same_dtype: torch.Tensor, what: str = ""):
-    """out (dtype T) against the float32 oracle, allowed FACTOR x the error of ``same_dtype`` (the reference in T)."""
+def assert_matches_oracle(out: torch.Tensor, oracle: torch.Tensor, same_dtype: torch.Tensor, what: str = "",
+                          factor: float | None = None):
+    """out (dtype T) against the float32 oracle, allowed FACTOR x the error of ``same_dtype`` (the reference in T);
+    ``factor`` overrides the table's for a kernel whose rounding steps differ from the reference's by design."""
     tol = TOLERANCES[out.dtype]
+    if factor is not None:
+        tol = Tolerance(factor=factor, atol=tol.atol, rel=tol.rel)
     assert out.shape == oracle.shape, f"{what}: shape {tuple(out.shape)} != oracle {tuple(oracle.shape)}"
     got, want, base = out.float(), oracle.float(), same_dtype.float()
     bad = ~torch.isfinite(got)
