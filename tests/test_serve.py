@@ -378,3 +378,20 @@ def test_sigterm_ends_streams_with_an_error_and_exits(tmp_path):
     for lines in results:
         assert lines[-1] == "data: [DONE]"
         assert json.loads(lines[-2][len("data: "):])["error"]["code"] == "server_shutting_down"
+
+
+def test_health_is_503_once_the_engine_has_stopped():
+    from starlette.testclient import TestClient
+
+    from conftest import GOLDEN
+    from pyvl.serve.app import ServeSettings, create_app
+
+    model = pyvl.load(GOLDEN / "v15" / "checkpoint", device="cpu")
+    client = TestClient(create_app(model, ServeSettings(served_model_name="v15")))
+    assert client.get("/health").status_code == 200
+    model.chat(None, "hi", dict(max_new_tokens=2))  # the engine thread runs
+    assert model.engine.alive and client.get("/health").json()["status"] == "ok"
+    model.engine.shutdown()
+    response = client.get("/health")
+    assert (response.status_code, response.json()["status"]) == (503, "engine_stopped")
+    assert not model.engine.alive

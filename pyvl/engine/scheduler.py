@@ -128,6 +128,12 @@ class Engine:
             self._thread.join()
 
     @property
+    def alive(self) -> bool:
+        """The engine can serve: not shut down, and its thread (once started) still running."""
+        with self._wake:
+            return not self._closed and (self._thread is None or self._thread.is_alive())
+
+    @property
     def idle(self) -> bool:
         """No request is queued or running (the pool then holds only cached blocks)."""
         with self._wake:

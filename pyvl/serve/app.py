@@ -3,8 +3,8 @@
 The app owns no model state: it validates, fetches and tiles images (in worker threads), then hands the call to
 a :class:`~pyvl.serve.generation.Generation` and relays its pieces. A parallel task watches the connection for
 ``http.disconnect`` and cancels the generation; shutdown ends every live stream with an error event.
-``/health`` reports ``requests_in_flight`` and the engine pool's ``kv_blocks_in_use`` (the tests use it to see
-that a cancelled request freed its blocks).
+``/health`` is 503 while shutting down or once the engine thread has stopped, and reports ``requests_in_flight``
+and the engine pool's ``kv_blocks_in_use`` (the tests use it to see that a cancelled request freed its blocks).
 """
 
 from __future__ import annotations
@@ -224,10 +224,11 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         pool = model.engine.pool
-        body = {"status": "shutting_down" if state.shutting_down else "ok", "model": settings.served_model_name,
+        status = "shutting_down" if state.shutting_down else ("ok" if model.engine.alive else "engine_stopped")
+        body = {"status": status, "model": settings.served_model_name,
                 "requests_in_flight": len(state.live), "kv_blocks_in_use": pool.num_in_use,
                 "kv_blocks_cached": pool.num_cached}
-        return JSONResponse(body, status_code=503 if state.shutting_down else 200)
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):
