@@ -240,20 +240,20 @@ def cmd_bench(args) -> int:
         from .bench import sweep
 
         return _print_result(args, sweep.run(repeat_ms=args.rep_ms), sweep.format_result)
+    from .bench.timing import format_table
+
     if args.what == "engine":
         from .bench import engine
-        from .bench.timing import format_table
         from .demo import demo_model_path
 
         result = engine.run(args.model or demo_model_path(), device=args.device, repeat=args.repeat or 3)
         return _print_result(args, result, lambda r: format_table(r["rows"]))
     if args.what == "serve":
         from .bench import serve
-        from .bench.timing import format_table
 
+        serial_row = lambda r: {"clients": "1 at a time"} | r["serial"] | {"tok/s vs serial": 1.0}  # noqa: E731
         result = serve.run(args.model, requests=args.repeat or 16)
-        return _print_result(args, result, lambda r: format_table([{"clients": "1 at a time"} | r["serial"] | {"tok/s vs serial": 1.0}]
-                                                                  + r["rows"]))
+        return _print_result(args, result, lambda r: format_table([serial_row(r)] + r["rows"]))
     raise AssertionError(args.what)  # argparse restricts the choices
 
 

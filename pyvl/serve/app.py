@@ -16,7 +16,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
