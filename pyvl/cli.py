@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None,
                        help="preprocess: cpu (default) or cuda; e2e: cuda, cpu, ... (default: cuda if available)")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--jsonl", action="store_true",
+                       help="stream the result as JSON lines while it is measured (pyvl.bench.report): a run "
+                            "killed at a time limit keeps every row it printed")
     prep = bench.add_argument_group("preprocess")
     prep.add_argument("--sizes", nargs="*", help="image sizes WxH (default: 3840x2160 1920x1080 640x480)")
     prep.add_argument("--max-nums", nargs="*", type=int,
