@@ -225,7 +225,7 @@ def test_cuda_graph_replay_equals_eager_decode():
     outputs = {}
     for graphs in (False, True):
         model = pyvl.load(CHECKPOINT, device="cuda", dtype="float32", cuda_graphs=graphs)
-        assert model.engine.runner.use_graphs == graphs
+        assert model.engine.runner.graphs.enabled == graphs
         outputs[graphs] = model.generate(prompts, None, gen).tolist()
     assert outputs[True] == outputs[False]
 

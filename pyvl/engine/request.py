@@ -18,6 +18,7 @@ import torch
 
 from ..generate import GenerationConfig
 from .blocks import ContentKey, SequenceBlocks, content_keys
+from .clock import StageClock
 
 __all__ = ["ChatStats", "ImageInput", "Request"]
 
@@ -31,7 +32,16 @@ class ChatStats:
     new_tokens: int = 0
     images: int = 0
     images_encoded: int = 0  # images that ran through the ViT (the others came from the feature cache)
+    # Where the time to first token went. preprocess_s: the caller's thread, from the call to the engine's queue
+    # (checks, images, prompt, tokenizing); queue_s: waiting for admission; then device time (CUDA events on a
+    # GPU) of the ViT + projector, of the prefill chunks, and of sampling the first token. What TTFT holds beyond
+    # their sum is host work between the stages.
+    preprocess_s: float = 0.0
+    queue_s: float = 0.0
     vision_s: float = 0.0
+    prefill_s: float = 0.0
+    prefill_chunks: int = 0
+    sample_s: float = 0.0  # the first token's
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     preemptions: int = 0
@@ -78,7 +88,10 @@ class Request:
         self.stats.images = len(images)
         self.keys: tuple[ContentKey, ...] = content_keys(prompt_ids, [(i.start, i.length, i.digest) for i in images])
         # The call's start (preprocessing and hashing its images included): time to first token counts from here.
-        self.submitted_at = started_at if started_at is not None else time.perf_counter()
+        now = time.perf_counter()
+        self.submitted_at = started_at if started_at is not None else now
+        self.stats.preprocess_s = now - self.submitted_at
+        self.created_at = now  # when it was handed to the engine (queue time counts from here)
         # Engine-thread state.
         self.output_ids: list[int] = []
         self.scores: list[torch.Tensor] = []
@@ -88,6 +101,7 @@ class Request:
         self.slot: int | None = None  # its row of the engine's sampler while it runs
         self.generator: torch.Generator | None = None  # its random stream, kept across a preemption
         self.finished = False
+        self._stages: list[tuple[str, object, object]] = []  # (ChatStats field, start, end) marks, unread
         self.cancelled = threading.Event()
         self._outputs: queue.Queue = queue.Queue()
         self._done = threading.Event()
@@ -108,8 +122,20 @@ class Request:
         """Content keys of every token fed so far: the prompt's, then the output ids."""
         return self.keys + tuple(self.output_ids)
 
+    def time_stage(self, name: str, start, end) -> None:
+        """Add the device time between two :class:`~pyvl.engine.clock.StageClock` marks to stats.<name>; read
+        when the next token is delivered (its marks are complete by then), so the engine never waits for it."""
+        self._stages.append((name, start, end))
+
+    def _read_stages(self) -> None:
+        for name, start, end in self._stages:
+            setattr(self.stats, name, getattr(self.stats, name) + StageClock.seconds(start, end))
+        self._stages.clear()
+
     # ---- engine -> caller --------------------------------------------------------------------------------
     def deliver(self, token: int, scores: torch.Tensor | None) -> None:
+        if self._stages:
+            self._read_stages()
         now = time.perf_counter()
         if not self.output_ids:
             self.stats.time_to_first_token_s = now - self.submitted_at
@@ -124,6 +150,11 @@ class Request:
         if self.finished:
             return
         self.finished = True
+        if self._stages:
+            try:
+                self._read_stages()
+            except Exception:  # after a failed step its events may never complete: the stats lose that stage
+                self._stages.clear()
         if error is not None:
             self.stats.finish_reason = "error"
         elif self.cancelled.is_set():

@@ -5,18 +5,28 @@ the step itself allocates nothing, never syncs the host and never changes shape:
 batch bucket (1, 2, 4, ... max_num_seqs) as a CUDA graph and replayed; rows past the batch are padding (length 0,
 slot -1). On the CPU, and whenever an op of the table cannot be captured, the same step runs eagerly on exactly
 the rows of the batch. The block-table width (and so decode attention's split count) is fixed by the context.
+
+Every bucket is captured by :meth:`ModelRunner.capture_graphs` when the engine is built, before any request, in
+the "thread_local" capture mode: CUDA work other threads do meanwhile (another model, CUDA preprocessing) cannot
+invalidate it. A capture that fails anyway leaves decode eager, with a logged warning and the reason in
+:attr:`ModelRunner.graphs`. Everything a graph reads (the static buffers, the weights, the KV pool, the rotary
+table of the configured base) lives as long as the runner.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from ..kv_cache import PagedBatch, PagedKVCache
 from ..models.vlm import InternVLChatModel
 
-__all__ = ["DecodeRow", "ModelRunner"]
+__all__ = ["DecodeRow", "GraphReport", "ModelRunner"]
+
+log = logging.getLogger("pyvl")
 
 # Ops that a CUDA graph can capture only as Triton kernels (the references sync the host).
 _CAPTURED_OPS = ("store_kv", "paged_decode_attention")
@@ -29,6 +39,23 @@ class DecodeRow:
     block_table: list[int]
     slot: int
     rope_length: int  # the sequence's length after this token
+
+
+@dataclass
+class GraphReport:
+    """How decode runs: CUDA-graph replays of the captured batch buckets, or eagerly (and why)."""
+
+    captured: list[int] = field(default_factory=list)  # batch sizes with a graph, ascending
+    capture_s: float = 0.0  # wall time of capturing them all (warm-up, Triton compiles included)
+    eager_reason: str | None = None  # why decode runs eagerly; None when graphs serve it
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.captured)
+
+    def as_dict(self) -> dict:
+        return {"enabled": self.enabled, "captured": list(self.captured), "capture_s": round(self.capture_s, 3),
+                "eager_reason": self.eager_reason}
 
 
 def _buckets(max_num_seqs: int) -> list[int]:
@@ -53,14 +80,22 @@ class ModelRunner:
         self.slots = torch.full((rows,), -1, dtype=torch.long, device=self.device)
         self.block_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, device=self.device)
         self.context_lens = torch.zeros(rows, dtype=torch.int32, device=self.device)
-        capturable = all(model.ops.backends[op] == "triton" for op in _CAPTURED_OPS)
-        self.use_graphs = cuda_graphs and self.device.type == "cuda" and capturable
         self.buckets = _buckets(max_num_seqs)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._graph_pool = None
+        self.graphs = GraphReport(eager_reason=self._why_eager(cuda_graphs))
         # Past max_position_embeddings dynamic NTK gives each length its own rotary base: such steps run eagerly.
         rope = self.lm.rotary
         self._static_rope_up_to = rope.max_positions if rope.scaling == "dynamic" else None
+
+    def _why_eager(self, cuda_graphs: bool) -> str | None:
+        if not cuda_graphs:
+            return "cuda_graphs=False"
+        if self.device.type != "cuda":
+            return f"no CUDA graphs on {self.device.type}"
+        uncapturable = [op for op in _CAPTURED_OPS if self.model.ops.backends[op] != "triton"]
+        if uncapturable:
+            return f"ops {uncapturable} do not run the Triton backend (the references sync the host)"
+        return None
 
     def encode_image(self, tiles: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] tiles -> feature rows [N * 256, H] (ViT + pixel shuffle + mlp1)."""
@@ -89,9 +124,9 @@ class ModelRunner:
         b = len(rows)
         self._fill(rows)
         static_rope = self._static_rope_up_to is None or max(r.rope_length for r in rows) <= self._static_rope_up_to
-        if self.use_graphs and static_rope:
-            bucket = next(size for size in self.buckets if size >= b)
-            graph, logits = self._graphs.get(bucket) or self._capture(bucket)
+        bucket = next(size for size in self.buckets if size >= b)
+        if static_rope and bucket in self._graphs:
+            graph, logits = self._graphs[bucket]
             graph.replay()
             return logits[:b]
         return self._step(b, [r.rope_length for r in rows])
@@ -118,9 +153,31 @@ class ModelRunner:
         hidden = self.lm(embeds, self.positions[:b, None], batch, rope_lengths=rope_lengths)
         return self.lm.lm_head(hidden[:, -1])
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def capture_graphs(self) -> GraphReport:
+        """Capture the decode step of every bucket (largest first, so the smaller ones reuse its memory pool).
+        Any failure leaves every bucket eager, with a warning: a half-captured set would hide which one broke."""
+        if self.graphs.eager_reason is not None or self._graphs:
+            return self.graphs
+        t0 = time.perf_counter()
+        pool = None
+        try:
+            for bucket in sorted(self.buckets, reverse=True):
+                graph, logits = self._capture(bucket, pool)
+                pool = graph.pool()
+                self._graphs[bucket] = (graph, logits)
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:  # decode must keep working: eager is slower, never wrong
+            self._graphs.clear()
+            self.graphs.eager_reason = f"graph capture failed: {type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("pyvl: CUDA-graph capture of the decode step failed; decoding eagerly (%s)",
+                        self.graphs.eager_reason)
+        self.graphs.captured = sorted(self._graphs)
+        self.graphs.capture_s = time.perf_counter() - t0
+        return self.graphs
+
+    def _capture(self, bucket: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Every length is within max_position_embeddings here, so one rotary base serves every row: any
-        # length <= the limit stands for them without reading the device.
+        # length <= the limit stands for them without reading the device. The rows are padding (length 0).
         rope_lengths = [1] * bucket
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -129,8 +186,7 @@ class ModelRunner:
                 self._step(bucket, rope_lengths)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread_local: another thread's CUDA calls during the capture cannot invalidate it
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             logits = self._step(bucket, rope_lengths)
-        self._graph_pool = graph.pool()
-        self._graphs[bucket] = (graph, logits)
         return graph, logits

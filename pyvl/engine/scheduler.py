@@ -35,6 +35,7 @@ from ..errors import ConfigError, PromptError, PyvlError
 from ..kv_cache import BLOCK_SIZE, PagedKVCache
 from ..models.vlm import InternVLChatModel
 from .blocks import BlockPool, PoolExhausted, SequenceBlocks
+from .clock import StageClock
 from .features import FeatureCache
 from .request import Request
 from .runner import DecodeRow, ModelRunner
@@ -58,18 +59,21 @@ class EngineConfig:
     def for_model(cls, model: InternVLChatModel, max_context: int, kv_cache_gb: float | None = None,
                   image_cache_gb: float = 1.0, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
                   cuda_graphs: bool = True, prefix_caching: bool = True) -> "EngineConfig":
-        """The KV pool from its budget: kv_cache_gb, else half the free GPU memory after the weights on CUDA
-        and, on the CPU, room for max_num_seqs full contexts, at most 2 GiB and a quarter of the free memory."""
+        """The KV pool from its budget: kv_cache_gb, else room for max_num_seqs full contexts, at most half the
+        free GPU memory after the weights on CUDA, and on the CPU at most 2 GiB and a quarter of the free memory.
+        (A pool beyond max_num_seqs full contexts would only hold more cached prefixes; a process that wants that
+        says so with kv_cache_gb, so that several models or test workers can share one GPU.)"""
         llm, device = model.cfg.llm, model.device
         shape = (llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim)
         per_block = checks.kv_cache_bytes(*shape, BLOCK_SIZE, 1, model.dtype)
         free = checks.available_memory(device)
+        full_contexts = max_num_seqs * -(-max_context // BLOCK_SIZE) * per_block
         if kv_cache_gb is not None:
             budget = kv_cache_gb * 1e9
         elif device.type == "cuda":
-            budget = free * 0.5
+            budget = min(full_contexts, free * 0.5)
         else:
-            budget = min(2 * 2**30, max_num_seqs * -(-max_context // BLOCK_SIZE) * per_block, (free or 2**62) / 4)
+            budget = min(2 * 2**30, full_contexts, (free or 2**62) / 4)
         num_blocks = int(budget // per_block)
         if num_blocks < 1:
             raise ConfigError(f"kv_cache_gb={kv_cache_gb} holds no block of {BLOCK_SIZE} tokens "
@@ -89,8 +93,11 @@ class Engine:
                                   model.dtype, model.device, config.block_size)
         self.pool = BlockPool(config.num_blocks, config.block_size, salt=salt)
         self.features = FeatureCache(config.image_cache_bytes)
+        self.clock = StageClock(model.device)
         max_blocks = -(-config.max_context // config.block_size)
         self.runner = ModelRunner(model, self.cache, config.max_num_seqs, max_blocks, config.cuda_graphs)
+        with torch.inference_mode():  # before any request, so no other work of this engine can break it
+            self.runner.capture_graphs()
         # One sampler slot per running request: its settings and repetition mask live on the device.
         self.sampler = Sampler(config.max_num_seqs, llm.vocab_size, bos_id, model.device)
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
@@ -211,6 +218,8 @@ class Engine:
                 self.cache.copy_slots(list(tail.source_slots(self.pool.block_size)),
                                       seq.append_slots(tail.num_tokens))
                 self.pool.release([tail.block_id])
+            if r.stats.queue_s == 0.0 and not r.output_ids:
+                r.stats.queue_s = time.perf_counter() - r.created_at
             r.seq = seq
             r.num_computed = cached
             r.slot = self._free_slots.pop()
@@ -231,12 +240,17 @@ class Engine:
         rows = [(max(i.start, start) - start, feats[max(i.start, start) - i.start:min(i.start + i.length, start + n)
                                                     - i.start])
                 for i, feats in self._features_for(r, start, start + n)]
+        began = self.clock.mark()
         logits = self.runner.prefill(tokens[start:start + n], start, rows, r.seq.block_ids, slots,
                                      rope_length=len(r.prompt_ids) + r.rope_offset)
+        prefilled = self.clock.mark()
+        r.time_stage("prefill_s", began, prefilled)
+        r.stats.prefill_chunks += 1
         r.num_computed += n
         self._register(r)
         if not r.prefilling and not r.output_ids:
             tokens, scores = self.sampler.sample(logits[None], [r.slot])
+            r.time_stage("sample_s", prefilled, self.clock.mark())
             self._accept(r, int(tokens[0]), scores[0])
 
     def _features_for(self, r: Request, start: int, end: int):
@@ -246,9 +260,10 @@ class Engine:
                 continue
             feats = self.features.get(image.digest)
             if feats is None:
-                t0 = time.perf_counter()
-                feats = self.runner.encode_image(image.tiles())
-                r.stats.vision_s += time.perf_counter() - t0
+                tiles = image.tiles()
+                began = self.clock.mark()
+                feats = self.runner.encode_image(tiles)
+                r.time_stage("vision_s", began, self.clock.mark())
                 r.stats.images_encoded += 1
                 if feats.shape[0] != image.length:
                     raise PromptError(f"an image gives {feats.shape[0]} feature rows but its prompt block has "

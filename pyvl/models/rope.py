@@ -19,13 +19,17 @@ __all__ = ["RotaryTables"]
 
 
 class RotaryTables:
+    MAX_DYNAMIC_BASES = 64  # decoding past M makes a new base every step: keep only the latest ones
+
     def __init__(self, cfg: LLMConfig):
         self.dim = cfg.head_dim
         self.base = cfg.rope_theta
         self.max_positions = cfg.max_position_embeddings
         self.scaling = cfg.rope_scaling_type
         self.factor = cfg.rope_scaling_factor
-        self._inv_freq_cache: dict[tuple[float, str], torch.Tensor] = {}
+        # The configured base's table, one per device, is never dropped: captured CUDA graphs read it.
+        self._static: dict[str, torch.Tensor] = {}
+        self._dynamic: dict[tuple[float, str], torch.Tensor] = {}  # bases past M, bounded
 
     def base_for_length(self, seq_len: int) -> float:
         if self.scaling == "dynamic" and seq_len > self.max_positions:
@@ -33,17 +37,24 @@ class RotaryTables:
             return self.base * ((f * seq_len / self.max_positions) - (f - 1)) ** (self.dim / (self.dim - 2))
         return self.base
 
+    def _table(self, base: float, device: torch.device) -> torch.Tensor:
+        # Same float32 expression as the original, so the tables agree bit for bit.
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+
     def inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
         base = self.base_for_length(seq_len)
+        if base == self.base:
+            table = self._static.get(str(device))
+            if table is None:
+                table = self._static[str(device)] = self._table(base, device)
+            return table
         key = (base, str(device))
-        cached = self._inv_freq_cache.get(key)
-        if cached is None:
-            # Same float32 expression as the original, so the tables agree bit for bit.
-            cached = 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
-            if len(self._inv_freq_cache) > 64:  # decoding past M makes a new base every step
-                self._inv_freq_cache.clear()
-            self._inv_freq_cache[key] = cached
-        return cached
+        table = self._dynamic.get(key)
+        if table is None:
+            if len(self._dynamic) >= self.MAX_DYNAMIC_BASES:
+                self._dynamic.pop(next(iter(self._dynamic)))  # the oldest
+            table = self._dynamic[key] = self._table(base, device)
+        return table
 
     def cos_sin_rows(self, positions: torch.Tensor, seq_lens: list[int] | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
