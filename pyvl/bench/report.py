@@ -5,7 +5,8 @@ benchmark fills a :class:`Report` (``set`` a top-level field, ``row`` a measured
 with ``--jsonl``, each of these is printed and flushed at once as one JSON line:
 
     {"set": "setup", "value": {...}}     a top-level field (setup, ceilings, ...)
-    {"row": {...}}                       one row of the result's "rows", in order
+    {"row": {...}}                       one row of the result's "rows", in order; a row whose "key" equals an
+                                         earlier row's replaces it in place (a figure completed later)
     {"note": "..."}                      one entry of the result's "notes"
     {"done": true}                       last line: the benchmark ran to its end
 
@@ -41,7 +42,7 @@ class Report:
         self._emit({"set": key, "value": value})
 
     def row(self, row: dict) -> dict:
-        self.result["rows"].append(row)
+        _put_row(self.result["rows"], row)
         self._emit({"row": row})
         return row
 
@@ -53,6 +54,16 @@ class Report:
         """Mark the end (``{"done": true}``) and return the result."""
         self._emit({"done": True})
         return self.result
+
+
+def _put_row(rows: list[dict], row: dict) -> None:
+    """Append ``row``, or replace the earlier row with the same "key"."""
+    key = row.get("key") if isinstance(row, dict) else None
+    for i, earlier in enumerate(rows):
+        if key is not None and isinstance(earlier, dict) and earlier.get("key") == key:
+            rows[i] = row
+            return
+    rows.append(row)
 
 
 def collect(lines: Iterable[str]) -> dict:
@@ -67,7 +78,7 @@ def collect(lines: Iterable[str]) -> dict:
         if not isinstance(piece, dict):
             continue
         if "row" in piece:
-            result["rows"].append(piece["row"])
+            _put_row(result["rows"], piece["row"])
         elif "note" in piece:
             result["notes"].append(piece["note"])
         elif "set" in piece and isinstance(piece["set"], str):
