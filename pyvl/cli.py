@@ -211,9 +211,12 @@ def _bench_e2e(args) -> int:
     try:
         result = e2e.run(args.preset, device=args.device, dtype=args.dtype, tiles=args.tiles,
                          prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, backend=args.backend,
-                         repeat=args.repeat or 3, compare_hf=not args.no_hf, hf_only=args.hf_only)
+                         repeat=args.repeat or 3, compare_hf=not args.no_hf, hf_only=args.hf_only,
+                         kv_cache_gb=args.kv_cache_gb, stream=sys.stdout if args.jsonl else None)
     except ValueError as exc:
         raise PyvlError(str(exc)) from None
+    if args.jsonl:
+        return 0
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -335,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e_flags.add_argument("--decode-tokens", type=int, default=32,
                            help="greedy steps timed for decode (default: 32)")
     e2e_flags.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    e2e_flags.add_argument("--kv-cache-gb", type=float, default=None,
+                           help="the engine's KV pool (default: just the prompt and its answer)")
     hf = e2e_flags.add_mutually_exclusive_group()
     hf.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     hf.add_argument("--hf-only", action="store_true",

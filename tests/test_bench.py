@@ -90,18 +90,48 @@ def test_bench_e2e_tiny_on_cpu_json(capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     rows = {r["key"]: r for r in result["rows"]}
-    assert set(rows) == {"preprocess", "vision_1", "vision_2", "prefill", "ttft", "decode", "peak_memory"}
+    assert list(rows) == ["preprocess", "vision_1", "vision_2", "prefill", "ttft", "ttft_preprocess", "ttft_vision",
+                          "ttft_prefill", "ttft_sample", "ttft_other", "decode", "peak_memory", "weights", "kv_pool"]
     for row in rows.values():
         assert set(row) == E2E_KEYS  # the same columns always; HF's are None on the CPU
         assert isinstance(row["pyvl"], float) and row["pyvl"] > 0, row
         assert row["hf"] is None and row["hf/pyvl"] is None
     assert rows["decode"]["unit"] == "ms/token" and rows["peak_memory"]["unit"] == "GB"
+    stages = sum(rows[k]["pyvl"] for k in ("ttft_preprocess", "ttft_vision", "ttft_prefill", "ttft_sample"))
+    assert stages < rows["ttft"]["pyvl"] and rows["ttft_prefill"]["figure"].endswith("(1 chunk)")
+    # the default KV pool holds just the prompt and its answer
+    assert result["setup"]["kv_pool_GB"] == rows["kv_pool"]["pyvl"] < 0.01
+    assert result["setup"]["graphs"]["eager_reason"] == "no CUDA graphs on cpu"
     setup = result["setup"]
     assert (setup["preset"], setup["device"], setup["dtype"], setup["tiles"]) == ("tiny", "cpu", "float32", [1, 2])
     assert setup["prompt_tokens"] == 2 * 256 + setup["text_tokens"]
     assert setup["ops"]["vit_attention"] == "reference"  # backend auto on the CPU
     assert setup["systems"] == ["pyvl"]
     assert len(result["notes"]) == 1 and "HF comparison" in result["notes"][0]
+
+
+def test_bench_e2e_streams_each_row_as_it_is_measured(capsys, monkeypatch):
+    from pyvl.bench.report import collect
+
+    seen_before_ttft = []
+    measure = e2e._first_token_and_decode
+
+    def spy(*args):  # what had been printed when the engine's runs began
+        seen_before_ttft.extend(capsys.readouterr().out.splitlines())
+        return measure(*args)
+
+    monkeypatch.setattr(e2e, "_first_token_and_decode", spy)
+    argv = ["bench", "e2e", "--preset", "tiny", "--random-weights", "--device", "cpu", "--tiles", "1",
+            "--prompt-tokens", "0", "--decode-tokens", "2", "--repeat", "1", "--no-hf", "--kv-cache-gb", "0.002"]
+    assert main(argv + ["--jsonl"]) == 0
+    lines = seen_before_ttft + capsys.readouterr().out.splitlines()
+    early = collect(seen_before_ttft)
+    assert [r["key"] for r in early["rows"]] == ["preprocess", "vision_1", "prefill"] and not early["complete"]
+    assert early["setup"]["ops"]["vit_attention"] == "reference"  # known as soon as the model is built
+    streamed = collect(lines)
+    assert streamed["complete"] and 0 < streamed["setup"]["kv_pool_GB"] <= 0.002  # --kv-cache-gb
+    assert [r["key"] for r in streamed["rows"]][-3:] == ["peak_memory", "weights", "kv_pool"]
+    assert all(r["pyvl"] is not None for r in streamed["rows"])
 
 
 def test_bench_e2e_table_and_flags(capsys):

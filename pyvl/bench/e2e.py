@@ -5,63 +5,64 @@ Figures (medians of ``repeat`` runs after one warm-up; on CUDA every timed regio
   preprocess     pyvl.load_image of a synthetic 3840x2160 photo on the CPU (max_num 12: 8 tiles + thumbnail)
   vision         tiles [T, 3, 448, 448] -> image embeddings [T, 256, H] (ViT + pixel shuffle + mlp1), per --tiles
   prefill        the LLM over the whole prompt of the largest tile count (T * 256 image + --prompt-tokens text
-                 tokens: ~3,400 for 13 tiles), into a fresh KV cache
-  ttft           token ids + pixel values on the device -> first greedy token (vision + prefill + first sample)
-  decode         ms per token over --decode-tokens greedy steps after that prompt, stop tokens disabled
-  peak memory    torch.cuda.max_memory_allocated from the weights' allocation on (CUDA), or the process' peak RSS
+                 tokens: ~3,400 for 13 tiles), into the engine's KV pool
+  ttft           token ids + pixel values on the device -> first greedy token, through the engine (a cold call:
+                 no prefix or image reuse), and where that time went (ChatStats: host work before the engine,
+                 which includes digesting the tiles on the host; ViT; prefill chunks; sampling; the rest)
+  decode         ms per token at batch 1 over --decode-tokens greedy steps after that prompt, stop tokens
+                 disabled: with the CUDA graphs the engine captured at load, and (CUDA) eagerly, in one run
+  graph capture  (CUDA) seconds to capture the decode graphs at load, and which batch buckets have one
+  peak memory    torch.cuda.max_memory_allocated from the weights' allocation on (CUDA), or the process' peak
+                 RSS, with the weights and the KV pool (--kv-cache-gb; default: just the prompt and its answer)
 
 The model is built from the preset's dimensions directly on the device (pyvl.bench.presets.random_model); the
 tokenizer is the demo one (1009 tokens), so the prompt holds only ids < 1009 and the tokenizer's <IMG_CONTEXT>.
-HF transformers (when importable, on CUDA) runs the same figures with its native InternVLForConditionalGeneration
-of the same size (SDPA, random bf16, as shared/tools/hf_baseline.py), after pyvl's model is freed. Its TTFT is one
-forward with logits_to_keep=1 plus an argmax, its prefill the text model alone on the same ids (images replaced
-by a text id), its decode (t(generate N) - t(generate 1)) / (N - 1), as the baseline script measures them.
-``hf_only=True`` (``--hf-only``) runs HF's figures alone, so a time-boxed device run can time pyvl first and HF
-in a later process only if time is left.
+HF transformers (when importable, on CUDA) runs its figures with its native InternVLForConditionalGeneration of
+the same size (pyvl.bench.e2e_hf) after pyvl's model is freed. ``hf_only=True`` (``--hf-only``) runs HF's
+figures alone, so a time-boxed device run can time pyvl first and HF in a later process only if time is left.
 
-The result is complete whatever fails: every row has "pyvl", "hf" and "hf/pyvl" (None where not measured), and
-a stage that raises (an out-of-memory prefill, say) leaves its figure None with a note saying why, while the
-other stages still run.
+Rows are streamed as they are measured (``--jsonl``, pyvl.bench.report): a row is emitted when either system's
+figure of it is, and again when the other's completes it. At the end every row exists, with "pyvl", "hf" and
+"hf/pyvl" (None where not measured); a stage that raises (an out-of-memory prefill, say) leaves its figure None
+with a note saying why, while the other stages still run.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import resource
 import statistics
 import sys
 import time
 
 import torch
 
-from .. import template
+from .. import checks, template
 from ..api import _resolve_dtype
-from ..chat import InternVLChat
-from ..engine.request import ChatStats
-from ..engine.scheduler import Engine, EngineConfig
 from ..config import ModelConfig
 from ..demo import ASSETS
+from ..engine.request import ChatStats
 from ..generate import GenerationConfig
 from ..image import load_image
-from ..kv_cache import PagedBatch
+from ..kv_cache import BLOCK_SIZE, PagedBatch
 from ..tokenizer import Tokenizer
-from .presets import parameter_count, preset_config, random_model
+from .e2e_hf import hf_figures, hf_unavailable
 from .preprocess import pillow_pipeline, synthetic_photo
-from .timing import median_seconds
+from .presets import chat_on, parameter_count, preset_config, random_model
+from .report import Report
+from .timing import device_median_ms, median_seconds, peak_memory_gb
 
 __all__ = ["run", "build_prompt"]
 
 PHOTO = (3840, 2160)
+TTFT_STAGES = (("ttft_preprocess", "preprocess_s", "host work before the engine (checks, prompt, tile digests)"),
+               ("ttft_vision", "vision_s", "ViT + projector"),
+               ("ttft_prefill", "prefill_s", "prefill"),
+               ("ttft_sample", "sample_s", "sampling the first token"))
 
 
 def _log(message: str) -> None:
     print(f"[bench e2e] {message}", file=sys.stderr, flush=True)
-
-
-def _median_ms(fn, device: torch.device, repeat: int) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    return median_seconds(fn, repeat=repeat, warmup=1, sync=sync) * 1e3
 
 
 def build_prompt(tokenizer: Tokenizer, num_tiles: int, text_tokens: int, num_image_token: int) -> list[int]:
@@ -80,187 +81,172 @@ def build_prompt(tokenizer: Tokenizer, num_tiles: int, text_tokens: int, num_ima
     return ids
 
 
-def _stage(figures: dict, notes: list, who: str, key: str, fn) -> None:
-    """figures[key] = fn(), or a note naming the failure (the figure then stays out, i.e. None)."""
-    try:
-        figures[key] = fn()
-    except Exception as exc:  # keep the other stages' figures: one device run must bring back all it can
-        notes.append(f"{who} {key} failed: {type(exc).__name__}: {str(exc)[:300]}")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+class _Table:
+    """The result's rows by key; each system's figure is put in as it is measured and its row emitted at once."""
+
+    def __init__(self, report: Report, figures: list[tuple[str, str, str]]):
+        self.report = report
+        self.rows = {key: {"key": key, "figure": figure, "unit": unit, "pyvl": None, "hf": None, "hf/pyvl": None}
+                     for key, figure, unit in figures}
+        self.emitted: set[str] = set()
+
+    def put(self, system: str, key: str, value: float | None, figure: str | None = None) -> None:
+        """Set one system's figure of a row (and, if given, the row's description), and emit the row."""
+        row = self.rows[key]
+        if figure is not None:
+            row["figure"] = figure
+        row[system] = None if value is None else round(value, 3)
+        mine, theirs = row["pyvl"], row["hf"]
+        row["hf/pyvl"] = round(theirs / mine, 2) if mine and theirs is not None else None
+        self.report.row(dict(row))
+        self.emitted.add(key)
+
+    def attempt(self, system: str, what: str, fn):
+        """fn(), or None with a note saying why it failed."""
+        try:
+            return fn()
+        except Exception as exc:  # keep the other stages' figures: one device run must bring back all it can
+            self.report.note(f"{system} {what} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+
+    def measure(self, system: str, key: str, fn) -> None:
+        """Put fn()'s figure, or note why it failed (the figure then stays None; the other stages go on)."""
+        value = self.attempt(system, key, fn)
+        if value is not None:
+            self.put(system, key, value)
+
+    def finish(self) -> None:
+        """Emit the rows no system measured, so the table always has every row."""
+        for key, row in self.rows.items():
+            if key not in self.emitted:
+                self.report.row(dict(row))
 
 
-def _preprocess(repeat: int, ours: bool, baseline: bool) -> dict:
-    photo = synthetic_photo(*PHOTO)
-    out = {"tiles": load_image(photo, max_num=12).shape[0]}
-    if ours:
-        out["pyvl"] = median_seconds(lambda: load_image(photo, max_num=12), repeat=repeat) * 1e3
-    if baseline:  # what HF users run: the original load_image (Pillow tiles, then ToTensor + Normalize)
-        out["hf"] = median_seconds(lambda: pillow_pipeline(photo, 12), repeat=repeat) * 1e3
-    return out
+def _figures(device: torch.device, tiles: list[int], ids: list[int], n_text: int, n_tiles_photo: int,
+             decode_tokens: int) -> list[tuple[str, str, str]]:
+    cuda = device.type == "cuda"
+    figures = [("preprocess", f"preprocess {PHOTO[0]}x{PHOTO[1]} -> {n_tiles_photo} tiles (CPU)", "ms")]
+    figures += [(f"vision_{t}", f"vision + projector, {t} tile{'s' * (t > 1)}", "ms") for t in tiles]
+    figures += [("prefill", f"LLM prefill, {len(ids)} tokens", "ms"),
+                ("ttft", f"time to first token, {tiles[-1]} tile{'s' * (tiles[-1] > 1)} + {n_text} text tokens", "ms")]
+    figures += [(key, f"  of which {what}", "ms") for key, _, what in TTFT_STAGES]
+    figures += [("ttft_other", "  of which the rest (queue, host work between the stages)", "ms"),
+                ("decode", f"decode, batch 1, {decode_tokens} new tokens ({'CUDA graphs' if cuda else 'eager'})",
+                 "ms/token")]
+    if cuda:
+        figures += [("decode_eager", "decode, batch 1, eager (cuda_graphs=False)", "ms/token"),
+                    ("graph_capture", "CUDA-graph capture at load", "s")]
+    figures += [("peak_memory", "peak GPU memory" if cuda else "peak RSS of the process", "GB"),
+                ("weights", "weights", "GB"), ("kv_pool", "KV pool", "GB")]
+    return figures
 
 
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+def _kv_cache_gb(cfg: ModelConfig, dtype: torch.dtype, tokens: int) -> float:
+    """A pool of just ``tokens`` tokens (plus one block of slack)."""
+    llm = cfg.llm
+    per_block = checks.kv_cache_bytes(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, BLOCK_SIZE, 1,
+                                      dtype)
+    return (-(-tokens // BLOCK_SIZE) + 1) * per_block / 1e9
+
+
+def _first_token_and_decode(chat, ids, pixels, decode_tokens: int, repeat: int) -> list[ChatStats]:
+    """Stats of ``repeat`` cold calls (after a warm-up) of ids + pixels, ``decode_tokens`` greedy tokens each."""
+    gen = GenerationConfig(max_new_tokens=decode_tokens, eos_token_id=(chat.config.llm.vocab_size,))  # no such id
+    runs = []
+    for run in range(repeat + 1):
+        stats = ChatStats()
+        chat.generate(ids, pixels, gen, stats=stats)  # returns once the tokens are on the host
+        if run:  # run 0 is the warm-up
+            runs.append(stats)
+    return runs
+
+
+def _decode_ms(runs: list[ChatStats]) -> float:
+    return statistics.median((s.total_s - s.time_to_first_token_s) * 1e3 / (s.new_tokens - 1) for s in runs)
+
+
+def _put_ttft(table: _Table, runs: list[ChatStats]) -> None:
+    median = lambda field: statistics.median(getattr(s, field) for s in runs) * 1e3  # noqa: E731
+    chunks = runs[0].prefill_chunks
+    table.put("pyvl", "ttft", median("time_to_first_token_s"))
+    for key, field, what in TTFT_STAGES:
+        more = f" ({chunks} chunk{'s' * (chunks > 1)})" if key == "ttft_prefill" else ""
+        table.put("pyvl", key, median(field), figure=f"  of which {what}{more}")
+    table.put("pyvl", "ttft_other", statistics.median(
+        s.time_to_first_token_s - sum(getattr(s, field) for _, field, _ in TTFT_STAGES) for s in runs) * 1e3)
 
 
 @torch.inference_mode()
-def _pyvl_figures(cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id, decode_tokens, repeat,
-                  notes: list) -> dict:
+def _pyvl_figures(table: _Table, setup: dict, cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id,
+                  decode_tokens, repeat, kv_cache_gb: float) -> None:
+    """pyvl's figures into ``table``; ``setup`` gains what the run used (ops, graphs, KV pool) once it is built."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _log(f"building pyvl's model on {device} ({dtype}, backend {backend})")
     model = random_model(cfg, device, dtype, backend)
-    tokenizer = Tokenizer.from_folder(ASSETS)
-    context = cfg.llm.max_position_embeddings
     # Every timed run is a cold one: no prefix or image-feature reuse between the repeats.
-    engine = Engine(model, EngineConfig.for_model(model, context, image_cache_gb=0, max_num_seqs=1,
-                                                  prefix_caching=False), salt="bench e2e",
-                    bos_id=tokenizer.bos_id)
-    chat = InternVLChat(model, tokenizer, cfg, ASSETS, context, (tokenizer.im_end_id,), engine)
-    figures = {"backends": dict(model.ops.backends)}
+    options = dict(kv_cache_gb=kv_cache_gb, image_cache_gb=0, max_num_seqs=1, prefix_caching=False)
+    chat = chat_on(model, **options)
+    graphs = chat.engine.runner.graphs
+    setup.update(ops=dict(model.ops.backends), graphs=graphs.as_dict(),
+                 kv_pool_GB=round(chat.engine.cache.nbytes / 1e9, 3))
+    table.report.set("setup", setup)  # now: a run killed later still says which ops it ran
+    if device.type == "cuda":
+        table.put("pyvl", "graph_capture", graphs.capture_s,
+                  figure=f"CUDA-graph capture at load, buckets {graphs.captured}"
+                  + (f" (eager: {graphs.eager_reason})" if graphs.eager_reason else ""))
     pixels = torch.randn(max(tiles), 3, cfg.image_size, cfg.image_size,
                          generator=torch.Generator().manual_seed(0)).to(device, dtype)
     for t in tiles:
         _log(f"pyvl: vision + projector, {t} tiles")
-        _stage(figures, notes, "pyvl", f"vision_{t}",
-               lambda: _median_ms(lambda: chat.extract_feature(pixels[:t]), device, repeat))
+        table.measure("pyvl", f"vision_{t}",
+                      lambda: device_median_ms(lambda: chat.extract_feature(pixels[:t]), device, repeat))
 
     def prefill() -> float:
         prompt = torch.tensor(ids, device=device)
         embeds = model.embed(prompt[None], model.extract_feature(pixels), img_id)
         positions = torch.arange(len(ids), device=device)[None]
-        batch = PagedBatch.contiguous_prefill(engine.cache, len(ids))  # the pool's first blocks: it is idle
-        return _median_ms(lambda: model.language_model(embeds, positions, batch), device, repeat)
+        batch = PagedBatch.contiguous_prefill(chat.engine.cache, len(ids))  # the pool's first blocks: it is idle
+        return device_median_ms(lambda: model.language_model(embeds, positions, batch), device, repeat)
 
     _log(f"pyvl: prefill, {len(ids)} tokens")
-    _stage(figures, notes, "pyvl", "prefill", prefill)
-
-    def first_token_and_decode() -> tuple[float, float]:
-        gen = GenerationConfig(max_new_tokens=decode_tokens, eos_token_id=(cfg.llm.vocab_size,))  # no such id
-        ttft, decode = [], []
-        for run in range(repeat + 1):
-            stats = ChatStats()
-            chat.generate(ids, pixels, gen, stats=stats)  # returns once the tokens are on the host
-            if run:  # run 0 is the warm-up
-                ttft.append(stats.time_to_first_token_s * 1e3)
-                decode.append((stats.total_s - stats.time_to_first_token_s) * 1e3 / (decode_tokens - 1))
-        return statistics.median(ttft), statistics.median(decode)
-
+    table.measure("pyvl", "prefill", prefill)
     _log(f"pyvl: time to first token + {decode_tokens} decode steps")
-    _stage(figures, notes, "pyvl", "ttft+decode", first_token_and_decode)
-    if "ttft+decode" in figures:
-        figures["ttft"], figures["decode"] = figures.pop("ttft+decode")
-    figures["peak_memory"] = _peak_memory_gb(device)
-    return figures
-
-
-def _hf_config(cfg: ModelConfig, img_id: int):
-    """transformers' InternVLConfig of ``cfg``'s sizes: InternViT as InternVLVision, InternLM2 as Llama."""
-    from transformers import InternVLConfig
-
-    v, lm = cfg.vision, cfg.llm
-    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
-                  num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
-                  use_qk_norm=v.qk_normalization, norm_type=v.norm_type, layer_norm_eps=v.layer_norm_eps,
-                  attention_bias=v.qkv_bias, image_size=[cfg.image_size] * 2, patch_size=[v.patch_size] * 2,
-                  use_mean_pooling=False)
-    text = dict(model_type="llama", hidden_size=lm.hidden_size, num_hidden_layers=lm.num_hidden_layers,
-                num_attention_heads=lm.num_attention_heads, num_key_value_heads=lm.num_key_value_heads,
-                intermediate_size=lm.intermediate_size, vocab_size=lm.vocab_size, rms_norm_eps=lm.rms_norm_eps,
-                rope_theta=lm.rope_theta, max_position_embeddings=lm.max_position_embeddings,
-                tie_word_embeddings=False, rope_scaling=None if lm.rope_scaling_type is None else
-                {"rope_type": lm.rope_scaling_type, "factor": lm.rope_scaling_factor})
-    hf_cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=img_id,
-                            downsample_ratio=cfg.downsample_ratio, vision_feature_layer=cfg.select_layer,
-                            vision_feature_select_strategy="default", tie_word_embeddings=False)
-    hf_cfg._attn_implementation = "sdpa"
-    return hf_cfg
-
-
-def _hf_model(cfg: ModelConfig, device, dtype, img_id: int):
-    """HF's native InternVL at ``cfg``'s size, random weights allocated once in ``dtype`` on ``device``."""
-    from transformers import InternVLForConditionalGeneration
-
-    with torch.device("meta"):
-        model = InternVLForConditionalGeneration(_hf_config(cfg, img_id))
-    model = model.to(dtype).to_empty(device=device)  # cast on meta: no float32 copy is ever allocated
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.requires_grad_(False)
-            parts = name.split(".")
-            if len(parts) > 1 and "norm" in parts[-2]:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-        for module in model.modules():  # rotary tables were buffers on meta: compute them on the device
-            if hasattr(module, "inv_freq") and hasattr(module, "rope_type"):
-                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-                init = (module.compute_default_rope_parameters if module.rope_type == "default"
-                        else ROPE_INIT_FUNCTIONS[module.rope_type])
-                inv_freq, module.attention_scaling = init(module.config, device)
-                module.inv_freq = inv_freq
-                module.original_inv_freq = inv_freq.clone()
-    return model.eval()
-
-
-@torch.inference_mode()
-def _hf_figures(cfg: ModelConfig, device, dtype, tiles, ids, img_id, text_id, decode_tokens, repeat,
-                notes: list) -> dict:
+    runs = table.attempt("pyvl", "ttft+decode",
+                         lambda: _first_token_and_decode(chat, ids, pixels, decode_tokens, repeat))
+    if runs:
+        _put_ttft(table, runs)
+        table.put("pyvl", "decode", _decode_ms(runs))
+    table.put("pyvl", "peak_memory", peak_memory_gb(device),
+              figure=f"{table.rows['peak_memory']['figure']} (weights and KV pool below)")
+    table.put("pyvl", "weights", sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9)
+    table.put("pyvl", "kv_pool", chat.engine.cache.nbytes / 1e9)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _log("building HF transformers' InternVLForConditionalGeneration (SDPA)")
-    model = _hf_model(cfg, device, dtype, img_id)
-    pixels = torch.randn(max(tiles), 3, cfg.image_size, cfg.image_size,
-                         generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    figures = {}
-    for t in tiles:
-        _log(f"HF: vision + projector, {t} tiles")
-        _stage(figures, notes, "HF", f"vision_{t}", lambda: _median_ms(lambda: model.model.get_image_features(
-            pixel_values=pixels[:t], vision_feature_layer=cfg.select_layer,
-            vision_feature_select_strategy="default"), device, repeat))
-    prompt = torch.tensor([ids], device=device)
-    text = prompt.masked_fill(prompt == img_id, text_id)
-    _log("HF: time to first token, prefill, decode")
-    _stage(figures, notes, "HF", "ttft", lambda: _median_ms(
-        lambda: model(input_ids=prompt, pixel_values=pixels, logits_to_keep=1).logits.argmax(-1), device, repeat))
-    _stage(figures, notes, "HF", "prefill",
-           lambda: _median_ms(lambda: model.model.language_model(input_ids=text), device, repeat))
-    generate = lambda n: model.generate(input_ids=text, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
-                                        do_sample=False, eos_token_id=None, pad_token_id=0)
-
-    def decode() -> float:
-        one, many = (_median_ms(lambda: generate(n), device, repeat) for n in (1, decode_tokens))
-        return (many - one) / (decode_tokens - 1)
-
-    _stage(figures, notes, "HF", "decode", decode)
-    figures["peak_memory"] = _peak_memory_gb(device)
-    return figures
-
-
-def _hf_unavailable(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"HF comparison runs on CUDA only (device {device}): skipped"
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return "transformers is not installed: HF comparison skipped (pip install transformers)"
-    return None
+        chat.engine.shutdown()
+        del chat
+        gc.collect()
+        torch.cuda.empty_cache()
+        _log("pyvl: decode without CUDA graphs")
+        eager = chat_on(model, **options, cuda_graphs=False)
+        table.measure("pyvl", "decode_eager",
+                      lambda: _decode_ms(_first_token_and_decode(eager, ids, pixels, decode_tokens, repeat)))
+        eager.engine.shutdown()
 
 
 def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=(1, 7, 13), prompt_tokens: int = 70,
         decode_tokens: int = 32, backend: str = "auto", repeat: int = 3, compare_hf: bool = True,
-        hf_only: bool = False) -> dict:
-    """Run the benchmark; {"setup": {...}, "rows": [{key, figure, unit, pyvl, hf, hf/pyvl}], "notes": [...]}."""
+        hf_only: bool = False, kv_cache_gb: float | None = None, stream=None) -> dict:
+    """Run the benchmark; {"setup": {...}, "rows": [{key, figure, unit, pyvl, hf, hf/pyvl}], "notes": [...]},
+    each piece also written to ``stream`` as a JSON line as soon as it is known (pyvl.bench.report)."""
     if decode_tokens < 2 or repeat < 1 or prompt_tokens < 0 or not tiles or min(tiles) < 1:
         raise ValueError("bench e2e needs --decode-tokens >= 2, --repeat >= 1, --prompt-tokens >= 0 and tile "
                          "counts >= 1")
     if hf_only and not compare_hf:
         raise ValueError("bench e2e: --hf-only and --no-hf exclude each other")
+    if kv_cache_gb is not None and not kv_cache_gb > 0:
+        raise ValueError(f"bench e2e --kv-cache-gb must be positive, got {kv_cache_gb}")
     cfg = preset_config(preset)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():  # before minutes of CPU preprocessing
@@ -270,54 +256,16 @@ def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=
     tokenizer = Tokenizer.from_folder(ASSETS)
     img_id = tokenizer.img_context_id
     ids = build_prompt(tokenizer, tiles[-1], prompt_tokens, cfg.num_image_token)
-    notes = [] if compare_hf else ["HF comparison not asked for (--no-hf)"]
-    skip = _hf_unavailable(device) if compare_hf else None
+    skip = hf_unavailable(device) if compare_hf else None
     if skip and hf_only:
         raise ValueError(f"bench e2e --hf-only: {skip}")
-    if skip:
-        notes.append(skip)
     with_hf, with_pyvl = compare_hf and skip is None, not hf_only
-    _log(f"preprocessing a {PHOTO[0]}x{PHOTO[1]} photo on the CPU")
-    prep = _preprocess(repeat, ours=with_pyvl, baseline=with_hf)
-    ours = {}
-    if with_pyvl:
-        try:
-            ours = _pyvl_figures(cfg, device, dtype, backend, tiles, ids, img_id, decode_tokens, repeat, notes)
-        except Exception as exc:  # the model could not be built (out of memory, a kernel that fails to compile)
-            notes.append(f"pyvl failed: {type(exc).__name__}: {str(exc)[:300]}")
-        gc.collect()  # pyvl's model is gone once _pyvl_figures returns; free its memory before HF's is built
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    hf = {}
-    if with_hf:
-        text_id = tokenizer.encode("the", add_bos=False)[0]
-        try:
-            hf = _hf_figures(cfg, device, dtype, tiles, ids, img_id, text_id, decode_tokens, repeat, notes)
-        except Exception as exc:  # report pyvl's figures even when HF cannot run (an old version, OOM)
-            notes.append(f"HF comparison failed: {type(exc).__name__}: {str(exc)[:300]}")
-        gc.collect()
-        torch.cuda.empty_cache()
-
-    n_text = len(ids) - tiles[-1] * cfg.num_image_token
-    figures = [("preprocess", f"preprocess {PHOTO[0]}x{PHOTO[1]} -> {prep['tiles']} tiles (CPU)", "ms")]
-    figures += [(f"vision_{t}", f"vision + projector, {t} tile{'s' * (t > 1)}", "ms") for t in tiles]
-    figures += [("prefill", f"LLM prefill, {len(ids)} tokens", "ms"),
-                ("ttft", f"time to first token, {tiles[-1]} tiles + {n_text} text tokens", "ms"),
-                ("decode", f"decode, {decode_tokens} new tokens (steps after the first)", "ms/token"),
-                ("peak_memory", "peak GPU memory" if device.type == "cuda" else "peak RSS of the process", "GB")]
-    values = {**{k: v for k, v in ours.items() if k != "backends"}, **({"preprocess": prep["pyvl"]} if ours else {})}
-    hf_values = {**hf, **({"preprocess": prep["hf"]} if hf else {})}
-    rows = []
-    for key, figure, unit in figures:
-        mine, theirs = values.get(key), hf_values.get(key)
-        rows.append({"key": key, "figure": figure, "unit": unit,
-                     "pyvl": None if mine is None else round(mine, 3),
-                     "hf": None if theirs is None else round(theirs, 3),
-                     "hf/pyvl": round(theirs / mine, 2) if mine and theirs is not None else None})
+    kv_cache_gb = kv_cache_gb or _kv_cache_gb(cfg, dtype, len(ids) + decode_tokens)
     counts = parameter_count(cfg)
+    n_text = len(ids) - tiles[-1] * cfg.num_image_token
     setup = {
         "preset": preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."), "backend": backend, "ops": ours.get("backends"),
+        "dtype": str(dtype).removeprefix("torch."), "backend": backend, "ops": None,
         "systems": [name for name, ran in (("pyvl", with_pyvl), ("hf", with_hf)) if ran],
         "parameters_B": round(counts["total"] / 1e9, 3),
         "weights_GB": round(counts["total"] * torch.empty((), dtype=dtype).element_size() / 1e9, 2),
@@ -329,4 +277,37 @@ def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=
         import transformers
 
         setup["transformers"] = transformers.__version__
-    return {"setup": setup, "rows": rows, "notes": notes}
+    report = Report(stream)
+    report.set("setup", setup)
+    if not compare_hf:
+        report.note("HF comparison not asked for (--no-hf)")
+    elif skip:
+        report.note(skip)
+    _log(f"preprocessing a {PHOTO[0]}x{PHOTO[1]} photo on the CPU")
+    photo = synthetic_photo(*PHOTO)
+    table = _Table(report, _figures(device, tiles, ids, n_text, load_image(photo, max_num=12).shape[0],
+                                    decode_tokens))
+    if with_pyvl:
+        table.measure("pyvl", "preprocess",
+                      lambda: median_seconds(lambda: load_image(photo, max_num=12), repeat=repeat) * 1e3)
+        try:
+            _pyvl_figures(table, setup, cfg, device, dtype, backend, tiles, ids, img_id, decode_tokens, repeat,
+                          kv_cache_gb)
+        except Exception as exc:  # the model could not be built (out of memory, a kernel that fails to compile)
+            report.note(f"pyvl failed: {type(exc).__name__}: {str(exc)[:300]}")
+        gc.collect()  # pyvl's model is gone once _pyvl_figures returns; free its memory before HF's is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if with_hf:
+        # what HF users run: the original load_image (Pillow tiles, then ToTensor + Normalize)
+        table.measure("hf", "preprocess", lambda: median_seconds(lambda: pillow_pipeline(photo, 12),
+                                                                 repeat=repeat) * 1e3)
+        text_id = tokenizer.encode("the", add_bos=False)[0]
+        try:
+            hf_figures(table, cfg, device, dtype, tiles, ids, img_id, text_id, decode_tokens, repeat)
+        except Exception as exc:  # report pyvl's figures even when HF cannot run (an old version, OOM)
+            report.note(f"HF comparison failed: {type(exc).__name__}: {str(exc)[:300]}")
+        gc.collect()
+        torch.cuda.empty_cache()
+    table.finish()
+    return report.done()

@@ -16,6 +16,8 @@ changes nothing below 32768 tokens.
 
 :func:`random_model` builds the network on the meta device and materialises it directly on the target device in
 the target dtype (no float32 copy, no checkpoint written): weights ~ N(0, 0.02), norm gains 1, norm biases 0.
+:func:`chat_on` puts the demo tokenizer and an engine of its own on such a model: what ``pyvl.load`` returns,
+so the engine benchmarks run at a preset's real size without a checkpoint; several can share one model.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import copy
 
 import torch
 
+from ..chat import InternVLChat
 from ..config import ModelConfig
-from ..demo import demo_config_dict
+from ..demo import ASSETS, demo_config_dict
+from ..engine.scheduler import Engine, EngineConfig
 from ..models.vlm import InternVLChatModel
 from ..ops import resolve_ops
+from ..tokenizer import Tokenizer
 
-__all__ = ["PRESETS", "preset_dict", "preset_config", "parameter_count", "random_model"]
+__all__ = ["PRESETS", "preset_dict", "preset_config", "parameter_count", "random_model", "chat_on"]
 
 
 def _llm(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, rope_factor: float) -> dict:
@@ -122,3 +127,14 @@ def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtyp
             p.normal_(0.0, 0.02, generator=gen)
     model.language_model.fuse_gate_up()
     return model.eval()
+
+
+def chat_on(model: InternVLChatModel, max_context: int | None = None, **engine_options) -> InternVLChat:
+    """A chat object (the demo tokenizer, ids < 1009 plus its special tokens) with a new engine on ``model``;
+    ``engine_options`` are :meth:`EngineConfig.for_model`'s (kv_cache_gb, max_num_seqs, cuda_graphs, ...).
+    Default context: the model's max_position_embeddings."""
+    tokenizer = Tokenizer.from_folder(ASSETS)
+    context = max_context or model.cfg.llm.max_position_embeddings
+    engine = Engine(model, EngineConfig.for_model(model, context, **engine_options), salt="pyvl bench",
+                    bos_id=tokenizer.bos_id)
+    return InternVLChat(model, tokenizer, model.cfg, ASSETS, context, (tokenizer.im_end_id,), engine)
