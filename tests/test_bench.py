@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs: before pyvl.kernels is imported
 
-from pyvl.bench import e2e  # noqa: E402
+from pyvl.bench import e2e, e2e_hf  # noqa: E402
 from pyvl.bench.presets import PRESETS, parameter_count, preset_config, random_model  # noqa: E402
 from pyvl.cli import build_parser, main  # noqa: E402
 from pyvl.demo import ASSETS  # noqa: E402
@@ -148,10 +148,10 @@ def test_bench_e2e_table_and_flags(capsys):
 
 def test_hf_comparison_is_skipped_with_a_reason(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as when it is not installed
-    assert "not installed" in e2e._hf_unavailable(torch.device("cuda"))
+    assert "not installed" in e2e_hf.hf_unavailable(torch.device("cuda"))
     monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))
-    assert "CUDA only" in e2e._hf_unavailable(torch.device("cpu"))
-    assert e2e._hf_unavailable(torch.device("cuda")) is None
+    assert "CUDA only" in e2e_hf.hf_unavailable(torch.device("cpu"))
+    assert e2e_hf.hf_unavailable(torch.device("cuda")) is None
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -159,7 +159,7 @@ def test_hf_model_has_the_same_size(name):
     transformers = pytest.importorskip("transformers")
     cfg = preset_config(name)
     with torch.device("meta"):
-        model = transformers.InternVLForConditionalGeneration(e2e._hf_config(cfg, 1002))
+        model = transformers.InternVLForConditionalGeneration(e2e_hf.hf_config(cfg, 1002))
     hf = sum(p.numel() for p in model.parameters())
     ours = parameter_count(cfg)["total"]
     assert abs(hf - ours) <= 2 * cfg.vision.hidden_size  # HF adds a final vision LayerNorm (weight + bias)
