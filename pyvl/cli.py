@@ -230,6 +230,27 @@ def _bench_e2e(args) -> int:
     return 0
 
 
+def _bench_engine(args) -> int:
+    from .bench import engine
+    from .bench.timing import format_table
+    from .demo import demo_model_path
+
+    if args.random_weights and args.model is not None:
+        raise PyvlError("bench engine: --model and --random-weights exclude each other (a folder's weights, or "
+                        "--preset's size with random ones)")
+    model, preset = (None, args.preset) if args.random_weights else (args.model or demo_model_path(), None)
+    try:
+        photo = tuple(int(v) for v in args.photo.lower().split("x")) if args.photo else engine.PHOTO
+        result = engine.run(model, preset=preset, device=args.device, dtype=args.dtype, repeat=args.repeat or 3,
+                            photo=photo, kv_cache_gb=args.kv_cache_gb or 8.0, stream=sys.stdout if args.jsonl else None)
+    except ValueError as exc:
+        raise PyvlError(str(exc)) from None
+    if args.jsonl:
+        return 0
+    return _print_result(args, result, lambda r: "\n".join([format_table(r["rows"])]
+                                                           + [f"note: {n}" for n in r["notes"]]))
+
+
 def cmd_bench(args) -> int:
     if args.what == "preprocess":
         return _bench_preprocess(args)
@@ -246,11 +267,7 @@ def cmd_bench(args) -> int:
     from .bench.timing import format_table
 
     if args.what == "engine":
-        from .bench import engine
-        from .demo import demo_model_path
-
-        result = engine.run(args.model or demo_model_path(), device=args.device, repeat=args.repeat or 3)
-        return _print_result(args, result, lambda r: format_table(r["rows"]))
+        return _bench_engine(args)
     if args.what == "serve":
         from .bench import serve
 
@@ -305,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="preprocess: image -> pixel values (CPU, or --device cuda); kernels: each Triton kernel "
                             "against torch at the real shapes (CUDA); sweep: block configurations of ViT and "
                             "decode attention (CUDA); e2e: pixels -> tokens at a preset's size, next to HF "
-                            "transformers; engine: prefix/image reuse and batching ratios (--model, default demo); serve: 1/4/16 "
+                            "transformers; engine: prefix/image reuse and batching ratios (--model, default demo; or --preset "
+                            "--random-weights); serve: 1/4/16 "
                             "streaming clients against pyvl serve on loopback vs one at a time (--repeat: requests)")
-    bench.add_argument("--model", default=None, help="engine: model folder (default: the demo model)")
+    bench.add_argument("--model", default=None,
+                       help="engine: model folder (default: the demo model, or --preset with --random-weights)")
     bench.add_argument("--repeat", type=int, default=None,
                        help="timed runs per figure (default: preprocess 5, e2e 3)")
     bench.add_argument("--rep-ms", type=int, default=200,
@@ -324,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="max_num values (default: 6 12 40 on the CPU, 12 on CUDA)")
     kern = bench.add_argument_group("kernels")
     kern.add_argument("--ops", nargs="*", default=None, help="only these ops (default: every registered kernel)")
-    e2e_flags = bench.add_argument_group("e2e")
+    e2e_flags = bench.add_argument_group("e2e and engine")
     e2e_flags.add_argument("--preset", default="internvl-chat-v1-5",
                            choices=("internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5", "tiny"))
     e2e_flags.add_argument("--random-weights", action="store_true",
@@ -338,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     e2e_flags.add_argument("--decode-tokens", type=int, default=32,
                            help="greedy steps timed for decode (default: 32)")
     e2e_flags.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    e2e_flags.add_argument("--photo", default=None, metavar="WxH",
+                           help="engine: the photo asked about (default 1792x1344: 13 tiles)")
     e2e_flags.add_argument("--kv-cache-gb", type=float, default=None,
-                           help="the engine's KV pool (default: just the prompt and its answer)")
+                           help="the engine's KV pool (default e2e: just the prompt and its answer; engine: 8)")
     hf = e2e_flags.add_mutually_exclusive_group()
     hf.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     hf.add_argument("--hf-only", action="store_true",
