@@ -19,7 +19,7 @@ from typing import Sequence
 from pyvl.errors import PromptError
 
 __all__ = ["IMG_START", "IMG_END", "IMG_CONTEXT", "IMAGE_PLACEHOLDER", "SEP", "DEFAULT_SYSTEM_MESSAGE",
-           "ChatTemplate", "INTERNLM2_CHAT", "effective_question", "image_block", "build_query"]
+           "ChatTemplate", "INTERNLM2_CHAT", "effective_question", "with_image_labels", "image_block", "build_query"]
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"
@@ -62,6 +62,14 @@ def effective_question(question: str, has_images: bool, history=None) -> str:
     if not history and has_images and IMAGE_PLACEHOLDER not in question:
         return IMAGE_PLACEHOLDER + "\n" + question
     return question
+
+
+def with_image_labels(text: str, n_images: int, first_index: int = 1) -> str:
+    """``text`` about ``n_images`` images it has no placeholders for: one image as "<image>\n" + text, several
+    as "Image-k: <image>\n" lines before it (InternVL's multi-image examples), k counted from ``first_index``."""
+    if n_images == 1:
+        return IMAGE_PLACEHOLDER + "\n" + text
+    return "".join(f"Image-{first_index + i}: {IMAGE_PLACEHOLDER}\n" for i in range(n_images)) + text
 
 
 def image_block(num_patches: int, num_image_token: int = 256) -> str:

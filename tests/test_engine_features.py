@@ -1,15 +1,12 @@
-"""The image-feature LRU (bounded in bytes) and the image digests that key it."""
+"""The image-feature LRU, bounded in bytes (the digests that key it: tests/test_image_input.py)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from pyvl.engine.features import FeatureCache, pixels_digest, tiles_digest
-from pyvl.errors import ImageError, PyvlError
-
-TILING = {"max_num": 12, "min_num": 1, "image_size": 448, "use_thumbnail": True}
+from pyvl.engine.features import FeatureCache
+from pyvl.errors import PyvlError
 
 
 def features(n_floats: int, dtype=torch.float32) -> torch.Tensor:
@@ -60,29 +57,3 @@ def test_hits_misses_and_clear():
         FeatureCache(-1)
 
 
-def test_tiles_digest_depends_on_values_and_shape_not_dtype():
-    tiles = torch.randn(2, 3, 8, 8).to(torch.bfloat16)
-    digest = tiles_digest(tiles)
-    assert len(digest) == 16
-    assert tiles_digest(tiles.float()) == digest  # same values, other dtype
-    assert tiles_digest(tiles.float().transpose(2, 3).contiguous().transpose(2, 3)) == digest  # other strides
-    assert tiles_digest(tiles.reshape(1, 6, 8, 8)) != digest
-    changed = tiles.clone()
-    changed[1, 2, 7, 7] += 1
-    assert tiles_digest(changed) != digest
-
-
-def test_pixels_digest_depends_on_pixels_shape_and_tiling():
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
-    digest = pixels_digest(pixels, TILING)
-    assert len(digest) == 16
-    assert pixels_digest(pixels.copy(), dict(reversed(list(TILING.items())))) == digest  # key order ignored
-    assert pixels_digest(pixels, {**TILING, "max_num": 6}) != digest
-    assert pixels_digest(pixels, {**TILING, "use_thumbnail": False}) != digest
-    assert pixels_digest(pixels.reshape(7, 5, 3), TILING) != digest
-    changed = pixels.copy()
-    changed[4, 6, 2] ^= 1
-    assert pixels_digest(changed, TILING) != digest
-    with pytest.raises(ImageError):
-        pixels_digest(pixels.astype(np.float32), TILING)

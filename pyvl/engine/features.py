@@ -1,57 +1,20 @@
-"""The image-feature cache (ViT + projector outputs) keyed by image digest, and the digests themselves.
+"""The image-feature cache: ViT + projector outputs keyed by image digest (pyvl.image_input makes the digests).
 
-A digest names an image's content as the model sees it, independent of the device and dtype it arrives in:
-  tiles_digest(pixel_values)      the caller passed tiles: their values as float32 + their shape
-  pixels_digest(pixels, tiling)   the caller passed an image: its decoded uint8 RGB pixels + shape + the tiling
-                                  settings (max_num, min_num, image_size, use_thumbnail) that turn it into tiles
-The same digest keys the feature cache here and the image tokens' content keys in blocks.py. The two kinds are
-domain-separated, so a tiles digest never equals a pixels digest.
+The same digest keys the feature cache here and the image tokens' content keys in blocks.py.
 
-Thread safety: none; like the block pool, the cache is used from the one engine thread.
+Thread safety: the engine thread alone reads and writes it, except ``in`` (a dict lookup), which any thread may
+use to ask whether an image needs tiling; its answer may be stale a moment later, which only costs a tiling.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import struct
 from collections import OrderedDict
-from collections.abc import Mapping
 
-import numpy as np
 import torch
 
-from pyvl.errors import ImageError, PyvlError
+from pyvl.errors import PyvlError
 
-__all__ = ["DIGEST_BYTES", "tiles_digest", "pixels_digest", "FeatureCache"]
-
-DIGEST_BYTES = 16
-
-
-def _shape_bytes(shape) -> bytes:
-    return struct.pack(f"<q{len(shape)}q", len(shape), *shape)
-
-
-def tiles_digest(pixel_values: torch.Tensor) -> bytes:
-    """Digest of tiles [N, 3, S, S], any dtype or device: equal float32 values and shape give equal digests."""
-    values = pixel_values.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    h = hashlib.blake2b(b"pyvl.tiles.v1\0float32\0", digest_size=DIGEST_BYTES)
-    h.update(_shape_bytes(values.shape))
-    h.update(memoryview(values.numpy()).cast("B"))
-    return h.digest()
-
-
-def pixels_digest(pixels: np.ndarray, tiling: Mapping[str, object]) -> bytes:
-    """Digest of a decoded uint8 image [H, W, 3] and the tiling settings applied to it (key order ignored)."""
-    pixels = np.ascontiguousarray(pixels)
-    if pixels.dtype != np.uint8:
-        raise ImageError(f"pixels_digest expects uint8 pixels, got {pixels.dtype}")
-    h = hashlib.blake2b(b"pyvl.pixels.v1\0", digest_size=DIGEST_BYTES)
-    h.update(_shape_bytes(pixels.shape))
-    h.update(json.dumps(dict(tiling), sort_keys=True).encode())
-    h.update(b"\0")
-    h.update(memoryview(pixels).cast("B"))
-    return h.digest()
+__all__ = ["FeatureCache"]
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

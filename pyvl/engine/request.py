@@ -1,23 +1,24 @@
 """One call to the engine: its prompt, images, generation settings and stop set, its results and its stats.
 
 A :class:`Request` is built by the caller's thread, handed to :meth:`pyvl.engine.scheduler.Engine.submit`, and
-from then on written only by the engine thread, except :meth:`Request.cancel` (a flag) and the output queue,
-through which the engine hands the caller each new token, then the end (or the error). Nothing in a request is
+from then on written only by the engine thread, except :meth:`Request.cancel` (a flag) and its output channel
+(pyvl.engine.channel), through which the engine hands the caller each new token, then the end (or the error); the
+caller reads it blocking (:meth:`Request.stream_tokens`, :meth:`Request.result`) or awaiting (:meth:`Request.batches`). Nothing in a request is
 shared with another request: the stats of one call are that call's.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
 from ..generate import GenerationConfig
 from .blocks import ContentKey, SequenceBlocks, content_keys
+from .channel import TokenChannel
 from .clock import StageClock
 
 __all__ = ["ChatStats", "ImageInput", "Request"]
@@ -67,9 +68,6 @@ class ImageInput:
     tiles: Callable[[], torch.Tensor]  # -> [N, 3, S, S] on any device
 
 
-_END = object()  # queue marker: the request finished
-
-
 class Request:
     def __init__(self, prompt_ids: list[int], images: list[ImageInput], gen: GenerationConfig,
                  stop_ids: frozenset[int], output_scores: bool = False,
@@ -93,7 +91,8 @@ class Request:
         self.stats.preprocess_s = now - self.submitted_at
         self.created_at = now  # when it was handed to the engine (queue time counts from here)
         # Engine-thread state.
-        self.output_ids: list[int] = []
+        self._channel = TokenChannel()
+        self.output_ids = self._channel.ids  # appended only through deliver()
         self.scores: list[torch.Tensor] = []
         self.seq: SequenceBlocks | None = None
         self.num_computed = 0  # tokens whose K/V is in the cache
@@ -103,7 +102,6 @@ class Request:
         self.finished = False
         self._stages: list[tuple[str, object, object]] = []  # (ChatStats field, start, end) marks, unread
         self.cancelled = threading.Event()
-        self._outputs: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._error: BaseException | None = None
 
@@ -139,12 +137,11 @@ class Request:
         now = time.perf_counter()
         if not self.output_ids:
             self.stats.time_to_first_token_s = now - self.submitted_at
-        self.output_ids.append(token)
         if scores is not None and self.output_scores:
             self.scores.append(scores)
-        self.stats.new_tokens = len(self.output_ids)
+        self.stats.new_tokens = len(self.output_ids) + 1
         self.stats.total_s = now - self.submitted_at
-        self._outputs.put(token)
+        self._channel.append(token)
 
     def finish(self, error: BaseException | None = None) -> None:
         if self.finished:
@@ -163,25 +160,31 @@ class Request:
             self.stats.finish_reason = "stop" if self.output_ids and self.output_ids[-1] in self.stop_ids else "length"
         self.stats.total_s = time.perf_counter() - self.submitted_at
         self._error = error
-        self._outputs.put(error if error is not None else _END)
         self._done.set()
+        self._channel.close(error)
 
     # ---- caller side -------------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Stop generating; the engine frees this request's blocks at its next step."""
+        """Stop generating; the engine frees this request's blocks at its next step, and a consumer waiting on
+        the output stops waiting now."""
         self.cancelled.set()
+        self._channel.wake()
 
     def stream_tokens(self) -> Iterator[int]:
-        """Each new token id as the engine produces it (stop id included); raises the engine's error, if any.
-        Closing the iterator early cancels the request."""
+        """Each new token id as the engine produces it (stop id included), until the end or a cancel; raises the
+        engine's error, if any. Closing the iterator early cancels the request."""
         try:
-            while True:
-                item = self._outputs.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from self._channel.tokens(self.cancelled.is_set)
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    async def batches(self) -> AsyncIterator[list[int]]:
+        """The new token ids since the last batch, awaited on the running event loop (no thread waits for
+        them); as :meth:`stream_tokens` otherwise. Closing the iterator early cancels the request."""
+        try:
+            async for ids in self._channel.batches(self.cancelled.is_set):
+                yield ids
         finally:
             if not self.finished:
                 self.cancel()

@@ -140,6 +140,10 @@ class Engine:
         with self._wake:
             return not self._closed and (self._thread is None or self._thread.is_alive())
 
+    def has_features(self, digest: bytes) -> bool:
+        """Whether an image's features are cached, so that a prompt about it needs no tiles (any thread)."""
+        return digest in self.features
+
     @property
     def idle(self) -> bool:
         """No request is queued or running (the pool then holds only cached blocks)."""
