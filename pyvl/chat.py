@@ -212,7 +212,8 @@ class InternVLChat:
     def _history(self, prompt: Prompt, response: str, history: History | None) -> History:
         return list(history or []) + [(prompt.question, response)]
 
-    def _text(self, request: Request, stop_strings: Sequence[str] = ()) -> TextStream:
+    def text_stream(self, request: Request, stop_strings: Sequence[str] = ()) -> TextStream:
+        """The text side of a request's answer (its stop ids, and ``stop_strings``), for :meth:`atext`."""
         return TextStream(self.tokenizer, request.stop_ids, stop_strings)
 
     def chat(self, pixel_values, question: str, generation_config=None, history: History | None = None,
@@ -239,7 +240,7 @@ class InternVLChat:
         gen = GenerationConfig.from_user(generation_config)
         prompt = self._turn(pixel_values, question, history, num_patches_list, system_message)
         request = self._submit(prompt.ids, prompt.images, gen, False, stats, started_at)
-        text = self._text(request)
+        text = self.text_stream(request)
         tokens = request.stream_tokens()
         try:
             for token in tokens:
@@ -291,9 +292,10 @@ class InternVLChat:
         return self._submit(prompt.ids, prompt.images, gen, False, stats,
                             time.perf_counter() if started_at is None else started_at)
 
-    async def atext(self, request: Request, stop: Sequence[str] = ()) -> AsyncIterator[str]:
-        """A submitted request's answer as text pieces, awaited; closing it cancels the request."""
-        text = self._text(request, stop)
+    async def atext(self, request: Request, text: TextStream | None = None) -> AsyncIterator[str]:
+        """A submitted request's answer as text pieces, awaited; closing it cancels the request. ``text``: the
+        :meth:`text_stream` to use (default: the request's stop ids only), to look at afterwards."""
+        text = text or self.text_stream(request)
         batches = request.batches()
         try:
             async for ids in batches:

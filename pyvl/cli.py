@@ -41,24 +41,23 @@ def _load_model(args):
 
 
 def _images(model, paths: list[str], max_num: int | None):
-    """Each --image becomes its own <image> block (num_patches_list), in the order given; preprocessed like
-    model.chat(raw_image), by the model's resize_tiles op on its device."""
-    if not paths:
-        return None, None
-    return model.tile_images(paths, max_num=max_num)
+    """Each --image, keyed once for the whole session (the front door); tiled by the model's op, on its device,
+    only when its features are not cached."""
+    return [model.prompts.image(path, max_num) for path in paths] or None
 
 
-def _question_with_images(question: str, n_images: int) -> str:
-    if n_images <= 1 or "<image>" in question:
-        return question
-    return "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images)) + question
+def _first_question(question: str, n_images: int) -> str:
+    """The first turn's question, with a placeholder per image unless it has its own (template's rule)."""
+    from .template import IMAGE_PLACEHOLDER, with_image_labels
+
+    return question if not n_images or IMAGE_PLACEHOLDER in question else with_image_labels(question, n_images)
 
 
-def _answer(model, pixels, patches, question, gen, history, stats: bool):
+def _answer(model, images, question, gen, history, stats: bool):
     from .engine.request import ChatStats
 
     pieces, s = [], ChatStats()
-    for piece in model.stream(pixels, question, gen, history=history, num_patches_list=patches, stats=s):
+    for piece in model.stream(images, question, gen, history=history, stats=s):
         pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -76,10 +75,9 @@ def cmd_chat(args) -> int:
 
     gen = GenerationConfig.from_user(_generation_config(args))  # bad flags fail before the model loads
     model = _load_model(args)
-    pixels, patches = _images(model, args.image, args.max_num)
+    images = _images(model, args.image, args.max_num)
     if args.question:
-        _answer(model, pixels, patches, _question_with_images(" ".join(args.question), len(args.image)), gen,
-                None, args.stats)
+        _answer(model, images, _first_question(" ".join(args.question), len(args.image)), gen, None, args.stats)
         return 0
     # Interactive multi-turn session: images attach to the first turn, history carries them onward.
     print("pyvl interactive chat: empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)
@@ -95,12 +93,9 @@ def cmd_chat(args) -> int:
         if line == "/reset":
             history = None
             continue
-        question = _question_with_images(line, len(args.image)) if history is None else line
-        answer = _answer(model, pixels, patches, question, gen, history, args.stats)
-        from .template import effective_question
-
-        asked = effective_question(question, has_images=pixels is not None, history=history)
-        history = list(history or []) + [(asked, answer)]
+        question = _first_question(line, len(args.image)) if history is None else line
+        answer = _answer(model, images, question, gen, history, args.stats)
+        history = list(history or []) + [(question, answer)]
 
 
 def cmd_serve(args) -> int:

@@ -115,7 +115,8 @@ class PromptBuilder:
 
     def sources(self, pixel_values, num_patches_list: Sequence[int] | None = None,
                 max_num: int | None = None) -> list[ImageSource]:
-        """What ``chat(pixel_values, ...)`` accepts: None, tiles, a raw image, or a list of raw images."""
+        """What ``chat(pixel_values, ...)`` accepts: None, tiles, a raw image or an ImageSource (from
+        :meth:`image`, keyed once, e.g. for every turn of a chat), or a list of them."""
         if pixel_values is None:
             if num_patches_list:
                 raise PromptError(f"num_patches_list {list(num_patches_list)} was given without pixel_values")
@@ -123,9 +124,9 @@ class PromptBuilder:
         items = pixel_values if isinstance(pixel_values, (list, tuple)) else [pixel_values]
         if isinstance(pixel_values, (list, tuple)) and not pixel_values:
             raise PromptError("pixel_values is an empty list; pass None for a text-only prompt")
-        if not all(is_raw_image(item) for item in items):
+        if not all(is_raw_image(item) or isinstance(item, ImageSource) for item in items):
             return self.tiles(pixel_values, num_patches_list)
-        sources = [self.image(item, max_num) for item in items]
+        sources = [item if isinstance(item, ImageSource) else self.image(item, max_num) for item in items]
         counts = [s.num_tiles for s in sources]
         if num_patches_list is not None and checks.patch_counts(num_patches_list) != counts:
             raise PromptError(f"num_patches_list {list(num_patches_list)} does not match the tiles the images "

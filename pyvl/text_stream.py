@@ -29,6 +29,7 @@ class TextStream:
         self._started = False  # some text is out (leading whitespace is no longer dropped)
         self._held = ""  # text that may still start a stop string
         self.stopped = False  # a stop id or stop string ended the text: push no more
+        self.matched_stop_string = False
 
     def push(self, token: int) -> str:
         """The text that ``token`` makes final (possibly ""); "" for every token once stopped."""
@@ -62,7 +63,7 @@ class TextStream:
         buffer = self._held + text
         hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
         if hits:
-            self._held, self.stopped = "", True
+            self._held, self.stopped, self.matched_stop_string = "", True, True
             return buffer[:min(hits)]
         if last:
             self._held = ""

@@ -1,8 +1,11 @@
 """The FastAPI app: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``.
 
-The app owns no model state: it validates, fetches and tiles images (in worker threads), then hands the call to
-a :class:`~pyvl.serve.generation.Generation` and relays its pieces. A parallel task watches the connection for
-``http.disconnect`` and cancels the generation; shutdown ends every live stream with an error event.
+The app owns no model state: it validates the request and fetches its images, builds the prompt through the
+model's front door in a worker thread (images keyed by their bytes, counted from their headers, tiled only when
+the engine lacks their features), submits it, and relays the answer from a
+:class:`~pyvl.serve.generation.Generation` awaited on the event loop (no thread per request). A parallel task
+watches the connection for ``http.disconnect`` and cancels the generation; shutdown ends every live stream with
+an error event.
 ``/health`` is 503 while shutting down or once the engine thread has stopped, and reports ``requests_in_flight``
 and the engine pool's ``kv_blocks_in_use`` (the tests use it to see that a cancelled request freed its blocks).
 """
@@ -17,13 +20,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from ..errors import PyvlError
+from ..engine.request import ChatStats
+from ..errors import ImageError, PyvlError
 from .errors import APIError, envelope
 from .generation import Disconnected, Generation
 from .media import MediaPolicy, read_image_source
@@ -72,23 +75,25 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _tile(model, images: list[bytes], refs, cap: int) -> tuple[torch.Tensor | None, list[int] | None]:
-    """Decode and tile each image with its own tile budget (runs in a worker thread)."""
-    if not images:
-        return None, None
-    tiles, counts = [], []
-    for data, ref in zip(images, refs):
+def _prompt(model, call: ChatCall, images: list[bytes], cap: int):
+    """The call's prompt through the model's front door, each image with its own tile budget; the tile cap is
+    checked from the headers, before any image is decoded (runs in a worker thread)."""
+    sources, total = [], 0
+    for data, ref in zip(images, call.images):
         try:
-            t, n = model.tile_images([data], max_num=ref.max_tiles)
+            source = model.prompts.image(data, max_num=ref.max_tiles)
         except PyvlError as exc:
             raise APIError(400, f"cannot use the image: {exc}", ref.param, "invalid_image") from None
-        tiles.append(t)
-        counts += n
-        if sum(counts) > cap:
+        total += source.num_tiles
+        if total > cap:
             raise APIError(400, f"the images need more than the {cap} tiles a request may use "
                                 "(--max-tiles-per-request); lower detail or max_dynamic_patch",
                            ref.param, "too_many_tiles")
-    return torch.cat(tiles), counts
+        sources.append(source)
+    try:
+        return model.prompt(call.question, sources, call.history or None, call.system_message)
+    except ImageError as exc:  # an image whose header was fine but whose data is not
+        raise APIError(400, f"cannot use the image: {exc}", code="invalid_image") from None
 
 
 def _sse(obj) -> bytes:
@@ -101,6 +106,7 @@ class CompletionResponse(Response):
 
     def __init__(self, state: ServerState, generation: Generation, call: ChatCall, request_id: str,
                  started: float, tiles: list[int]):
+        # Not Response.__init__: the status and headers are decided by the first event, in __call__.
         self.state, self.generation, self.call = state, generation, call
         self.request_id, self.started, self.tiles = request_id, started, tiles
         self.background = None
@@ -108,12 +114,14 @@ class CompletionResponse(Response):
     async def __call__(self, scope, receive, send) -> None:
         watcher = asyncio.create_task(self._watch(receive))
         self.state.live.add(self.generation)
+        self.events = self.generation.events()
         status = "ok"
         try:
             status = await (self._stream(send) if self.call.stream else self._whole(send))
         finally:
             watcher.cancel()
             self.generation.cancel()
+            await self.events.aclose()
             self.state.live.discard(self.generation)
             s = self.generation.stats
             log.info("%s status=%s prompt=%d cached=%d completion=%d images=%d tiles=%d ttft=%.3fs total=%.3fs",
@@ -127,8 +135,7 @@ class CompletionResponse(Response):
 
     async def _whole(self, send) -> str:
         pieces = []
-        while True:
-            kind, value = await self.generation.queue.get()
+        async for kind, value in self.events:
             if kind == "piece":
                 pieces.append(value)
                 continue
@@ -141,7 +148,7 @@ class CompletionResponse(Response):
 
     async def _stream(self, send) -> str:
         name = self.state.settings.served_model_name
-        kind, value = await self.generation.queue.get()
+        kind, value = await anext(self.events)
         if kind == "error":
             return await _send_error(send, value)
         await send({"type": "http.response.start", "status": 200,
@@ -149,7 +156,7 @@ class CompletionResponse(Response):
         await _body(send, _sse(chunk_object(self.request_id, self.call, name, {"role": "assistant", "content": ""})))
         while kind == "piece":
             await _body(send, _sse(chunk_object(self.request_id, self.call, name, {"content": value})))
-            kind, value = await self.generation.queue.get()
+            kind, value = await anext(self.events)
         if kind == "end":
             await _body(send, _sse(chunk_object(self.request_id, self.call, name, {}, finish_reason=value)))
             if self.call.include_usage:
@@ -256,12 +263,14 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
                 raise APIError(503, f"the server is at its limit of {settings.max_queue} requests (--max-queue); "
                                     "retry later", code="queue_full")
             images = [await read_image_source(ref.url, settings.media, ref.param) for ref in call.images]
-            pixels, tiles = await asyncio.to_thread(_tile, model, images, call.images,
-                                                    settings.max_tiles_per_request)
+            prompt = await asyncio.to_thread(_prompt, model, call, images, settings.max_tiles_per_request)
         except APIError as exc:
             log.info("%s status=%d %s", request_id, exc.status, exc.message[:200])
             raise
-        generation = Generation(model, asyncio.get_running_loop(), pixels, tiles, call).start()
-        return CompletionResponse(state, generation, call, request_id, started, tiles or [])
+        stats = ChatStats()
+        request = model.submit(prompt, call.generation, stats, started)
+        generation = Generation(model, request, stats, call.stops)
+        tiles = [source.num_tiles for source in prompt.sources]
+        return CompletionResponse(state, generation, call, request_id, started, tiles)
 
     return app

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..image import MAX_TILES
+from ..template import with_image_labels
 from .errors import bad_request
 
 __all__ = ["ImageRef", "ChatCall", "parse_chat_request", "DETAIL_TILES", "completion_object", "chunk_object",
@@ -95,12 +96,6 @@ def _image_ref(spec, param: str) -> ImageRef:
     return ImageRef(spec["url"], DETAIL_TILES.get(detail), param)
 
 
-def _question(text: str, n_images: int, first_index: int) -> str:
-    if n_images == 1:
-        return "<image>\n" + text
-    return "".join(f"Image-{first_index + i}: <image>\n" for i in range(n_images)) + text
-
-
 def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], str, list[ImageRef]]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
@@ -118,7 +113,7 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], str, lis
             system.append(text)
             continue
         if found:
-            text = _question(text, len(found), len(images) + 1)
+            text = with_image_labels(text, len(found), len(images) + 1)
             images.extend(found)
         if turns and turns[-1][0] == role:
             turns[-1][1] += "\n" + text
