@@ -23,7 +23,6 @@ from .engine.scheduler import Engine
 from .errors import PromptError
 from .generate import GenerationConfig
 from .image import image_to_tiles
-from .kv_cache import BLOCK_SIZE, PagedBatch, PagedKVCache
 from .models.vlm import InternVLChatModel
 from .prompt import Prompt, PromptBuilder, image_runs
 from .text_stream import TextStream
@@ -122,26 +121,20 @@ class InternVLChat:
         self.prompts.check_tiles(pixel_values)
         return self.model.extract_feature(pixel_values)
 
-    @torch.inference_mode()
     def logits(self, input_ids, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits [S, vocab] of one prompt (1-D or [1, S] ids), images spliced in."""
+        """float32 logits [S, vocab] of one prompt (1-D or [1, S] ids), images spliced in: a request to the
+        engine, prefilled in chunks on its KV pool (image features from its cache when it has them)."""
+        started_at = time.perf_counter()
         rows = self._token_rows(input_ids)
         if len(rows) != 1:
             raise PromptError(f"input_ids must be one non-empty prompt (1-D or [1, S]), got {len(rows)} rows")
-        ids = torch.tensor(rows[0], dtype=torch.long, device=self.device)
-        if ids.numel() > self.max_context:
-            raise PromptError(f"input_ids has {ids.numel()} tokens; the context holds {self.max_context}")
-        feats = None if pixel_values is None else self.extract_feature(pixel_values)
-        embeds = self.model.embed(ids[None], feats, self.img_context_token_id)
-        llm = self.config.llm
-        checks.check_kv_cache_fits(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim,
-                                   -(-ids.numel() // BLOCK_SIZE) * BLOCK_SIZE, 1, self.dtype, self.device,
-                                   error=PromptError)
-        cache = PagedKVCache(llm.num_hidden_layers, -(-ids.numel() // BLOCK_SIZE), llm.num_key_value_heads,
-                             llm.head_dim, self.dtype, self.device)
-        positions = torch.arange(ids.numel(), device=self.device)[None]
-        hidden = self.model.language_model(embeds, positions, PagedBatch.contiguous_prefill(cache, ids.numel()))
-        return self.model.language_model.lm_head(hidden[0])
+        if len(rows[0]) > self.max_context:
+            raise PromptError(f"input_ids has {len(rows[0])} tokens; the context holds {self.max_context}")
+        (images,) = self._spliced_images(rows, pixel_values)
+        request = Request(rows[0], images, GenerationConfig(max_new_tokens=0), frozenset(), started_at=started_at,
+                          prompt_logits=True)
+        self.engine.submit(request).result()
+        return torch.cat(request.logits)
 
     # ---- generation ----------------------------------------------------------------------------------
     def _submit(self, prompt: list[int], images: list[ImageInput], gen: GenerationConfig, output_scores: bool,

@@ -208,8 +208,12 @@ def test_a_cache_larger_than_free_memory_is_refused_before_allocating(monkeypatc
     monkeypatch.setattr(pyvl.kv_cache.PagedKVCache, "__init__", no_allocation)
     with pytest.raises(ConfigError, match=r"KV cache for 1 sequence\(s\) of \d+ tokens .* GiB free"):
         pyvl.load(CHECKPOINT, device="cpu", kv_cache_gb=1.0)
-    with pytest.raises(PromptError, match="KV cache for 1 sequence"):
-        probe.logits(list(range(1, 1002)))
+    monkeypatch.undo()
+    # logits() allocates nothing: it runs on the engine's pool, which must hold the prompt
+    two_blocks = pyvl.load(CHECKPOINT, device="cpu", kv_cache_gb=2 * per_token * 64 / 1e9, max_context=4096)
+    with pytest.raises(PromptError, match=r"needs 16 KV blocks of 64 tokens but the pool has 2"):
+        two_blocks.logits(list(range(1, 1002)))
+    assert two_blocks.logits(list(range(1, 129))).shape == (128, llm.vocab_size)  # exactly the pool
 
 
 def test_a_request_larger_than_the_pool_is_refused_and_the_pool_stays_usable():

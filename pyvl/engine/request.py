@@ -71,12 +71,16 @@ class ImageInput:
 class Request:
     def __init__(self, prompt_ids: list[int], images: list[ImageInput], gen: GenerationConfig,
                  stop_ids: frozenset[int], output_scores: bool = False,
-                 stats: ChatStats | None = None, started_at: float | None = None, rope_offset: int = 0):
+                 stats: ChatStats | None = None, started_at: float | None = None, rope_offset: int = 0,
+                 prompt_logits: bool = False):
         self.prompt_ids = prompt_ids
         self.images = images
         self.gen = gen
         self.stop_ids = stop_ids
         self.output_scores = output_scores
+        # Only the prompt's logits at every position (model.logits()): prefilled whole, nothing generated.
+        self.prompt_logits = prompt_logits
+        self.logits: list[torch.Tensor] = []  # float32 [chunk, vocab] per prefill chunk, when prompt_logits
         # The original runs a batch left-padded to its longest prompt, and its rotary table (which differs only
         # past max_position_embeddings, under dynamic NTK) is sized by that padded length: rows of a batch call
         # count their length from there, so they get the very same rotations.

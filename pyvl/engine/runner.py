@@ -103,10 +103,11 @@ class ModelRunner:
         return feats.reshape(-1, feats.shape[-1])
 
     def prefill(self, token_ids: list[int], start: int, image_rows: list[tuple[int, torch.Tensor]],
-                block_table: list[int], slots: list[int], rope_length: int) -> torch.Tensor:
+                block_table: list[int], slots: list[int], rope_length: int,
+                every_position: bool = False) -> torch.Tensor:
         """Tokens [start, start + n) of one sequence (K/V of the earlier ones already cached); image_rows:
         (offset in the chunk, feature rows) spliced over the <IMG_CONTEXT> embeddings. float32 logits [V] of
-        the chunk's last token."""
+        the chunk's last token, or [n, V] of every token with ``every_position``."""
         n = len(token_ids)
         embeds = self.lm.embed(torch.tensor(token_ids, device=self.device)[None])  # (1, n, H)
         for offset, rows in image_rows:
@@ -116,7 +117,7 @@ class ModelRunner:
                            torch.tensor(block_table, dtype=torch.int32, device=self.device)[None],
                            context_len=start + n)
         hidden = self.lm(embeds, positions, batch, rope_lengths=[rope_length])
-        return self.lm.lm_head(hidden[0, -1])
+        return self.lm.lm_head(hidden[0] if every_position else hidden[0, -1])
 
     # ---- decode --------------------------------------------------------------------------------------------
     def decode(self, rows: list[DecodeRow]) -> torch.Tensor:

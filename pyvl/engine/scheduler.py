@@ -195,7 +195,7 @@ class Engine:
         while self._waiting and len(self._running) < self.config.max_num_seqs:
             r = self._waiting[0]
             tokens = r.tokens_to_compute
-            cacheable = self.config.prefix_caching and (
+            cacheable = self.config.prefix_caching and not r.prompt_logits and (
                 self._prefix_limit is None or len(r.prompt_ids) + r.rope_offset <= self._prefix_limit)
             if cacheable:  # always compute the last prompt token: its logits choose the first new one
                 match = self.pool.match_prefix(r.all_keys()[:len(tokens)],
@@ -204,7 +204,8 @@ class Engine:
                 match = None
             seq = SequenceBlocks(self.pool, match)
             cached = match.num_tokens if match else 0
-            needed = -(-(len(tokens) + 1) // self.pool.block_size) - len(seq.block_ids)
+            room = len(tokens) + (0 if r.prompt_logits else 1)  # a generating request needs its next token's slot
+            needed = -(-room // self.pool.block_size) - len(seq.block_ids)
             if needed > self.pool.num_available:
                 seq.release()
                 if match and match.tail:
@@ -246,11 +247,16 @@ class Engine:
                 for i, feats in self._features_for(r, start, start + n)]
         began = self.clock.mark()
         logits = self.runner.prefill(tokens[start:start + n], start, rows, r.seq.block_ids, slots,
-                                     rope_length=len(r.prompt_ids) + r.rope_offset)
+                                     rope_length=len(r.prompt_ids) + r.rope_offset, every_position=r.prompt_logits)
         prefilled = self.clock.mark()
         r.time_stage("prefill_s", began, prefilled)
         r.stats.prefill_chunks += 1
         r.num_computed += n
+        if r.prompt_logits:
+            r.logits.append(logits)
+            if not r.prefilling:
+                self._end(r)
+            return
         self._register(r)
         if not r.prefilling and not r.output_ids:
             tokens, scores = self.sampler.sample(logits[None], [r.slot])
