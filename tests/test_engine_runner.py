@@ -145,3 +145,29 @@ def test_graphs_survive_decoding_past_max_position_embeddings():
     eager = fresh(device="cuda", backend="triton", cuda_graphs=False, kv_cache_gb=0.05)
     assert model.generate(prompts, None, SHORT | {"eos_token_id": [0]}).tolist() == \
         eager.generate(prompts, None, SHORT | {"eos_token_id": [0]}).tolist()
+
+
+def test_fill_sends_a_block_table_again_whenever_it_changed():
+    from pyvl.engine.runner import DecodeRow
+
+    runner = fresh(backend="reference", max_num_seqs=4).engine.runner
+    table = [3, 4]
+    runner.fill([DecodeRow(7, 70, table, 280, 71)])
+    assert runner.block_tables[0, :2].tolist() == [3, 4] and runner.tokens[0] == 7
+    table[1] = 9  # replaced in place (a block deduplicated when registered): same length, new content
+    runner.fill([DecodeRow(8, 71, table, 281, 72)])
+    assert runner.block_tables[0, :2].tolist() == [3, 9]
+    runner.fill([DecodeRow(1, 5, [6], 6 * 64 + 5, 6), DecodeRow(8, 72, table, 282, 73)])  # the rows shift
+    assert runner.block_tables[0, 0] == 6 and runner.block_tables[1, :2].tolist() == [3, 9]
+    assert runner.slots.tolist() == [6 * 64 + 5, 282, -1, -1] and runner.context_lens.tolist() == [6, 73, 0, 0]
+    assert runner.positions[:2].tolist() == [5, 72]
+
+
+def test_the_engine_times_its_decode_steps():
+    model = fresh(backend="reference")
+    timing = model.engine.timing
+    model.chat(None, "Tell me a story.", dict(max_new_tokens=6, eos_token_id=[0]))
+    assert (timing.steps, timing.rows) == (5, 5)  # the first token comes from the prefill
+    assert 0 < timing.device_s < timing.step_s and timing.host_us_per_row > 0
+    timing.reset()
+    assert (timing.steps, timing.rows, timing.step_s, timing.host_us_per_row) == (0, 0, 0.0, 0.0)

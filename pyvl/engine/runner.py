@@ -36,7 +36,7 @@ _CAPTURED_OPS = ("store_kv", "paged_decode_attention")
 class DecodeRow:
     token: int  # the token fed this step
     position: int  # its position (= tokens already in the cache)
-    block_table: list[int]
+    block_table: list[int]  # the sequence's own list, not a copy: read at once, never kept
     slot: int
     rope_length: int  # the sequence's length after this token
 
@@ -75,9 +75,16 @@ class ModelRunner:
         self.device = model.device
         self.max_blocks = max_blocks
         rows = max_num_seqs
-        self.tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.slots = torch.full((rows,), -1, dtype=torch.long, device=self.device)
+        # Host twins of the static buffers, written in place each step and sent with one copy per buffer
+        # (pinned on CUDA, so the copies do not wait; the step's read of its new tokens orders them).
+        pin = self.device.type == "cuda"
+        self._host_ids = torch.zeros(3, rows, dtype=torch.long, pin_memory=pin)  # token, position, slot
+        self._host_ids[2] = -1
+        self._host_lens = torch.zeros(rows, dtype=torch.int32, pin_memory=pin)
+        self._host_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, pin_memory=pin)
+        self._table_rows: list[list[int] | None] = [None] * rows  # the block table each row of the host twin holds
+        self.ids = self._host_ids.to(self.device)
+        self.tokens, self.positions, self.slots = self.ids  # views
         self.block_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, device=self.device)
         self.context_lens = torch.zeros(rows, dtype=torch.int32, device=self.device)
         self.buckets = _buckets(max_num_seqs)
@@ -121,9 +128,13 @@ class ModelRunner:
 
     # ---- decode --------------------------------------------------------------------------------------------
     def decode(self, rows: list[DecodeRow]) -> torch.Tensor:
-        """One new token for each row: float32 logits [len(rows), V]."""
+        """One new token for each row: float32 logits [len(rows), V] (:meth:`fill` then :meth:`forward`)."""
+        self.fill(rows)
+        return self.forward(rows)
+
+    def forward(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """The decode step over the rows :meth:`fill` wrote: a graph replay, or eagerly."""
         b = len(rows)
-        self._fill(rows)
         static_rope = self._static_rope_up_to is None or max(r.rope_length for r in rows) <= self._static_rope_up_to
         bucket = next(size for size in self.buckets if size >= b)
         if static_rope and bucket in self._graphs:
@@ -132,20 +143,23 @@ class ModelRunner:
             return logits[:b]
         return self._step(b, [r.rope_length for r in rows])
 
-    def _fill(self, rows: list[DecodeRow]) -> None:
-        """The static buffers from the rows (one host-to-device copy each); rows past them become padding."""
-        b, width = len(rows), self.max_blocks
-        tables = torch.zeros(b, width, dtype=torch.int32)
+    def fill(self, rows: list[DecodeRow]) -> None:
+        """The static buffers from the rows; rows past them become padding (slot -1, length 0). The per-row
+        work is a few stores into the host twins: a row's block table is rewritten only when it changed."""
+        b = len(rows)
+        ids, lens, tables = self._host_ids.numpy(), self._host_lens.numpy(), self._host_tables.numpy()
+        tables_changed = False
         for i, r in enumerate(rows):
-            tables[i, :len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
-        self.tokens[:b].copy_(torch.tensor([r.token for r in rows]), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor([r.position for r in rows]), non_blocking=True)
-        self.slots[:b].copy_(torch.tensor([r.slot for r in rows]), non_blocking=True)
-        self.block_tables[:b].copy_(tables, non_blocking=True)
-        self.context_lens[:b].copy_(torch.tensor([r.position + 1 for r in rows], dtype=torch.int32),
-                                    non_blocking=True)
-        self.slots[b:].fill_(-1)
-        self.context_lens[b:].fill_(0)
+            ids[0, i], ids[1, i], ids[2, i], lens[i] = r.token, r.position, r.slot, r.position + 1
+            if self._table_rows[i] != r.block_table:  # list equality: a C loop over the row's block ids
+                tables[i, :len(r.block_table)] = r.block_table
+                self._table_rows[i] = list(r.block_table)
+                tables_changed = True
+        ids[2, b:], lens[b:] = -1, 0
+        self.ids.copy_(self._host_ids, non_blocking=True)
+        self.context_lens.copy_(self._host_lens, non_blocking=True)
+        if tables_changed:
+            self.block_tables.copy_(self._host_tables, non_blocking=True)
 
     def _step(self, b: int, rope_lengths: list[int] | None) -> torch.Tensor:
         """The capture-ready step over the first b rows of the static buffers."""

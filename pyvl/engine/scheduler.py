@@ -41,7 +41,25 @@ from .request import Request
 from .runner import DecodeRow, ModelRunner
 from .sampling import Sampler
 
-__all__ = ["EngineConfig", "Engine"]
+__all__ = ["EngineConfig", "Engine", "DecodeTiming"]
+
+
+@dataclass
+class DecodeTiming:
+    """Where the decode steps' time went, summed since the engine started (or since ``reset``)."""
+
+    steps: int = 0
+    rows: int = 0
+    step_s: float = 0.0  # whole decode steps, host and device
+    device_s: float = 0.0  # the forward (a graph replay, or eager ops), the sampling and the wait for the tokens
+
+    @property
+    def host_us_per_row(self) -> float:
+        """Host work of a step (block slots, the static buffers, delivering tokens) per row, in microseconds."""
+        return (self.step_s - self.device_s) / self.rows * 1e6 if self.rows else 0.0
+
+    def reset(self) -> None:
+        self.steps, self.rows, self.step_s, self.device_s = 0, 0, 0.0, 0.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,7 @@ class Engine:
         self.pool = BlockPool(config.num_blocks, config.block_size, salt=salt)
         self.features = FeatureCache(config.image_cache_bytes)
         self.clock = StageClock(model.device)
+        self.timing = DecodeTiming()
         max_blocks = -(-config.max_context // config.block_size)
         self.runner = ModelRunner(model, self.cache, config.max_num_seqs, max_blocks, config.cuda_graphs)
         with torch.inference_mode():  # before any request, so no other work of this engine can break it
@@ -283,23 +302,31 @@ class Engine:
 
     # ---- decode ------------------------------------------------------------------------------------------
     def _decode(self, batch: list[Request]) -> None:
+        step_began = time.perf_counter()
         fed: list[tuple[Request, DecodeRow]] = []
         for r in batch:
             if r not in self._running:  # preempted to make room for another row of this batch
                 continue
             slots = self._slots(r, 1)
             if slots is not None:
-                fed.append((r, DecodeRow(r.output_ids[-1], r.num_computed, list(r.seq.block_ids), slots[0],
+                fed.append((r, DecodeRow(r.output_ids[-1], r.num_computed, r.seq.block_ids, slots[0],
                                          rope_length=r.num_computed + 1 + r.rope_offset)))
         fed = [(r, row) for r, row in fed if r in self._running]  # a later row's room may have preempted it
         if not fed:
             return
-        logits = self.runner.decode([row for _, row in fed])
-        tokens, scores = self.sampler.sample(logits, [r.slot for r, _ in fed])
-        for i, (r, token) in enumerate(zip([r for r, _ in fed], tokens.tolist())):  # the step's one device read
+        rows = [row for _, row in fed]
+        self.runner.fill(rows)
+        device_began = time.perf_counter()
+        tokens, scores = self.sampler.sample(self.runner.forward(rows), [r.slot for r, _ in fed])
+        new_tokens = tokens.tolist()  # the step's one device read: the host waits for the device here
+        self.timing.device_s += time.perf_counter() - device_began
+        for i, ((r, _), token) in enumerate(zip(fed, new_tokens)):
             r.num_computed += 1
             self._register(r)
-            self._accept(r, token, scores[i])
+            self._accept(r, token, scores[i] if r.output_scores else None)
+        self.timing.steps += 1
+        self.timing.rows += len(fed)
+        self.timing.step_s += time.perf_counter() - step_began
 
     # ---- shared ------------------------------------------------------------------------------------------
     def _slots(self, r: Request, n: int) -> list[int] | None:
@@ -328,7 +355,7 @@ class Engine:
     def _register(self, r: Request) -> None:
         """Offer r's full blocks to the prefix cache: only those whose every token's K/V is computed (a slot
         taken for this step's token is not written until the step runs)."""
-        if r.cacheable:
+        if r.cacheable and r.num_computed // self.pool.block_size > len(r.seq.hashes):  # a block filled since
             r.seq.register_full_blocks(r.all_keys(), upto=r.num_computed)
 
     def _accept(self, r: Request, token: int, scores: torch.Tensor) -> None:
