@@ -85,8 +85,9 @@ class PromptBuilder:
 
         return image_source(image, tiling, tile)
 
-    def check_tiles(self, pixel_values) -> None:
-        """PromptError unless ``pixel_values`` is a tiles tensor [N >= 1, 3, S, S] of finite values."""
+    def check_tiles(self, pixel_values, values: bool = True) -> None:
+        """PromptError unless ``pixel_values`` is a tiles tensor [N >= 1, 3, S, S] (and, with ``values``, of
+        finite values in range)."""
         size = self.config.image_size
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
@@ -96,17 +97,19 @@ class PromptBuilder:
         if tuple(pixel_values.shape[1:]) != (3, size, size) or pixel_values.shape[0] == 0:
             raise PromptError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
                               f"[tiles >= 1, 3, {size}, {size}]")
-        checks.pixel_tensor(pixel_values)
+        if values:
+            checks.pixel_tensor(pixel_values)
 
     def tiles(self, pixel_values, num_patches_list: Sequence[int] | None) -> list[ImageSource]:
-        """Tiles [N, 3, S, S] as the original API takes them, split into images by ``num_patches_list``."""
-        self.check_tiles(pixel_values)
+        """Tiles [N, 3, S, S] as the original API takes them, split into images by ``num_patches_list``; the
+        values are checked with the digest, once per tensor."""
+        self.check_tiles(pixel_values, values=False)
         n = pixel_values.shape[0]
         patches = [n] if num_patches_list is None else checks.patch_counts(num_patches_list)
         if not patches or sum(patches) != n:
             raise PromptError(f"num_patches_list {patches} must hold positive counts summing to the {n} tiles of "
                               "pixel_values")
-        whole, sources, start = tensor_digest(pixel_values), [], 0
+        whole, sources, start = tensor_digest(pixel_values, checks.pixel_tensor), [], 0
         for count in patches:
             part = pixel_values[start:start + count]
             sources.append(ImageSource(slice_digest(whole, start, count), count, lambda part=part: part))

@@ -106,7 +106,7 @@ def test_tensor_digests_are_remembered_until_the_tensor_changes(monkeypatch):
     tiles = torch.randn(3, 3, 8, 8)
     hashed = []
     real = image_input._hasher
-    monkeypatch.setattr(image_input, "_hasher", lambda domain: hashed.append(domain) or real(domain))
+    monkeypatch.setattr(image_input, "_hasher", lambda *args: hashed.append(args) or real(*args))
     first = tensor_digest(tiles)
     assert tensor_digest(tiles) == first and len(hashed) == 1  # hashed once
     assert tensor_digest(tiles.clone()) == first and len(hashed) == 2  # another tensor, the same values
@@ -125,3 +125,18 @@ def test_slices_of_one_tensor_have_their_own_keys():
     whole = tensor_digest(torch.randn(5, 3, 8, 8))
     keys = {slice_digest(whole, 0, 2), slice_digest(whole, 2, 3), slice_digest(whole, 0, 5)}
     assert len(keys) == 3 and slice_digest(whole, 0, 2) == slice_digest(whole, 0, 2)
+
+
+def test_a_tensor_is_checked_with_its_digest_once():
+    checked = []
+    tiles = torch.randn(2, 3, 8, 8)
+    assert tensor_digest(tiles, checked.append) == tensor_digest(tiles, checked.append)
+    assert len(checked) == 1
+    tiles[0, 0, 0, 0] = float("nan")  # a change: checked again, and a failing check remembers nothing
+
+    def refuse(t):
+        raise ValueError("not finite")
+
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            tensor_digest(tiles, refuse)

@@ -3,6 +3,10 @@
   cached_followup  time to first token of a new question about an image already seen (its prefix and features
                    cached) vs the same question about a new image of the same size (a 4:3 photo: 12 tiles + a
                    thumbnail); both get the tiles as a tensor, as ``pyvl.load_image`` returns them
+  followup: KIND   (pyvl.bench.followup) a follow-up on a cached 12 MP photo vs on a cached one-tile image, the
+                   image given as a PNG / JPEG path, their bytes, a PIL image or a tiles tensor: "extra ms" is
+                   what the large image still costs once cached
+  host_bN          host work of a decode step per row (µs), at batch N = 1, 8, 16, against the 50 µs goal
   turn2            time to first token of turn 2 of a chat about that image, with prefix reuse vs an engine with
                    prefix_caching=False (which prefills the whole history again)
   streams_N        total decode tokens/s of N concurrent chat() calls (N = 8, 16) vs one call alone
@@ -32,6 +36,7 @@ from ..chat import InternVLChat
 from ..engine.request import ChatStats
 from ..engine.scheduler import Engine, EngineConfig
 from ..image import load_image
+from .followup import followup_rows
 from .preprocess import synthetic_photo
 from .presets import chat_on, preset_config, random_model
 from .report import Report
@@ -153,9 +158,11 @@ class _Rows:
         self.rows: dict[str, dict] = {}
 
     def put(self, key: str, figure: str, baseline_is: str, baseline: float | None = None,
-            engine: float | None = None, higher_is_better: bool = False) -> None:
+            engine: float | None = None, higher_is_better: bool = False, extra_ms: float | None = None) -> None:
         row = self.rows.setdefault(key, {"key": key, "figure": figure, "baseline": None, "engine": None,
-                                         "ratio": None, "baseline is": baseline_is})
+                                         "ratio": None, "baseline is": baseline_is, "extra ms": None})
+        if extra_ms is not None:
+            row["extra ms"] = round(extra_ms, 2)
         if baseline is not None:
             row["baseline"] = round(baseline, 3)
         if engine is not None:
@@ -183,12 +190,26 @@ def _main_engine_figures(rows: _Rows, chat, on_cuda: bool, repeat: int, photo, n
         rows.put("cached_followup", f"time to first token, new question on a cached {tiles}-tile image (ms)",
                  "a new image", cold, cached)
 
+    def followups():
+        for r in followup_rows(chat, repeat):
+            rows.put(f"followup: {r['kind']}", f"follow-up TTFT on a cached image: {r['tiles']} tiles vs 1 (ms), "
+                     f"given as {r['kind']}", "a 1-tile image", r["small_ms"], r["large_ms"],
+                     extra_ms=r["extra_ms"])
+
     def streams():
         _concurrent_tok_s(chat, 1, 2)  # warm-up
+        timing = chat.engine.timing
+        timing.reset()
         alone = statistics.median(_concurrent_tok_s(chat, 1, new_tokens) for _ in range(3))
+        host = {1: timing.host_us_per_row}
         for n in STREAMS:
+            timing.reset()
             rows.put(f"streams_{n}", f"decode tokens/s, {n} concurrent chats", "one chat alone", alone,
                      _concurrent_tok_s(chat, n, new_tokens), higher_is_better=True)
+            host[n] = timing.host_us_per_row
+        for n, us in host.items():
+            rows.put(f"host_b{n}", f"host work per row of a decode step at batch {n} (µs)", "the 50 µs goal", 50.0,
+                     us)
 
     def decode_long():
         context = long_context or chat.config.llm.max_position_embeddings
@@ -197,6 +218,8 @@ def _main_engine_figures(rows: _Rows, chat, on_cuda: bool, repeat: int, photo, n
 
     _log("cached image follow-up")
     rows.attempt("cached_followup", cached_followup)
+    _log("follow-ups on cached images, by input kind")
+    rows.attempt("followups", followups)
     _log("concurrent streams")
     rows.attempt("streams", streams)
     _log("turn 2 of an image chat")
