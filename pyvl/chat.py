@@ -184,7 +184,7 @@ class InternVLChat:
         runs = [image_runs(ids, self.img_context_token_id) for ids in prompts]
         counts = [n // self.num_image_token for row in runs for _, n in row]
         if pixel_values is not None:
-            self.prompts.check_tiles(pixel_values, values=False)  # the values: with the digest
+            self.prompts.check_tiles(pixel_values)
         tiles = 0 if pixel_values is None else pixel_values.shape[0]
         if sum(n for row in runs for _, n in row) != tiles * self.num_image_token or any(
                 n % self.num_image_token for row in runs for _, n in row):
