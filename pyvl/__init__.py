@@ -8,7 +8,7 @@
 from .api import load
 from .chat import ChatStats, InternVLChat
 from .errors import CheckpointError, ConfigError, ImageError, PromptError, PyvlError
-from .generate import GenerationConfig
+from .generation_config import GenerationConfig
 from .image import load_image
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .engine.request import ChatStats, ImageInput, Request
 from .engine.scheduler import Engine
 from .errors import PromptError
-from .generate import GenerationConfig
+from .generation_config import GenerationConfig
 from .image import image_to_tiles
 from .models.vlm import InternVLChatModel
 from .prompt import Prompt, PromptBuilder, image_runs

@@ -71,7 +71,7 @@ def _answer(model, images, question, gen, history, stats: bool):
 
 
 def cmd_chat(args) -> int:
-    from .generate import GenerationConfig
+    from .generation_config import GenerationConfig
 
     gen = GenerationConfig.from_user(_generation_config(args))  # bad flags fail before the model loads
     model = _load_model(args)

@@ -12,7 +12,7 @@ import torch
 import pyvl
 from pyvl import checks
 from pyvl.errors import CheckpointError, ConfigError, PromptError
-from pyvl.generate import GenerationConfig
+from pyvl.generation_config import GenerationConfig
 from conftest import GOLDEN, golden_cases, loaded_model
 
 CHECKPOINT = GOLDEN / "v15" / "checkpoint"

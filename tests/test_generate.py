@@ -7,7 +7,8 @@ import torch
 
 import pyvl
 from pyvl.errors import ConfigError, PromptError
-from pyvl.generate import GenerationConfig, process_logits
+from hf_sampling import process_logits
+from pyvl.generation_config import GenerationConfig
 from conftest import GOLDEN, loaded_model
 
 

@@ -40,14 +40,13 @@ def test_causal_attention_matches_dense_loop(hq, hkv, sq, sk):
     torch.manual_seed(0)
     d = 8
     q, k, v = torch.randn(2, hq, sq, d), torch.randn(2, hkv, sk, d), torch.randn(2, hkv, sk, d)
-    kv_start = torch.tensor([0, 2])  # row 1 is left-padded by two tokens
-    out = ref.causal_attention(q, k, v, kv_start)
+    out = ref.causal_attention(q, k, v)
     for b in range(2):
         for h in range(hq):
             kv = h // (hq // hkv)
             for i in range(sq):
                 pos = sk - sq + i
-                keys = [j for j in range(pos + 1) if j >= kv_start[b]] or [pos]
+                keys = list(range(pos + 1))
                 s = torch.stack([q[b, h, i] @ k[b, kv, j] for j in keys]) / d ** 0.5
                 want = (s.softmax(0)[:, None] * v[b, kv, keys]).sum(0)
                 torch.testing.assert_close(out[b, h, i], want, atol=1e-5, rtol=1e-5)

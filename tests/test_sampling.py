@@ -1,4 +1,4 @@
-"""Sampling pinned to HF transformers 4.37's processors, for today's ``pyvl.generate`` and the engine's Sampler.
+"""Sampling pinned to HF transformers 4.37's processors, for the HF oracle (tests/hf_sampling.py) and the engine's Sampler.
 
 HF 4.37 in sample mode: ``RepetitionPenaltyLogitsProcessor`` (greedy too) on the ids generated so far, which start
 with the BOS id HF seeds the output with when ``generate`` gets ``inputs_embeds``; then ``TemperatureLogitsWarper``
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pyvl.engine.sampling import Sampler
-from pyvl.generate import GenerationConfig, process_logits, select_tokens
+from hf_sampling import process_logits, select_tokens
+from pyvl.generation_config import GenerationConfig
 from conftest import golden_cases, loaded_model
 
 INF = float("inf")
@@ -34,7 +35,7 @@ def _engine(scores: torch.Tensor, seen: list[list[int]], cfg: GenerationConfig, 
     for slot, row in enumerate(seen):
         assert row[0] == sampler.bos_id
         sampler.activate(slot, replace(cfg, seed=seed), output_ids=row[1:])
-    tokens, processed = sampler.sample(scores)
+    tokens, processed = sampler.sample(scores, range(scores.shape[0]))
     return processed, tokens
 
 
@@ -234,30 +235,31 @@ def test_sampler_rows_equal_todays_code_alone_and_batched(cfg):
         batched.activate(slot, replace(c, seed=c.seed or seed))
     batched.activate(2, replace(cfg, seed=seed))  # slot 3 stays free
     for t in range(n_steps):
-        tokens, scores = alone.sample(logits[t, 2:3])
+        tokens, scores = alone.sample(logits[t, 2:3], [0])
         assert torch.equal(scores, want[2][t][0]) and torch.equal(tokens, want[2][t][1])
-        tokens, scores = batched.sample(logits[t])
-        for slot in neighbours | {2: cfg}:
-            assert torch.equal(scores[slot:slot + 1], want[slot][t][0]), (t, slot)
-            assert torch.equal(tokens[slot:slot + 1], want[slot][t][1]), (t, slot)
+        active = [4, 0, 2, 1]  # any order; slot 3 is not in the step
+        tokens, scores = batched.sample(logits[t, active], active)
+        for i, slot in enumerate(active):
+            assert torch.equal(scores[i:i + 1], want[slot][t][0]), (t, slot)
+            assert torch.equal(tokens[i:i + 1], want[slot][t][1]), (t, slot)
 
 
 def test_a_fresh_slot_penalises_only_the_bos_id():
     sampler = Sampler(2, 6, bos_id=1)
     sampler.activate(1, GenerationConfig(repetition_penalty=2.0))
-    _, scores = sampler.sample(torch.full((2, 6), 3.0))
-    assert scores[1].tolist() == [3.0, 1.5, 3.0, 3.0, 3.0, 3.0]
+    _, scores = sampler.sample(torch.full((1, 6), 3.0), [1])
+    assert scores[0].tolist() == [3.0, 1.5, 3.0, 3.0, 3.0, 3.0]
     assert sampler.seen[1].nonzero().flatten().tolist() == [0, 1]  # BOS, then the argmax chosen (id 0)
 
 
 def test_a_reused_slot_forgets_the_previous_request():
     sampler = Sampler(1, 6, bos_id=1)
     sampler.activate(0, GenerationConfig(do_sample=True, top_k=2, repetition_penalty=3.0, seed=0), output_ids=[4, 5])
-    sampler.sample(torch.randn(1, 6))
+    sampler.sample(torch.randn(1, 6), [0])
     sampler.deactivate(0)
     sampler.activate(0, GenerationConfig(repetition_penalty=2.0))
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
-    assert sampler.process(scores).tolist() == [[1.0, 1.0, 3.0, 4.0, 5.0, 6.0]]
+    assert sampler.process(scores, [0]).tolist() == [[1.0, 1.0, 3.0, 4.0, 5.0, 6.0]]
 
 
 def test_a_resumed_row_continues_its_random_stream():
@@ -266,14 +268,14 @@ def test_a_resumed_row_continues_its_random_stream():
     logits = torch.randn(6, 1, 50)
     straight = Sampler(1, 50, bos_id=1)
     straight.activate(0, params)
-    want = [int(straight.sample(step)[0]) for step in logits]
+    want = [int(straight.sample(step, [0])[0]) for step in logits]
     resumed = Sampler(3, 50, bos_id=1)
     resumed.activate(0, params)
-    got = [int(resumed.sample(step.expand(3, -1))[0][0]) for step in logits[:3]]
+    got = [int(resumed.sample(step, [0])[0]) for step in logits[:3]]
     stream = resumed.generator(0)
     resumed.deactivate(0)
     resumed.activate(2, params, output_ids=got, generator=stream)
-    got += [int(resumed.sample(step.expand(3, -1))[0][2]) for step in logits[3:]]
+    got += [int(resumed.sample(step, [2])[0]) for step in logits[3:]]
     assert got == want and len(set(want)) > 1
 
 
@@ -286,6 +288,8 @@ def test_sampler_slot_misuse_is_refused():
         sampler.activate(2, GenerationConfig())
     with pytest.raises(ValueError, match="not active"):
         sampler.deactivate(0)
-    with pytest.raises(ValueError, match="slot 1 is active"):
-        sampler.sample(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match=r"slots \[0\] are not active \(active \[1\]\)"):
+        sampler.sample(torch.zeros(1, 8), [0])
+    with pytest.raises(ValueError, match="2 rows of logits but 1 slots"):
+        sampler.sample(torch.zeros(2, 8), [1])
     assert sampler.active_slots == [1]

@@ -42,7 +42,7 @@ from ..api import _resolve_dtype
 from ..config import ModelConfig
 from ..demo import ASSETS
 from ..engine.request import ChatStats
-from ..generate import GenerationConfig
+from ..generation_config import GenerationConfig
 from ..image import load_image
 from ..kv_cache import BLOCK_SIZE, PagedBatch
 from ..tokenizer import Tokenizer

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
-from ..generate import GenerationConfig
+from ..generation_config import GenerationConfig
 from .blocks import ContentKey, SequenceBlocks, content_keys
 from .channel import TokenChannel
 from .clock import StageClock

@@ -2,10 +2,10 @@
 
 Per step and row, in HF's order: repetition penalty on the ids in the row's mask (greedy rows too); then, for
 sampled rows, temperature -> top-k -> top-p, softmax and a multinomial draw from the row's own generator; greedy
-rows take the argmax of the penalised scores. A row's result is bit-for-bit what ``pyvl.generate.process_logits``
-+ ``select_tokens`` give that row alone (tests/test_sampling.py checks it), so a seeded request gets the same
-answer alone or batched with others. Today's ``generate`` draws a batch from one shared generator instead, so a
-*batched* seeded call no longer draws the tokens it drew before (a single row still does).
+rows take the argmax of the penalised scores. A row's result is bit-for-bit what HF's processors give that row
+alone (the oracle: tests/hf_sampling.py; tests/test_sampling.py checks it), so a seeded request gets the same
+answer alone or batched with others. (HF draws a batch from one shared generator instead, so rows of a batched
+seeded call differ from HF's; a single row does not.)
 
 Rows are slots of a fixed-capacity table (capacity = the engine's max_num_seqs): settings live in tensors on the
 device, a slot is activated when a request starts decoding and deactivated when it leaves, so shapes never change.
@@ -13,11 +13,11 @@ device, a slot is activated when a request starts decoding and deactivated when 
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
-from ..generate import GenerationConfig
+from ..generation_config import GenerationConfig
 
 __all__ = ["Sampler"]
 
@@ -91,20 +91,19 @@ class Sampler:
         # bit off a true division at times, so the same product keeps the rows bit-identical there.
         return x * divisor.reciprocal() if self.device.type == "cuda" else x / divisor
 
-    def _rows(self, n: int, slots) -> torch.Tensor | slice:
-        """Which slot each of n logits rows belongs to: slots 0..n-1, or the given slot indices."""
-        if slots is None:
-            return slice(0, n)
-        rows = torch.as_tensor(slots, dtype=torch.long, device=self.device)
-        if rows.shape != (n,):
-            raise ValueError(f"{n} rows of logits but {tuple(rows.shape)} slots")
-        return rows
+    def _rows(self, n: int, slots: Sequence[int]) -> torch.Tensor:
+        """The slots of n logits rows (row i = slots[i]) as a device index; every one must be active."""
+        if len(slots) != n:
+            raise ValueError(f"{n} rows of logits but {len(slots)} slots")
+        inactive = [s for s in slots if s not in self._active]
+        if inactive:
+            raise ValueError(f"slots {inactive} are not active (active {self.active_slots})")
+        return torch.as_tensor(slots, dtype=torch.long, device=self.device)
 
-    def process(self, logits: torch.Tensor, slots=None) -> torch.Tensor:
-        """Processed float32 scores [n, vocab] of slots 0..n-1 (row i = slot i), or of ``slots`` (row i =
-        slots[i]); the masks are not updated."""
-        n = logits.shape[0]
-        rows = self._rows(n, slots)
+    def process(self, logits: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """Processed float32 scores [n, vocab] of the active ``slots`` (row i = slots[i]); the masks are not
+        updated."""
+        rows = self._rows(logits.shape[0], slots)
         scores = logits.float()
         penalty = self.repetition_penalty[rows, None]
         penalised = torch.where(scores < 0, scores * penalty, self._divide(scores, penalty))
@@ -124,20 +123,16 @@ class Sampler:
         warped = warped.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
         return torch.where(self.do_sample[rows, None], warped, scores)
 
-    def sample(self, logits: torch.Tensor, slots=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose the next token of slots 0..n-1 (or of ``slots``, row i = slots[i]) from logits [n, vocab];
-        returns (tokens [n] int64, processed scores [n, vocab] float32) and marks each chosen token in its slot's
-        repetition mask.
+    def sample(self, logits: torch.Tensor, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose the next token of each active slot of ``slots`` from its row of logits [n, vocab] (row i =
+        slots[i]); returns (tokens [n] int64, processed scores [n, vocab] float32) and marks each chosen token in
+        its slot's repetition mask.
 
-        Without ``slots`` every active slot must be < n; rows of free slots are computed too and must be ignored.
         Host syncs: none, except inside ``torch.multinomial``, which checks each sampled row's probabilities with
         one ``.item()`` (so one sync per sampled row per step on CUDA; greedy-only steps have none).
         """
-        n = logits.shape[0]
-        if slots is None and self._active and max(self._active) >= n:
-            raise ValueError(f"logits has {n} rows but slot {max(self._active)} is active")
-        row_slots = list(range(n)) if slots is None else [int(s) for s in slots]
-        scores = self.process(logits, slots)
+        row_slots = [int(s) for s in slots]
+        scores = self.process(logits, row_slots)
         tokens = scores.argmax(dim=-1)
         sampled = [i for i, slot in enumerate(row_slots) if slot in self._generators]
         if sampled:

@@ -53,38 +53,22 @@ def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
-def causal_mask(sq: int, sk: int, kv_start: torch.Tensor | None, device) -> torch.Tensor:
-    """Which keys each of the last Sq queries may see: bool (Sq, Sk), or (B, Sq, Sk) with left padding.
-
-    Keys j < kv_start[b] are padding of row b; a query always sees its own key, so rows of padding tokens
-    stay finite (their outputs are never used).
-    """
+def causal_mask(sq: int, sk: int, device) -> torch.Tensor:
+    """Which keys each of the last Sq queries may see: bool (Sq, Sk)."""
     q_pos = torch.arange(sk - sq, sk, device=device)
     k_pos = torch.arange(sk, device=device)
-    allowed = k_pos[None, :] <= q_pos[:, None]  # (Sq, Sk)
-    if kv_start is None:
-        return allowed
-    real_key = k_pos[None, :] >= kv_start[:, None]  # (B, Sk)
-    return (allowed[None] & real_key[:, None, :]) | (k_pos[None, None, :] == q_pos[None, :, None])
+    return k_pos[None, :] <= q_pos[:, None]
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     kv_start: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal GQA attention of Sq new queries over Sk cached keys (the queries are the last Sq positions).
-
-    kv_start: optional int [B]; keys j < kv_start[b] are left padding of row b and are never attended. A query
-    always sees its own key, so rows of padding tokens stay finite (their outputs are never used).
-    """
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention of Sq new queries [B, Hq, Sq, D] over Sk keys [B, Hkv, Sk, D] (the queries are the
+    last Sq positions): the oracle the paged kernels are tested against."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     group = hq // hkv
     qf = q.float().reshape(b, hkv, group * sq, d)  # query heads sharing a KV head, stacked along rows
     scores = (qf @ k.float().transpose(-2, -1)) / (d ** 0.5)  # (B, Hkv, G*Sq, Sk)
-    scores = scores.view(b, hkv, group, sq, sk)
-    allowed = causal_mask(sq, sk, kv_start, q.device)
-    if kv_start is not None:
-        allowed = allowed[:, None, None]  # (B, 1, 1, Sq, Sk)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores.view(b, hkv, group, sq, sk).masked_fill(~causal_mask(sq, sk, q.device), float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype).float()  # the original casts P back before P @ V
     out = probs.view(b, hkv, group * sq, sk) @ v.float()
     return out.view(b, hq, sq, d).to(q.dtype)

@@ -33,7 +33,7 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     gqa = q.shape[1] != k.shape[1]  # query head n reads KV head n // (Hq // Hkv): SDPA's enable_gqa grouping
     if sq == sk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(sq, sk, None, q.device), enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(sq, sk, q.device), enable_gqa=gqa)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,

@@ -1,9 +1,10 @@
-"""Generation settings and logits processing as HF transformers 4.37 does it (the engine samples with these).
+"""Generation settings, as the original ``chat(generation_config=...)`` takes them (an HF-style dict) or as a
+frozen dataclass; every field type- and range-checked.
 
-Order of processing per step (as HF generate): repetition penalty (greedy too), then, when sampling,
-temperature -> top-k -> top-p, softmax and a multinomial draw from a seeded generator. The repetition penalty
-sees the tokens generated so far plus the BOS id that HF seeds the output with when ``generate`` is called with
-``inputs_embeds`` (which is what InternVL's ``chat`` does), not the prompt tokens.
+The engine's sampler (pyvl.engine.sampling) applies them as HF transformers 4.37's ``generate`` does: repetition
+penalty (greedy too), then, when sampling, temperature -> top-k -> top-p, softmax and a multinomial draw from a
+seeded generator. The repetition penalty sees the tokens generated so far plus the BOS id that HF seeds the output
+with when ``generate`` is called with ``inputs_embeds`` (which is what InternVL's ``chat`` does), not the prompt.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
-import torch
 
 from . import checks
 from .errors import ConfigError
 
-__all__ = ["GenerationConfig", "process_logits", "select_tokens"]
+__all__ = ["GenerationConfig"]
 
 
 @dataclass(frozen=True)
@@ -76,36 +76,3 @@ class GenerationConfig:
         if unknown:
             raise ConfigError(f"generation_config: unknown key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**config)
-
-
-def process_logits(scores: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
-    """HF's logits processors and warpers on float32 scores [B, V]; ``seen`` [B, T] are penalised ids."""
-    scores = scores.clone()
-    if cfg.repetition_penalty != 1.0:
-        picked = scores.gather(1, seen)
-        picked = torch.where(picked < 0, picked * cfg.repetition_penalty, picked / cfg.repetition_penalty)
-        scores.scatter_(1, seen, picked)
-    if not cfg.do_sample:
-        return scores
-    if cfg.temperature != 1.0:
-        scores = scores / cfg.temperature
-    if cfg.top_k > 0:
-        k = min(cfg.top_k, scores.shape[-1])
-        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative <= (1 - cfg.top_p)
-        drop_sorted[..., -1:] = False  # always keep the most likely token
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    return scores
-
-
-def select_tokens(scores: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
-                  ) -> torch.Tensor:
-    if not cfg.do_sample:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
