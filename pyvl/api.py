@@ -14,7 +14,7 @@ from . import checks
 from .chat import InternVLChat
 from .config import load_config
 from .errors import CheckpointError, ConfigError
-from .engine.scheduler import Engine, EngineConfig
+from .engine.engine import Engine, EngineConfig
 from .loader import load_model
 from .ops import resolve_ops
 from .tokenizer import Tokenizer

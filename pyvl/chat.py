@@ -19,7 +19,7 @@ import torch
 from . import checks, template
 from .config import ModelConfig
 from .engine.request import ChatStats, ImageInput, Request
-from .engine.scheduler import Engine
+from .engine.engine import Engine
 from .errors import PromptError
 from .generation_config import GenerationConfig
 from .image import image_to_tiles

@@ -12,7 +12,9 @@ from pyvl.bench import engine
 from pyvl.bench.report import collect
 from pyvl.cli import main
 
-ROWS = ["cached_followup", "streams_8", "streams_16", "turn2", "decode_long"]
+KINDS = ["PNG path", "JPEG path", "PNG bytes", "JPEG bytes", "PIL.Image", "tiles tensor"]
+ROWS = (["cached_followup"] + [f"followup: {k}" for k in KINDS]
+        + ["streams_8", "streams_16", "host_b1", "host_b8", "host_b16", "turn2", "decode_long"])
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,9 @@ def test_every_row_is_measured_and_streamed(streamed):
     assert [r["key"] for r in result["rows"]] == ROWS and result["notes"] == []
     for row in result["rows"]:
         assert row["baseline"] > 0 and row["engine"] > 0 and row["ratio"] > 0, row
+        if row["key"].startswith("followup"):
+            assert row["extra ms"] == pytest.approx(row["engine"] - row["baseline"], abs=0.02)
+            assert "3 tiles vs 1" in row["figure"]
     assert "3-tile image" in result["rows"][0]["figure"]  # 2 tiles + thumbnail
     assert "600 tokens in the context" in result["rows"][-1]["figure"]
     assert result["setup"]["random_weights"] and result["setup"]["graphs"]["eager_reason"] == "no CUDA graphs on cpu"
@@ -49,7 +54,7 @@ def test_a_failed_figure_is_a_note_and_the_others_stay(monkeypatch):
     monkeypatch.setattr(engine, "_turn2_ms", broken)
     result = engine.run(preset="tiny", device="cpu", repeat=1, photo=(448, 448), new_tokens=2, kv_cache_gb=0.05,
                         long_context=300)
-    assert [r["key"] for r in result["rows"]] == ["cached_followup", "streams_8", "streams_16", "decode_long"]
+    assert "turn2" not in [r["key"] for r in result["rows"]] and len(result["rows"]) == len(ROWS) - 1
     assert result["notes"] == ["turn2 failed: RuntimeError: out of memory"]
 
 

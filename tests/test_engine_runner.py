@@ -16,7 +16,7 @@ import torch
 import pyvl
 from conftest import GOLDEN, image_for_key
 from pyvl.engine.runner import ModelRunner
-from pyvl.engine.scheduler import EngineConfig
+from pyvl.engine.engine import EngineConfig
 from pyvl.kv_cache import BLOCK_SIZE
 from pyvl.models.rope import RotaryTables
 

@@ -3,7 +3,7 @@
   cached_followup  time to first token of a new question about an image already seen (its prefix and features
                    cached) vs the same question about a new image of the same size (a 4:3 photo: 12 tiles + a
                    thumbnail); both get the tiles as a tensor, as ``pyvl.load_image`` returns them
-  followup: KIND   (pyvl.bench.followup) a follow-up on a cached 12 MP photo vs on a cached one-tile image, the
+  followup: KIND   (pyvl.bench.followup) a follow-up on a cached photo vs on a cached one-tile image, the
                    image given as a PNG / JPEG path, their bytes, a PIL image or a tiles tensor: "extra ms" is
                    what the large image still costs once cached
   host_bN          host work of a decode step per row (µs), at batch N = 1, 8, 16, against the 50 µs goal
@@ -34,7 +34,7 @@ import torch
 
 from ..chat import InternVLChat
 from ..engine.request import ChatStats
-from ..engine.scheduler import Engine, EngineConfig
+from ..engine.engine import Engine, EngineConfig
 from ..image import load_image
 from .followup import followup_rows
 from .preprocess import synthetic_photo
@@ -43,7 +43,7 @@ from .report import Report
 
 __all__ = ["run"]
 
-PHOTO = (1792, 1344)  # 4:3 -> a 4 x 3 grid + thumbnail = 13 tiles at max_num 12
+PHOTO = (4032, 3024)  # a 12 MP photo, 4:3 -> a 4 x 3 grid + thumbnail = 13 tiles at max_num 12
 STREAMS = (8, 16)
 BATCHES = (1, 4, 16)
 
@@ -191,7 +191,7 @@ def _main_engine_figures(rows: _Rows, chat, on_cuda: bool, repeat: int, photo, n
                  "a new image", cold, cached)
 
     def followups():
-        for r in followup_rows(chat, repeat):
+        for r in followup_rows(chat, repeat, large=photo):
             rows.put(f"followup: {r['kind']}", f"follow-up TTFT on a cached image: {r['tiles']} tiles vs 1 (ms), "
                      f"given as {r['kind']}", "a 1-tile image", r["small_ms"], r["large_ms"],
                      extra_ms=r["extra_ms"])

@@ -1,7 +1,7 @@
 """What a follow-up question on a cached image costs, by the form the image is given in (``pyvl bench engine``).
 
 For each input kind (a PNG or JPEG file path, the same files' bytes, a PIL image, the tiles tensor of the
-original API) the same chat is asked about a large photo (12 MP, 4:3: 12 tiles + a thumbnail) and about a
+original API) the same chat is asked about a large photo (bench engine's: 12 MP, 4:3: 12 tiles + a thumbnail) and a
 one-tile image, once cold, then ``repeat`` new questions each. The row gives the median time to first token of
 the follow-ups on both, and the difference: what the large image still costs once its features and prefix are
 cached (reading and hashing the input; ideally nothing else). The prompts have the same text, so the
@@ -23,9 +23,8 @@ from ..engine.request import ChatStats
 from ..image import load_image
 from .preprocess import synthetic_photo
 
-__all__ = ["LARGE", "SMALL", "KINDS", "followup_rows"]
+__all__ = ["SMALL", "KINDS", "followup_rows"]
 
-LARGE = (4032, 3024)  # 12 MP, 4:3 -> 4 x 3 tiles + thumbnail at max_num 12
 SMALL = (448, 448)  # one tile
 KINDS = ("PNG path", "JPEG path", "PNG bytes", "JPEG bytes", "PIL.Image", "tiles tensor")
 
@@ -57,7 +56,7 @@ def _followup_ms(chat, image, repeat: int, round_: int) -> float:
     return statistics.median(times)
 
 
-def followup_rows(chat, repeat: int, kinds=KINDS, large=LARGE, small=SMALL) -> list[dict]:
+def followup_rows(chat, repeat: int, large: tuple[int, int], kinds=KINDS, small=SMALL) -> list[dict]:
     """One row per input kind: {"kind", "tiles", "small_ms", "large_ms", "extra_ms"}."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

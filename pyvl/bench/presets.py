@@ -29,7 +29,7 @@ import torch
 from ..chat import InternVLChat
 from ..config import ModelConfig
 from ..demo import ASSETS, demo_config_dict
-from ..engine.scheduler import Engine, EngineConfig
+from ..engine.engine import Engine, EngineConfig
 from ..models.vlm import InternVLChatModel
 from ..ops import resolve_ops
 from ..tokenizer import Tokenizer

@@ -1,6 +1,6 @@
 """One call to the engine: its prompt, images, generation settings and stop set, its results and its stats.
 
-A :class:`Request` is built by the caller's thread, handed to :meth:`pyvl.engine.scheduler.Engine.submit`, and
+A :class:`Request` is built by the caller's thread, handed to :meth:`pyvl.engine.engine.Engine.submit`, and
 from then on written only by the engine thread, except :meth:`Request.cancel` (a flag) and its output channel
 (pyvl.engine.channel), through which the engine hands the caller each new token, then the end (or the error); the
 caller reads it blocking (:meth:`Request.stream_tokens`, :meth:`Request.result`) or awaiting (:meth:`Request.batches`). Nothing in a request is

@@ -1,0 +1,297 @@
+"""The engine: one thread that owns the model's KV pool and runs every request, batched.
+
+Requests are submitted from any thread (:meth:`Engine.submit`); the engine thread, started on first use, loops:
+  1. drop cancelled requests (their blocks are freed at once);
+  2. admit waiting requests (pyvl.engine.scheduler: the prefix cache, the pool, preemption);
+  3. prefill one chunk of at most ``max_batched_tokens`` tokens of the oldest request still prefilling, so a
+     long prompt (40 tiles: ~10.5k tokens) never stalls the running decodes for its whole prefill;
+  4. decode one token for every other running request, in one batch, each with its own sampling settings.
+Errors never escape the engine thread: they are delivered to the request(s) they concern.
+
+Image features come from the feature cache by image digest, else from the ViT, and only for images whose tokens
+are not already covered by the cached prefix. The rows of one batch call are rotated as the original's
+left-padded batch would be (Request.rope_offset).
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .. import checks
+from ..errors import ConfigError, PromptError, PyvlError
+from ..kv_cache import BLOCK_SIZE, PagedKVCache
+from ..models.vlm import InternVLChatModel
+from .blocks import BlockPool
+from .clock import StageClock
+from .features import FeatureCache
+from .request import Request
+from .runner import DecodeRow, ModelRunner
+from .sampling import Sampler
+from .scheduler import Scheduler
+
+__all__ = ["EngineConfig", "Engine", "DecodeTiming"]
+
+
+@dataclass
+class DecodeTiming:
+    """Where the decode steps' time went, summed since the engine started (or since ``reset``)."""
+
+    steps: int = 0
+    rows: int = 0
+    step_s: float = 0.0  # whole decode steps, host and device
+    device_s: float = 0.0  # the forward (a graph replay, or eager ops), the sampling and the wait for the tokens
+
+    @property
+    def host_us_per_row(self) -> float:
+        """Host work of a step (block slots, the static buffers, delivering tokens) per row, in microseconds."""
+        return (self.step_s - self.device_s) / self.rows * 1e6 if self.rows else 0.0
+
+    def reset(self) -> None:
+        self.steps, self.rows, self.step_s, self.device_s = 0, 0, 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int = 16
+    max_batched_tokens: int = 2048
+    image_cache_bytes: int = 1 << 30
+    cuda_graphs: bool = True
+    max_context: int = 32768
+    prefix_caching: bool = True  # off: every prompt is prefilled whole (benchmarks of the cold path)
+
+    @classmethod
+    def for_model(cls, model: InternVLChatModel, max_context: int, kv_cache_gb: float | None = None,
+                  image_cache_gb: float = 1.0, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
+                  cuda_graphs: bool = True, prefix_caching: bool = True) -> "EngineConfig":
+        """The KV pool from its budget: kv_cache_gb, else room for max_num_seqs full contexts, at most half the
+        free GPU memory after the weights on CUDA, and on the CPU at most 2 GiB and a quarter of the free memory.
+        (A pool beyond max_num_seqs full contexts would only hold more cached prefixes; a process that wants that
+        says so with kv_cache_gb, so that several models or test workers can share one GPU.)"""
+        llm, device = model.cfg.llm, model.device
+        shape = (llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim)
+        per_block = checks.kv_cache_bytes(*shape, BLOCK_SIZE, 1, model.dtype)
+        free = checks.available_memory(device)
+        full_contexts = max_num_seqs * -(-max_context // BLOCK_SIZE) * per_block
+        if kv_cache_gb is not None:
+            budget = kv_cache_gb * 1e9
+        elif device.type == "cuda":
+            budget = min(full_contexts, free * 0.5)
+        else:
+            budget = min(2 * 2**30, full_contexts, (free or 2**62) / 4)
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ConfigError(f"kv_cache_gb={kv_cache_gb} holds no block of {BLOCK_SIZE} tokens "
+                              f"({per_block / 1e9:.4f} GB each)")
+        checks.check_kv_cache_fits(*shape, num_blocks * BLOCK_SIZE, 1, model.dtype, device, error=ConfigError)
+        return cls(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
+                   max_batched_tokens=max_batched_tokens, image_cache_bytes=int(image_cache_gb * 1e9),
+                   cuda_graphs=cuda_graphs, max_context=max_context, prefix_caching=prefix_caching)
+
+
+class Engine:
+    def __init__(self, model: InternVLChatModel, config: EngineConfig, salt: str, bos_id: int):
+        llm = model.cfg.llm
+        self.model = model
+        self.config = config
+        self.cache = PagedKVCache(llm.num_hidden_layers, config.num_blocks, llm.num_key_value_heads, llm.head_dim,
+                                  model.dtype, model.device, config.block_size)
+        self.pool = BlockPool(config.num_blocks, config.block_size, salt=salt)
+        self.features = FeatureCache(config.image_cache_bytes)
+        self.clock = StageClock(model.device)
+        self.timing = DecodeTiming()
+        max_blocks = -(-config.max_context // config.block_size)
+        self.runner = ModelRunner(model, self.cache, config.max_num_seqs, max_blocks, config.cuda_graphs)
+        with torch.inference_mode():  # before any request, so no other work of this engine can break it
+            self.runner.capture_graphs()
+        # One sampler slot per running request: its settings and repetition mask live on the device.
+        self.sampler = Sampler(config.max_num_seqs, llm.vocab_size, bos_id, model.device)
+        rope = model.language_model.rotary
+        self.scheduler = Scheduler(self.pool, self.cache, self.sampler, config.max_num_seqs, config.prefix_caching,
+                                   rope.max_positions if rope.scaling == "dynamic" else None)
+        self._incoming: list[Request] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- any thread ------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        with self._wake:
+            if self._closed:
+                raise PyvlError("the engine was shut down (the interpreter is exiting); no new requests")
+            self._incoming.append(request)
+            if self._thread is None:
+                # The thread holds the engine weakly between steps, so an unused model can still be freed.
+                self._thread = threading.Thread(target=_serve, args=(weakref.ref(self),), name="pyvl-engine",
+                                                daemon=True)
+                self._thread.start()
+                # A thread still inside torch when the interpreter finalises aborts the process: stop it first.
+                atexit.register(_shutdown, weakref.ref(self))
+            self._wake.notify()
+        return request
+
+    def shutdown(self) -> None:
+        """Finish the current step, fail what is left with a PyvlError, and stop the engine thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        """The engine can serve: not shut down, and its thread (once started) still running."""
+        with self._wake:
+            return not self._closed and (self._thread is None or self._thread.is_alive())
+
+    def has_features(self, digest: bytes) -> bool:
+        """Whether an image's features are cached, so that a prompt about it needs no tiles (any thread)."""
+        return digest in self.features
+
+    @property
+    def idle(self) -> bool:
+        """No request is queued or running (the pool then holds only cached blocks)."""
+        with self._wake:
+            return not (self._incoming or self.scheduler.waiting or self.scheduler.running)
+
+    # ---- the engine thread -----------------------------------------------------------------------------------
+    def _serve_once(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for work, then run one step; False once the engine is shut down."""
+        with self._wake:
+            s = self.scheduler
+            if not (self._incoming or s.waiting or s.running or self._closed):
+                self._wake.wait(timeout)
+            s.waiting.extend(self._incoming)
+            self._incoming.clear()
+            if self._closed:
+                s.end_all(PyvlError("the engine was shut down before this request finished"))
+                return False
+        if not (s.waiting or s.running):
+            return True
+        try:
+            self._step()
+        except Exception as exc:  # a bug in the bookkeeping: fail everything, start clean
+            s.end_all(exc)
+        return True
+
+    def _step(self) -> None:
+        self.scheduler.end_cancelled()
+        self.scheduler.admit()
+        prefilling = next((r for r in self.scheduler.running if r.prefilling), None)
+        if prefilling is not None:
+            self._guarded([prefilling], self._prefill_chunk, prefilling)
+        decoding = [r for r in self.scheduler.running if not r.prefilling]
+        if decoding:
+            self._guarded(decoding, self._decode, decoding)
+
+    def _guarded(self, requests: list[Request], fn, *args) -> None:
+        """Run a model step; an error fails the requests it concerns (delivered to their callers)."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            for r in requests:
+                self.scheduler.end(r, exc)
+
+    # ---- prefill -----------------------------------------------------------------------------------------
+    def _prefill_chunk(self, r: Request) -> None:
+        tokens = r.tokens_to_compute
+        start = r.num_computed
+        n = min(len(tokens) - start, self.config.max_batched_tokens)
+        slots = self.scheduler.slots(r, n)
+        if slots is None:
+            return
+        rows = [(max(i.start, start) - start, feats[max(i.start, start) - i.start:min(i.start + i.length, start + n)
+                                                    - i.start])
+                for i, feats in self._features_for(r, start, start + n)]
+        began = self.clock.mark()
+        logits = self.runner.prefill(tokens[start:start + n], start, rows, r.seq.block_ids, slots,
+                                     rope_length=len(r.prompt_ids) + r.rope_offset, every_position=r.prompt_logits)
+        prefilled = self.clock.mark()
+        r.time_stage("prefill_s", began, prefilled)
+        r.stats.prefill_chunks += 1
+        r.num_computed += n
+        if r.prompt_logits:
+            r.logits.append(logits)
+            if not r.prefilling:
+                self.scheduler.end(r)
+            return
+        self.scheduler.register(r)
+        if not r.prefilling and not r.output_ids:
+            tokens, scores = self.sampler.sample(logits[None], [r.slot])
+            r.time_stage("sample_s", prefilled, self.clock.mark())
+            self._accept(r, int(tokens[0]), scores[0])
+
+    def _features_for(self, r: Request, start: int, end: int):
+        """(image, feature rows) of every image with tokens in [start, end): cached, else encoded now."""
+        for image in r.images:
+            if image.start >= end or image.start + image.length <= start:
+                continue
+            feats = self.features.get(image.digest)
+            if feats is None:
+                tiles = image.tiles()
+                began = self.clock.mark()
+                feats = self.runner.encode_image(tiles)
+                r.time_stage("vision_s", began, self.clock.mark())
+                r.stats.images_encoded += 1
+                if feats.shape[0] != image.length:
+                    raise PromptError(f"an image gives {feats.shape[0]} feature rows but its prompt block has "
+                                      f"{image.length} <IMG_CONTEXT> tokens")
+                self.features.put(image.digest, feats)
+            yield image, feats
+
+    # ---- decode ------------------------------------------------------------------------------------------
+    def _decode(self, batch: list[Request]) -> None:
+        step_began = time.perf_counter()
+        fed: list[tuple[Request, DecodeRow]] = []
+        for r in batch:
+            if r not in self.scheduler.running:  # preempted to make room for another row of this batch
+                continue
+            slots = self.scheduler.slots(r, 1)
+            if slots is not None:
+                fed.append((r, DecodeRow(r.output_ids[-1], r.num_computed, r.seq.block_ids, slots[0],
+                                         rope_length=r.num_computed + 1 + r.rope_offset)))
+        fed = [(r, row) for r, row in fed if r in self.scheduler.running]  # a later row's room may have preempted it
+        if not fed:
+            return
+        rows = [row for _, row in fed]
+        self.runner.fill(rows)
+        device_began = time.perf_counter()
+        tokens, scores = self.sampler.sample(self.runner.forward(rows), [r.slot for r, _ in fed])
+        new_tokens = tokens.tolist()  # the step's one device read: the host waits for the device here
+        self.timing.device_s += time.perf_counter() - device_began
+        for i, ((r, _), token) in enumerate(zip(fed, new_tokens)):
+            r.num_computed += 1
+            self.scheduler.register(r)
+            self._accept(r, token, scores[i] if r.output_scores else None)
+        self.timing.steps += 1
+        self.timing.rows += len(fed)
+        self.timing.step_s += time.perf_counter() - step_began
+
+    def _accept(self, r: Request, token: int, scores: torch.Tensor) -> None:
+        r.deliver(token, scores)
+        total = len(r.prompt_ids) + len(r.output_ids)
+        if token in r.stop_ids or len(r.output_ids) >= r.gen.max_new_tokens or total >= self.config.max_context:
+            self.scheduler.end(r)
+
+
+def _serve(ref: "weakref.ref[Engine]") -> None:
+    """The engine thread: steps while the engine exists and is open."""
+    with torch.inference_mode():
+        while True:
+            engine = ref()
+            if engine is None or not engine._serve_once(timeout=0.5):
+                return
+            del engine  # hold it only during a step
+
+
+def _shutdown(ref: "weakref.ref[Engine]") -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
