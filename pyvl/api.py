@@ -13,7 +13,7 @@ import torch
 from . import checks
 from .chat import InternVLChat
 from .config import load_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, PyvlError
 from .engine.engine import Engine, EngineConfig
 from .loader import load_model
 from .ops import resolve_ops
@@ -91,7 +91,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
          backend: str = "auto", op_backends: Mapping[str, str] | None = None, max_context: int | None = None,
          progress: bool | None = None, mmap: bool = False, kv_cache_gb: float | None = None,
          image_cache_gb: float = 1.0, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
-         cuda_graphs: bool = True, prefix_caching: bool = True) -> InternVLChat:
+         cuda_graphs: bool = True, prefix_caching: bool = True, image_cache_dir: str | os.PathLike | None = None,
+         image_cache_dir_gb: float = 10.0) -> InternVLChat:
     """Load an InternVL 1.5 folder (config.json, safetensors, tokenizer) as released.
 
     device: "cuda", "cpu", ... (default: CUDA when available). dtype: default bf16 on CUDA, float32 on CPU.
@@ -103,7 +104,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     Engine (pyvl.engine): kv_cache_gb sizes the paged KV pool (default: half the free GPU memory on CUDA; on
     the CPU room for max_num_seqs full contexts, at most 2 GiB); image_cache_gb bounds the image-feature cache;
     max_num_seqs requests decode together; a prefill step takes at most max_batched_tokens tokens;
-    cuda_graphs=False turns CUDA-graph decode off; prefix_caching=False prefills every prompt whole.
+    cuda_graphs=False turns CUDA-graph decode off; prefix_caching=False prefills every prompt whole;
+    image_cache_dir keeps computed image features on disk too (at most image_cache_dir_gb), so that another
+    process, or this one after a restart, answers about a known image without the vision model.
     Raises ConfigError / CheckpointError naming the file and key at fault; nothing is half-loaded.
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -128,6 +131,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     checks.integer(max_batched_tokens, "max_batched_tokens", 16, 1 << 20, error=ConfigError)
     checks.boolean(cuda_graphs, "cuda_graphs", error=ConfigError)
     checks.boolean(prefix_caching, "prefix_caching", error=ConfigError)
+    if image_cache_dir is not None and not isinstance(image_cache_dir, (str, os.PathLike)):
+        raise ConfigError(f"image_cache_dir must be a folder path (str or os.PathLike), got "
+                          f"{type(image_cache_dir).__name__}")
+    checks.real(image_cache_dir_gb, "image_cache_dir_gb", 0, 1e6, low_open=True, error=ConfigError)
     cfg = load_config(folder)
     dtype = _resolve_dtype(dtype, device, cfg.torch_dtype)
     tokenizer = Tokenizer.from_folder(folder)
@@ -141,8 +148,12 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     if context < 2:
         raise ConfigError(f"max_context {context} must be at least 2")
     engine_config = EngineConfig.for_model(model, context, kv_cache_gb, image_cache_gb, max_num_seqs,
-                                           max_batched_tokens, cuda_graphs, prefix_caching)
-    engine = Engine(model, engine_config, salt=f"{folder.resolve()}|{dtype}", bos_id=tokenizer.bos_id)
+                                           max_batched_tokens, cuda_graphs, prefix_caching, image_cache_dir,
+                                           image_cache_dir_gb)
+    try:
+        engine = Engine(model, engine_config, salt=f"{folder.resolve()}|{dtype}", bos_id=tokenizer.bos_id)
+    except PyvlError as exc:  # e.g. an image_cache_dir that cannot be created or written
+        raise ConfigError(str(exc)) from None
     log.info("loaded %s on %s (%s, ops: %s; KV pool %d blocks of %d tokens)", folder, device, dtype,
              dict(ops.backends), engine.pool.num_blocks, engine.pool.block_size)
     return InternVLChat(model, tokenizer, cfg, folder, context, _stop_ids(folder, tokenizer), engine)

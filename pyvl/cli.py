@@ -23,6 +23,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
+def _add_image_cache_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-cache-dir", default=None, metavar="DIR",
+                   help="keep image features on disk too: a later run answers about a known image without the "
+                        "vision model")
+    p.add_argument("--image-cache-dir-gb", type=float, default=10.0, help="size bound of --image-cache-dir")
+
+
 def _generation_config(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -37,7 +44,8 @@ def _load_model(args):
         path = demo_model_path()
     else:
         path = Path(args.model)
-    return pyvl.load(path, device=args.device, dtype=args.dtype, backend=args.backend)
+    return pyvl.load(path, device=args.device, dtype=args.dtype, backend=args.backend,
+                     image_cache_dir=args.image_cache_dir, image_cache_dir_gb=args.image_cache_dir_gb)
 
 
 def _images(model, paths: list[str], max_num: int | None):
@@ -286,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     chat.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     chat.add_argument("--stats", action="store_true", help="print time to first token and tokens/s")
+    _add_image_cache_flags(chat)
     _add_generation_flags(chat)
     chat.set_defaults(func=cmd_chat)
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions); needs pyvl[serve]")
@@ -307,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     srv.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_image_cache_flags(srv)
     srv.set_defaults(func=cmd_serve)
     info = sub.add_parser("info", help="config summary, parameter counts, memory per dtype")
     info.add_argument("path", help="model folder")

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .engine.features import DIGEST_BYTES
 from .errors import ImageError
 from .image import _check_size, _open_regular_file, choose_grid, open_rgb_array
 
 __all__ = ["DIGEST_BYTES", "Tiling", "ImageSource", "image_source", "tensor_digest", "slice_digest"]
 
-DIGEST_BYTES = 16
 PARALLEL_HASH_BYTES = 4 << 20
 _ENCODED, _PIXELS, _TILES = b"pyvl.encoded.v1\0", b"pyvl.pixels.v1\0", b"pyvl.tiles.v2\0"
 

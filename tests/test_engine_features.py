@@ -57,3 +57,48 @@ def test_hits_misses_and_clear():
         FeatureCache(-1)
 
 
+
+
+_ASK = """
+import json, sys
+import pyvl
+model = pyvl.load(sys.argv[1], device="cpu", dtype="float32", backend="reference", image_cache_dir=sys.argv[2])
+stats = pyvl.ChatStats()
+answer = model.chat(sys.argv[3], "What is in the image?", dict(max_new_tokens=8), stats=stats)
+model.engine.shutdown()  # flushes the features queued for the disk
+print(json.dumps({"answer": answer, "encoded": stats.images_encoded}))
+"""
+
+
+def _ask_in_a_new_process(folder, image) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    from conftest import GOLDEN
+
+    out = subprocess.run([sys.executable, "-c", _ASK, str(GOLDEN / "v15" / "checkpoint"), str(folder), str(image)],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_new_process_answers_about_a_known_image_without_the_vit(tmp_path):
+    from conftest import image_for_key
+
+    image, _ = image_for_key("gradient_800x600@max1")
+    first = _ask_in_a_new_process(tmp_path / "features", image)
+    assert first["encoded"] == 1 and len(list((tmp_path / "features").glob("*.safetensors"))) == 1
+    second = _ask_in_a_new_process(tmp_path / "features", image)
+    assert second == {"answer": first["answer"], "encoded": 0}  # read from the disk, the same answer
+
+
+def test_the_disk_tier_refuses_a_folder_it_cannot_use(tmp_path):
+    import pyvl
+    from conftest import GOLDEN
+    from pyvl.errors import ConfigError
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match="file"):
+        pyvl.load(GOLDEN / "v15" / "checkpoint", device="cpu", image_cache_dir=tmp_path / "file")
+    with pytest.raises(ConfigError, match="image_cache_dir must be a folder path"):
+        pyvl.load(GOLDEN / "v15" / "checkpoint", device="cpu", image_cache_dir=3)

@@ -362,10 +362,3 @@ def test_the_fingerprint_depends_on_the_dtype_and_the_config(own_model):
         other = SimpleNamespace(vision_model=own_model.vision_model, mlp1=own_model.mlp1, dtype=own_model.dtype,
                                 cfg=dataclasses.replace(cfg, **change))
         assert vision_fingerprint(other) != fingerprint, change
-
-
-def test_the_fingerprint_without_blake3(own_model, monkeypatch):
-    monkeypatch.setattr(feature_store, "blake3", None)
-    fingerprint = vision_fingerprint(own_model)
-    assert re.fullmatch("[0-9a-f]{32}", fingerprint)
-    assert vision_fingerprint(loaded_model("v15").model) == fingerprint

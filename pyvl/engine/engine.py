@@ -16,10 +16,12 @@ left-padded batch would be (Request.rope_offset).
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,7 @@ from ..kv_cache import BLOCK_SIZE, PagedKVCache
 from ..models.vlm import InternVLChatModel
 from .blocks import BlockPool
 from .clock import StageClock
+from .feature_store import FeatureStore, vision_fingerprint
 from .features import FeatureCache
 from .request import Request
 from .runner import DecodeRow, ModelRunner
@@ -63,6 +66,8 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_batched_tokens: int = 2048
     image_cache_bytes: int = 1 << 30
+    image_cache_dir: Path | None = None  # the disk tier of the image-feature cache (None: memory only)
+    image_cache_dir_bytes: int = 10 * 10**9
     cuda_graphs: bool = True
     max_context: int = 32768
     prefix_caching: bool = True  # off: every prompt is prefilled whole (benchmarks of the cold path)
@@ -70,7 +75,9 @@ class EngineConfig:
     @classmethod
     def for_model(cls, model: InternVLChatModel, max_context: int, kv_cache_gb: float | None = None,
                   image_cache_gb: float = 1.0, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
-                  cuda_graphs: bool = True, prefix_caching: bool = True) -> "EngineConfig":
+                  cuda_graphs: bool = True, prefix_caching: bool = True,
+                  image_cache_dir: str | os.PathLike | None = None, image_cache_dir_gb: float = 10.0
+                  ) -> "EngineConfig":
         """The KV pool from its budget: kv_cache_gb, else room for max_num_seqs full contexts, at most half the
         free GPU memory after the weights on CUDA, and on the CPU at most 2 GiB and a quarter of the free memory.
         (A pool beyond max_num_seqs full contexts would only hold more cached prefixes; a process that wants that
@@ -93,6 +100,8 @@ class EngineConfig:
         checks.check_kv_cache_fits(*shape, num_blocks * BLOCK_SIZE, 1, model.dtype, device, error=ConfigError)
         return cls(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
                    max_batched_tokens=max_batched_tokens, image_cache_bytes=int(image_cache_gb * 1e9),
+                   image_cache_dir=None if image_cache_dir is None else Path(image_cache_dir),
+                   image_cache_dir_bytes=int(image_cache_dir_gb * 1e9),
                    cuda_graphs=cuda_graphs, max_context=max_context, prefix_caching=prefix_caching)
 
 
@@ -105,6 +114,8 @@ class Engine:
                                   model.dtype, model.device, config.block_size)
         self.pool = BlockPool(config.num_blocks, config.block_size, salt=salt)
         self.features = FeatureCache(config.image_cache_bytes)
+        self.store = None if config.image_cache_dir is None else FeatureStore(
+            config.image_cache_dir, config.image_cache_dir_bytes, vision_fingerprint(model))
         self.clock = StageClock(model.device)
         self.timing = DecodeTiming()
         max_blocks = -(-config.max_context // config.block_size)
@@ -144,6 +155,8 @@ class Engine:
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        if self.store is not None:
+            self.store.close()  # the features still queued for the disk are written
 
     @property
     def alive(self) -> bool:
@@ -152,8 +165,9 @@ class Engine:
             return not self._closed and (self._thread is None or self._thread.is_alive())
 
     def has_features(self, digest: bytes) -> bool:
-        """Whether an image's features are cached, so that a prompt about it needs no tiles (any thread)."""
-        return digest in self.features
+        """Whether an image's features are cached (in memory or on disk), so that a prompt about it needs no
+        tiles (any thread; the answer may be stale a moment later, which costs only a tiling)."""
+        return digest in self.features or (self.store is not None and digest in self.store)
 
     @property
     def idle(self) -> bool:
@@ -235,6 +249,8 @@ class Engine:
                 continue
             feats = self.features.get(image.digest)
             if feats is None:
+                feats = self._stored_features(image)
+            if feats is None:
                 tiles = image.tiles()
                 began = self.clock.mark()
                 feats = self.runner.encode_image(tiles)
@@ -244,7 +260,19 @@ class Engine:
                     raise PromptError(f"an image gives {feats.shape[0]} feature rows but its prompt block has "
                                       f"{image.length} <IMG_CONTEXT> tokens")
                 self.features.put(image.digest, feats)
+                if self.store is not None:
+                    self.store.put_async(image.digest, feats)
             yield image, feats
+
+    def _stored_features(self, image) -> torch.Tensor | None:
+        """The image's features from the disk tier (then kept in memory too), or None."""
+        if self.store is None:
+            return None
+        feats = self.store.get(image.digest, self.model.device)
+        if feats is None or feats.shape[0] != image.length or feats.dtype != self.model.dtype:
+            return None
+        self.features.put(image.digest, feats)
+        return feats
 
     # ---- decode ------------------------------------------------------------------------------------------
     def _decode(self, batch: list[Request]) -> None:

@@ -41,7 +41,6 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ import weakref
 from collections import defaultdict
 from pathlib import Path
 
+import blake3
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -63,10 +63,6 @@ from safetensors.torch import save as save_safetensors
 from ..errors import PyvlError
 from .features import DIGEST_BYTES
 
-try:
-    import blake3  # faster than blake2b; optional for now
-except ImportError:
-    blake3 = None
 
 __all__ = ["FeatureStore", "vision_fingerprint", "sampled_positions"]
 
@@ -87,12 +83,6 @@ _STOP = object()
 
 
 # ---- the fingerprint -----------------------------------------------------------------------------------------
-def _hasher():
-    """blake3 when importable, else blake2b. The fingerprints differ, so a process with one and a process with
-    the other can share a folder but not its entries."""
-    return blake3.blake3() if blake3 is not None else hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
-
-
 def sampled_positions(numel: int) -> range:
     """The flat positions of a parameter that the fingerprint reads: up to SAMPLES_PER_TENSOR, evenly strided
     from 0 across the tensor. A change anywhere else in the tensor does not change the fingerprint."""
@@ -126,8 +116,7 @@ def vision_fingerprint(model) -> str:
     values each, 76 KB of bf16 read in all). A checkpoint that differs from another only
     in values outside the samples (e.g. one edited weight) gets the same fingerprint; any fine-tune that moves
     the weights broadly, another dtype, shape or config does not."""
-    h = _hasher()
-    h.update(FINGERPRINT_VERSION)
+    h = blake3.blake3(FINGERPRINT_VERSION)
     h.update(_config_bytes(model))
     samples = defaultdict(list)
     for prefix, module in (("vision_model", model.vision_model), ("mlp1", model.mlp1)):

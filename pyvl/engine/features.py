@@ -14,7 +14,9 @@ import torch
 
 from pyvl.errors import PyvlError
 
-__all__ = ["FeatureCache"]
+__all__ = ["DIGEST_BYTES", "FeatureCache"]
+
+DIGEST_BYTES = 16  # an image digest's length (pyvl.image_input makes them)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
