@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -45,6 +46,7 @@ class ServeSettings:
     max_tiles_per_request: int = 40
     max_request_bytes: int = 50 * 2**20
     max_queue: int = 64
+    prompt_workers: int = 4  # threads that read, key and (on a cache miss) tile requests' images
 
 
 class ServerState:
@@ -53,6 +55,7 @@ class ServerState:
         self.settings = settings
         self.live: set[Generation] = set()
         self.shutting_down = False
+        self.prompt_pool = ThreadPoolExecutor(settings.prompt_workers, thread_name_prefix="pyvl-serve-prompt")
 
     def begin_shutdown(self) -> None:
         """Refuse new work and end every live stream with an error event (call on the event loop)."""
@@ -263,7 +266,8 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
                 raise APIError(503, f"the server is at its limit of {settings.max_queue} requests (--max-queue); "
                                     "retry later", code="queue_full")
             images = [await read_image_source(ref.url, settings.media, ref.param) for ref in call.images]
-            prompt = await asyncio.to_thread(_prompt, model, call, images, settings.max_tiles_per_request)
+            prompt = await asyncio.get_running_loop().run_in_executor(
+                state.prompt_pool, _prompt, model, call, images, settings.max_tiles_per_request)
         except APIError as exc:
             log.info("%s status=%d %s", request_id, exc.status, exc.message[:200])
             raise
