@@ -150,8 +150,9 @@ def kernel_figures(rows: list[dict]) -> list[str]:
 
 
 def preprocess_figures(rows: list[dict]) -> list[str]:
-    return [f"{r['image']} {r.get('dtype')} kernel {r.get('kernel_ms')} ms (target {r.get('target') or '-'})"
-            for r in rows if r.get("image") == "3840x2160"]
+    """The 4K photo to bf16 tiles, the row with the issue's target."""
+    return [f"{r['image']} {r['dtype']} kernel {r.get('kernel_ms')} ms (target {r.get('target') or '-'})"
+            for r in rows if r.get("image") == "3840x2160" and r.get("dtype") == "bfloat16"]
 
 
 def sweep_figures(rows: list[dict]) -> list[str]:
@@ -198,8 +199,9 @@ def alerts(run: Run, results: dict, dry: bool) -> list[str]:
         found.append("no pyvl._C in the tree the steps imported (no build, no wheel): the Triton kernels ran, "
                      "CUDA preprocessing and the native resize did not")
     for sid in () if dry else MODEL_STEPS:
-        ops = (results[sid].get("setup") or {}).get("ops") or {}
-        reference = sorted(op for op, backend in ops.items() if backend == "reference")
+        setup = results[sid].get("setup")
+        ops = setup.get("ops") if isinstance(setup, dict) else None
+        reference = sorted(op for op, backend in ops.items() if backend == "reference") if isinstance(ops, dict) else []
         if reference:
             found.append(f"{sid} ran the REFERENCE ops for: {', '.join(reference)}")
     return found

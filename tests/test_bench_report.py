@@ -131,7 +131,8 @@ def test_summary_fails_a_step_that_exits_0_without_its_done_line(tmp_path):
 
 def test_summary_shows_key_figures_and_alerts_on_reference_ops_in_a_gpu_run(tmp_path):
     steps = [("build", "ok", 60, ""), ("e2e_v15", "ok", 50, ""), ("engine_v15", "ok", 50, "")]
-    engine = [json.dumps({"row": {"key": "turn2", "baseline": 30.0, "engine": 12.0, "ratio": 2.5}}),
+    engine = [json.dumps({"set": "setup", "value": "an engine whose setup is no dict"}),
+              json.dumps({"row": {"key": "turn2", "baseline": 30.0, "engine": 12.0, "ratio": 2.5}}),
               json.dumps({"row": {"key": "other", "engine": 1.0}}), json.dumps({"done": True})]
     outputs = {"e2e_v15.out": e2e_lines({"rms_norm": "reference", "vit_attention": "reference",
                                          "silu_mul": "triton", "gelu": "torch"}),
@@ -156,6 +157,7 @@ def test_summary_shows_the_kernel_preprocess_and_load_figures(tmp_path):
                {"op": "paged_decode_attention", "shape": "decode 48/8 x 3400 x 128", "timing": "graph, 9 K/V copies",
                 "rate": 2100.5, "unit": "GB/s"}]
     prep = [{"image": "3840x2160", "dtype": "bfloat16", "kernel_ms": 0.08, "target": "< 0.1 ms"},
+            {"image": "3840x2160", "dtype": "float32", "kernel_ms": 0.1, "target": ""},
             {"image": "640x480", "dtype": "bfloat16", "kernel_ms": 0.01, "target": ""}]
     stream = lambda rows: [json.dumps({"row": r}) for r in rows] + [json.dumps({"done": True})]  # noqa: E731
     steps = [("bench_kernels", "ok", 30, ""), ("bench_preprocess", "ok", 10, ""), ("load_v15", "ok", 20, "")]
