@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Build the fallback wheel that benchmarks/device_check.sh installs when the GPU image cannot compile pyvl
-# itself (no nvcc, no Python.h, a broken toolchain): CPython 3.12 (the GPU image's Python), CUDA kernels for
-# sm_90a (H100/H200) only. Run it from the repository root on this dev machine:
+# Build the fallback wheel whose compiled pyvl._C benchmarks/device_check.sh takes (alone: the Python files come
+# from the checkout) when the GPU image cannot compile pyvl itself (no nvcc, no Python.h, a broken toolchain):
+# CPython 3.12 (the GPU image's Python), CUDA kernels for sm_90a (H100/H200) only. Run it from the repository
+# root on this dev machine:
 #     bash benchmarks/build_gpu_wheel.sh            # a few minutes on 2 cores; PYTHON=... to pick another 3.12
 # The wheel lands in .whl/ (git-ignored) and travels to the device machine with the device tool:
-#     run(command="bash benchmarks/device_check.sh", carry=[".whl"])
+#     run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=510)
 # It prints the highest GLIBC / GLIBCXX symbol versions the compiled _C needs: it loads on the GPU image (Ubuntu
 # 24.04: glibc 2.39, GCC 14's libstdc++) when those are no newer. Built here 2026-12-01: GLIBC_2.34, GLIBCXX_3.4.29.
 set -euo pipefail

@@ -185,6 +185,18 @@ def _print_result(args, result: dict, formatter) -> int:
     return 0
 
 
+def _bench_report(args):
+    """The Report a benchmark fills: with --jsonl it prints each piece the moment it is measured."""
+    from .bench.report import Report
+
+    return Report(sys.stdout if args.jsonl else None)
+
+
+def _print_report(args, result: dict, formatter) -> int:
+    """The end of a benchmark that filled ``_bench_report(args)``: --jsonl has printed it already."""
+    return 0 if args.jsonl else _print_result(args, result, formatter)
+
+
 def _bench_preprocess(args) -> int:
     from .bench.timing import format_table
 
@@ -193,8 +205,9 @@ def _bench_preprocess(args) -> int:
         from .bench import preprocess_cuda
 
         result = preprocess_cuda.run(sizes=sizes or preprocess_cuda.SIZES,
-                                     max_nums=args.max_nums or preprocess_cuda.MAX_NUMS, repeat_ms=args.rep_ms)
-        return _print_result(args, result, preprocess_cuda.format_result)
+                                     max_nums=args.max_nums or preprocess_cuda.MAX_NUMS, repeat_ms=args.rep_ms,
+                                     report=_bench_report(args))
+        return _print_report(args, result, preprocess_cuda.format_result)
     if args.device not in (None, "cpu"):
         raise PyvlError(f"bench preprocess: --device {args.device} is neither cpu nor cuda")
     from .bench import preprocess
@@ -262,11 +275,13 @@ def cmd_bench(args) -> int:
     if args.what == "kernels":
         from .bench import kernels
 
-        return _print_result(args, kernels.run(ops=args.ops, repeat_ms=args.rep_ms), kernels.format_result)
+        result = kernels.run(ops=args.ops, repeat_ms=args.rep_ms, report=_bench_report(args), smoke=args.smoke)
+        return _print_report(args, result, kernels.format_result)
     if args.what == "sweep":
         from .bench import sweep
 
-        return _print_result(args, sweep.run(repeat_ms=args.rep_ms), sweep.format_result)
+        result = sweep.run(repeat_ms=args.rep_ms, report=_bench_report(args), smoke=args.smoke)
+        return _print_report(args, result, sweep.format_result)
     from .bench.timing import format_table
 
     if args.what == "engine":
@@ -338,10 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time budget of each do_bench measurement, ms (kernels, sweep, preprocess --device cuda)")
     bench.add_argument("--device", default=None,
                        help="preprocess: cpu (default) or cuda; e2e: cuda, cpu, ... (default: cuda if available)")
-    bench.add_argument("--json", action="store_true")
-    bench.add_argument("--jsonl", action="store_true",
-                       help="stream the result as JSON lines while it is measured (pyvl.bench.report): a run "
-                            "killed at a time limit keeps every row it printed")
+    output = bench.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true")
+    output.add_argument("--jsonl", action="store_true",
+                        help="stream the result as JSON lines while it is measured (pyvl.bench.report): a run "
+                             "killed at a time limit keeps every row it printed (kernels, sweep, preprocess "
+                             "--device cuda)")
+    bench.add_argument("--smoke", action="store_true",
+                       help="kernels, sweep: the same code paths on the CPU at tiny shapes under "
+                            "TRITON_INTERPRET=1, timed by a perf_counter median (checks the code, not the speed)")
     prep = bench.add_argument_group("preprocess")
     prep.add_argument("--sizes", nargs="*", help="image sizes WxH (default: 3840x2160 1920x1080 640x480)")
     prep.add_argument("--max-nums", nargs="*", type=int,

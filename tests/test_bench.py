@@ -8,7 +8,9 @@ running the commands on a GPU machine.
 from __future__ import annotations
 
 import json
+import math
 import os
+import subprocess
 import sys
 import types
 
@@ -190,6 +192,10 @@ def test_bench_parser():
     assert args.hf_only and not args.no_hf
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "e2e", "--hf-only", "--no-hf"])
+    args = parser.parse_args(["bench", "kernels", "--smoke", "--jsonl"])
+    assert args.smoke and args.jsonl and not args.json
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "kernels", "--json", "--jsonl"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages printed without a GPU")
@@ -268,6 +274,19 @@ def test_sweep_vit_non_default_config_matches_the_reference():
         {"setup": {"device": "cpu", "torch": "t", "triton": "x", "l2_MB": 0}, "rows": rows, "notes": []})
 
 
+def test_sweep_emits_each_row_as_soon_as_it_is_measured():
+    from pyvl.bench import sweep
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    timed, emitted = [], []
+    timer = lambda fn: timed.append(fn) or float(len(timed))  # noqa: E731  (the n-th one "takes" n ms)
+    configs = [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), dict(BLOCK_M=16, BLOCK_N=32)]
+    rows = sweep.vit_rows(shape=(1, 2, 33, 16), configs=configs, device=device, dtype=torch.float32, timer=timer,
+                          emit=lambda row: emitted.append((row["config"], len(timed))))
+    assert emitted == [(r["config"], i + 1) for i, r in enumerate(rows)]  # each row out before the next is timed
+    assert [r["vs_default"] for r in rows] == [1.0, 0.5, 0.333] and rows[0]["default"]  # the default's ms / its ms
+
+
 def test_sweep_decode_split_override_matches_the_reference():
     from pyvl.bench import sweep
 
@@ -324,3 +343,60 @@ def test_interpolate_baseline_has_the_kernels_output_shape():
     tiles = interpolate_tiles(image, 2, 1, torch.bfloat16, tile=64)
     assert tiles.shape == (3, 3, 64, 64) and tiles.dtype == torch.bfloat16 and torch.isfinite(tiles.float()).all()
     assert interpolate_tiles(image, 1, 1, torch.float32, tile=64).shape == (1, 3, 64, 64)  # no thumbnail
+
+
+def _bench(*argv: str, interpret: bool = True, **popen) -> subprocess.Popen:
+    """``python -m pyvl bench ARGV`` in a fresh process (TRITON_INTERPRET is read when the kernels are imported)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONUNBUFFERED")}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.Popen([sys.executable, "-m", "pyvl", "bench", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+SMOKE_OPS = ["--ops", "pixel_shuffle", "rms_norm"]
+
+
+def test_bench_kernels_smoke_streams_the_result_that_json_prints_whole():
+    from pyvl.bench.kernels import SMOKE
+    from pyvl.bench.report import collect
+
+    lines = _bench("kernels", "--smoke", "--jsonl", *SMOKE_OPS).communicate(timeout=300)[0].splitlines()
+    pieces = [json.loads(line) for line in lines]
+    assert [p.get("set") for p in pieces[:2]] == ["setup", "ceilings"] and pieces[-1] == {"done": True}
+    streamed = collect(lines)
+    assert streamed["complete"] and streamed["setup"]["shapes"] == "smoke" and streamed["notes"] == []
+    rows = streamed["rows"]
+    assert [r["op"] for r in rows] == ["pixel_shuffle"] + ["rms_norm", "rms_norm (+residual)"] * 2
+    g = math.isqrt(SMOKE.vit_seq - 1)
+    assert rows[0]["shape"] == f"{SMOKE.vit_tiles} x {g} x {g} x {SMOKE.vit_width} v2"
+    assert all(r["ms"] > 0 and r["rate"] > 0 and r["rel_diff"] < 1e-2 for r in rows), rows
+    whole = json.loads(_bench("kernels", "--smoke", "--json", *SMOKE_OPS).communicate(timeout=300)[0])
+    assert set(whole) == {"setup", "ceilings", "rows", "notes"}
+    assert [(r["op"], r["shape"]) for r in whole["rows"]] == [(r["op"], r["shape"]) for r in rows]
+
+
+def test_bench_sweep_killed_after_its_first_row_keeps_it():
+    from pyvl.bench.report import collect
+
+    proc = _bench("sweep", "--smoke", "--jsonl")
+    lines = []
+    try:
+        for line in proc.stdout:  # each row must arrive as soon as it is measured, not at the end
+            lines.append(line)
+            if '"row"' in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    got = collect(lines + proc.stdout.readlines())
+    # Killed right after the first row came: rows held back in a buffer, or printed in a batch, would come too.
+    assert not got["complete"] and 1 <= len(got["rows"]) <= 2, "".join(lines)
+    first = got["rows"][0]
+    assert first["default"] and first["status"] == "ok" and first["vs_default"] == 1.0
+    assert got["setup"]["rel_bound"] == 1e-2
+
+
+def test_bench_smoke_needs_the_interpreter():
+    out, err = _bench("kernels", "--smoke", interpret=False).communicate(timeout=300)
+    assert "set TRITON_INTERPRET=1" in err and out == ""

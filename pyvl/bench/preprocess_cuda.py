@@ -11,7 +11,8 @@ For each image (synthetic photo, max_num 12 by default: 3840x2160 -> 8 tiles + t
   floor ms          image bytes read + tile bytes written, over the device copy bandwidth measured in the run
 The CUDA result is checked against the CPU kernel (resize_tiles, float32; rounded to bf16 for the bf16 row):
 max abs diff, expected 0. "interp diff" is the torch path's max abs difference to it (a different resampler:
-Pillow's fixed-point weights and uint8 intermediate are not reproduced there).
+Pillow's fixed-point weights and uint8 intermediate are not reproduced there). Each row goes to the
+:class:`~pyvl.bench.report.Report` as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from ..errors import PyvlError
 from ..image import IMAGENET_MEAN, IMAGENET_STD, choose_grid
 from .preprocess import synthetic_photo
+from .report import Report
 from .timing import format_table
 
 __all__ = ["SIZES", "MAX_NUMS", "interpolate_tiles", "require_cuda_preprocessing", "run", "format_result"]
@@ -66,7 +68,8 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float()).abs().max())
 
 
-def _image_rows(native, width: int, height: int, max_num: int, gbps: float, timer) -> list[dict]:
+def _image_rows(native, width: int, height: int, max_num: int, gbps: float, timer):
+    """Yields the rows of one image, one per output dtype."""
     image = synthetic_photo(width, height)
     cols, rows = choose_grid(width, height, 1, max_num, TILE)
     on_device = torch.from_numpy(image).cuda()
@@ -75,7 +78,6 @@ def _image_rows(native, width: int, height: int, max_num: int, gbps: float, time
     h2d_pinned = timer(lambda: target.copy_(pinned, non_blocking=True))
     h2d_pageable = timer(lambda: target.copy_(torch.from_numpy(image)))
     cpu = native.resize_tiles(image, cols, rows, TILE, True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    out_rows = []
     for dtype in (torch.bfloat16, torch.float32):
         out = torch.empty(cpu.shape, dtype=dtype, device="cuda")
         call = lambda src: native.resize_tiles_cuda(src, cols, rows, TILE, True, IMAGENET_MEAN,  # noqa: E731
@@ -87,34 +89,36 @@ def _image_rows(native, width: int, height: int, max_num: int, gbps: float, time
         interp_ms = timer(lambda: interpolate_tiles(on_device, cols, rows, dtype))
         floor_ms = (image.nbytes + out.numel() * out.element_size()) / (gbps * 1e6)
         name, dt = f"{width}x{height}", str(dtype).removeprefix("torch.")
-        out_rows.append({
+        yield {
             "image": name, "max_num": max_num, "grid": f"{cols}x{rows}", "tiles": out.shape[0], "dtype": dt,
             "kernel_ms": round(kernel_ms, 4), "from_host_ms": round(timer(lambda: call(image)), 4),
             "h2d_pinned_ms": round(h2d_pinned, 4), "h2d_pageable_ms": round(h2d_pageable, 4),
             "interpolate_ms": round(interp_ms, 4), "floor_ms": round(floor_ms, 4),
             "floor/kernel": round(floor_ms / kernel_ms, 3), "interpolate/kernel": round(interp_ms / kernel_ms, 2),
             "max_abs_diff_vs_cpu": diff, "interp_max_abs_diff": _max_abs(interp, expected),
-            "target": TARGET.get((name, max_num, dt), "")})
-    return out_rows
+            "target": TARGET.get((name, max_num, dt), "")}
 
 
-def run(sizes=SIZES, max_nums=MAX_NUMS, repeat_ms: int = 100) -> dict:
-    """{"setup", "copy_GBps", "rows", "notes"}; one row per image size x max_num x output dtype."""
+def run(sizes=SIZES, max_nums=MAX_NUMS, repeat_ms: int = 100, report: Report | None = None) -> dict:
+    """Measure into ``report``; returns its result, {"setup", "copy_GBps", "rows", "notes"}: one row per image
+    size x max_num x output dtype."""
+    report = report or Report()
     native = require_cuda_preprocessing()
     from .kernels import copy_gbps, median_ms
 
+    report.set("setup", {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tile": TILE})
     gbps = copy_gbps(rep_ms=repeat_ms)
+    report.set("copy_GBps", round(gbps, 1))
     timer = lambda fn: median_ms(fn, repeat_ms)  # noqa: E731
-    rows, notes = [], []
     for width, height in sizes:
         for max_num in max_nums:
             try:
-                rows += _image_rows(native, width, height, max_num, gbps, timer)
+                for row in _image_rows(native, width, height, max_num, gbps, timer):
+                    report.row(row)
             except Exception as exc:  # one failing size should not hide the others
-                notes.append(f"{width}x{height} max_num {max_num}: {type(exc).__name__}: {str(exc)[:300]}")
+                report.note(f"{width}x{height} max_num {max_num}: {type(exc).__name__}: {str(exc)[:300]}")
             torch.cuda.empty_cache()
-    setup = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tile": TILE}
-    return {"setup": setup, "copy_GBps": round(gbps, 1), "rows": rows, "notes": notes}
+    return report.done()
 
 
 def format_result(result: dict) -> str:

@@ -13,6 +13,11 @@ memory) becomes an error row. Each row also carries the launched kernels' regist
                     blocks: num_splits, BLOCK_N (at most the block size), num_warps, num_stages; timed as
                     CUDA-graph replays walking over enough K/V pools to exceed twice the L2 (as in pyvl bench
                     kernels), GB/s of K and V read once
+
+The shapes are pyvl.bench.kernels' REAL ones; ``--smoke`` runs the same sweep at its SMOKE shapes on the CPU
+under TRITON_INTERPRET=1, timed by a perf_counter median (the code paths, not the speed). Each row goes to the
+:class:`~pyvl.bench.report.Report` as soon as it is measured (the launcher's default first, so that every other
+row's time relative to it is known then).
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ import math
 import torch
 
 from ..ops import reference
+from .kernels import Shapes, paged_pool, rig_for, rig_setup, rotation_copies
+from .report import Report
 from .resources import format_resources, launched_kernels
 from .timing import format_table
 
-__all__ = ["VIT_CONFIGS", "DECODE_CONFIGS", "vit_rows", "decode_rows", "run", "format_result"]
+__all__ = ["VIT_CONFIGS", "DECODE_CONFIGS", "vit_rows", "decode_rows", "vit_shape", "decode_shapes", "run",
+           "format_result"]
 
 REL_BOUND = 1e-2  # bf16 kernels sit between 1e-3 and 1e-2 (tests/kernel_tolerances.py)
-VIT_SHAPE = (13, 25, 1025, 128)  # (tiles, heads, S, head_dim)
-DECODE_SHAPES = ((48, 8, 3400, 128), (48, 8, 32768, 128))  # (query heads, KV heads, cached keys, head_dim)
 VIT_CONFIGS = (  # the default (added first when missing) plus neighbours in each direction
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
@@ -87,15 +93,26 @@ def _row(op: str, shape: str, cfg: dict, is_default: bool, call, rel_err, timer,
     return row
 
 
-def _relative(rows: list[dict]) -> list[dict]:
-    base = next((r["ms"] for r in rows if r["default"]), None)
-    for r in rows:
-        if base and r["ms"]:
-            r["vs_default"] = round(base / r["ms"], 3)  # > 1: faster than the default
+def _measured(make_row, configs: list[dict], emit) -> list[dict]:
+    """``make_row(cfg)`` for each configuration, the default first; each row gets its speed relative to the
+    default's and goes to ``emit`` as soon as it is measured."""
+    rows = []
+    for cfg in configs:
+        row = make_row(cfg)
+        base = (rows[0] if rows else row)["ms"]
+        if base and row["ms"]:
+            row["vs_default"] = round(base / row["ms"], 3)  # > 1: faster than the default
+        rows.append(row)
+        emit(row)
     return rows
 
 
-def vit_rows(shape=VIT_SHAPE, configs=VIT_CONFIGS, device="cuda", dtype=torch.bfloat16, timer=None) -> list[dict]:
+def _no_emit(row: dict) -> None:
+    pass
+
+
+def vit_rows(shape, configs=VIT_CONFIGS, device="cuda", dtype=torch.bfloat16, timer=None,
+             emit=_no_emit) -> list[dict]:
     """One row per configuration of vit_attention at ``shape`` (B, H, S, D), the default first."""
     from pyvl.kernels.vit_attention import default_config, vit_attention
 
@@ -105,20 +122,20 @@ def vit_rows(shape=VIT_SHAPE, configs=VIT_CONFIGS, device="cuda", dtype=torch.bf
     oracle = reference.vit_attention(q.float(), k.float(), v.float())
     default = default_config(d, dtype, s)
     out = torch.empty(b, h, s, d, device=device, dtype=dtype)
-    rows = [_row("vit_attention", "x".join(map(str, shape)), cfg, cfg == default,
-                 lambda cfg=cfg: [vit_attention(q, k, v, out=out, config=cfg)],
-                 lambda outs: _rel_err(outs[0], oracle), timer, 1, 4 * b * h * s * s * d, "TFLOP/s")
-            for cfg in _with_default(default, configs)]
-    return _relative(rows)
+
+    def make_row(cfg: dict) -> dict:
+        return _row("vit_attention", "x".join(map(str, shape)), cfg, cfg == default,
+                    lambda: [vit_attention(q, k, v, out=out, config=cfg)], lambda outs: _rel_err(outs[0], oracle),
+                    timer, 1, 4 * b * h * s * s * d, "TFLOP/s")
+
+    return _measured(make_row, _with_default(default, configs), emit)
 
 
 def decode_rows(shape, configs=DECODE_CONFIGS, device="cuda", dtype=torch.bfloat16, timer=None,
-                copies: int = 1) -> list[dict]:
+                copies: int = 1, emit=_no_emit) -> list[dict]:
     """One row per configuration of paged_decode_attention at ``shape`` (Hq, Hkv, keys, D), the default first;
     each call walks over ``copies`` distinct K/V pools (so that a graph of it reads them from HBM, not the L2)."""
     from pyvl.kernels.causal_attention import decode_config, decode_splits, paged_decode_attention
-
-    from .kernels import paged_pool
 
     hq, hkv, length, d = shape
     q = torch.randn(1, hq, d, device=device, dtype=dtype)
@@ -139,36 +156,45 @@ def decode_rows(shape, configs=DECODE_CONFIGS, device="cuda", dtype=torch.bfloat
                 for (p, t), o in zip(pools, outs)]
 
     rel_err = lambda got: max(_rel_err(o, r) for o, r in zip(got, oracles))  # noqa: E731
-    rows = [_row("paged_decode_attention", f"{hq}/{hkv} x {length} x {d}", cfg, cfg == default,
-                 lambda cfg=cfg: call(cfg), rel_err, timer, copies, 2 * hkv * length * d * 2 + 2 * hq * d * 2,
-                 "GB/s")
-            for cfg in _with_default(default, configs)]
-    return _relative(rows)
+
+    def make_row(cfg: dict) -> dict:
+        return _row("paged_decode_attention", f"{hq}/{hkv} x {length} x {d}", cfg, cfg == default,
+                    lambda: call(cfg), rel_err, timer, copies, 2 * hkv * length * d * 2 + 2 * hq * d * 2, "GB/s")
+
+    return _measured(make_row, _with_default(default, configs), emit)
 
 
-def run(repeat_ms: int = 100) -> dict:
-    """The whole sweep on the GPU; {"setup", "rows", "notes"}."""
-    from .kernels import graph_ms, l2_bytes, median_ms, require_gpu, rotation_copies
+def vit_shape(s: Shapes) -> tuple[int, int, int, int]:
+    """(tiles, heads, S, head_dim) of the first ViT: 13 x 25 x 1025 x 128 at the REAL shapes."""
+    heads, head_dim = s.vit_heads[0]
+    return s.vit_tiles, heads, s.vit_seq, head_dim
 
-    require_gpu("sweep")
-    import triton
 
-    rows, notes, l2 = [], [], l2_bytes()
+def decode_shapes(s: Shapes) -> list[tuple[int, int, int, int]]:
+    """(query heads, KV heads, cached keys, head_dim) per decode length: 48/8 x 3400 and x 32768 x 128 (REAL)."""
+    return [(s.heads, s.kv_heads, length, s.head_dim) for length in s.decode_lengths]
+
+
+def run(repeat_ms: int = 100, report: Report | None = None, smoke: bool = False) -> dict:
+    """The whole sweep (on the GPU, or the smoke on the CPU) into ``report``; returns its result,
+    {"setup", "rows", "notes"}."""
+    report = report or Report()
+    rig = rig_for("sweep", smoke, repeat_ms)
+    report.set("setup", {**rig_setup(rig), "rel_bound": REL_BOUND})
     try:
-        rows += vit_rows(timer=lambda fn: median_ms(fn, repeat_ms))
+        vit_rows(vit_shape(rig.shapes), device=rig.device, timer=rig.eager_ms, emit=report.row)
     except Exception as exc:  # the decode rows are still worth having
-        notes.append(f"vit_attention sweep: {type(exc).__name__}: {str(exc)[:300]}")
+        report.note(f"vit_attention sweep: {type(exc).__name__}: {str(exc)[:300]}")
     torch.cuda.empty_cache()
-    for hq, hkv, length, d in DECODE_SHAPES:
-        copies = rotation_copies(2 * hkv * length * d * 2, l2)
+    for hq, hkv, length, d in decode_shapes(rig.shapes):
+        copies = rotation_copies(2 * hkv * length * d * 2, rig.l2_bytes)
         try:
-            rows += decode_rows((hq, hkv, length, d), timer=lambda fn: graph_ms(fn, repeat_ms), copies=copies)
+            decode_rows((hq, hkv, length, d), device=rig.device, timer=rig.graph_ms, copies=copies,
+                        emit=report.row)
         except Exception as exc:
-            notes.append(f"paged_decode_attention sweep x {length}: {type(exc).__name__}: {str(exc)[:300]}")
+            report.note(f"paged_decode_attention sweep x {length}: {type(exc).__name__}: {str(exc)[:300]}")
         torch.cuda.empty_cache()
-    setup = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-             "l2_MB": round(l2 / 2**20, 1), "rel_bound": REL_BOUND}
-    return {"setup": setup, "rows": rows, "notes": notes}
+    return report.done()
 
 
 def _fmt(value, spec: str) -> str:
