@@ -28,15 +28,15 @@
 #   tests_kernels     Triton kernels at real shapes, -n 8               est  40  budget  60
 #   bench_kernels     pyvl bench kernels --rep-ms 50 (regs/spills/smem) est  35  budget  45
 #   e2e_v15           pyvl alone at V1-5 size, random weights           est  50  budget  75
-#   engine_v15        engine reuse and batching at V1-5 size            est  50  budget  70
+#   engine_v15        engine reuse and batching at V1-5 size            est  60  budget  90
 #   bench_preprocess  CUDA preprocessing vs F.interpolate, floor        est  10  budget  20
 #   tests_preprocess  CUDA resize + normalise vs the CPU kernel         est  15  budget  30
 #   tests_image       image, golden (fp32, TF32 off), backend, engine   est  20  budget  30
 #   e2e_mini          pyvl alone at Mini-InternVL-2B size               est  20  budget  25
-#   load_v15          load time and peak memory at V1-5 size            est  30  budget  45
+#   load_v15          load time, V1-5 shapes (16 GB), extrapolated     est  30  budget  45
 #   sweep             block configs, ViT + decode attention, last       est  45  budget  60
 #   e2e_v15_hf        HF transformers at V1-5 size                      est  60  budget  90  (only with >= 100 s left)
-#   (summary reserve 8)  estimates without HF: 387 s; budgets without HF: 580 s, so when steps overrun it is the
+#   (summary reserve 8)  estimates without HF: 397 s; budgets without HF: 600 s, so when steps overrun it is the
 #   deadline that cuts the run short from its end (the sweep first), never the summary.
 #
 # The pyvl every step imports is a tree in the temporary folder (benchmarks/device_tree.py, on PYTHONPATH): the
@@ -296,8 +296,9 @@ pytest_step() {
 }
 
 # bench_step ID BUDGET STAND_IN ARGS...: `python ARGS`, whose stdout is JSON lines (pyvl.bench.report). A dry run
-# runs the CPU stand-in, with STAND_IN_BUDGET_S: "tiny" appends --preset tiny --device cpu, "smoke" appends --smoke
-# under the Triton interpreter; "-" runs the GPU command itself, recorded as skipped when it says it needs CUDA.
+# runs the CPU stand-in, with STAND_IN_BUDGET_S: "tiny" appends --preset tiny --device cpu (and "tiny-e2e" one
+# repeat, "tiny-engine" also a small photo: the CPU's minutes are CI's), "smoke" appends --smoke under the Triton
+# interpreter; "-" runs the GPU command itself, recorded as skipped when it says it needs CUDA.
 bench_step() {
   local id=$1 step_budget=$2 stand_in=$3 json_step=1 may_need_gpu=0 cmd  # json_step, may_need_gpu: run_step's
   shift 3
@@ -305,6 +306,8 @@ bench_step() {
   if [ "$dry" = 1 ]; then
     case $stand_in in
       tiny) cmd+=(--preset tiny --device cpu) step_budget=$STAND_IN_BUDGET_S ;;
+      tiny-e2e) cmd+=(--preset tiny --device cpu --repeat 1) step_budget=$STAND_IN_BUDGET_S ;;
+      tiny-engine) cmd+=(--preset tiny --device cpu --repeat 1 --photo 896x448) step_budget=$STAND_IN_BUDGET_S ;;
       smoke) cmd=(env TRITON_INTERPRET=1 "${cmd[@]}" --smoke) step_budget=$STAND_IN_BUDGET_S ;;
       *) may_need_gpu=1 ;;
     esac
@@ -345,13 +348,16 @@ kernel_tests="$kernel_tests test_pixel_shuffle.py test_paged_attention.py test_s
 e2e_flags=(--random-weights --no-hf --device cuda --kv-cache-gb 2 --jsonl)
 pytest_step tests_kernels "$kernel_tests" test_rejects_bad_inputs 8 60 60
 bench_step bench_kernels 45 smoke -m pyvl bench kernels --rep-ms 50 --jsonl
-bench_step e2e_v15 75 tiny -m pyvl bench e2e --preset internvl-chat-v1-5 "${e2e_flags[@]}"
-bench_step engine_v15 70 tiny -m pyvl bench engine --preset internvl-chat-v1-5 --random-weights --device cuda --jsonl
+bench_step e2e_v15 75 tiny-e2e -m pyvl bench e2e --preset internvl-chat-v1-5 "${e2e_flags[@]}"
+bench_step engine_v15 90 tiny-engine -m pyvl bench engine --preset internvl-chat-v1-5 --random-weights --device cuda \
+  --repeat 2 --jsonl
 bench_step bench_preprocess 20 - -m pyvl bench preprocess --device cuda --rep-ms 50 --jsonl
 pytest_step tests_preprocess "test_native_cuda_resize.py test_native.py test_resize_tiles.py" test_bad_grids 8 60 30
-pytest_step tests_image "test_image.py test_golden.py test_backend_triton.py test_engine.py" test_grid_table 4 60 30
-bench_step e2e_mini 25 tiny -m pyvl bench e2e --preset mini-internvl-chat-2b-v1-5 "${e2e_flags[@]}"
-bench_step load_v15 45 tiny "$repo/benchmarks/bench_load.py" --preset internvl-chat-v1-5 --device cuda --jsonl
+pytest_step tests_image "test_image.py test_golden.py test_backend_triton.py test_engine.py test_engine_runner.py" \
+  test_grid_table 4 60 30
+bench_step e2e_mini 25 tiny-e2e -m pyvl bench e2e --preset mini-internvl-chat-2b-v1-5 "${e2e_flags[@]}"
+bench_step load_v15 45 tiny "$repo/benchmarks/bench_load.py" --preset internvl-chat-v1-5 --device cuda --max-gb 16 \
+  --jsonl
 bench_step sweep 60 smoke -m pyvl bench sweep --rep-ms 50 --jsonl
 if [ $((deadline - SECONDS - RESERVE_S)) -ge 100 ]; then
   bench_step e2e_v15_hf 90 - -m pyvl bench e2e --preset internvl-chat-v1-5 --random-weights --hf-only --device cuda \

@@ -36,7 +36,7 @@ JSON_FILES = {  # file -> {key: step}; sweep.json holds the sweep's result itsel
 BENCH_STEPS = ("sweep", *(step for steps in JSON_FILES.values() for step in steps.values()))
 MODEL_STEPS = ("e2e_v15", "e2e_mini", "e2e_v15_hf", "engine_v15")  # their setup.ops says what served each op
 E2E_KEYS = ("vision_13", "prefill", "ttft", "decode", "peak_memory")
-ENGINE_KEYS = ("cached_followup", "turn2", "streams_8", "streams_16", "decode_32k")
+ENGINE_KEYS = ("cached_followup", "followup: PNG path", "turn2", "streams_8", "streams_16", "host_b1", "decode_long")
 NOT_REACHED = ("skipped", "0", "not reached")
 
 

@@ -228,22 +228,20 @@ def _bench_e2e(args) -> int:
         result = e2e.run(args.preset, device=args.device, dtype=args.dtype, tiles=args.tiles,
                          prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, backend=args.backend,
                          repeat=args.repeat or 3, compare_hf=not args.no_hf, hf_only=args.hf_only,
-                         kv_cache_gb=args.kv_cache_gb, stream=sys.stdout if args.jsonl else None)
+                         kv_cache_gb=args.kv_cache_gb, report=_bench_report(args))
     except ValueError as exc:
         raise PyvlError(str(exc)) from None
-    if args.jsonl:
-        return 0
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return 0
-    setup = result["setup"]
-    print(", ".join(f"{k} {v}" for k, v in setup.items() if k != "ops"))
-    if setup.get("ops"):
-        print("ops: " + ", ".join(f"{k}={v}" for k, v in setup["ops"].items()))
-    print(format_table([{k: "-" if v is None else v for k, v in r.items() if k != "key"} for r in result["rows"]]))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    return 0
+
+    def table(result: dict) -> str:
+        setup = result["setup"]
+        lines = [", ".join(f"{k} {v}" for k, v in setup.items() if k != "ops")]
+        if setup.get("ops"):
+            lines.append("ops: " + ", ".join(f"{k}={v}" for k, v in setup["ops"].items()))
+        lines.append(format_table([{k: "-" if v is None else v for k, v in r.items() if k != "key"}
+                                   for r in result["rows"]]))
+        return "\n".join(lines + [f"note: {note}" for note in result["notes"]])
+
+    return _print_report(args, result, table)
 
 
 def _bench_engine(args) -> int:
@@ -258,12 +256,10 @@ def _bench_engine(args) -> int:
     try:
         photo = tuple(int(v) for v in args.photo.lower().split("x")) if args.photo else engine.PHOTO
         result = engine.run(model, preset=preset, device=args.device, dtype=args.dtype, repeat=args.repeat or 3,
-                            photo=photo, kv_cache_gb=args.kv_cache_gb or 8.0, stream=sys.stdout if args.jsonl else None)
+                            photo=photo, kv_cache_gb=args.kv_cache_gb or 8.0, report=_bench_report(args))
     except ValueError as exc:
         raise PyvlError(str(exc)) from None
-    if args.jsonl:
-        return 0
-    return _print_result(args, result, lambda r: "\n".join([format_table(r["rows"])]
+    return _print_report(args, result, lambda r: "\n".join([format_table(r["rows"])]
                                                            + [f"note: {n}" for n in r["notes"]]))
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from pyvl.bench import engine
-from pyvl.bench.report import collect
+from pyvl.bench.report import Report, collect
 from pyvl.cli import main
 
 KINDS = ["PNG path", "JPEG path", "PNG bytes", "JPEG bytes", "PIL.Image", "tiles tensor"]
@@ -21,7 +21,7 @@ ROWS = (["cached_followup"] + [f"followup: {k}" for k in KINDS]
 def streamed():
     out = io.StringIO()
     result = engine.run(preset="tiny", device="cpu", repeat=1, photo=(896, 448), new_tokens=3, kv_cache_gb=0.05,
-                        long_context=600, stream=out)
+                        long_context=600, report=Report(out))
     return result, out.getvalue().splitlines()
 
 

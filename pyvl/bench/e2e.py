@@ -237,9 +237,9 @@ def _pyvl_figures(table: _Table, setup: dict, cfg: ModelConfig, device, dtype, b
 
 def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=(1, 7, 13), prompt_tokens: int = 70,
         decode_tokens: int = 32, backend: str = "auto", repeat: int = 3, compare_hf: bool = True,
-        hf_only: bool = False, kv_cache_gb: float | None = None, stream=None) -> dict:
+        hf_only: bool = False, kv_cache_gb: float | None = None, report: Report | None = None) -> dict:
     """Run the benchmark; {"setup": {...}, "rows": [{key, figure, unit, pyvl, hf, hf/pyvl}], "notes": [...]},
-    each piece also written to ``stream`` as a JSON line as soon as it is known (pyvl.bench.report)."""
+    filled into ``report`` (pyvl.bench.report: which can stream each piece as a JSON line) as it is measured."""
     if decode_tokens < 2 or repeat < 1 or prompt_tokens < 0 or not tiles or min(tiles) < 1:
         raise ValueError("bench e2e needs --decode-tokens >= 2, --repeat >= 1, --prompt-tokens >= 0 and tile "
                          "counts >= 1")
@@ -277,7 +277,7 @@ def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=
         import transformers
 
         setup["transformers"] = transformers.__version__
-    report = Report(stream)
+    report = report or Report()
     report.set("setup", setup)
     if not compare_hf:
         report.note("HF comparison not asked for (--no-hf)")

@@ -235,13 +235,13 @@ def _main_engine_figures(rows: _Rows, chat, on_cuda: bool, repeat: int, photo, n
 
 def run(model_path=None, preset: str | None = None, device: str | None = None, dtype: str | None = None,
         repeat: int = 3, photo: tuple[int, int] = PHOTO, new_tokens: int = 32, kv_cache_gb: float = 8.0,
-        long_context: int | None = None, stream=None) -> dict:
+        long_context: int | None = None, report: Report | None = None) -> dict:
     """Every figure of the module doc; {"setup", "rows": [{key, figure, baseline, engine, ratio, baseline is}],
-    "notes"}, each piece also written to ``stream`` as a JSON line when it is known (pyvl.bench.report).
+    "notes"}, filled into ``report`` (pyvl.bench.report: which can stream each piece as a JSON line) as it is measured.
     long_context: the context decode_long fills (default: max_position_embeddings)."""
     if repeat < 1 or new_tokens < 2 or not kv_cache_gb > 0:
         raise ValueError("bench engine needs --repeat >= 1, at least 2 new tokens and a positive KV pool")
-    report = Report(stream)
+    report = report or Report()
     _log("building the model")
     base = _base(model_path, preset, device, dtype)
     on_cuda = base.device.type == "cuda"
