@@ -4,7 +4,7 @@
 Triton kernels (registered in ``pyvl.ops._TRITON_OPS``, each launcher with the reference's signature plus
 keyword-only ``out=`` / tuning arguments):
   vit_attention.py     vit_attention          non-causal FlashAttention-2 forward, S = 1025 masked, no padding
-  causal_attention.py  paged_prefill_attention, paged_decode_attention
+  paged_attention.py   paged_prefill_attention, paged_decode_attention
                                               causal GQA attention over the paged KV pool: one sequence's
                                               prefill; split-KV decode, lengths from a device tensor (CUDA graphs)
   store_kv.py          store_kv               scatter new K/V rows into the paged pool by slot

@@ -19,11 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .vit_attention import _cast, _check_operands, _interpreting
+from ._common import DTYPES, cast, check_operands, interpreting
+
 
 __all__ = ["apply_rotary"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -36,9 +36,9 @@ def _rotate_heads(X, Out, stride_xh, stride_oh, n_heads, cos1, sin1, cos2, sin2,
     x1 = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + HALF, mask=ok, other=0.0).to(tl.float32)
     dt = Out.dtype.element_ty
-    out1 = _cast(_cast(x1 * cos1, dt, INTERPRET).to(tl.float32) - _cast(x2 * sin1, dt, INTERPRET).to(tl.float32),
+    out1 = cast(cast(x1 * cos1, dt, INTERPRET).to(tl.float32) - cast(x2 * sin1, dt, INTERPRET).to(tl.float32),
                  dt, INTERPRET)
-    out2 = _cast(_cast(x2 * cos2, dt, INTERPRET).to(tl.float32) + _cast(x1 * sin2, dt, INTERPRET).to(tl.float32),
+    out2 = cast(cast(x2 * cos2, dt, INTERPRET).to(tl.float32) + cast(x1 * sin2, dt, INTERPRET).to(tl.float32),
                  dt, INTERPRET)
     o_ptrs = Out + heads[:, None].to(tl.int64) * stride_oh + offs_h[None, :]
     tl.store(o_ptrs, out1, mask=ok)
@@ -64,10 +64,10 @@ def _apply_rotary_kernel(
     c_ptr = Cos + b * stride_cb + s * stride_cs + offs_h
     s_ptr = Sin + b * stride_sb + s * stride_ss + offs_h
     # The reference rounds the float32 tables to the activation dtype before using them.
-    cos1 = _cast(tl.load(c_ptr, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
-    cos2 = _cast(tl.load(c_ptr + HALF, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
-    sin1 = _cast(tl.load(s_ptr, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
-    sin2 = _cast(tl.load(s_ptr + HALF, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
+    cos1 = cast(tl.load(c_ptr, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
+    cos2 = cast(tl.load(c_ptr + HALF, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
+    sin1 = cast(tl.load(s_ptr, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
+    sin2 = cast(tl.load(s_ptr + HALF, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
     _rotate_heads(Q + b * stride_qb + s * stride_qs, QOut + b * stride_qob + s * stride_qos, stride_qh, stride_qoh,
                   HQ, cos1, sin1, cos2, sin2, offs_h, HALF, BLOCK_HQ, INTERPRET)
     _rotate_heads(K + b * stride_kb + s * stride_ks, KOut + b * stride_kob + s * stride_kos, stride_kh, stride_koh,
@@ -90,11 +90,11 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     if k.shape[0] != b or k.shape[2:] != (s, d) or cos.shape[1:] != (s, d) or cos.shape[0] not in (1, b) or d % 2:
         raise ValueError(f"apply_rotary: shapes disagree (or D is odd): q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"cos/sin {tuple(cos.shape)}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype:
-        raise ValueError(f"apply_rotary wants q and k of one dtype in {_DTYPES}; got {q.dtype}, {k.dtype}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"apply_rotary wants q and k of one dtype in {DTYPES}; got {q.dtype}, {k.dtype}")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise ValueError(f"apply_rotary wants float32 cos/sin tables; got {cos.dtype}, {sin.dtype}")
-    _check_operands("apply_rotary", {"q": q, "k": k, "cos": cos, "sin": sin})
+    check_operands("apply_rotary", {"q": q, "k": k, "cos": cos, "sin": sin})
     if out is None:
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -114,6 +114,6 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         s, hq, hkv,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=triton.next_power_of_2(hq),
-        BLOCK_HKV=triton.next_power_of_2(hkv), INTERPRET=_interpreting(), num_warps=4,
+        BLOCK_HKV=triton.next_power_of_2(hkv), INTERPRET=interpreting(), num_warps=4,
     )
     return q_out, k_out

@@ -25,11 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .vit_attention import _check_device, _interpreting
+from ._common import DTYPES, check_device, interpreting
+
 
 __all__ = ["pixel_shuffle", "pixel_shuffle_from_vit"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _VERSIONS = ("v1", "v2")
 
 
@@ -66,11 +66,11 @@ def _blocks(c: int, interpreting: bool) -> tuple[int, int]:
 
 def _launch(name: str, x: torch.Tensor, ps_version: str, out: torch.Tensor | None) -> torch.Tensor:
     """x: a [N, h, w, C] view (any strides) -> out [N, h*w/4, 4C]."""
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"{name}: dtype {x.dtype} is not one of {_DTYPES}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{name}: dtype {x.dtype} is not one of {DTYPES}")
     if ps_version not in _VERSIONS:
         raise ValueError(f"{name}: ps_version must be one of {_VERSIONS}, got {ps_version!r}")
-    _check_device(x, name)
+    check_device(x, name)
     n, h, w, c = x.shape
     if h % 2 or w % 2 or min(n, h, w, c) == 0:
         raise ValueError(f"{name}: the patch grid must be non-empty with an even height and width for scale 0.5, "
@@ -81,7 +81,7 @@ def _launch(name: str, x: torch.Tensor, ps_version: str, out: torch.Tensor | Non
     elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"{name}: out must be {shape} {x.dtype} on {x.device}; got {tuple(out.shape)} {out.dtype} "
                          f"on {out.device}")
-    block_t, block_c = _blocks(c, _interpreting())
+    block_t, block_c = _blocks(c, interpreting())
     grid = (triton.cdiv(n * shape[1], block_t), triton.cdiv(c, block_c))
     _pixel_shuffle_kernel[grid](
         x, out, n * shape[1], shape[1], h // 2, w // 2, c, *x.stride(), *out.stride(),

@@ -18,11 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .vit_attention import _cast, _check_device, _interpreting
+from ._common import DTYPES, cast, check_device, interpreting, rows
+
 
 __all__ = ["rms_norm", "add_rms_norm"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -33,39 +33,28 @@ def _rms_norm_kernel(X, R, W, Out, Sum, stride_x, stride_r, stride_o, stride_s, 
     ok = offs < C
     x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        h = _cast(x + tl.load(R + row * stride_r + offs, mask=ok, other=0.0).to(tl.float32),
+        h = cast(x + tl.load(R + row * stride_r + offs, mask=ok, other=0.0).to(tl.float32),
                   Sum.dtype.element_ty, INTERPRET)
         tl.store(Sum + row * stride_s + offs, h, mask=ok)
         x = h.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(x * x, 0) / C + eps)
-    normed = _cast(x * inv_rms, X.dtype.element_ty, INTERPRET).to(tl.float32)  # the reference rounds here
+    normed = cast(x * inv_rms, X.dtype.element_ty, INTERPRET).to(tl.float32)  # the reference rounds here
     w = tl.load(W + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Out + row * stride_o + offs, _cast(w * normed, Out.dtype.element_ty, INTERPRET), mask=ok)
-
-
-def _rows(name: str, what: str, t: torch.Tensor) -> torch.Tensor:
-    """t [..., C] -> a [rows, C] view with a row stride; never a copy."""
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name}: {what} {tuple(t.shape)} has last-dim stride {t.stride(-1)}; it must be 1")
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        raise ValueError(f"{name}: {what} {tuple(t.shape)} with strides {t.stride()} cannot be seen as rows of "
-                         f"one stride; pass a contiguous tensor") from None
+    tl.store(Out + row * stride_o + offs, cast(w * normed, Out.dtype.element_ty, INTERPRET), mask=ok)
 
 
 def _launch(name, x, residual, weight, eps, out, summed):
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"{name}: x dtype {x.dtype} is not one of {_DTYPES}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{name}: x dtype {x.dtype} is not one of {DTYPES}")
     c = x.shape[-1]
-    if weight.shape != (c,) or weight.dtype not in _DTYPES or weight.stride(0) != 1:
+    if weight.shape != (c,) or weight.dtype not in DTYPES or weight.stride(0) != 1:
         raise ValueError(f"{name}: weight must be a contiguous [{c}] float tensor; got {tuple(weight.shape)} "
                          f"{weight.dtype}")
     if c > 65536:
         raise ValueError(f"{name}: rows of {c} elements do not fit one program (at most 65536)")
     for what, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None:
-            _check_device(t, what)
+            check_device(t, what)
             if t.device != x.device:
                 raise ValueError(f"{name}: {what} is on {t.device}, x on {x.device}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -77,16 +66,16 @@ def _launch(name, x, residual, weight, eps, out, summed):
     elif out.shape != x.shape or out.dtype != out_dtype or out.device != x.device:
         raise ValueError(f"{name}: out must be {tuple(x.shape)} {out_dtype} on {x.device}; got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    x2, o2 = _rows(name, "x", x), _rows(name, "out", out)
-    r2 = _rows(name, "residual", residual) if residual is not None else x2
-    s2 = _rows(name, "residual_out", summed) if summed is not None else o2
+    x2, o2 = rows(name, "x", x), rows(name, "out", out)
+    r2 = rows(name, "residual", residual) if residual is not None else x2
+    s2 = rows(name, "residual_out", summed) if summed is not None else o2
     if x2.shape[0] == 0:
         return out
     block = triton.next_power_of_2(c)
-    warps = 1 if _interpreting() else (16 if block >= 8192 else 8 if block >= 2048 else 4)
+    warps = 1 if interpreting() else (16 if block >= 8192 else 8 if block >= 2048 else 4)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, o2, s2, x2.stride(0), r2.stride(0), o2.stride(0), s2.stride(0), c, float(eps),
-        HAS_RESIDUAL=residual is not None, BLOCK_C=block, INTERPRET=_interpreting(), num_warps=warps,
+        HAS_RESIDUAL=residual is not None, BLOCK_C=block, INTERPRET=interpreting(), num_warps=warps,
     )
     return out
 

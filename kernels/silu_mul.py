@@ -14,12 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import _rows
-from .vit_attention import _cast, _check_device, _interpreting
+from ._common import DTYPES, cast, check_device, interpreting, rows
+
 
 __all__ = ["silu_mul"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -30,17 +29,17 @@ def _silu_mul_kernel(G, U, Out, stride_g, stride_u, stride_o, I,
     ok = offs < I
     g = tl.load(G + row * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + offs, mask=ok, other=0.0).to(tl.float32)
-    silu = _cast(g / (1.0 + tl.exp(-g)), Out.dtype.element_ty, INTERPRET).to(tl.float32)
-    tl.store(Out + row * stride_o + offs, _cast(silu * u, Out.dtype.element_ty, INTERPRET), mask=ok)
+    silu = cast(g / (1.0 + tl.exp(-g)), Out.dtype.element_ty, INTERPRET).to(tl.float32)
+    tl.store(Out + row * stride_o + offs, cast(silu * u, Out.dtype.element_ty, INTERPRET), mask=ok)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up, computed in float32 and rounded like the reference (see the module docstring)."""
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.dtype not in _DTYPES:
-        raise ValueError(f"silu_mul wants gate and up of one shape and one dtype in {_DTYPES}; got "
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.dtype not in DTYPES:
+        raise ValueError(f"silu_mul wants gate and up of one shape and one dtype in {DTYPES}; got "
                          f"{tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
     for what, t in (("gate", gate), ("up", up)):
-        _check_device(t, what)
+        check_device(t, what)
         if t.device != gate.device:
             raise ValueError(f"silu_mul: {what} is on {t.device}, gate on {gate.device}")
     if out is None:
@@ -48,13 +47,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None =
     elif out.shape != gate.shape or out.dtype != gate.dtype or out.device != gate.device:
         raise ValueError(f"silu_mul: out must be {tuple(gate.shape)} {gate.dtype} on {gate.device}; got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    g2, u2, o2 = _rows("silu_mul", "gate", gate), _rows("silu_mul", "up", up), _rows("silu_mul", "out", out)
-    rows, width = g2.shape
-    if rows == 0 or width == 0:
+    g2, u2, o2 = rows("silu_mul", "gate", gate), rows("silu_mul", "up", up), rows("silu_mul", "out", out)
+    n_rows, width = g2.shape
+    if n_rows == 0 or width == 0:
         return out
-    block = min(triton.next_power_of_2(width), 4096 if _interpreting() else 1024)
-    _silu_mul_kernel[(rows, triton.cdiv(width, block))](
+    block = min(triton.next_power_of_2(width), 4096 if interpreting() else 1024)
+    _silu_mul_kernel[(n_rows, triton.cdiv(width, block))](
         g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0), width,
-        BLOCK=block, INTERPRET=_interpreting(), num_warps=4,
+        BLOCK=block, INTERPRET=interpreting(), num_warps=4,
     )
     return out

@@ -14,11 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .vit_attention import _check_operands
+from ._common import DTYPES, check_operands
+
 
 __all__ = ["store_kv"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -54,15 +54,15 @@ def store_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_p
     if k_pool.shape[1] != hkv or k_pool.shape[3] != d:
         raise ValueError(f"{name}: k_new {tuple(k_new.shape)} does not match the pool {tuple(k_pool.shape)} in "
                          f"KV heads or head_dim")
-    if k_new.dtype not in _DTYPES or any(t.dtype != k_new.dtype for t in (v_new, k_pool, v_pool)):
-        raise ValueError(f"{name} wants k_new, v_new, k_pool, v_pool of one dtype in {_DTYPES}; got "
+    if k_new.dtype not in DTYPES or any(t.dtype != k_new.dtype for t in (v_new, k_pool, v_pool)):
+        raise ValueError(f"{name} wants k_new, v_new, k_pool, v_pool of one dtype in {DTYPES}; got "
                          f"{k_new.dtype}, {v_new.dtype}, {k_pool.dtype}, {v_pool.dtype}")
     if d & (d - 1):
         raise ValueError(f"{name}: head_dim {d} must be a power of two")
     if slot_mapping.shape != (n,) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: slot_mapping must be an int64/int32 tensor [{n}]; got "
                          f"{tuple(slot_mapping.shape)} {slot_mapping.dtype}")
-    _check_operands(name, {"k_new": k_new, "v_new": v_new, "k_pool": k_pool, "v_pool": v_pool,
+    check_operands(name, {"k_new": k_new, "v_new": v_new, "k_pool": k_pool, "v_pool": v_pool,
                            "slot_mapping": slot_mapping})
     if n == 0:
         return

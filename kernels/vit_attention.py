@@ -18,8 +18,7 @@ Layouts: q/k/v may be any strided views whose last dim is contiguous (the ViT pa
 any strides with a contiguous last dim is accepted (e.g. a [B, S, H, D] buffer seen through transpose(1, 2)).
 Grid: (cdiv(S, BLOCK_M), B * H). D must be a power of two in [16, 256] (tl.dot needs >= 16).
 
-The other kernel modules import this one's helpers: ``_mma`` and ``_cast`` (which also cover two interpreter
-gaps, bf16 dots and bf16 rounding), ``_interpreting`` and ``_check_device``.
+Shared helpers (the jit ``mma`` and ``cast``, the operand checks): ``_common.py``.
 """
 
 from __future__ import annotations
@@ -28,33 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, INTERPRET_LONG, cast, check_operands, interpreting, mma
+
 __all__ = ["vit_attention", "default_config"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _mma(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b (acc=None: a fresh float32 product). Under the interpreter the operands go up to float32
-    first: it cannot dot bf16 (it multiplies the raw bit patterns, triton-lang/triton#11584). They are exact in
-    float32, so the result is the tensor cores' bf16 x bf16 -> fp32 product."""
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """float32 -> DTYPE, rounding to nearest even. The interpreter truncates float32 -> bf16 casts (the GPU
-    rounds), so there the rounding is done on the bits first and the truncating cast is then exact."""
-    if INTERPRET:
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-            x = tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))  # NaN stays NaN
-    return x.to(DTYPE)
 
 
 @triton.jit
@@ -89,7 +66,7 @@ def _vit_attention_kernel(
         key_ok = (start_n + offs_n) < S
         k = tl.load(k_base + (start_n + offs_n)[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None],
                     other=0.0)
-        qk = _mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
+        qk = mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
@@ -97,27 +74,19 @@ def _vit_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + (start_n + offs_n)[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None],
                     other=0.0)  # other=0: stale memory past S must not reach P @ V
-        acc = _mma(_cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], INTERPRET, PRECISION)
+        acc = mma(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], INTERPRET, PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, INTERPRET), mask=offs_m[:, None] < S)
-
-
-def _interpreting() -> bool:
-    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
-    return type(_vit_attention_kernel).__name__ == "InterpretedFunction"
-
-
-INTERPRET_LONG = 128  # under the interpreter, sequences longer than this get big blocks (see default_config)
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty, INTERPRET), mask=offs_m[:, None] < S)
 
 
 def default_config(head_dim: int, dtype: torch.dtype, seq_len: int = 0) -> dict:
     """Block sizes and launch settings: Hopper defaults on the GPU; under the interpreter, where each program
     step costs about a millisecond, small blocks for the tests' short sequences (so S = k*16 + 1 exercises the
     tail) and big ones for real lengths such as the ViT's 1025 (tail masked the same way, 64x fewer steps)."""
-    if _interpreting():
+    if interpreting():
         if seq_len > INTERPRET_LONG:
             return dict(BLOCK_M=128, BLOCK_N=128, num_warps=1, num_stages=1)
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
@@ -128,27 +97,6 @@ def default_config(head_dim: int, dtype: torch.dtype, seq_len: int = 0) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
-def _check_device(t: torch.Tensor, name: str) -> None:
-    if _interpreting():
-        if t.device.type != "cpu":
-            raise ValueError(f"{name} is on {t.device}, but the kernels run under TRITON_INTERPRET=1 (CPU only)")
-    elif t.device.type != "cuda":
-        raise ValueError(f"{name} is on {t.device}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
-                         f"before pyvl.kernels is imported, for CPU tensors)")
-
-
-def _check_operands(op: str, named: dict[str, torch.Tensor]) -> None:
-    """Every operand on the kernels' device type, all on the first one's device, last dim contiguous."""
-    first = next(iter(named.values()))
-    for name, t in named.items():
-        _check_device(t, name)
-        if t.device != first.device:
-            raise ValueError(f"{op}: {name} is on {t.device}, {next(iter(named))} on {first.device}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} {tuple(t.shape)} has last-dim stride {t.stride(-1)}; the last dim "
-                             f"must be contiguous")
-
-
 def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor | None = None,
                   config: dict | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over [B, H, S, D] (see the module docstring). ``config`` overrides
@@ -156,13 +104,13 @@ def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: tor
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"vit_attention wants q, k, v of one shape [B, H, S, D]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"vit_attention wants q, k, v of one dtype in {_DTYPES}; got {q.dtype}, {k.dtype}, "
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"vit_attention wants q, k, v of one dtype in {DTYPES}; got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
     b, h, s, d = q.shape
     if d < 16 or d > 256 or d & (d - 1):
         raise ValueError(f"vit_attention: head_dim {d} must be a power of two in [16, 256]")
-    _check_operands("vit_attention", {"q": q, "k": k, "v": v})
+    check_operands("vit_attention", {"q": q, "k": k, "v": v})
     if out is None:
         out = torch.empty((b, h, s, d), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
@@ -180,7 +128,7 @@ def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: tor
         out.stride(0), out.stride(1), out.stride(2),
         h, s, d ** -0.5 * _LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        INTERPRET=_interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else None,
+        INTERPRET=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -5,9 +5,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter. Triton reads this when
+# @triton.jit decorates them, i.e. when pyvl.kernels is first imported: here, before any test module imports them.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 VARIANTS = ("v15", "mini")
@@ -16,8 +23,6 @@ VARIANTS = ("v15", "mini")
 def pytest_configure(config):
     """No TF32 on CUDA for the whole session: the float32 tests' bounds (1e-4 on the golden features) assume true
     float32 matmuls, and cuDNN runs the patch-embedding convolution in TF32 by default."""
-    import torch
-
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 

@@ -7,13 +7,9 @@ float32 follows kernel_tolerances.py (the GPU may fuse a multiply-add).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs, i.e. at the kernel's import
 pytest.importorskip("triton")
 
 from pyvl.kernels.apply_rotary import apply_rotary  # noqa: E402

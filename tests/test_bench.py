@@ -17,8 +17,6 @@ import types
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs: before pyvl.kernels is imported
 
 from pyvl.bench import e2e, e2e_hf  # noqa: E402
 from pyvl.bench.presets import PRESETS, parameter_count, preset_config, random_model  # noqa: E402
@@ -232,7 +230,7 @@ def test_kernel_resources_of_a_compiled_kernel_and_of_anything_else():
 def test_launched_kernels_records_each_launch_and_unwraps():
     from pyvl.bench.kernels import paged_pool
     from pyvl.bench.resources import launched_kernels
-    from pyvl.kernels import causal_attention as ca
+    from pyvl.kernels import paged_attention as ca
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q = torch.randn(1, 4, 16, device=device)

@@ -1,5 +1,5 @@
 """Paged attention: pyvl.ops.reference's paged ops against today's contiguous reference, and the Triton kernels
-(pyvl.kernels.causal_attention) against the paged reference.
+(pyvl.kernels.paged_attention) against the paged reference.
 
 Pools are [num_blocks, Hkv, BLOCK_SIZE, D] filled with NaN, then only the sequences' tokens are written (a test-side
 scatter, independent of store_kv): a kernel that reads a slot past a sequence's length, a block outside its table or
@@ -11,16 +11,12 @@ block boundary, chunked prefill over a cached prefix, decode rows sharing prefix
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs, i.e. at the kernel's import
 pytest.importorskip("triton")
 
-from pyvl.kernels.causal_attention import paged_decode_attention, paged_prefill_attention  # noqa: E402
+from pyvl.kernels.paged_attention import paged_decode_attention, paged_prefill_attention  # noqa: E402
 from pyvl.ops import reference as ref, resolve_ops, sdpa  # noqa: E402
 from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
 

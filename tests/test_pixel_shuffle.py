@@ -8,13 +8,9 @@ CPU-only machines.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs, i.e. at the kernel's import
 pytest.importorskip("triton")
 
 from pyvl.kernels.pixel_shuffle import pixel_shuffle, pixel_shuffle_from_vit  # noqa: E402

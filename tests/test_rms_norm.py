@@ -6,13 +6,9 @@ a strided view (a chunk of a fused qkv output, as the ViT's QK-norm passes them)
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs, i.e. at the kernel's import
 pytest.importorskip("triton")
 
 from pyvl.kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402

@@ -6,13 +6,9 @@ qkv rows as the model hands them over.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs, i.e. at the kernel's import
 pytest.importorskip("triton")
 
 from pyvl.kernels.store_kv import store_kv  # noqa: E402

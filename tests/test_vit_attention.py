@@ -7,13 +7,9 @@ InternViT shapes.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # triton reads it when @triton.jit runs, i.e. at the kernel's import
 pytest.importorskip("triton")
 
 from pyvl.kernels.vit_attention import vit_attention  # noqa: E402

@@ -335,17 +335,17 @@ def require_gpu(command: str) -> None:
     if not torch.cuda.is_available():
         raise PyvlError(f"bench {command} needs a CUDA GPU: it times the Triton kernels on the device "
                         "(torch.cuda.is_available() is False here; --smoke runs it on the CPU)")
-    from pyvl.kernels.vit_attention import _interpreting
+    from pyvl.kernels._common import interpreting
 
-    if _interpreting():
+    if interpreting():
         raise PyvlError(f"bench {command}: TRITON_INTERPRET=1 is set; unset it to time the kernels on the GPU")
 
 
 def require_interpreter(command: str) -> None:
     """PyvlError unless the kernels were decorated under TRITON_INTERPRET=1 (the smoke runs them on the CPU)."""
-    from pyvl.kernels.vit_attention import _interpreting
+    from pyvl.kernels._common import interpreting
 
-    if not _interpreting():
+    if not interpreting():
         raise PyvlError(f"bench {command} --smoke runs the kernels on the CPU under the Triton interpreter: "
                         "set TRITON_INTERPRET=1")
 

@@ -16,7 +16,7 @@ import importlib
 
 __all__ = ["KERNEL_MODULES", "launched_kernels", "resources", "format_resources"]
 
-KERNEL_MODULES = ("vit_attention", "causal_attention", "store_kv", "rms_norm", "apply_rotary", "silu_mul",
+KERNEL_MODULES = ("vit_attention", "paged_attention", "store_kv", "rms_norm", "apply_rotary", "silu_mul",
                   "pixel_shuffle")
 _MISSING = object()
 

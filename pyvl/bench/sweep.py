@@ -135,7 +135,7 @@ def decode_rows(shape, configs=DECODE_CONFIGS, device="cuda", dtype=torch.bfloat
                 copies: int = 1, emit=_no_emit) -> list[dict]:
     """One row per configuration of paged_decode_attention at ``shape`` (Hq, Hkv, keys, D), the default first;
     each call walks over ``copies`` distinct K/V pools (so that a graph of it reads them from HBM, not the L2)."""
-    from pyvl.kernels.causal_attention import decode_config, decode_splits, paged_decode_attention
+    from pyvl.kernels.paged_attention import decode_config, decode_splits, paged_decode_attention
 
     hq, hkv, length, d = shape
     q = torch.randn(1, hq, d, device=device, dtype=dtype)

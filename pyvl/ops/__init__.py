@@ -59,8 +59,8 @@ _TRITON_OPS: dict[str, str] = {
     "silu_mul": "pyvl.kernels.silu_mul:silu_mul",
     "pixel_shuffle": "pyvl.kernels.pixel_shuffle:pixel_shuffle",
     "store_kv": "pyvl.kernels.store_kv:store_kv",
-    "paged_prefill_attention": "pyvl.kernels.causal_attention:paged_prefill_attention",
-    "paged_decode_attention": "pyvl.kernels.causal_attention:paged_decode_attention",
+    "paged_prefill_attention": "pyvl.kernels.paged_attention:paged_prefill_attention",
+    "paged_decode_attention": "pyvl.kernels.paged_attention:paged_decode_attention",
 }
 
 

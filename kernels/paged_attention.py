@@ -28,11 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .vit_attention import INTERPRET_LONG, _cast, _check_operands, _interpreting, _mma
+from ._common import DTYPES, INTERPRET_LONG, cast, check_operands, interpreting, mma
+
 
 __all__ = ["paged_prefill_attention", "paged_decode_attention", "prefill_config", "decode_config", "decode_splits"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # initial running max: finite, so a row with no key yet in a block stays NaN-free
 
@@ -44,7 +44,7 @@ def _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET: tl.constexpr, PRECISIO
     p = tl.exp2(qk - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = _mma(_cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], INTERPRET, PRECISION)
+    acc = mma(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], INTERPRET, PRECISION)
     return m_new, l_i, acc
 
 
@@ -66,7 +66,7 @@ def _decode_reduce_kernel(PartO, PartLse, Out, stride_ob, stride_oh, HQ, NUM_SPL
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d
-    tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, INTERPRET))
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty, INTERPRET))
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def _paged_prefill_kernel(
         block = tl.load(Table + start_n // BLOCK_SIZE).to(tl.int64)
         row = (start_n % BLOCK_SIZE + offs_n)[:, None]
         k = tl.load(k_head + block * stride_kb + row * stride_ks + offs_d[None, :])
-        qk = _mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
+        qk = mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
         v = tl.load(v_head + block * stride_vb + row * stride_vs + offs_d[None, :])
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET, PRECISION)
 
@@ -114,14 +114,14 @@ def _paged_prefill_kernel(
         key_ok = key < SK
         row = (start_n % BLOCK_SIZE + offs_n)[:, None]
         k = tl.load(k_head + block * stride_kb + row * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        qk = _mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
+        qk = mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
         qk = tl.where((key[None, :] <= pos_m[:, None]) & key_ok[None, :], qk, float("-inf"))
         v = tl.load(v_head + block * stride_vb + row * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET, PRECISION)
 
     out = acc / l_i[:, None]
     o_ptrs = Out + offs_m[:, None] * stride_os + h * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, INTERPRET), mask=offs_m[:, None] < SQ)
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty, INTERPRET), mask=offs_m[:, None] < SQ)
 
 
 @triton.jit
@@ -163,7 +163,7 @@ def _paged_decode_split_kernel(
         key_ok = start_n + offs_n < end
         row = (start_n % BLOCK_SIZE + offs_n)[:, None]
         k = tl.load(k_head + block * stride_kb + row * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        qk = _mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
+        qk = mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
         v = tl.load(v_head + block * stride_vb + row * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET, PRECISION)
@@ -172,7 +172,7 @@ def _paged_decode_split_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # acc is 0 there: zeros, never NaN
     if DIRECT:  # one split: this program saw every key
         o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, INTERPRET), mask=g_ok[:, None])
+        tl.store(o_ptrs, cast(out, Out.dtype.element_ty, INTERPRET), mask=g_ok[:, None])
     else:
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         row_p = (b * HKV * GROUP + heads) * NUM_SPLITS + split  # partials: [B * Hq, NUM_SPLITS, (D)]
@@ -181,7 +181,7 @@ def _paged_decode_split_kernel(
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype, seq_len: int = 0) -> dict:
-    if _interpreting():  # small blocks for the tests' short sequences, big ones for real prompts (vit_attention)
+    if interpreting():  # small blocks for the tests' short sequences, big ones for real prompts (vit_attention)
         if seq_len > INTERPRET_LONG:
             return dict(BLOCK_M=64, BLOCK_N=64, num_warps=1, num_stages=1)
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
@@ -195,7 +195,7 @@ def prefill_config(head_dim: int, dtype: torch.dtype, seq_len: int = 0) -> dict:
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_N=16, num_warps=1, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)
@@ -231,8 +231,8 @@ def _check_pools(name: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         raise ValueError(f"{name} wants q [tokens, Hq, D] and k_pool, v_pool of one shape [num_blocks, Hkv, "
                          f"BLOCK_SIZE, D]; got q {tuple(q.shape)}, k_pool {tuple(k_pool.shape)}, v_pool "
                          f"{tuple(v_pool.shape)}")
-    if q.dtype not in _DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
-        raise ValueError(f"{name} wants q, k_pool, v_pool of one dtype in {_DTYPES}; got {q.dtype}, "
+    if q.dtype not in DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(f"{name} wants q, k_pool, v_pool of one dtype in {DTYPES}; got {q.dtype}, "
                          f"{k_pool.dtype}, {v_pool.dtype}")
     hq, d = q.shape[1], q.shape[2]
     hkv, block_size = k_pool.shape[1], k_pool.shape[2]
@@ -245,7 +245,7 @@ def _check_pools(name: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"{name}: BLOCK_SIZE {block_size} (pool dim 2) must be a power of two >= 16, so key "
                          f"tiles never straddle two blocks")
-    _check_operands(name, {"q": q, "k_pool": k_pool, "v_pool": v_pool})
+    check_operands(name, {"q": q, "k_pool": k_pool, "v_pool": v_pool})
     return block_size
 
 
@@ -255,7 +255,7 @@ def _check_int32(name: str, what: str, t: torch.Tensor, shape: tuple, q: torch.T
     if t.dtype != torch.int32 or not fits:
         want = ", ".join("*" if w is None else str(w) for w in shape)
         raise ValueError(f"{name}: {what} must be an int32 tensor [{want}]; got {tuple(t.shape)} {t.dtype}")
-    _check_operands(name, {"q": q, what: t})
+    check_operands(name, {"q": q, what: t})
 
 
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -287,7 +287,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         out.stride(0), out.stride(1),
         hq // k_pool.shape[1], sq, context_len, d ** -0.5 * _LOG2E,
         BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
-        INTERPRET=_interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else None,
+        INTERPRET=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -324,7 +324,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         part_lse = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused
-    interpret = _interpreting()
+    interpret = interpreting()
     _paged_decode_split_kernel[(b * hkv, splits)](
         q, k_pool, v_pool, block_tables, context_lens, part_o, part_lse, out,
         q.stride(0), q.stride(1),
