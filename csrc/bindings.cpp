@@ -22,34 +22,6 @@ namespace {
                            "reinstall pyvl with nvcc on PATH, or with PYVL_CUDA=ON to make that an error");
 }
 
-void check_tile_sizes(std::int64_t n, std::int64_t h, std::int64_t w) {
-  pyvl::check_positive(n, "normalize_tiles: n (number of tiles)");
-  pyvl::check_positive(h, "normalize_tiles: h (tile height)");
-  pyvl::check_positive(w, "normalize_tiles: w (tile width)");
-}
-
-void normalize_tiles_cpu(std::uintptr_t src, std::uintptr_t dst, std::int64_t n, std::int64_t h, std::int64_t w,
-                         const Channels& mean, const Channels& stdev, int num_threads) {
-  pyvl::check_pointer(src, "normalize_tiles_cpu: src");
-  pyvl::check_pointer(dst, "normalize_tiles_cpu: dst");
-  check_tile_sizes(n, h, w);
-  pyvl::normalize_tiles_cpu(reinterpret_cast<const std::uint8_t*>(src), reinterpret_cast<float*>(dst), n, h, w,
-                            mean.data(), stdev.data(), num_threads);
-}
-
-void normalize_tiles_cuda(std::uintptr_t src, std::uintptr_t dst, int dtype, std::int64_t n, std::int64_t h,
-                          std::int64_t w, const Channels& mean, const Channels& stdev, std::uintptr_t stream) {
-#ifdef PYVL_WITH_CUDA
-  pyvl::check_pointer(src, "normalize_tiles_cuda: src");
-  pyvl::check_pointer(dst, "normalize_tiles_cuda: dst");
-  check_tile_sizes(n, h, w);
-  pyvl::normalize_tiles_cuda(reinterpret_cast<const std::uint8_t*>(src), reinterpret_cast<void*>(dst), dtype, n,
-                             h, w, mean.data(), stdev.data(), stream);
-#else
-  no_cuda();
-#endif
-}
-
 void check_image(std::uintptr_t src, std::int64_t h, std::int64_t w, std::int64_t row_stride, const char* op) {
   pyvl::check_pointer(src, op);
   pyvl::check_positive(h, "source height");
@@ -160,9 +132,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_has_avx2", &pyvl::cpu_has_avx2, "True when the CPU kernels run their AVX2 code (simd=True).");
 
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("normalize_tiles_cpu", &normalize_tiles_cpu, release_gil, py::arg("src"), py::arg("dst"), py::arg("n"),
-        py::arg("h"), py::arg("w"), py::arg("mean"), py::arg("std"), py::arg("num_threads") = 0,
-        "uint8 [n,h,w,3] at src -> float32 [n,3,h,w] at dst, (u/255 - mean[c]) / std[c]; 0 threads = auto.");
   m.def("resize_bicubic_cpu", &resize_bicubic_cpu, release_gil, py::arg("src"), py::arg("h"), py::arg("w"),
         py::arg("row_stride"), py::arg("dst"), py::arg("out_h"), py::arg("out_w"), py::arg("num_threads") = 0,
         py::kw_only(), py::arg("pass_order"), py::arg("simd") = true,
@@ -174,10 +143,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("pass_order"), py::arg("simd") = true,
         "RGB uint8 image -> float32 [cols*rows(+1),3,tile,tile]: Pillow-exact bicubic grid + thumbnail, normalised "
         "(pass_order and simd as in resize_bicubic_cpu).");
-  m.def("normalize_tiles_cuda", &normalize_tiles_cuda, release_gil, py::arg("src"), py::arg("dst"),
-        py::arg("dtype"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("mean"), py::arg("std"),
-        py::arg("stream"),
-        "CUDA normalize_tiles on device pointers, dst dtype FLOAT32 or BFLOAT16, enqueued on `stream`.");
   m.def("resize_tiles_cuda_workspace", &resize_tiles_cuda_workspace, py::arg("h"), py::arg("w"), py::arg("cols"),
         py::arg("rows"), py::arg("tile"), py::arg("thumbnail"), py::kw_only(),
         py::arg("pass_order"),

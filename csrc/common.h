@@ -106,15 +106,6 @@ void parallel_for(std::int64_t items, int threads, const Fn& fn) {
   if (first_error) std::rethrow_exception(first_error);
 }
 
-// normalize_tiles: src uint8 [n, h, w, 3] (NHWC, contiguous) -> dst [n, 3, h, w] (NCHW, contiguous),
-// dst = (src / 255 - mean[c]) / stdev[c] in float32 with IEEE division (no reciprocal, no FMA).
-void normalize_tiles_cpu(const std::uint8_t* src, float* dst, std::int64_t n, std::int64_t h, std::int64_t w,
-                         const float mean[3], const float stdev[3], int num_threads);
-// CUDA version: device pointers, dst dtype kFloat32 or kBFloat16 (rounded to nearest even), enqueued on
-// `stream` (a cudaStream_t as an integer; 0 = the legacy default stream). Asynchronous.
-void normalize_tiles_cuda(const std::uint8_t* src, void* dst, int dtype, std::int64_t n, std::int64_t h,
-                          std::int64_t w, const float mean[3], const float stdev[3], std::uintptr_t stream);
-
 // resize_bicubic: RGB uint8 [h, w, 3] (rows `row_stride` bytes apart) -> dst uint8 [out_h, out_w, 3], exactly
 // PIL.Image.resize((out_w, out_h), Image.BICUBIC) (8-bit fixed point, uint8 between the two passes) of the
 // Pillow whose pass-order rule `pass_order` names (resample::PassOrder). `simd` false forces the
@@ -124,7 +115,8 @@ void resize_bicubic_cpu(const std::uint8_t* src, std::int64_t h, std::int64_t w,
                         int num_threads);
 // resize_tiles: RGB uint8 source -> float32 [cols*rows (+1), 3, tile, tile]: the bicubic resize to
 // (cols*tile, rows*tile) cut into row-major tiles, then (when `thumbnail`) the source resized to (tile, tile)
-// last, every pixel normalised as normalize_tiles does. One read of the source for both resizes.
+// last, every pixel normalised to (u / 255 - mean[c]) / stdev[c] in float32 with IEEE division (no reciprocal,
+// no FMA), as torchvision's ToTensor + Normalize. One read of the source for both resizes.
 void resize_tiles_cpu(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
                       std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
                       const float mean[3], const float stdev[3], float* dst, int pass_order, bool simd,

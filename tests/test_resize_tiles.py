@@ -73,6 +73,17 @@ def test_load_image_native_equals_pillow_path():
         assert torch.equal(load_image(src, max_num=max_num), load_image(src, max_num=max_num, use_native=False))
 
 
+def test_every_uint8_value_is_normalised_like_torch_with_any_mean_and_std():
+    # A same-size resize is exact in Pillow and here, so each tile value is one uint8 through the normalisation.
+    from pyvl.ops import reference
+
+    values = np.arange(256, dtype=np.uint8)
+    src = np.stack([values, values[::-1], np.roll(values, 7)], axis=-1).reshape(16, 16, 3)
+    for mean, std in ((IMAGENET_MEAN, IMAGENET_STD), ((0.5, 0.25, 0.125), (0.5, 0.3, 0.7))):
+        want = reference.resize_tiles(src, 1, 1, 16, False, mean, std)
+        assert torch.equal(fused(src, 1, 1, 16, False, mean, std, out=torch.full((1, 3, 16, 16), float("nan"))), want)
+
+
 def test_thread_counts_agree():
     src = random_image(np.random.default_rng(9), 720, 1280)
     outs = [fused(src, 4, 2, num_threads=t) for t in (1, 2, 3, 0)]

@@ -3,7 +3,7 @@
 //
 //   grid  = PIL resize(src, (cols*T, rows*T), BICUBIC), cut into row-major T x T tiles  -> tiles 0 .. cols*rows-1
 //   thumb = PIL resize(src, (T, T), BICUBIC) when `thumbnail`                           -> tile  cols*rows (last)
-//   out[n, c, y, x] = (u / 255 - mean[c]) / std[c]   float32 (IEEE, as normalize_tiles), then RNE to bf16
+//   out[n, c, y, x] = (u / 255 - mean[c]) / std[c]   float32 (IEEE, no FMA), then RNE to bf16
 //
 // Each resize is Pillow's two separable passes in the order of the Pillow named by `pass_order`
 // (resample::vertical_first), with the fixed-
@@ -128,7 +128,7 @@ PYVL_HOST_DEVICE inline void filter_vertical(const std::uint8_t* image, std::int
   }
 }
 
-// (u / 255 - mean) / std in float32 with IEEE rounding, exactly as normalize_tiles (and the CPU table).
+// (u / 255 - mean) / std in float32 with IEEE rounding, exactly as the CPU kernel's table.
 PYVL_HOST_DEVICE inline float normalise(std::uint8_t u, float mean, float stdev) {
 #ifdef __CUDA_ARCH__
   return __fdiv_rn(__fsub_rn(__fdiv_rn(static_cast<float>(u), 255.0f), mean), stdev);

@@ -1,19 +1,8 @@
 """Checked Python wrappers over the compiled extension ``pyvl._C``.
 
 ``pyvl._C`` links no libtorch: its functions take raw data pointers, sizes, an output dtype code and, for CUDA
-ops, the stream handle. This module checks device, dtype, shape and contiguity (never silently copying),
-allocates ``out`` when it is not given, and calls the native function directly (a few microseconds). Each op
-is also registered with ``torch.library.custom_op`` plus a fake implementation, as ``torch.ops.pyvl.<op>``,
-so ``torch.compile`` can trace it; the wrappers route through it only while compiling, since a custom-op
-call costs ~40 us of Python dispatch. A direct CUDA call is captured by CUDA graphs as it is: it only
-enqueues a kernel on the current stream.
-
-normalize_tiles
-    tiles uint8 [N, H, W, 3] (NHWC, as PIL/numpy hold RGB images) -> out [N, 3, H, W] (NCHW, as the ViT wants)
-    out[n, c, y, x] = (tiles[n, y, x, c] / 255 - mean[c]) / std[c]   in float32, mean/std rounded to float32.
-    Bit-identical to the CPU torch reference ``((t.permute(0, 3, 1, 2).float().div(255) - mean) / std)``:
-    true division (not a multiply by 1/255) and no fused multiply-add. On CUDA, out may also be bfloat16: the
-    float32 value rounded to nearest even, as ``.to(torch.bfloat16)`` does.
+ops, the stream handle. This module checks device, dtype, shape and memory layout (never silently copying),
+allocates ``out`` when it is not given, and calls the native function directly (a few microseconds).
 
 resize_bicubic
     RGB uint8 [H, W, 3] -> uint8 [out_h, out_w, 3], bit-identical to ``PIL.Image.resize(.., BICUBIC)`` of the
@@ -22,7 +11,9 @@ resize_bicubic
     :func:`pillow_pass_order`).
 resize_tiles
     RGB uint8 [H, W, 3] -> float32 [cols*rows (+1 thumbnail), 3, T, T]: the original dynamic_preprocess
-    (grid resize, row-major crops, thumbnail of the whole image last) and normalize_tiles in one pass.
+    (grid resize, row-major crops, thumbnail of the whole image last) and ToTensor + Normalize in one pass:
+    out[n, c, y, x] = (u / 255 - mean[c]) / std[c] in float32 (true division, no fused multiply-add), mean and
+    std rounded to float32, bit-identical to the CPU torch reference.
 resize_tiles_cuda
     The same on a CUDA device, out float32 (equal to resize_tiles) or bfloat16 (resize_tiles rounded to
     nearest even). A host image is packed into a pinned buffer together with the bicubic weights and uploaded
@@ -51,19 +42,16 @@ except ImportError as exc:  # the usual cause: the source tree's pyvl/ shadows t
         "or use an editable install (`pip install -e .`), which works from anywhere."
     ) from exc
 
-__all__ = ["MAX_GRID_TILES", "pillow_pass_order", "pass_order_for", "has_cuda", "normalize_tiles", "resize_bicubic",
-           "resize_tiles", "resize_tiles_cuda"]
+__all__ = ["MAX_GRID_TILES", "pillow_pass_order", "pass_order_for", "has_cuda", "resize_bicubic", "resize_tiles",
+           "resize_tiles_cuda"]
 
 # The largest grid the kernels accept: the range they are tested at. Which grid an image gets is the tiling
 # policy's business (pyvl.image.choose_grid, at most pyvl.image.MAX_TILES), not this module's.
 MAX_GRID_TILES = 40
 MAX_THREADS = 1024  # the kernels take a C int; more threads than this is a mistake, not a machine
 
-# torch dtype -> _C dtype code, per device type.
-_OUT_DTYPES = {
-    "cpu": {torch.float32: _C.FLOAT32},
-    "cuda": {torch.float32: _C.FLOAT32, torch.bfloat16: _C.BFLOAT16},
-}
+# torch dtype -> _C dtype code of the tiles resize_tiles_cuda writes (the CPU kernel writes float32 only).
+_CUDA_OUT_DTYPES = {torch.float32: _C.FLOAT32, torch.bfloat16: _C.BFLOAT16}
 
 
 def _pillow_release(version: str) -> tuple[int, int] | None:
@@ -117,117 +105,14 @@ def has_cuda() -> bool:
     return _C.has_cuda()
 
 
-def _channels(name: str, values: Sequence[float]) -> tuple[float, float, float]:
+def _channels(op: str, name: str, values: Sequence[float]) -> tuple[float, float, float]:
     try:
         channels = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        raise ImageError(f"normalize_tiles: {name} must be 3 numbers (R, G, B), got {values!r}") from None
+        raise ImageError(f"{op}: {name} must be 3 numbers (R, G, B), got {values!r}") from None
     if len(channels) != 3:
-        raise ImageError(f"normalize_tiles: {name} must be 3 numbers (R, G, B), got {len(channels)}: {values!r}")
+        raise ImageError(f"{op}: {name} must be 3 numbers (R, G, B), got {len(channels)}: {values!r}")
     return channels
-
-
-def _check_tiles(tiles: np.ndarray | torch.Tensor) -> tuple[tuple[int, ...], torch.device]:
-    """Shape and device of uint8 [N, H, W, 3] C-contiguous tiles; ImageError naming what is wrong otherwise."""
-    if isinstance(tiles, np.ndarray):
-        dtype, shape, contiguous, device = tiles.dtype, tiles.shape, tiles.flags.c_contiguous, torch.device("cpu")
-        ok_dtype = dtype == np.uint8
-    elif isinstance(tiles, torch.Tensor):
-        dtype, shape, contiguous, device = tiles.dtype, tuple(tiles.shape), tiles.is_contiguous(), tiles.device
-        ok_dtype = dtype == torch.uint8
-    else:
-        raise ImageError(f"normalize_tiles: tiles must be a numpy array or torch tensor, got {type(tiles).__name__}")
-    if not ok_dtype:
-        raise ImageError(f"normalize_tiles: tiles must be uint8, got {dtype} (shape {shape})")
-    if len(shape) != 4 or shape[3] != 3:
-        raise ImageError(f"normalize_tiles: tiles must have shape [N, H, W, 3] (RGB, channels last), got {shape}")
-    if 0 in shape:
-        raise ImageError(f"normalize_tiles: tiles must not be empty, got shape {shape}")
-    if not contiguous:
-        raise ImageError(
-            f"normalize_tiles: tiles of shape {shape} must be C-contiguous; make a contiguous copy first "
-            "(np.ascontiguousarray / .contiguous())"
-        )
-    if device.type not in _OUT_DTYPES:
-        raise ImageError(f"normalize_tiles: tiles must be on the CPU or a CUDA device, got {device}")
-    return shape, device
-
-
-def _check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    n, h, w, _ = shape
-    if not isinstance(out, torch.Tensor):
-        raise ImageError(f"normalize_tiles: out must be a torch.Tensor, got {type(out).__name__}")
-    if tuple(out.shape) != (n, 3, h, w):
-        raise ImageError(
-            f"normalize_tiles: out must have shape {(n, 3, h, w)} for tiles {shape}, got {tuple(out.shape)}"
-        )
-    if out.device != device:
-        raise ImageError(f"normalize_tiles: out is on {out.device} but tiles are on {device}")
-    allowed = _OUT_DTYPES[device.type]
-    if out.dtype not in allowed:
-        raise ImageError(f"normalize_tiles: out on {device.type} must be one of {list(allowed)}, got {out.dtype}")
-    if not out.is_contiguous():
-        raise ImageError(f"normalize_tiles: out of shape {tuple(out.shape)} must be contiguous")
-
-
-def _launch(tiles, shape: tuple[int, ...], device: torch.device, mean, std, out: torch.Tensor, num_threads: int):
-    n, h, w, _ = shape
-    # A numpy array's pointer is taken directly: torch.from_numpy warns on the read-only arrays of np.asarray(PIL).
-    ptr = tiles.ctypes.data if isinstance(tiles, np.ndarray) else tiles.data_ptr()
-    if device.type == "cpu":
-        _C.normalize_tiles_cpu(ptr, out.data_ptr(), n, h, w, mean, std, num_threads)
-        return
-    if not _C.has_cuda():
-        raise RuntimeError(
-            "normalize_tiles: tiles are on CUDA but pyvl._C was built without CUDA (no nvcc at build time); "
-            "reinstall pyvl with nvcc on PATH (PYVL_CUDA=ON makes a missing nvcc a build error)"
-        )
-    # The kernel launches on the calling thread's current device, which must own the stream and the data.
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        _C.normalize_tiles_cuda(ptr, out.data_ptr(), _OUT_DTYPES["cuda"][out.dtype], n, h, w, mean, std, stream)
-
-
-@torch.library.custom_op("pyvl::normalize_tiles", mutates_args=("out",))
-def _normalize_tiles_op(
-    tiles: torch.Tensor, mean: list[float], std: list[float], out: torch.Tensor, num_threads: int
-) -> None:
-    shape, device = _check_tiles(tiles)
-    _check_out(out, shape, device)
-    _launch(tiles, shape, device, tuple(mean), tuple(std), out, num_threads)
-
-
-@_normalize_tiles_op.register_fake
-def _(tiles, mean, std, out, num_threads) -> None:
-    return None
-
-
-def normalize_tiles(
-    tiles: np.ndarray | torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-    out: torch.Tensor | None = None,
-    num_threads: int = 0,
-) -> torch.Tensor:
-    """uint8 [N, H, W, 3] tiles -> normalised [N, 3, H, W] (float32, or out's dtype), on the tiles' device.
-
-    ``tiles`` is a C-contiguous numpy array or a contiguous CPU/CUDA tensor. ``out``, when given, must be
-    contiguous [N, 3, H, W] on the same device: float32 (CPU), float32 or bfloat16 (CUDA). ``num_threads``
-    is for the CPU: 0 picks a count from the size and the cores, n > 0 uses n threads.
-    """
-    mean, std = _channels("mean", mean), _channels("std", std)
-    num_threads = _check_threads(num_threads, "normalize_tiles")
-    shape, device = _check_tiles(tiles)
-    n, h, w, _ = shape
-    if out is None:
-        out = torch.empty((n, 3, h, w), dtype=torch.float32, device=device)
-    else:
-        _check_out(out, shape, device)
-    if torch.compiler.is_compiling():  # raw pointers cannot be traced; the registered op can
-        torch.ops.pyvl.normalize_tiles(torch.as_tensor(tiles), list(mean), list(std), out, num_threads)
-    else:
-        _launch(tiles, shape, device, mean, std, out, num_threads)
-    return out
 
 
 def _check_image(image: np.ndarray, op: str) -> tuple[int, int, int]:
@@ -290,7 +175,7 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: 
     The thumbnail is appended only when asked for *and* the grid has more than one tile, as the original.
     """
     h, w, stride = _check_image(image, "resize_tiles")
-    mean, std = _channels("mean", mean), _channels("std", std)
+    mean, std = _channels("resize_tiles", "mean", mean), _channels("resize_tiles", "std", std)
     num_threads = _check_threads(num_threads, "resize_tiles")
     _check_grid(cols, rows, tile, "resize_tiles")
     pass_order = _resolve_pass_order(pass_order, "resize_tiles")
@@ -362,7 +247,7 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
     """
     op = "resize_tiles_cuda"
     h, w, row_stride, on_cuda = _check_cuda_image(image, op)
-    mean, std = _channels("mean", mean), _channels("std", std)
+    mean, std = _channels(op, "mean", mean), _channels(op, "std", std)
     _check_grid(cols, rows, tile, op)
     pass_order = _resolve_pass_order(pass_order, op)
     if dtype not in (torch.float32, torch.bfloat16):
@@ -415,7 +300,7 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
         src = image.data_ptr() if on_cuda else base
         if out is None:
             out = torch.empty(shape, dtype=dtype, device=target)
-        _call(op, what, _C.resize_tiles_cuda, src, h, w, row_stride, out.data_ptr(), _OUT_DTYPES["cuda"][dtype],
+        _call(op, what, _C.resize_tiles_cuda, src, h, w, row_stride, out.data_ptr(), _CUDA_OUT_DTYPES[dtype],
               cols, rows, tile, thumbnail, mean, std, base + image_bytes, coeff_bytes,
               base + image_bytes + coeff_bytes, tmp_bytes, stream.cuda_stream, pass_order=pass_order)
     return out
