@@ -38,6 +38,8 @@ def test_cpu_guards_reject_nonsense():
         ({"h": 0}, "source height must be > 0"), ({"row_stride": 14}, "row_stride 14 is smaller than 3 \\* width 15"),
         ({"tile": 0}, "tile must be > 0, got 0"), ({"num_threads": -2}, "num_threads must be >= 0"),
         ({"pass_order": 7}, "pass_order must be"),
+        ({"pixel_stride": 5}, r"pixel_stride must be 3 \(RGB\) or 4 \(RGBX\), got 5"),
+        ({"pixel_stride": 4, "row_stride": 19}, "row_stride 19 is smaller than 4 \\* width 20"),
     ]:
         with pytest.raises(ValueError, match=match):
             _C.resize_tiles_cpu(**{**args, **change})
