@@ -22,62 +22,40 @@ namespace {
                            "reinstall pyvl with nvcc on PATH, or with PYVL_CUDA=ON to make that an error");
 }
 
-void check_tile_sizes(std::int64_t n, std::int64_t h, std::int64_t w) {
-  pyvl::check_positive(n, "normalize_tiles: n (number of tiles)");
-  pyvl::check_positive(h, "normalize_tiles: h (tile height)");
-  pyvl::check_positive(w, "normalize_tiles: w (tile width)");
-}
-
-void normalize_tiles_cpu(std::uintptr_t src, std::uintptr_t dst, std::int64_t n, std::int64_t h, std::int64_t w,
-                         const Channels& mean, const Channels& stdev, int num_threads) {
-  pyvl::check_pointer(src, "normalize_tiles_cpu: src");
-  pyvl::check_pointer(dst, "normalize_tiles_cpu: dst");
-  check_tile_sizes(n, h, w);
-  pyvl::normalize_tiles_cpu(reinterpret_cast<const std::uint8_t*>(src), reinterpret_cast<float*>(dst), n, h, w,
-                            mean.data(), stdev.data(), num_threads);
-}
-
-void normalize_tiles_cuda(std::uintptr_t src, std::uintptr_t dst, int dtype, std::int64_t n, std::int64_t h,
-                          std::int64_t w, const Channels& mean, const Channels& stdev, std::uintptr_t stream) {
-#ifdef PYVL_WITH_CUDA
-  pyvl::check_pointer(src, "normalize_tiles_cuda: src");
-  pyvl::check_pointer(dst, "normalize_tiles_cuda: dst");
-  check_tile_sizes(n, h, w);
-  pyvl::normalize_tiles_cuda(reinterpret_cast<const std::uint8_t*>(src), reinterpret_cast<void*>(dst), dtype, n,
-                             h, w, mean.data(), stdev.data(), stream);
-#else
-  no_cuda();
-#endif
-}
-
-void check_image(std::uintptr_t src, std::int64_t h, std::int64_t w, std::int64_t row_stride, const char* op) {
+// A source of h rows, `row_stride` bytes apart, of w pixels `pixel_stride` bytes apart (R, G, B first).
+void check_image(std::uintptr_t src, std::int64_t h, std::int64_t w, std::int64_t row_stride, int pixel_stride,
+                 const char* op) {
   pyvl::check_pointer(src, op);
   pyvl::check_positive(h, "source height");
   pyvl::check_positive(w, "source width");
-  pyvl::check(row_stride >= 3 * w, op, ": row_stride ", row_stride, " is smaller than 3 * width ", 3 * w);
+  pyvl::check(pixel_stride == 3 || pixel_stride == 4, op, ": pixel_stride must be 3 (RGB) or 4 (RGBX), got ",
+              pixel_stride);
+  pyvl::check(row_stride >= pixel_stride * w, op, ": row_stride ", row_stride, " is smaller than ", pixel_stride,
+              " * width ", pixel_stride * w);
 }
 
 void resize_bicubic_cpu(std::uintptr_t src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
                         std::uintptr_t dst, std::int64_t out_h, std::int64_t out_w, int num_threads,
-                        int pass_order, bool simd) {
-  check_image(src, h, w, row_stride, "resize_bicubic_cpu: src");
+                        int pass_order, bool simd, int pixel_stride) {
+  check_image(src, h, w, row_stride, pixel_stride, "resize_bicubic_cpu: src");
   pyvl::check_pointer(dst, "resize_bicubic_cpu: dst");
   pyvl::check_positive(out_h, "resize_bicubic_cpu: out_h");
   pyvl::check_positive(out_w, "resize_bicubic_cpu: out_w");
-  pyvl::resize_bicubic_cpu(reinterpret_cast<const std::uint8_t*>(src), h, w, row_stride, out_h, out_w,
+  pyvl::resize_bicubic_cpu(reinterpret_cast<const std::uint8_t*>(src), h, w, row_stride, pixel_stride, out_h, out_w,
                            reinterpret_cast<std::uint8_t*>(dst), pass_order, simd, num_threads);
 }
 
 void resize_tiles_cpu(std::uintptr_t src, std::int64_t h, std::int64_t w, std::int64_t row_stride, std::uintptr_t dst,
                       std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail, const Channels& mean,
-                      const Channels& stdev, int num_threads, int pass_order, bool simd) {
-  check_image(src, h, w, row_stride, "resize_tiles_cpu: src");
+                      const Channels& stdev, int num_threads, int pass_order, bool simd, int pixel_stride) {
+  check_image(src, h, w, row_stride, pixel_stride, "resize_tiles_cpu: src");
   pyvl::check_pointer(dst, "resize_tiles_cpu: dst");
   pyvl::check_positive(cols, "resize_tiles_cpu: cols");
   pyvl::check_positive(rows, "resize_tiles_cpu: rows");
   pyvl::check_positive(tile, "resize_tiles_cpu: tile");
-  pyvl::resize_tiles_cpu(reinterpret_cast<const std::uint8_t*>(src), h, w, row_stride, cols, rows, tile, thumbnail,
-                         mean.data(), stdev.data(), reinterpret_cast<float*>(dst), pass_order, simd, num_threads);
+  pyvl::resize_tiles_cpu(reinterpret_cast<const std::uint8_t*>(src), h, w, row_stride, pixel_stride, cols, rows, tile,
+                         thumbnail, mean.data(), stdev.data(), reinterpret_cast<float*>(dst), pass_order, simd,
+                         num_threads);
 }
 
 void check_grid(std::int64_t cols, std::int64_t rows, std::int64_t tile, const char* op) {
@@ -114,16 +92,16 @@ void resize_tiles_cuda(std::uintptr_t src, std::int64_t h, std::int64_t w, std::
                        std::uintptr_t dst, int dtype, std::int64_t cols, std::int64_t rows, std::int64_t tile,
                        bool thumbnail, const Channels& mean, const Channels& stdev, std::uintptr_t coefficients,
                        std::int64_t coefficient_bytes, std::uintptr_t intermediate, std::int64_t intermediate_bytes,
-                       std::uintptr_t stream, int pass_order) {
+                       std::uintptr_t stream, int pass_order, int pixel_stride) {
 #ifdef PYVL_WITH_CUDA
-  check_image(src, h, w, row_stride, "resize_tiles_cuda: src");
+  check_image(src, h, w, row_stride, pixel_stride, "resize_tiles_cuda: src");
   pyvl::check_pointer(dst, "resize_tiles_cuda: dst");
   pyvl::check_pointer(coefficients, "resize_tiles_cuda: coefficients");
   pyvl::check_pointer(intermediate, "resize_tiles_cuda: intermediate");
   check_grid(cols, rows, tile, "resize_tiles_cuda");
-  pyvl::resize_tiles_cuda(reinterpret_cast<const std::uint8_t*>(src), h, w, row_stride, reinterpret_cast<void*>(dst),
-                          dtype, cols, rows, tile, thumbnail, pass_order, mean.data(), stdev.data(),
-                          reinterpret_cast<const void*>(coefficients), coefficient_bytes,
+  pyvl::resize_tiles_cuda(reinterpret_cast<const std::uint8_t*>(src), h, w, row_stride, pixel_stride,
+                          reinterpret_cast<void*>(dst), dtype, cols, rows, tile, thumbnail, pass_order, mean.data(),
+                          stdev.data(), reinterpret_cast<const void*>(coefficients), coefficient_bytes,
                           reinterpret_cast<void*>(intermediate), intermediate_bytes, stream);
 #else
   no_cuda();
@@ -160,24 +138,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_has_avx2", &pyvl::cpu_has_avx2, "True when the CPU kernels run their AVX2 code (simd=True).");
 
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("normalize_tiles_cpu", &normalize_tiles_cpu, release_gil, py::arg("src"), py::arg("dst"), py::arg("n"),
-        py::arg("h"), py::arg("w"), py::arg("mean"), py::arg("std"), py::arg("num_threads") = 0,
-        "uint8 [n,h,w,3] at src -> float32 [n,3,h,w] at dst, (u/255 - mean[c]) / std[c]; 0 threads = auto.");
   m.def("resize_bicubic_cpu", &resize_bicubic_cpu, release_gil, py::arg("src"), py::arg("h"), py::arg("w"),
         py::arg("row_stride"), py::arg("dst"), py::arg("out_h"), py::arg("out_w"), py::arg("num_threads") = 0,
-        py::kw_only(), py::arg("pass_order"), py::arg("simd") = true,
+        py::kw_only(), py::arg("pass_order"), py::arg("simd") = true, py::arg("pixel_stride") = 3,
         "RGB uint8 [h,w,3] -> uint8 [out_h,out_w,3], bit-identical to PIL resize(BICUBIC) of the Pillow whose "
-        "pass_order (PASS_ORDER_PILLOW_12_1, _12_2 or _13) is given; simd=False forces the portable code.");
+        "pass_order (PASS_ORDER_PILLOW_12_1, _12_2 or _13) is given; simd=False forces the portable code; "
+        "source pixels pixel_stride = 3 (RGB) or 4 (RGBX, the 4th byte ignored) bytes apart.");
   m.def("resize_tiles_cpu", &resize_tiles_cpu, release_gil, py::arg("src"), py::arg("h"), py::arg("w"),
         py::arg("row_stride"), py::arg("dst"), py::arg("cols"), py::arg("rows"), py::arg("tile"),
         py::arg("thumbnail"), py::arg("mean"), py::arg("std"), py::arg("num_threads") = 0, py::kw_only(),
-        py::arg("pass_order"), py::arg("simd") = true,
+        py::arg("pass_order"), py::arg("simd") = true, py::arg("pixel_stride") = 3,
         "RGB uint8 image -> float32 [cols*rows(+1),3,tile,tile]: Pillow-exact bicubic grid + thumbnail, normalised "
-        "(pass_order and simd as in resize_bicubic_cpu).");
-  m.def("normalize_tiles_cuda", &normalize_tiles_cuda, release_gil, py::arg("src"), py::arg("dst"),
-        py::arg("dtype"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("mean"), py::arg("std"),
-        py::arg("stream"),
-        "CUDA normalize_tiles on device pointers, dst dtype FLOAT32 or BFLOAT16, enqueued on `stream`.");
+        "(pass_order, simd and pixel_stride as in resize_bicubic_cpu).");
   m.def("resize_tiles_cuda_workspace", &resize_tiles_cuda_workspace, py::arg("h"), py::arg("w"), py::arg("cols"),
         py::arg("rows"), py::arg("tile"), py::arg("thumbnail"), py::kw_only(),
         py::arg("pass_order"),
@@ -190,7 +162,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row_stride"), py::arg("dst"), py::arg("dtype"), py::arg("cols"), py::arg("rows"), py::arg("tile"),
         py::arg("thumbnail"), py::arg("mean"), py::arg("std"), py::arg("coefficients"),
         py::arg("coefficient_bytes"), py::arg("intermediate"), py::arg("intermediate_bytes"), py::arg("stream"),
-        py::kw_only(), py::arg("pass_order"),
+        py::kw_only(), py::arg("pass_order"), py::arg("pixel_stride") = 3,
         "CUDA resize_tiles on device pointers (dst FLOAT32 or BFLOAT16 [N,3,tile,tile]), enqueued on `stream`; "
-        "`coefficients` holds a device copy of what resize_tiles_cuda_coefficients wrote.");
+        "`coefficients` holds a device copy of what resize_tiles_cuda_coefficients wrote; source pixels "
+        "pixel_stride = 3 or 4 bytes apart as in resize_bicubic_cpu.");
 }

@@ -106,27 +106,20 @@ void parallel_for(std::int64_t items, int threads, const Fn& fn) {
   if (first_error) std::rethrow_exception(first_error);
 }
 
-// normalize_tiles: src uint8 [n, h, w, 3] (NHWC, contiguous) -> dst [n, 3, h, w] (NCHW, contiguous),
-// dst = (src / 255 - mean[c]) / stdev[c] in float32 with IEEE division (no reciprocal, no FMA).
-void normalize_tiles_cpu(const std::uint8_t* src, float* dst, std::int64_t n, std::int64_t h, std::int64_t w,
-                         const float mean[3], const float stdev[3], int num_threads);
-// CUDA version: device pointers, dst dtype kFloat32 or kBFloat16 (rounded to nearest even), enqueued on
-// `stream` (a cudaStream_t as an integer; 0 = the legacy default stream). Asynchronous.
-void normalize_tiles_cuda(const std::uint8_t* src, void* dst, int dtype, std::int64_t n, std::int64_t h,
-                          std::int64_t w, const float mean[3], const float stdev[3], std::uintptr_t stream);
-
-// resize_bicubic: RGB uint8 [h, w, 3] (rows `row_stride` bytes apart) -> dst uint8 [out_h, out_w, 3], exactly
+// resize_bicubic: RGB uint8 [h, w, 3] (rows `row_stride` bytes apart, pixels `pixel_stride` = 3 or 4 bytes apart,
+// R, G, B first: packed RGB, or RGBX / RGBA with the 4th byte ignored) -> dst uint8 [out_h, out_w, 3], exactly
 // PIL.Image.resize((out_w, out_h), Image.BICUBIC) (8-bit fixed point, uint8 between the two passes) of the
 // Pillow whose pass-order rule `pass_order` names (resample::PassOrder). `simd` false forces the
 // portable code where the CPU has AVX2 (the results are identical; tests compare them).
 void resize_bicubic_cpu(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
-                        std::int64_t out_h, std::int64_t out_w, std::uint8_t* dst, int pass_order, bool simd,
-                        int num_threads);
-// resize_tiles: RGB uint8 source -> float32 [cols*rows (+1), 3, tile, tile]: the bicubic resize to
-// (cols*tile, rows*tile) cut into row-major tiles, then (when `thumbnail`) the source resized to (tile, tile)
-// last, every pixel normalised as normalize_tiles does. One read of the source for both resizes.
+                        int pixel_stride, std::int64_t out_h, std::int64_t out_w, std::uint8_t* dst, int pass_order,
+                        bool simd, int num_threads);
+// resize_tiles: RGB uint8 source (laid out as resize_bicubic's) -> float32 [cols*rows (+1), 3, tile, tile]: the
+// bicubic resize to (cols*tile, rows*tile) cut into row-major tiles, then (when `thumbnail`) the source resized
+// to (tile, tile) last, every pixel normalised to (u / 255 - mean[c]) / stdev[c] in float32 with IEEE division
+// (no reciprocal, no FMA), as torchvision's ToTensor + Normalize. One read of the source for both resizes.
 void resize_tiles_cpu(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
-                      std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
+                      int pixel_stride, std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
                       const float mean[3], const float stdev[3], float* dst, int pass_order, bool simd,
                       int num_threads);
 // Whether this CPU runs the AVX2 horizontal pass (x86-64 with AVX2).
@@ -136,7 +129,7 @@ bool cpu_has_avx2();
 // or kBFloat16 (the float32 value rounded to nearest even). The caller provides two device buffers of the
 // sizes resize_tiles_cuda_workspace gives (all three calls with the same sizes and pass_order): `coefficients`, holding a copy of what
 // resize_tiles_cuda_coefficients wrote into host memory, and `intermediate` (the uint8 image between the
-// passes). `src` is device memory; enqueued on `stream`, asynchronous.
+// passes). `src` is device memory laid out as resize_tiles_cpu's; enqueued on `stream`, asynchronous.
 struct ResizeTilesWorkspace {
   std::int64_t coefficient_bytes, intermediate_bytes;
 };
@@ -146,10 +139,10 @@ ResizeTilesWorkspace resize_tiles_cuda_workspace(std::int64_t h, std::int64_t w,
 void resize_tiles_cuda_coefficients(std::int64_t h, std::int64_t w, std::int64_t cols, std::int64_t rows,
                                     std::int64_t tile, bool thumbnail, int pass_order, void* host_dst,
                                     std::int64_t nbytes);
-void resize_tiles_cuda(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride, void* dst,
-                       int dtype, std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
-                       int pass_order, const float mean[3], const float stdev[3], const void* coefficients,
-                       std::int64_t coefficient_bytes, void* intermediate, std::int64_t intermediate_bytes,
-                       std::uintptr_t stream);
+void resize_tiles_cuda(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
+                       int pixel_stride, void* dst, int dtype, std::int64_t cols, std::int64_t rows, std::int64_t tile,
+                       bool thumbnail, int pass_order, const float mean[3], const float stdev[3],
+                       const void* coefficients, std::int64_t coefficient_bytes, void* intermediate,
+                       std::int64_t intermediate_bytes, std::uintptr_t stream);
 
 }  // namespace pyvl

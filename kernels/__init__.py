@@ -14,7 +14,6 @@ keyword-only ``out=`` / tuning arguments):
   pixel_shuffle.py     pixel_shuffle          InternVL pixel (un)shuffle v1/v2, and pixel_shuffle_from_vit (CLS
                                               dropped by pointer offset)
 CUDA kernels (bound in csrc/bindings.cpp, wrapped in pyvl/ops/native.py):
-  cuda/normalize_tiles.cu   uint8 NHWC tiles -> normalised fp32/bf16 NCHW
   cuda/resize_tiles.cu      Pillow-exact bicubic grid + thumbnail + normalisation (the GPU twin of
                             csrc/cpu/resize_tiles.cpp; coefficients from csrc/resample_coeffs.h)
 They run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before this package was imported

@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pyvl import checks
+from pyvl import checks, pixels
 from pyvl.errors import ImageError
 from pyvl.ops import reference
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "open_rgb_array", "is_raw_image", "candidate_grids",
-    "choose_grid", "tile_boxes", "dynamic_preprocess", "pixel_values_reference", "image_to_tiles", "load_image",
+    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "rgb_pixels", "open_rgb_array", "is_raw_image",
+    "candidate_grids", "choose_grid", "tile_boxes", "dynamic_preprocess", "pixel_values_reference", "image_to_tiles",
+    "load_image",
 ]
 
 
@@ -88,8 +89,9 @@ def _open_regular_file(path: str, name: str):
     return os.fdopen(fd, "rb")
 
 
-def _decode(source, name: str) -> Image.Image:
-    """Decode a file object fully (so truncated data fails here) and convert to RGB."""
+def _decode(source, name: str, finish):
+    """Decode a file object fully (so truncated data fails here); finish(decoded image) is returned, called before
+    the image is closed (open_image converts it to RGB, open_rgb_array reads its pixels)."""
     limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -98,7 +100,7 @@ def _decode(source, name: str) -> Image.Image:
             with Image.open(source) as img:
                 _check_size(img, name)  # header only: refuse before allocating pixels
                 img.load()
-                return img.convert("RGB")
+                return finish(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -109,7 +111,7 @@ def _decode(source, name: str) -> Image.Image:
                          f"expected a complete image file Pillow can decode (PNG, JPEG, ...)") from exc
 
 
-def _from_array(arr: np.ndarray) -> Image.Image:
+def _check_array(arr: np.ndarray) -> None:
     name = f"numpy array of shape {arr.shape} and dtype {arr.dtype}"
     if arr.dtype != np.uint8:
         raise ImageError(f"{name}: expected dtype uint8 (values 0..255)")
@@ -119,8 +121,43 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     if width <= 0 or height <= 0:
         raise ImageError(f"{name}: expected height and width >= 1")
     _check_pixel_limit(width, height, name)
-    # fromarray gives mode L / RGB / RGBA; convert("RGB") then treats it exactly like a decoded file.
-    return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")  # ascontiguousarray copies strided views
+
+
+def _pil_from_array(arr: np.ndarray) -> Image.Image:
+    """A checked array as Pillow sees it: fromarray gives mode L / RGB / RGBA (converted to RGB by the caller,
+    exactly like a decoded file)."""
+    return Image.fromarray(np.ascontiguousarray(arr))  # ascontiguousarray copies strided views
+
+
+def _rgb_image(img: Image.Image) -> Image.Image:
+    return img.convert("RGB")
+
+
+def _from_pil(image: Image.Image, finish):
+    """finish(image) once its pixels are loaded (a lazily opened image decodes here); ImageError otherwise."""
+    name = f"PIL image (mode {image.mode}, size {image.size[0]}x{image.size[1]})"
+    _check_size(image, name)
+    try:
+        image.load()
+        return finish(image)
+    except Exception as exc:
+        raise ImageError(f"{name}: cannot load pixels ({type(exc).__name__}: {exc})") from exc
+
+
+def _from_encoded(image, finish):
+    """finish(decoded image) for a path or an image file's bytes; ImageError for those and any other type."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        name = f"image file {path!r}"
+        with _open_regular_file(path, name) as f:
+            return _decode(f, name, finish)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise ImageError("image bytes: got 0 bytes; expected the contents of an image file")
+        return _decode(io.BytesIO(data), f"image bytes ({len(data)} bytes)", finish)
+    raise ImageError(f"image of type {type(image).__name__}: expected a path, bytes, PIL.Image.Image "
+                     f"or uint8 numpy array")
 
 
 def open_image(image) -> Image.Image:
@@ -129,28 +166,12 @@ def open_image(image) -> Image.Image:
     Accepts a path (str / os.PathLike), the encoded file as bytes, a PIL image of any mode, or a uint8 numpy
     array (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grayscale. Raises ImageError on anything unreadable.
     """
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        name = f"image file {path!r}"
-        with _open_regular_file(path, name) as f:
-            return _decode(f, name)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        if not data:
-            raise ImageError("image bytes: got 0 bytes; expected the contents of an image file")
-        return _decode(io.BytesIO(data), f"image bytes ({len(data)} bytes)")
     if isinstance(image, Image.Image):
-        name = f"PIL image (mode {image.mode}, size {image.size[0]}x{image.size[1]})"
-        _check_size(image, name)
-        try:
-            image.load()  # lazily opened images decode here
-            return image.convert("RGB")
-        except Exception as exc:
-            raise ImageError(f"{name}: cannot load pixels ({type(exc).__name__}: {exc})") from exc
+        return _from_pil(image, _rgb_image)
     if isinstance(image, np.ndarray):
-        return _from_array(image)
-    raise ImageError(f"image of type {type(image).__name__}: expected a path, bytes, PIL.Image.Image "
-                     f"or uint8 numpy array")
+        _check_array(image)
+        return _rgb_image(_pil_from_array(image))
+    return _from_encoded(image, _rgb_image)
 
 
 def is_raw_image(obj) -> bool:
@@ -158,21 +179,46 @@ def is_raw_image(obj) -> bool:
     return isinstance(obj, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray))
 
 
-def _packed_rgb(image: np.ndarray) -> bool:
-    """Pixels packed (strides (row, 3, 1)) and rows apart by at least one row, forward: what the kernels read."""
-    return image.strides[2] == 1 and image.strides[1] == 3 and image.strides[0] >= 3 * image.shape[1]
+def _array_pixels(arr: np.ndarray) -> np.ndarray:
+    _check_array(arr)
+    if arr.ndim == 2:  # grayscale: Pillow's L -> RGB conversion
+        return pixels.from_pil(_pil_from_array(arr))
+    rgb = arr if arr.shape[2] == 3 else arr[..., :3]  # an RGBA array's alpha goes, as convert("RGB") drops it
+    # copy(order="C") gives standard strides even where a size-1 dimension has an odd one
+    return rgb if pixels.layout(rgb.shape, rgb.strides) else rgb.copy(order="C")
+
+
+def rgb_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The RGB pixels of a decoded image, as the native resize reads them in place: uint8 [H, W, 3] whose pixels
+    are 3 or 4 bytes apart (strides (row, 3, 1) or (row, 4, 1); see pyvl.pixels), equal to
+    ``np.asarray(open_image(image))``, copied only where that cannot be avoided:
+
+    - a PIL image in mode RGB, RGBA or RGBX (4 bytes a pixel in Pillow, R, G, B first) is never converted: its
+      memory is returned in place (read-only; later changes to the image show through) where Pillow >= 13 can
+      export it (an image in one block: up to 4 Mpixels by default), else copied once as it is stored (pixels 4
+      bytes apart). Other modes are converted to RGB once, as the original does, then read the same way.
+    - a uint8 (H, W, 3) or (H, W, 4) array whose pixels are 3 or 4 bytes apart is returned as it is, or as its
+      first three channels (a view): the alpha goes, as convert("RGB") drops it. Other layouts (flipped,
+      transposed, broadcast, channel-strided) are copied once, packed; (H, W) grayscale is converted by Pillow.
+
+    With 4-byte pixels the 4th byte (padding or alpha) is not part of the image: a hash of the pixels must cover
+    channels 0..2 only. The array stays valid while it is referenced (it holds whatever owns the memory), even
+    after the PIL image is closed. Raises ImageError for anything else (decode paths and bytes with
+    open_rgb_array)."""
+    if isinstance(image, Image.Image):
+        return _from_pil(image, pixels.from_pil)
+    if isinstance(image, np.ndarray):
+        return _array_pixels(image)
+    raise ImageError(f"image of type {type(image).__name__}: expected a decoded image, a PIL.Image.Image or a "
+                     "uint8 numpy array (paths and bytes: open_rgb_array)")
 
 
 def open_rgb_array(image) -> np.ndarray:
-    """Like `open_image`, as an RGB uint8 [H, W, 3] array. An RGB array is used as it is when its pixels are
-    packed (any row stride: a crop of a larger image), which saves two copies of a large decoded photo, and
-    copied once otherwise (flipped, transposed, broadcast or channel-strided views), as Pillow would."""
-    if (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-            and image.shape[0] > 0 and image.shape[1] > 0):
-        _check_pixel_limit(image.shape[1], image.shape[0], f"numpy array of shape {image.shape}")
-        # copy(order="C") gives standard strides even where a size-1 dimension has an odd one
-        return image if _packed_rgb(image) else image.copy(order="C")
-    return np.asarray(open_image(image))
+    """Anything `open_image` accepts, as `rgb_pixels` gives it: a path or an image file's bytes is decoded and
+    its pixels read without the copy a conversion of an RGB image to RGB would make."""
+    if isinstance(image, (Image.Image, np.ndarray)):
+        return rgb_pixels(image)
+    return _from_encoded(image, pixels.from_pil)
 
 
 def _check_tile_args(min_num, max_num, image_size=448) -> None:

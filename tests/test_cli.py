@@ -89,7 +89,9 @@ def test_info(capsys):
 
 def test_bench_preprocess_small(capsys):
     pytest.importorskip("pyvl.ops.native", reason="pyvl._C is not built")
-    assert main(["bench", "preprocess", "--sizes", "640x320", "--max-nums", "2", "--repeat", "1", "--json"]) == 0
+    assert main(["bench", "preprocess", "--sizes", "640x320", "--max-nums", "2", "12", "--repeat", "1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[0]["image"] == "640x320" and rows[0]["tiles"] == 3
-    assert any(k.startswith("speedup") for k in rows[0])
+    assert [(r["image"], r["input"], r["max_num"]) for r in rows] == [
+        ("640x320", "array", 2), ("640x320", "array", 12), ("640x320", "PIL", 12)]  # PIL input at max_num 12
+    assert rows[0]["tiles"] == 3 and rows[2]["tiles"] == rows[1]["tiles"]
+    assert all(any(k.startswith("speedup") for k in row) for row in rows)

@@ -170,8 +170,6 @@ def test_thread_counts_are_validated(threads):
         native.resize_tiles(A, 1, 1, 16, False, (0.5,) * 3, (0.25,) * 3, num_threads=threads)
     with pytest.raises(ImageError, match="num_threads must be an int >= 0 and <= 1024"):
         native.resize_bicubic(A, 4, 4, num_threads=threads)
-    with pytest.raises(ImageError, match="num_threads must be an int >= 0 and <= 1024"):
-        native.normalize_tiles(A[None], (0.5,) * 3, (0.25,) * 3, num_threads=threads)
 
 
 def test_thread_count_limits_are_accepted():

@@ -64,9 +64,9 @@ IMAGE = np.zeros((8, 8, 3), np.uint8)
     (np.zeros((10, 10), np.uint8), r"\[H, W, 3\]"),
     (np.zeros((0, 10, 3), np.uint8), "must not be empty"),
     (torch.zeros((10, 0, 3), dtype=torch.uint8), "must not be empty"),
-    (np.zeros((10, 20, 3), np.uint8)[:, ::2], "packed RGB"),
-    (np.zeros((3, 10, 10), np.uint8).transpose(1, 2, 0), "packed RGB"),
-    (torch.zeros((10, 20, 3), dtype=torch.uint8)[:, ::2], "packed RGB"),
+    (np.zeros((10, 20, 3), np.uint8)[:, ::2], "RGB pixels 3 or 4 bytes apart"),
+    (np.zeros((3, 10, 10), np.uint8).transpose(1, 2, 0), "RGB pixels 3 or 4 bytes apart"),
+    (torch.zeros((10, 20, 3), dtype=torch.uint8)[:, ::2], "RGB pixels 3 or 4 bytes apart"),
     (torch.zeros((10, 10, 3), dtype=torch.uint8, device="meta"), "CPU or a CUDA device, got meta"),
     ("not an array", "numpy array"),
     ([[[0, 0, 0]]], "numpy array"),
@@ -114,14 +114,18 @@ def test_bad_out_dtype_and_layout():
         fused_cuda(IMAGE, 2, 1, thumbnail=False, out=torch.empty((3, 3, 448, 448), device="meta"))
 
 
-def test_missing_cuda_is_a_clear_runtime_error(monkeypatch):
+RGBX_VIEW = np.zeros((8, 8, 4), np.uint8)[..., :3]  # pixels 4 bytes apart: accepted as well
+
+
+@pytest.mark.parametrize("image", [IMAGE, RGBX_VIEW, torch.from_numpy(RGBX_VIEW)], ids=["rgb", "rgbx", "rgbx tensor"])
+def test_missing_cuda_is_a_clear_runtime_error(monkeypatch, image):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if native.has_cuda():
         with pytest.raises(RuntimeError, match="torch.cuda is not available.*use resize_tiles"):
-            fused_cuda(IMAGE, 1, 1)
+            fused_cuda(image, 1, 1)
     monkeypatch.setattr(native._C, "has_cuda", lambda: False)
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        fused_cuda(IMAGE, 1, 1)
+        fused_cuda(image, 1, 1)
 
 
 def test_bindings_exist_with_cuda():
@@ -290,6 +294,20 @@ def test_tensor_inputs_strided_rows_custom_normalisation():
         assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
     default = fused_cuda(view, 3, 2)  # bfloat16, ImageNet constants
     assert default.dtype == torch.bfloat16 and torch.equal(default.cpu(), cpu_tiles(view, 3, 2).to(torch.bfloat16))
+
+
+@gpu
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 9), (9, 1), (333, 517), (1080, 1920), (4000, 300)])
+def test_four_byte_pixels_equal_packed_ones(h, w):
+    """RGBX rows (what pyvl.image.rgb_pixels gives for a PIL image), the 4th byte random: uploaded as they are
+    from the host, or read in place on the GPU."""
+    rng = np.random.default_rng(h + w)
+    rgbx = np.concatenate([random_image(rng, h, w), rng.integers(0, 256, (h, w, 1), dtype=np.uint8)], axis=2)
+    grid = choose_grid(w, h, 1, 12)
+    assert_same(rgbx[..., :3], *grid, f"{w}x{h} RGBX from the host")
+    want = cpu_tiles(rgbx[..., :3], *grid)
+    got = fused_cuda(torch.from_numpy(rgbx).cuda()[..., :3], *grid, dtype=torch.float32)
+    assert torch.equal(got.cpu(), want), f"{w}x{h} RGBX on the GPU"
 
 
 @gpu

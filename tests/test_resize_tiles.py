@@ -73,6 +73,17 @@ def test_load_image_native_equals_pillow_path():
         assert torch.equal(load_image(src, max_num=max_num), load_image(src, max_num=max_num, use_native=False))
 
 
+def test_every_uint8_value_is_normalised_like_torch_with_any_mean_and_std():
+    # A same-size resize is exact in Pillow and here, so each tile value is one uint8 through the normalisation.
+    from pyvl.ops import reference
+
+    values = np.arange(256, dtype=np.uint8)
+    src = np.stack([values, values[::-1], np.roll(values, 7)], axis=-1).reshape(16, 16, 3)
+    for mean, std in ((IMAGENET_MEAN, IMAGENET_STD), ((0.5, 0.25, 0.125), (0.5, 0.3, 0.7))):
+        want = reference.resize_tiles(src, 1, 1, 16, False, mean, std)
+        assert torch.equal(fused(src, 1, 1, 16, False, mean, std, out=torch.full((1, 3, 16, 16), float("nan"))), want)
+
+
 def test_thread_counts_agree():
     src = random_image(np.random.default_rng(9), 720, 1280)
     outs = [fused(src, 4, 2, num_threads=t) for t in (1, 2, 3, 0)]
@@ -92,8 +103,11 @@ def test_out_argument_and_poison():
     (np.zeros((10, 10, 4), dtype=np.uint8), r"\[H, W, 3\]"),
     (np.zeros((10, 10), dtype=np.uint8), r"\[H, W, 3\]"),
     (np.zeros((0, 10, 3), dtype=np.uint8), "must not be empty"),
-    (np.zeros((10, 20, 3), dtype=np.uint8)[:, ::2], "packed RGB"),
-    (np.zeros((3, 10, 10), dtype=np.uint8).transpose(1, 2, 0), "packed RGB"),
+    (np.zeros((10, 20, 3), dtype=np.uint8)[:, ::2], "RGB pixels 3 or 4 bytes apart"),
+    (np.zeros((3, 10, 10), dtype=np.uint8).transpose(1, 2, 0), "RGB pixels 3 or 4 bytes apart"),
+    (np.zeros((4, 5, 5), dtype=np.uint8)[..., :3], r"shape \(4, 5, 3\) .*got strides \(25, 5, 1\)"),
+    (np.lib.stride_tricks.as_strided(np.zeros(99, np.uint8), (4, 5, 3), (19, 4, 1)),  # rows overlap
+     r"shape \(4, 5, 3\) .*got strides \(19, 4, 1\)"),
     ("not an array", "numpy array"),
 ])
 def test_bad_images(bad, match):
@@ -125,10 +139,11 @@ RULES = (_C.PASS_ORDER_PILLOW_12_1, _C.PASS_ORDER_PILLOW_12_2, _C.PASS_ORDER_PIL
 
 
 def c_resize(src: np.ndarray, out_h: int, out_w: int, pass_order: int, simd: bool = True) -> np.ndarray:
+    """The binding itself on an [H, W, 3] array with pixels 3 or 4 bytes apart."""
     h, w, _ = src.shape
     out = np.empty((out_h, out_w, 3), np.uint8)
-    _C.resize_bicubic_cpu(src.ctypes.data, h, w, w * 3, out.ctypes.data, out_h, out_w, 1, pass_order=pass_order,
-                          simd=simd)
+    _C.resize_bicubic_cpu(src.ctypes.data, h, w, src.strides[0], out.ctypes.data, out_h, out_w, 1,
+                          pass_order=pass_order, simd=simd, pixel_stride=src.strides[1])
     return out
 
 
@@ -205,6 +220,25 @@ def test_avx2_and_portable_code_agree():
                                 IMAGENET_STD, 2, pass_order=_C.PASS_ORDER_PILLOW_13, simd=simd)
             tiles.append(out)
         assert torch.equal(tiles[0], tiles[1]), tile
+
+
+def test_four_byte_pixels_equal_packed_ones_in_every_code_path():
+    # RGBX / RGBA rows (the 4th byte random, never part of a result) against the packed RGB copy, for every
+    # pass-order rule (h-first and v-first first passes), SIMD and portable code, strided rows, one row or column.
+    rng = np.random.default_rng(12)
+    for h, w, out_h, out_w in [(1, 1, 1, 1), (3, 7, 5, 2), (17, 1001, 33, 448), (640, 480, 896, 1344),
+                               (1000, 3, 40, 500), (1, 40, 7, 33), (900, 50, 20, 40), (2000, 30, 17, 9)]:
+        rgbx = rng.integers(0, 256, (h, w + 2, 4), dtype=np.uint8)[:, 1:-1]  # rows 4 * (w + 2) bytes apart
+        packed = np.ascontiguousarray(rgbx[..., :3])
+        for rule in RULES:
+            for simd in (True, False):
+                want = c_resize(packed, out_h, out_w, rule, simd)
+                assert np.array_equal(c_resize(rgbx[..., :3], out_h, out_w, rule, simd), want), (h, w, rule, simd)
+        want = native.resize_bicubic(packed, out_w, out_h)
+        assert np.array_equal(native.resize_bicubic(rgbx[..., :3], out_w, out_h), want)
+        cols, rows = choose_grid(w, h, 1, 6)
+        want = fused(packed, cols, rows, 32, num_threads=2)
+        assert torch.equal(fused(rgbx[..., :3], cols, rows, 32, num_threads=2), want), (h, w)
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

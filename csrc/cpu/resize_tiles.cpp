@@ -1,4 +1,6 @@
 // Pillow-exact bicubic resize, fused with tiling and normalisation (the CPU side of pyvl's preprocessing).
+// The source's pixels are 3 bytes apart (packed RGB) or 4 (RGBX: how Pillow stores an RGB image, read in place;
+// the 4th byte is never part of a result).
 //
 // The original pipeline: PIL resize(RGB, (T*cols, T*rows), BICUBIC) -> crop row-major TxT tiles ->
 // PIL resize(original, (T, T)) thumbnail -> ToTensor -> Normalize. Pillow's 8-bit resampler is separable: one
@@ -106,13 +108,13 @@ struct PairedWeights {
 };
 
 // Up to 16 RGB rows interleaved column by column over a window of columns [x0, x1): data[x - x0][r][c], so
-// the rows' pixels at one column are contiguous. Missing rows (a short last block) repeat the last one:
-// their lanes are computed but never stored. Columns past the row end (a tap pair's zero-weighted second
-// column) are zeros.
+// the rows' pixels at one column are contiguous. A row's pixels are `pixel_bytes` (3 or 4) apart, R, G, B
+// first; a 4th byte is never kept. Missing rows (a short last block) repeat the last one: their lanes are
+// computed but never stored. Columns past the row end (a tap pair's zero-weighted second column) are zeros.
 class Interleaved {
  public:
-  Interleaved(const std::uint8_t* first_row, std::int64_t stride, int n_rows, std::int64_t width)
-      : width_(width) {
+  Interleaved(const std::uint8_t* first_row, std::int64_t stride, int n_rows, std::int64_t width, int pixel_bytes)
+      : width_(width), pixel_bytes_(pixel_bytes) {
     for (int r = 0; r < kRowBlock; ++r) rows_[r] = first_row + std::min(r, n_rows - 1) * stride;
   }
   // Columns [a, b) interleaved (b <= width + 1); returns where column x0 lies.
@@ -131,17 +133,18 @@ class Interleaved {
       std::uint8_t* dst = &data_[x * kLanes];
       for (int r = 0; r < kRowBlock; ++r) {
         std::uint32_t v;
-        std::memcpy(&v, rows_[r] + 3 * (a + x), 4);
+        std::memcpy(&v, rows_[r] + pixel_bytes_ * (a + x), 4);
         std::memcpy(dst + 3 * r, &v, 4);
       }
     }
     for (int r = 0; r < kRowBlock; ++r)  // the last column: exactly 3 bytes, never reading past the row
-      std::memcpy(&data_[(real - 1) * kLanes + 3 * r], rows_[r] + 3 * (a + real - 1), 3);
+      std::memcpy(&data_[(real - 1) * kLanes + 3 * r], rows_[r] + pixel_bytes_ * (a + real - 1), 3);
     std::fill(data_.begin() + real * kLanes, data_.end(), std::uint8_t{0});
   }
 
   const std::uint8_t* rows_[kRowBlock];
   std::int64_t width_, x0_ = 0, x1_ = 0;
+  int pixel_bytes_;
   std::vector<std::uint8_t> data_;
 };
 
@@ -243,12 +246,12 @@ void horizontal_rows(Interleaved& in, const PairedWeights& pw, std::uint8_t* con
   }
 }
 
-// Vertical pass (Pillow's ImagingResampleVertical_8bpc) of output row `row`: rows of `in` are `stride` bytes
-// apart and the first is source row `in_first`; runs of kVerticalRun values at a time.
+// Vertical pass (Pillow's ImagingResampleVertical_8bpc) of output row `row`: the first n bytes of rows of `in`
+// (`stride` bytes apart, the first is source row `in_first`); runs of kVerticalRun values at a time. Each byte
+// is filtered on its own, so the channels' layout does not matter.
 PYVL_MULTIVERSION
-void vertical_row_scalar(const std::uint8_t* in, std::int64_t stride, std::int64_t in_first, std::int64_t width,
+void vertical_row_scalar(const std::uint8_t* in, std::int64_t stride, std::int64_t in_first, std::int64_t n,
                          const Axis& ax, std::int64_t row, std::uint8_t* out) {
-  const std::int64_t n = width * 3;
   const int* k = &ax.weights[row * ax.ksize];
   const std::uint8_t* base = in + (ax.first[row] - in_first) * stride;
   int acc[kVerticalRun];
@@ -270,9 +273,9 @@ void vertical_row_scalar(const std::uint8_t* in, std::int64_t stride, std::int64
 // and _mm256_madd_epi16 with the pair's (hi, hi') and (lo, lo') weight halves gives exact int32 partial sums,
 // as in the horizontal pass. The last n % 32 values are summed one by one.
 __attribute__((target("avx2"))) void vertical_row_avx2(const std::uint8_t* in, std::int64_t stride,
-                                                       std::int64_t in_first, std::int64_t width, const Axis& ax,
+                                                       std::int64_t in_first, std::int64_t n, const Axis& ax,
                                                        std::int64_t row, std::uint8_t* out) {
-  const std::int64_t n = width * 3, count = ax.count[row];
+  const std::int64_t count = ax.count[row];
   const int* k = &ax.weights[row * ax.ksize];
   const std::uint8_t* base = in + (ax.first[row] - in_first) * stride;
   const auto halves = [](int ka, int kb, int shift, int mask) {  // two int16 weight halves as one int32
@@ -317,26 +320,33 @@ __attribute__((target("avx2"))) void vertical_row_avx2(const std::uint8_t* in, s
 }
 #endif
 
-void vertical_row(const std::uint8_t* in, std::int64_t stride, std::int64_t in_first, std::int64_t width,
+void vertical_row(const std::uint8_t* in, std::int64_t stride, std::int64_t in_first, std::int64_t n,
                   const Axis& ax, std::int64_t row, std::uint8_t* out, bool simd) {
 #ifdef PYVL_HAVE_AVX2_KERNEL
-  if (simd && cpu_has_avx2_kernel()) return vertical_row_avx2(in, stride, in_first, width, ax, row, out);
+  if (simd && cpu_has_avx2_kernel()) return vertical_row_avx2(in, stride, in_first, n, ax, row, out);
 #endif
-  vertical_row_scalar(in, stride, in_first, width, ax, row, out);
+  vertical_row_scalar(in, stride, in_first, n, ax, row, out);
 }
+
+// The bytes a row of `width` pixels `pixel_bytes` apart spans: the last pixel's 4th byte, if any, is not its.
+std::int64_t row_extent(std::int64_t width, int pixel_bytes) { return (width - 1) * pixel_bytes + 3; }
 
 // One resize of the source (the grid or the thumbnail), its passes in the order of the chosen Pillow.
 struct Target {
   std::int64_t in_w, out_w, out_h;
+  int in_pixel;  // bytes from one source pixel to the next (3 or 4)
   bool vertical_first;
   Axis vertical;
   PairedWeights horizontal;
-  Bytes tmp;  // h-first: source rows [rows_begin, rows_end) resized in x; v-first: (out_h, in_w)
+  // h-first: source rows [rows_begin, rows_end) resized in x, packed RGB; v-first: (out_h, in_w) pixels laid out
+  // as the source's (in_pixel bytes each: the vertical pass filters a 4th byte too rather than repack the row).
+  Bytes tmp;
 
-  Target(std::int64_t h, std::int64_t w, std::int64_t oh, std::int64_t ow, int pass_order)
-      : in_w(w), out_w(ow), out_h(oh), vertical_first(resample::vertical_first(h, w, oh, ow, pass_order)),
-        vertical(h, oh), horizontal(Axis(w, ow)),
-        tmp(new_bytes(vertical_first ? oh * w * 3 : (vertical.rows_end() - vertical.rows_begin()) * ow * 3)) {}
+  Target(std::int64_t h, std::int64_t w, int pixel_bytes, std::int64_t oh, std::int64_t ow, int pass_order)
+      : in_w(w), out_w(ow), out_h(oh), in_pixel(pixel_bytes),
+        vertical_first(resample::vertical_first(h, w, oh, ow, pass_order)), vertical(h, oh), horizontal(Axis(w, ow)),
+        tmp(new_bytes(vertical_first ? oh * w * pixel_bytes
+                                     : (vertical.rows_end() - vertical.rows_begin()) * ow * 3)) {}
 
   // h-first, first pass: the source rows [y, y + n) (interleaved in `in`) resized in x, those this target uses.
   void horizontal_source_block(Interleaved& in, std::int64_t y, int n, bool simd,
@@ -350,18 +360,18 @@ struct Target {
   }
   // v-first, first pass: output row r resized in y straight from the source.
   void vertical_source_row(const std::uint8_t* src, std::int64_t row_stride, std::int64_t r, bool simd) const {
-    vertical_row(src, row_stride, 0, in_w, vertical, r, &tmp[r * in_w * 3], simd);
+    vertical_row(src, row_stride, 0, row_extent(in_w, in_pixel), vertical, r, &tmp[r * in_w * in_pixel], simd);
   }
   // Second pass: finished uint8 output rows [r, r + n), n <= kRowBlock, into `lines` (n x out_w x 3).
   void finish_rows(std::int64_t r, int n, bool simd, std::vector<std::uint8_t>& px, std::uint8_t* lines) const {
     if (vertical_first) {
-      Interleaved in(&tmp[r * in_w * 3], in_w * 3, n, in_w);
+      Interleaved in(&tmp[r * in_w * in_pixel], in_w * in_pixel, n, in_w, in_pixel);
       std::uint8_t* out[kRowBlock] = {};
       for (int i = 0; i < n; ++i) out[i] = lines + i * out_w * 3;
       horizontal_rows(in, horizontal, out, simd, px);
     } else {
       for (int i = 0; i < n; ++i)
-        vertical_row(tmp.get(), out_w * 3, vertical.rows_begin(), out_w, vertical, r + i, lines + i * out_w * 3,
+        vertical_row(tmp.get(), out_w * 3, vertical.rows_begin(), out_w * 3, vertical, r + i, lines + i * out_w * 3,
                      simd);
     }
   }
@@ -369,7 +379,7 @@ struct Target {
 
 // First pass of the targets: the h-first ones share one sweep over the source in blocks of 16 rows.
 void first_pass(const std::vector<Target*>& targets, const std::uint8_t* src, std::int64_t w, std::int64_t row_stride,
-                bool simd, int num_threads) {
+                int pixel_bytes, bool simd, int num_threads) {
   std::int64_t y0 = LLONG_MAX, y1 = 0;
   for (const Target* t : targets)
     if (!t->vertical_first) y0 = std::min(y0, t->vertical.rows_begin()), y1 = std::max(y1, t->vertical.rows_end());
@@ -380,7 +390,7 @@ void first_pass(const std::vector<Target*>& targets, const std::uint8_t* src, st
       for (std::int64_t i = b; i < e; ++i) {
         const std::int64_t y = y0 + i * kRowBlock;
         const int n = static_cast<int>(std::min<std::int64_t>(kRowBlock, y1 - y));
-        Interleaved in(src + y * row_stride, row_stride, n, w);
+        Interleaved in(src + y * row_stride, row_stride, n, w, pixel_bytes);
         for (const Target* t : targets)
           if (!t->vertical_first) t->horizontal_source_block(in, y, n, simd, px);
       }
@@ -469,20 +479,20 @@ void normalise_run(const std::uint8_t* px, std::int64_t n, const float (*table)[
 bool cpu_has_avx2() { return cpu_has_avx2_kernel(); }
 
 void resize_bicubic_cpu(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
-                        std::int64_t out_h, std::int64_t out_w, std::uint8_t* dst, int pass_order, bool simd,
-                        int num_threads) {
+                        int pixel_stride, std::int64_t out_h, std::int64_t out_w, std::uint8_t* dst, int pass_order,
+                        bool simd, int num_threads) {
   resample::check_sides(h, w, out_h, out_w, "resize_bicubic_cpu");
   resample::check_pass_order(pass_order, "resize_bicubic_cpu");
-  Target t(h, w, out_h, out_w, pass_order);
+  Target t(h, w, pixel_stride, out_h, out_w, pass_order);
   const std::vector<Target*> targets{&t};
-  first_pass(targets, src, w, row_stride, simd, num_threads);
+  first_pass(targets, src, w, row_stride, pixel_stride, simd, num_threads);
   second_pass(targets, simd, num_threads, [&](int, std::int64_t r, const std::uint8_t* line) {
     std::copy_n(line, out_w * 3, dst + r * out_w * 3);
   });
 }
 
 void resize_tiles_cpu(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
-                      std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
+                      int pixel_stride, std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
                       const float mean[3], const float stdev[3], float* dst, int pass_order, bool simd,
                       int num_threads) {
   check(cols <= resample::kMaxSide && rows <= resample::kMaxSide && tile <= resample::kMaxSide,
@@ -493,12 +503,12 @@ void resize_tiles_cpu(const std::uint8_t* src, std::int64_t h, std::int64_t w, s
   for (int c = 0; c < 3; ++c)
     for (int u = 0; u < 256; ++u) table[c][u] = (static_cast<float>(u) / 255.0f - mean[c]) / stdev[c];
 
-  Target grid(h, w, rows * tile, cols * tile, pass_order);
+  Target grid(h, w, pixel_stride, rows * tile, cols * tile, pass_order);
   std::vector<Target> thumb;
-  if (thumbnail) thumb.emplace_back(h, w, tile, tile, pass_order);
+  if (thumbnail) thumb.emplace_back(h, w, pixel_stride, tile, tile, pass_order);
   std::vector<Target*> targets{&grid};
   if (thumbnail) targets.push_back(&thumb[0]);
-  first_pass(targets, src, w, row_stride, simd, num_threads);
+  first_pass(targets, src, w, row_stride, pixel_stride, simd, num_threads);
 
   const std::int64_t plane = tile * tile;
   advise_huge_pages(dst, (rows * cols + (thumbnail ? 1 : 0)) * 3 * plane * static_cast<std::int64_t>(sizeof(float)));

@@ -1,9 +1,10 @@
-// resize_tiles on the GPU: RGB uint8 [h, w, 3] on the device -> [N, 3, T, T] float32 or bfloat16 tiles, the
-// same operation as csrc/cpu/resize_tiles.cpp and bit-identical to it (so to Pillow + ToTensor + Normalize):
+// resize_tiles on the GPU: RGB uint8 [h, w, 3] on the device (pixels 3 bytes apart, or 4: RGBX, the 4th byte
+// ignored) -> [N, 3, T, T] float32 or bfloat16 tiles, the same operation as csrc/cpu/resize_tiles.cpp and
+// bit-identical to it (so to Pillow + ToTensor + Normalize):
 //
 //   grid  = PIL resize(src, (cols*T, rows*T), BICUBIC), cut into row-major T x T tiles  -> tiles 0 .. cols*rows-1
 //   thumb = PIL resize(src, (T, T), BICUBIC) when `thumbnail`                           -> tile  cols*rows (last)
-//   out[n, c, y, x] = (u / 255 - mean[c]) / std[c]   float32 (IEEE, as normalize_tiles), then RNE to bf16
+//   out[n, c, y, x] = (u / 255 - mean[c]) / std[c]   float32 (IEEE, no FMA), then RNE to bf16
 //
 // Each resize is Pillow's two separable passes in the order of the Pillow named by `pass_order`
 // (resample::vertical_first), with the fixed-
@@ -99,13 +100,15 @@ PYVL_HOST_DEVICE inline U load(const U* p) {  // through the read-only data cach
 #endif
 }
 
-// Pillow's ImagingResampleHorizontal_8bpc for output pixel x of one packed RGB row.
-PYVL_HOST_DEVICE inline void filter_horizontal(const std::uint8_t* row, const DeviceAxis& ax, int x, int acc[3]) {
+// Pillow's ImagingResampleHorizontal_8bpc for output pixel x of one RGB row whose pixels are `pixel` bytes apart
+// (3: packed; 4: RGBX, the 4th byte ignored).
+PYVL_HOST_DEVICE inline void filter_horizontal(const std::uint8_t* row, int pixel, const DeviceAxis& ax, int x,
+                                               int acc[3]) {
   const int first = load(ax.bounds + 2 * x), count = load(ax.bounds + 2 * x + 1);
   const int* k = ax.weights + static_cast<std::int64_t>(x) * ax.ksize;
-  const std::uint8_t* p = row + static_cast<std::int64_t>(first) * 3;
+  const std::uint8_t* p = row + static_cast<std::int64_t>(first) * pixel;
   acc[0] = acc[1] = acc[2] = kHalf;
-  for (int t = 0; t < count; ++t, p += 3) {
+  for (int t = 0; t < count; ++t, p += pixel) {
     const int kt = load(k + t);
     acc[0] += load(p) * kt;
     acc[1] += load(p + 1) * kt;
@@ -113,12 +116,13 @@ PYVL_HOST_DEVICE inline void filter_horizontal(const std::uint8_t* row, const De
   }
 }
 
-// Pillow's ImagingResampleVertical_8bpc for output pixel (y, x); rows of `image` are `stride` bytes apart.
-PYVL_HOST_DEVICE inline void filter_vertical(const std::uint8_t* image, std::int64_t stride, const DeviceAxis& ax,
-                                             int y, int x, int acc[3]) {
+// Pillow's ImagingResampleVertical_8bpc for output pixel (y, x); rows of `image` are `stride` bytes apart, pixels
+// `pixel` bytes apart.
+PYVL_HOST_DEVICE inline void filter_vertical(const std::uint8_t* image, std::int64_t stride, int pixel,
+                                             const DeviceAxis& ax, int y, int x, int acc[3]) {
   const int first = load(ax.bounds + 2 * y), count = load(ax.bounds + 2 * y + 1);
   const int* k = ax.weights + static_cast<std::int64_t>(y) * ax.ksize;
-  const std::uint8_t* p = image + first * stride + 3 * static_cast<std::int64_t>(x);
+  const std::uint8_t* p = image + first * stride + static_cast<std::int64_t>(pixel) * x;
   acc[0] = acc[1] = acc[2] = kHalf;
   for (int t = 0; t < count; ++t, p += stride) {
     const int kt = load(k + t);
@@ -128,7 +132,7 @@ PYVL_HOST_DEVICE inline void filter_vertical(const std::uint8_t* image, std::int
   }
 }
 
-// (u / 255 - mean) / std in float32 with IEEE rounding, exactly as normalize_tiles (and the CPU table).
+// (u / 255 - mean) / std in float32 with IEEE rounding, exactly as the CPU kernel's table.
 PYVL_HOST_DEVICE inline float normalise(std::uint8_t u, float mean, float stdev) {
 #ifdef __CUDA_ARCH__
   return __fdiv_rn(__fsub_rn(__fdiv_rn(static_cast<float>(u), 255.0f), mean), stdev);
@@ -140,20 +144,20 @@ PYVL_HOST_DEVICE inline float normalise(std::uint8_t u, float mean, float stdev)
 PYVL_HOST_DEVICE inline void store(float* p, float x) { *p = x; }
 PYVL_HOST_DEVICE inline void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
-// Pass 1 for one pixel: the source filtered in the first direction, into the job's uint8 intermediate.
+// Pass 1 for one pixel: the source filtered in the first direction, into the job's packed uint8 intermediate.
 PYVL_HOST_DEVICE inline void first_pass_pixel(const Pass& p, const std::uint8_t* src, std::int64_t src_stride,
-                                              unsigned block, int thread) {
+                                              int src_pixel, unsigned block, int thread) {
   const Work wk = locate(p, block, thread);
   const Job& job = p.job[wk.job];
   int acc[3];
   std::uint8_t* out;
   if (job.vertical_first) {  // output row wk.row, every source column
     if (wk.x >= job.in_w) return;
-    filter_vertical(src, src_stride, job.vertical, wk.row, wk.x, acc);
+    filter_vertical(src, src_stride, src_pixel, job.vertical, wk.row, wk.x, acc);
     out = job.tmp + (static_cast<std::int64_t>(wk.row) * job.in_w + wk.x) * 3;
   } else {  // source row wk.row, every output column
     if (wk.x >= job.out_w) return;
-    filter_horizontal(src + wk.row * src_stride, job.horizontal, wk.x, acc);
+    filter_horizontal(src + wk.row * src_stride, src_pixel, job.horizontal, wk.x, acc);
     out = job.tmp + (static_cast<std::int64_t>(wk.row) * job.out_w + wk.x) * 3;
   }
   out[0] = clip8(acc[0]);
@@ -170,9 +174,9 @@ PYVL_HOST_DEVICE inline void second_pass_pixel(const Pass& p, T* dst, int tile, 
   if (wk.x >= job.out_w) return;
   int acc[3];
   if (job.vertical_first)
-    filter_horizontal(job.tmp + static_cast<std::int64_t>(wk.row) * job.in_w * 3, job.horizontal, wk.x, acc);
+    filter_horizontal(job.tmp + static_cast<std::int64_t>(wk.row) * job.in_w * 3, 3, job.horizontal, wk.x, acc);
   else
-    filter_vertical(job.tmp, static_cast<std::int64_t>(job.out_w) * 3, job.vertical, wk.row, wk.x, acc);
+    filter_vertical(job.tmp, static_cast<std::int64_t>(job.out_w) * 3, 3, job.vertical, wk.row, wk.x, acc);
   const std::int64_t plane = static_cast<std::int64_t>(tile) * tile;
   const int n = job.first_tile + (wk.row / tile) * job.tiles_across + wk.x / tile;
   T* out = dst + n * 3 * plane + static_cast<std::int64_t>(wk.row % tile) * tile + wk.x % tile;  // [n, 0, y, x]
@@ -182,8 +186,8 @@ PYVL_HOST_DEVICE inline void second_pass_pixel(const Pass& p, T* dst, int tile, 
 }
 
 __global__ void __launch_bounds__(kThreads)
-first_pass_kernel(const __grid_constant__ Pass p, const std::uint8_t* src, std::int64_t src_stride) {
-  first_pass_pixel(p, src, src_stride, blockIdx.x, static_cast<int>(threadIdx.x));
+first_pass_kernel(const __grid_constant__ Pass p, const std::uint8_t* src, std::int64_t src_stride, int src_pixel) {
+  first_pass_pixel(p, src, src_stride, src_pixel, blockIdx.x, static_cast<int>(threadIdx.x));
 }
 
 template <class T>
@@ -337,11 +341,11 @@ void resize_tiles_cuda_coefficients(std::int64_t h, std::int64_t w, std::int64_t
   }
 }
 
-void resize_tiles_cuda(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride, void* dst,
-                       int dtype, std::int64_t cols, std::int64_t rows, std::int64_t tile, bool thumbnail,
-                       int pass_order, const float mean[3], const float stdev[3], const void* coefficients,
-                       std::int64_t coefficient_bytes, void* intermediate, std::int64_t intermediate_bytes,
-                       std::uintptr_t stream) {
+void resize_tiles_cuda(const std::uint8_t* src, std::int64_t h, std::int64_t w, std::int64_t row_stride,
+                       int pixel_stride, void* dst, int dtype, std::int64_t cols, std::int64_t rows, std::int64_t tile,
+                       bool thumbnail, int pass_order, const float mean[3], const float stdev[3],
+                       const void* coefficients, std::int64_t coefficient_bytes, void* intermediate,
+                       std::int64_t intermediate_bytes, std::uintptr_t stream) {
   check(dtype == kFloat32 || dtype == kBFloat16, "resize_tiles_cuda: unknown output dtype code ", dtype);
   const Layout layout = make_layout(h, w, cols, rows, tile, thumbnail, pass_order);
   check(coefficient_bytes >= layout.coefficient_bytes, "resize_tiles_cuda: the coefficient buffer has ",
@@ -351,7 +355,7 @@ void resize_tiles_cuda(const std::uint8_t* src, std::int64_t h, std::int64_t w, 
 
   const Passes passes = plan_passes(layout, h, w, cols, rows, coefficients, intermediate);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  first_pass_kernel<<<passes.first_blocks, kThreads, 0, s>>>(passes.first, src, row_stride);
+  first_pass_kernel<<<passes.first_blocks, kThreads, 0, s>>>(passes.first, src, row_stride, pixel_stride);
   check_launch("first pass");
   const Channels m{{mean[0], mean[1], mean[2]}}, sd{{stdev[0], stdev[1], stdev[2]}};
   const int t = static_cast<int>(tile);

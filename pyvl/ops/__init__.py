@@ -39,7 +39,7 @@ class Ops:
     pixel_shuffle: Callable
     silu_mul: Callable
     gelu: Callable
-    resize_tiles: Callable  # (rgb uint8 [H, W, 3], cols, rows, tile, thumbnail, mean, std, dtype, device)
+    resize_tiles: Callable  # (image.rgb_pixels' [H, W, 3], cols, rows, tile, thumbnail, mean, std, dtype, device)
     # Paged KV (pool k/v [num_blocks, Hkv, BLOCK_SIZE, D] per layer; slot = block * BLOCK_SIZE + offset):
     store_kv: Callable  # (k_new, v_new [N, Hkv, D], k_pool, v_pool, slot_mapping [N] int64; < 0 skipped), in place
     paged_prefill_attention: Callable  # (q [Sq, Hq, D], k_pool, v_pool, block_table [nb] int32, context_len: int)

@@ -1,19 +1,12 @@
 """Checked Python wrappers over the compiled extension ``pyvl._C``.
 
 ``pyvl._C`` links no libtorch: its functions take raw data pointers, sizes, an output dtype code and, for CUDA
-ops, the stream handle. This module checks device, dtype, shape and contiguity (never silently copying),
-allocates ``out`` when it is not given, and calls the native function directly (a few microseconds). Each op
-is also registered with ``torch.library.custom_op`` plus a fake implementation, as ``torch.ops.pyvl.<op>``,
-so ``torch.compile`` can trace it; the wrappers route through it only while compiling, since a custom-op
-call costs ~40 us of Python dispatch. A direct CUDA call is captured by CUDA graphs as it is: it only
-enqueues a kernel on the current stream.
+ops, the stream handle. This module checks device, dtype, shape and memory layout (never silently copying),
+allocates ``out`` when it is not given, and calls the native function directly (a few microseconds).
 
-normalize_tiles
-    tiles uint8 [N, H, W, 3] (NHWC, as PIL/numpy hold RGB images) -> out [N, 3, H, W] (NCHW, as the ViT wants)
-    out[n, c, y, x] = (tiles[n, y, x, c] / 255 - mean[c]) / std[c]   in float32, mean/std rounded to float32.
-    Bit-identical to the CPU torch reference ``((t.permute(0, 3, 1, 2).float().div(255) - mean) / std)``:
-    true division (not a multiply by 1/255) and no fused multiply-add. On CUDA, out may also be bfloat16: the
-    float32 value rounded to nearest even, as ``.to(torch.bfloat16)`` does.
+Every op reads an RGB uint8 [H, W, 3] image where it lies: rows any distance apart, pixels 3 bytes apart
+(packed) or 4 (RGBX or RGBA memory, the 4th byte ignored: how Pillow stores RGB images; see
+:func:`pyvl.image.rgb_pixels`), strides (row, 3, 1) or (row, 4, 1). Any other layout is refused, never copied.
 
 resize_bicubic
     RGB uint8 [H, W, 3] -> uint8 [out_h, out_w, 3], bit-identical to ``PIL.Image.resize(.., BICUBIC)`` of the
@@ -22,7 +15,9 @@ resize_bicubic
     :func:`pillow_pass_order`).
 resize_tiles
     RGB uint8 [H, W, 3] -> float32 [cols*rows (+1 thumbnail), 3, T, T]: the original dynamic_preprocess
-    (grid resize, row-major crops, thumbnail of the whole image last) and normalize_tiles in one pass.
+    (grid resize, row-major crops, thumbnail of the whole image last) and ToTensor + Normalize in one pass:
+    out[n, c, y, x] = (u / 255 - mean[c]) / std[c] in float32 (true division, no fused multiply-add), mean and
+    std rounded to float32, bit-identical to the CPU torch reference.
 resize_tiles_cuda
     The same on a CUDA device, out float32 (equal to resize_tiles) or bfloat16 (resize_tiles rounded to
     nearest even). A host image is packed into a pinned buffer together with the bicubic weights and uploaded
@@ -39,6 +34,7 @@ import PIL
 import torch
 
 from pyvl.errors import ImageError
+from pyvl.pixels import layout, pillow_release
 
 try:
     from pyvl import _C
@@ -51,32 +47,21 @@ except ImportError as exc:  # the usual cause: the source tree's pyvl/ shadows t
         "or use an editable install (`pip install -e .`), which works from anywhere."
     ) from exc
 
-__all__ = ["MAX_GRID_TILES", "pillow_pass_order", "pass_order_for", "has_cuda", "normalize_tiles", "resize_bicubic",
-           "resize_tiles", "resize_tiles_cuda"]
+__all__ = ["MAX_GRID_TILES", "pillow_pass_order", "pass_order_for", "has_cuda", "resize_bicubic", "resize_tiles",
+           "resize_tiles_cuda"]
 
 # The largest grid the kernels accept: the range they are tested at. Which grid an image gets is the tiling
 # policy's business (pyvl.image.choose_grid, at most pyvl.image.MAX_TILES), not this module's.
 MAX_GRID_TILES = 40
 MAX_THREADS = 1024  # the kernels take a C int; more threads than this is a mistake, not a machine
 
-# torch dtype -> _C dtype code, per device type.
-_OUT_DTYPES = {
-    "cpu": {torch.float32: _C.FLOAT32},
-    "cuda": {torch.float32: _C.FLOAT32, torch.bfloat16: _C.BFLOAT16},
-}
-
-
-def _pillow_release(version: str) -> tuple[int, int] | None:
-    """(major, minor) of an upstream Pillow release; None for Pillow-SIMD (".postN"), whose resampler differs."""
-    parts = version.split(".")
-    if "post" in version or len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
-        return None
-    return int(parts[0]), int(parts[1])
+# torch dtype -> _C dtype code of the tiles resize_tiles_cuda writes (the CPU kernel writes float32 only).
+_CUDA_OUT_DTYPES = {torch.float32: _C.FLOAT32, torch.bfloat16: _C.BFLOAT16}
 
 
 def pass_order_for(version: str) -> int | None:
     """The `_C.PASS_ORDER_*` rule of Pillow ``version``, or None outside the releases pyvl reproduces (10.0-13.x)."""
-    release = _pillow_release(version)
+    release = pillow_release(version)
     if release is None or not (10, 0) <= release < (14, 0):
         return None
     if release <= (12, 1):
@@ -117,121 +102,24 @@ def has_cuda() -> bool:
     return _C.has_cuda()
 
 
-def _channels(name: str, values: Sequence[float]) -> tuple[float, float, float]:
+def _channels(op: str, name: str, values: Sequence[float]) -> tuple[float, float, float]:
     try:
         channels = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        raise ImageError(f"normalize_tiles: {name} must be 3 numbers (R, G, B), got {values!r}") from None
+        raise ImageError(f"{op}: {name} must be 3 numbers (R, G, B), got {values!r}") from None
     if len(channels) != 3:
-        raise ImageError(f"normalize_tiles: {name} must be 3 numbers (R, G, B), got {len(channels)}: {values!r}")
+        raise ImageError(f"{op}: {name} must be 3 numbers (R, G, B), got {len(channels)}: {values!r}")
     return channels
 
 
-def _check_tiles(tiles: np.ndarray | torch.Tensor) -> tuple[tuple[int, ...], torch.device]:
-    """Shape and device of uint8 [N, H, W, 3] C-contiguous tiles; ImageError naming what is wrong otherwise."""
-    if isinstance(tiles, np.ndarray):
-        dtype, shape, contiguous, device = tiles.dtype, tiles.shape, tiles.flags.c_contiguous, torch.device("cpu")
-        ok_dtype = dtype == np.uint8
-    elif isinstance(tiles, torch.Tensor):
-        dtype, shape, contiguous, device = tiles.dtype, tuple(tiles.shape), tiles.is_contiguous(), tiles.device
-        ok_dtype = dtype == torch.uint8
-    else:
-        raise ImageError(f"normalize_tiles: tiles must be a numpy array or torch tensor, got {type(tiles).__name__}")
-    if not ok_dtype:
-        raise ImageError(f"normalize_tiles: tiles must be uint8, got {dtype} (shape {shape})")
-    if len(shape) != 4 or shape[3] != 3:
-        raise ImageError(f"normalize_tiles: tiles must have shape [N, H, W, 3] (RGB, channels last), got {shape}")
-    if 0 in shape:
-        raise ImageError(f"normalize_tiles: tiles must not be empty, got shape {shape}")
-    if not contiguous:
-        raise ImageError(
-            f"normalize_tiles: tiles of shape {shape} must be C-contiguous; make a contiguous copy first "
-            "(np.ascontiguousarray / .contiguous())"
-        )
-    if device.type not in _OUT_DTYPES:
-        raise ImageError(f"normalize_tiles: tiles must be on the CPU or a CUDA device, got {device}")
-    return shape, device
+def _layout_error(op: str, shape, strides, fix: str) -> ImageError:
+    return ImageError(f"{op}: image of shape {shape} must have RGB pixels 3 or 4 bytes apart, rows forward (strides "
+                      f"(row, 3, 1) or (row, 4, 1)), got strides {strides}; make a contiguous copy first ({fix})")
 
 
-def _check_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    n, h, w, _ = shape
-    if not isinstance(out, torch.Tensor):
-        raise ImageError(f"normalize_tiles: out must be a torch.Tensor, got {type(out).__name__}")
-    if tuple(out.shape) != (n, 3, h, w):
-        raise ImageError(
-            f"normalize_tiles: out must have shape {(n, 3, h, w)} for tiles {shape}, got {tuple(out.shape)}"
-        )
-    if out.device != device:
-        raise ImageError(f"normalize_tiles: out is on {out.device} but tiles are on {device}")
-    allowed = _OUT_DTYPES[device.type]
-    if out.dtype not in allowed:
-        raise ImageError(f"normalize_tiles: out on {device.type} must be one of {list(allowed)}, got {out.dtype}")
-    if not out.is_contiguous():
-        raise ImageError(f"normalize_tiles: out of shape {tuple(out.shape)} must be contiguous")
-
-
-def _launch(tiles, shape: tuple[int, ...], device: torch.device, mean, std, out: torch.Tensor, num_threads: int):
-    n, h, w, _ = shape
-    # A numpy array's pointer is taken directly: torch.from_numpy warns on the read-only arrays of np.asarray(PIL).
-    ptr = tiles.ctypes.data if isinstance(tiles, np.ndarray) else tiles.data_ptr()
-    if device.type == "cpu":
-        _C.normalize_tiles_cpu(ptr, out.data_ptr(), n, h, w, mean, std, num_threads)
-        return
-    if not _C.has_cuda():
-        raise RuntimeError(
-            "normalize_tiles: tiles are on CUDA but pyvl._C was built without CUDA (no nvcc at build time); "
-            "reinstall pyvl with nvcc on PATH (PYVL_CUDA=ON makes a missing nvcc a build error)"
-        )
-    # The kernel launches on the calling thread's current device, which must own the stream and the data.
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        _C.normalize_tiles_cuda(ptr, out.data_ptr(), _OUT_DTYPES["cuda"][out.dtype], n, h, w, mean, std, stream)
-
-
-@torch.library.custom_op("pyvl::normalize_tiles", mutates_args=("out",))
-def _normalize_tiles_op(
-    tiles: torch.Tensor, mean: list[float], std: list[float], out: torch.Tensor, num_threads: int
-) -> None:
-    shape, device = _check_tiles(tiles)
-    _check_out(out, shape, device)
-    _launch(tiles, shape, device, tuple(mean), tuple(std), out, num_threads)
-
-
-@_normalize_tiles_op.register_fake
-def _(tiles, mean, std, out, num_threads) -> None:
-    return None
-
-
-def normalize_tiles(
-    tiles: np.ndarray | torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-    out: torch.Tensor | None = None,
-    num_threads: int = 0,
-) -> torch.Tensor:
-    """uint8 [N, H, W, 3] tiles -> normalised [N, 3, H, W] (float32, or out's dtype), on the tiles' device.
-
-    ``tiles`` is a C-contiguous numpy array or a contiguous CPU/CUDA tensor. ``out``, when given, must be
-    contiguous [N, 3, H, W] on the same device: float32 (CPU), float32 or bfloat16 (CUDA). ``num_threads``
-    is for the CPU: 0 picks a count from the size and the cores, n > 0 uses n threads.
-    """
-    mean, std = _channels("mean", mean), _channels("std", std)
-    num_threads = _check_threads(num_threads, "normalize_tiles")
-    shape, device = _check_tiles(tiles)
-    n, h, w, _ = shape
-    if out is None:
-        out = torch.empty((n, 3, h, w), dtype=torch.float32, device=device)
-    else:
-        _check_out(out, shape, device)
-    if torch.compiler.is_compiling():  # raw pointers cannot be traced; the registered op can
-        torch.ops.pyvl.normalize_tiles(torch.as_tensor(tiles), list(mean), list(std), out, num_threads)
-    else:
-        _launch(tiles, shape, device, mean, std, out, num_threads)
-    return out
-
-
-def _check_image(image: np.ndarray, op: str) -> tuple[int, int, int]:
-    """(h, w, row_stride) of an RGB uint8 [H, W, 3] array whose pixels are packed (rows may be strided)."""
+def _check_image(image: np.ndarray, op: str) -> tuple[int, int, int, int]:
+    """(h, w, row_stride, pixel_stride) of an RGB uint8 [H, W, 3] array in pyvl.pixels.layout's form: pixels 3
+    bytes apart (packed) or 4 (an RGBX / RGBA buffer's first three channels), rows any distance apart."""
     if not isinstance(image, np.ndarray):
         raise ImageError(f"{op}: image must be a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -240,13 +128,10 @@ def _check_image(image: np.ndarray, op: str) -> tuple[int, int, int]:
         raise ImageError(f"{op}: image must have shape [H, W, 3] (RGB, channels last), got {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ImageError(f"{op}: image must not be empty, got shape {image.shape}")
-    h, w = image.shape[:2]
-    # A dimension of size 1 is never stepped over, so its stride (numpy leaves odd ones there) does not matter.
-    row_stride = image.strides[0] if h > 1 else 3 * w
-    if image.strides[2] != 1 or (w > 1 and image.strides[1] != 3) or row_stride < 3 * w:
-        raise ImageError(f"{op}: image of shape {image.shape} must have packed RGB pixels (strides (row, 3, 1)), "
-                         f"got strides {image.strides}; make a contiguous copy first (image.copy())")
-    return h, w, row_stride
+    strides = layout(image.shape, image.strides)
+    if strides is None:
+        raise _layout_error(op, image.shape, image.strides, "image.copy()")
+    return (*image.shape[:2], *strides)
 
 
 def _check_threads(num_threads, op: str) -> int:
@@ -271,14 +156,14 @@ def _check_grid(cols, rows, tile, op: str) -> None:
 def resize_bicubic(image: np.ndarray, out_w: int, out_h: int, num_threads: int = 0,
                    pass_order: int | None = None) -> np.ndarray:
     """Pillow-exact ``resize((out_w, out_h), BICUBIC)`` of an RGB uint8 [H, W, 3] array."""
-    h, w, stride = _check_image(image, "resize_bicubic")
+    h, w, row_stride, pixel_stride = _check_image(image, "resize_bicubic")
     num_threads = _check_threads(num_threads, "resize_bicubic")
     pass_order = _resolve_pass_order(pass_order, "resize_bicubic")
     if out_w < 1 or out_h < 1:
         raise ImageError(f"resize_bicubic: output size must be positive, got {out_w}x{out_h}")
     out = np.empty((out_h, out_w, 3), dtype=np.uint8)
     _call("resize_bicubic", f"{w}x{h} image to {out_w}x{out_h}", _C.resize_bicubic_cpu, image.ctypes.data, h, w,
-          stride, out.ctypes.data, out_h, out_w, num_threads, pass_order=pass_order)
+          row_stride, out.ctypes.data, out_h, out_w, num_threads, pass_order=pass_order, pixel_stride=pixel_stride)
     return out
 
 
@@ -289,8 +174,8 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: 
 
     The thumbnail is appended only when asked for *and* the grid has more than one tile, as the original.
     """
-    h, w, stride = _check_image(image, "resize_tiles")
-    mean, std = _channels("mean", mean), _channels("std", std)
+    h, w, row_stride, pixel_stride = _check_image(image, "resize_tiles")
+    mean, std = _channels("resize_tiles", "mean", mean), _channels("resize_tiles", "std", std)
     num_threads = _check_threads(num_threads, "resize_tiles")
     _check_grid(cols, rows, tile, "resize_tiles")
     pass_order = _resolve_pass_order(pass_order, "resize_tiles")
@@ -303,8 +188,8 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: 
         raise ImageError(f"resize_tiles: out must be a contiguous float32 CPU tensor of shape {(n, 3, tile, tile)}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     _call("resize_tiles", f"{w}x{h} image, {cols}x{rows} grid of {tile}px tiles", _C.resize_tiles_cpu,
-          image.ctypes.data, h, w, stride, out.data_ptr(), cols, rows, tile, thumbnail, mean, std, num_threads,
-          pass_order=pass_order)
+          image.ctypes.data, h, w, row_stride, out.data_ptr(), cols, rows, tile, thumbnail, mean, std, num_threads,
+          pass_order=pass_order, pixel_stride=pixel_stride)
     return out
 
 
@@ -312,7 +197,8 @@ _ALIGN = 256  # bytes; the coefficient block after a packed host image starts on
 
 
 def _check_cuda_image(image, op: str) -> tuple[int, int, int, bool]:
-    """(h, w, row_stride, on_cuda) of an RGB uint8 [H, W, 3] numpy array or torch tensor with packed pixels."""
+    """(h, w, row_stride, pixel_stride, on_cuda) of an RGB uint8 [H, W, 3] numpy array or torch tensor laid out as
+    _check_image wants."""
     if isinstance(image, torch.Tensor):
         if image.device.type not in ("cpu", "cuda"):
             raise ImageError(f"{op}: image must be on the CPU or a CUDA device, got {image.device}")
@@ -324,12 +210,20 @@ def _check_cuda_image(image, op: str) -> tuple[int, int, int, bool]:
             raise ImageError(f"{op}: image must not be empty, got shape {tuple(image.shape)}")
         if image.device.type == "cpu":  # a host image either way; numpy() shares the memory
             return (*_check_image(image.numpy(), op), False)
-        h, w = image.shape[0], image.shape[1]
-        if image.stride(2) != 1 or image.stride(1) != 3 or image.stride(0) < 3 * w:
-            raise ImageError(f"{op}: image of shape {tuple(image.shape)} must have packed RGB pixels (strides "
-                             f"(row, 3, 1)), got strides {image.stride()}; make a contiguous copy first (.contiguous())")
-        return h, w, image.stride(0), True
+        strides = layout(tuple(image.shape), image.stride())
+        if strides is None:
+            raise _layout_error(op, tuple(image.shape), image.stride(), ".contiguous()")
+        return image.shape[0], image.shape[1], *strides, True
     return (*_check_image(image, op), False)
+
+
+def _row_bytes(image: np.ndarray, row_stride: int, pixel_stride: int) -> np.ndarray:
+    """The bytes of each row's pixels as an [H, (W - 1) * pixel_stride + 3] view (a plain copy per row, where an
+    element-wise copy of a 4-byte-pixel view would be ~10x slower); the last pixel's 4th byte is left out, as it
+    may lie past the array's memory."""
+    height, width = image.shape[:2]
+    return np.lib.stride_tricks.as_strided(image, (height, (width - 1) * pixel_stride + 3), (row_stride, 1),
+                                           writeable=False)
 
 
 def _cuda_target(device, image, op: str) -> torch.device:
@@ -355,14 +249,14 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
 
     Exactly :func:`resize_tiles` (Pillow-exact bicubic, thumbnail last when asked for and cols*rows > 1), in
     float32 or bfloat16 (the float32 value rounded to nearest even). ``image`` is a numpy array or CPU tensor
-    (packed into a pinned buffer and uploaded asynchronously on the current stream) or a CUDA uint8 tensor
-    (read in place; ``device`` must then name its device or just "cuda"). Rows may be strided, pixels must be
-    packed. ``out``, when given, is a contiguous tensor of that shape and of ``dtype`` on the device. Returns
-    without waiting for the GPU.
+    (its rows copied into a pinned buffer as they are, 3 or 4 bytes a pixel, and uploaded asynchronously on the
+    current stream) or a CUDA uint8 tensor (read in place; ``device`` must then name its device or just "cuda").
+    Rows may be strided; pixels are 3 or 4 bytes apart, as for :func:`resize_tiles`. ``out``, when given, is a
+    contiguous tensor of that shape and of ``dtype`` on the device. Returns without waiting for the GPU.
     """
     op = "resize_tiles_cuda"
-    h, w, row_stride, on_cuda = _check_cuda_image(image, op)
-    mean, std = _channels("mean", mean), _channels("std", std)
+    h, w, row_stride, pixel_stride, on_cuda = _check_cuda_image(image, op)
+    mean, std = _channels(op, "mean", mean), _channels(op, "std", std)
     _check_grid(cols, rows, tile, op)
     pass_order = _resolve_pass_order(pass_order, op)
     if dtype not in (torch.float32, torch.bfloat16):
@@ -397,14 +291,14 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
                                                                     pass_order=pass_order)
         except (MemoryError, ValueError) as exc:
             raise ImageError(f"{op}: {what}: {exc}") from exc
-        # One pinned host buffer, [packed image | weights] (image left out when it is on the GPU already), one
+        # One pinned host buffer, [image rows | weights] (image left out when it is on the GPU already), one
         # asynchronous upload; the caching host allocator keeps the buffer until that copy has run.
-        image_bytes = 0 if on_cuda else -(-h * w * 3 // _ALIGN) * _ALIGN
+        image_bytes = 0 if on_cuda else -(-h * w * pixel_stride // _ALIGN) * _ALIGN
         staging = torch.empty(image_bytes + coeff_bytes, dtype=torch.uint8, pin_memory=True)
         if not on_cuda:
-            host = image.numpy() if isinstance(image, torch.Tensor) else image
-            staging[: h * w * 3].numpy().reshape(h, w, 3)[...] = host  # (h, w, 3), rows packed
-            row_stride = 3 * w
+            rows_in = _row_bytes(image.numpy() if isinstance(image, torch.Tensor) else image, row_stride, pixel_stride)
+            row_stride = pixel_stride * w  # the staged rows are adjacent
+            staging[: h * row_stride].numpy().reshape(h, row_stride)[:, : rows_in.shape[1]] = rows_in
         _call(op, what, _C.resize_tiles_cuda_coefficients, h, w, cols, rows, tile, thumbnail,
               staging.data_ptr() + image_bytes, coeff_bytes, pass_order=pass_order)
         # Device side: [image | weights | uint8 intermediate]; freed on return, safely, as later users of the
@@ -415,7 +309,8 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
         src = image.data_ptr() if on_cuda else base
         if out is None:
             out = torch.empty(shape, dtype=dtype, device=target)
-        _call(op, what, _C.resize_tiles_cuda, src, h, w, row_stride, out.data_ptr(), _OUT_DTYPES["cuda"][dtype],
+        _call(op, what, _C.resize_tiles_cuda, src, h, w, row_stride, out.data_ptr(), _CUDA_OUT_DTYPES[dtype],
               cols, rows, tile, thumbnail, mean, std, base + image_bytes, coeff_bytes,
-              base + image_bytes + coeff_bytes, tmp_bytes, stream.cuda_stream, pass_order=pass_order)
+              base + image_bytes + coeff_bytes, tmp_bytes, stream.cuda_stream, pass_order=pass_order,
+              pixel_stride=pixel_stride)
     return out

@@ -1,9 +1,10 @@
 """The ``resize_tiles`` op served by the compiled kernels of :mod:`pyvl.ops.native`.
 
-Same signature as the reference (:func:`pyvl.ops.reference.resize_tiles`): an RGB uint8 [H, W, 3] image, the
-grid and tile size, whether to append the thumbnail, mean/std, and the dtype and device the tiles are wanted
-in. Both kernels are bit-identical to the reference in float32; any other dtype is that float32 value cast,
-as the model's own ``.to(dtype)`` of float32 tiles would. Importing this module fails without ``pyvl._C``.
+Same signature as the reference (:func:`pyvl.ops.reference.resize_tiles`): an RGB uint8 [H, W, 3] image (pixels
+3 or 4 bytes apart, as :func:`pyvl.image.rgb_pixels` gives them), the grid and tile size, whether to append the
+thumbnail, mean/std, and the dtype and device the tiles are wanted in. Both kernels are bit-identical to the
+reference in float32; any other dtype is that float32 value cast, as the model's own ``.to(dtype)`` of float32
+tiles would. Importing this module fails without ``pyvl._C``.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: 
     The original pipeline (Pillow tiles, then ToTensor + Normalize) for a grid already chosen; other dtypes
     are the float32 tiles cast.
     """
-    img = Image.fromarray(np.ascontiguousarray(image))  # [H, W, 3] uint8 -> mode RGB
+    img = Image.fromarray(np.ascontiguousarray(image))  # [H, W, 3] uint8, pixels 3 or 4 bytes apart -> mode RGB
     tiles = tile_images(img, cols, rows, tile, thumbnail)
     pixels = normalize_tiles(np.stack([np.asarray(t) for t in tiles]), mean, std)  # (N, T, T, 3) -> NCHW
     return pixels.to(device=device, dtype=dtype)
