@@ -4,7 +4,8 @@ The key (a 16-byte blake3 digest) names what the model will see, so that the ima
 cache can answer before the image is decoded, resized or normalised:
 
     encoded file (path, bytes, a data URL)   its bytes + the tiling settings
-    decoded image (PIL.Image, uint8 array)   its RGB pixels + their shape + the tiling settings
+    decoded image (PIL.Image, uint8 array)   its pixels as stored (pyvl.image.rgb_pixels: read in place where
+                                             Pillow allows) + their shape and layout + the tiling settings
     tiles (a pixel_values tensor)            the tensor's bytes + dtype + shape (once per tensor: tensor_digest)
 
 The three domains are separated, so keys of two kinds never collide. A file is read and hashed on every call, so
@@ -34,7 +35,8 @@ from PIL import Image
 
 from .engine.features import DIGEST_BYTES
 from .errors import ImageError
-from .image import _check_size, _open_regular_file, choose_grid, open_rgb_array
+from .image import _check_size, _open_regular_file, choose_grid, open_rgb_array, rgb_pixels
+from .pixels import layout
 
 __all__ = ["DIGEST_BYTES", "Tiling", "ImageSource", "image_source", "tensor_digest", "slice_digest"]
 
@@ -125,12 +127,27 @@ def _header_size(data: bytes, name: str) -> tuple[int, int]:
                          "file Pillow can decode (PNG, JPEG, ...)") from exc
 
 
+def _pixel_memory(rgb: np.ndarray) -> tuple[int, memoryview]:
+    """(pixel stride, the bytes that hold ``rgb``'s pixels row after row): 3 bytes a pixel, or 4 with the byte
+    after each pixel (Pillow's padding, or an alpha: it is hashed too, so two images that differ only there get
+    two keys, a cache miss at worst, never a shared one). No copy unless the rows are apart (a crop)."""
+    found = layout(rgb.shape, rgb.strides)
+    if found is None:  # not a layout rgb_pixels returns; packed first
+        rgb = np.ascontiguousarray(rgb)
+        found = (3 * rgb.shape[1], 3)
+    row, pixel = found
+    height, width = rgb.shape[:2]
+    rows = np.lib.stride_tricks.as_strided(rgb, shape=(height, width * pixel), strides=(row, 1), writeable=False)
+    return pixel, memoryview(np.ascontiguousarray(rows)).cast("B")
+
+
 def _decoded(image, tiling: Tiling, tile: TileFn) -> ImageSource:
-    rgb = open_rgb_array(image)  # the pixels, read once: hashed now, tiled from the same array on a miss
-    h = _hasher(_PIXELS, rgb.nbytes)
+    rgb = rgb_pixels(image)  # read once, in place where Pillow allows: hashed now, tiled from it on a miss
+    pixel, memory = _pixel_memory(rgb)
+    h = _hasher(_PIXELS, memory.nbytes)
     h.update(tiling.key())
-    h.update(_shape_bytes(rgb.shape))
-    h.update(memoryview(np.ascontiguousarray(rgb)).cast("B"))
+    h.update(_shape_bytes((*rgb.shape, pixel)))
+    h.update(memory)
     height, width = rgb.shape[:2]
     return ImageSource(h.digest(length=DIGEST_BYTES), tiling.num_tiles(width, height),
                        lambda: tile(rgb, *tiling.grid(width, height)))

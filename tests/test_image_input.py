@@ -57,7 +57,9 @@ def test_who_shares_a_key(tmp_path):
     path.write_bytes(data)
     key = lambda image, tiling=TILING: image_source(image, tiling, never).digest  # noqa: E731
     assert key(str(path)) == key(data) == key(memoryview(data))  # the same encoded bytes
-    assert key(Image.fromarray(pixels)) == key(pixels) == key(pixels[:, ::-1][:, ::-1])  # the same pixels
+    image = Image.fromarray(pixels)
+    assert key(image) == key(image) and key(pixels) == key(pixels[:, ::-1][:, ::-1])  # the same pixels
+    assert key(np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)])) != key(pixels)  # 4 bytes a pixel
     assert key(data) != key(pixels)  # encoded and decoded are separate domains
     assert key(data, Tiling(max_num=12)) != key(data)  # the tiling is part of the key
     assert key(data, Tiling(max_num=6, use_thumbnail=False)) != key(data)
@@ -140,3 +142,20 @@ def test_a_tensor_is_checked_with_its_digest_once():
     for _ in range(2):
         with pytest.raises(ValueError):
             tensor_digest(tiles, refuse)
+
+
+def test_pixels_are_keyed_in_place_with_the_byte_after_each(monkeypatch):
+    import pyvl.image_input as image_input
+
+    rgba = np.random.default_rng(3).integers(0, 256, size=(40, 30, 4), dtype=np.uint8)
+    copies = []
+    real = np.ascontiguousarray
+    monkeypatch.setattr(image_input.np, "ascontiguousarray", lambda a: copies.append(a.flags.c_contiguous) or real(a))
+    first = image_source(rgba, TILING, never).digest
+    assert copies == [True]  # the (H, 4W) rows are the array's own memory: nothing to copy
+    other_alpha = rgba.copy()
+    other_alpha[..., 3] ^= 1
+    assert image_source(other_alpha, TILING, never).digest != first  # a miss at worst, never a shared key
+    crop = np.random.default_rng(4).integers(0, 256, size=(40, 50, 3), dtype=np.uint8)[:, 10:40]
+    assert image_source(crop, TILING, never).digest == image_source(crop.copy(), TILING, never).digest
+    assert torch.equal(image_source(rgba, TILING, tile).tiles(), pyvl.load_image(rgba[..., :3].copy(), max_num=6))
