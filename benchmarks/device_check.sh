@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (issue 7): probe, environment, build, GPU tests, benchmarks, then a summary table
+# The one prepared GPU run: probe, environment, build, GPU tests, benchmarks, then a summary table
 # printed last whatever failed before it. First, on the dev machine, the fallback extension:
 #     bash benchmarks/build_gpu_wheel.sh
 # then, from the repository root on the lent machine:

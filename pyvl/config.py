@@ -2,7 +2,7 @@
 
 Only the keys that change the computation are kept. Required keys missing from the file raise
 :class:`~pyvl.errors.ConfigError`; keys whose class default is known to be wrong for the released models
-(``ps_version``, ``select_layer``) fall back to the original class default with a logged warning (spec 1.1).
+(``ps_version``, ``select_layer``) fall back to the original class default with a logged warning.
 Serialisation leftovers such as ``llm_config.use_cache`` or ``max_length`` are ignored on purpose (spec trap 23).
 
 Every kept value is checked in ``__post_init__`` (so no model is ever built from an unchecked config): ints
@@ -168,7 +168,7 @@ class VisionConfig:
             num_channels=_get(d, "num_channels", 3),
             qkv_bias=_get(d, "qkv_bias", False),
             qk_normalization=_get(d, "qk_normalization", True),
-            # The oldest 6B config has no norm_type key; the class default is rms_norm (spec 1.2).
+            # The oldest 6B config has no norm_type key; the class default is rms_norm.
             norm_type=_get(d, "norm_type", "rms_norm"),
             layer_norm_eps=_get(d, "layer_norm_eps", 1e-6),
         )

@@ -1,11 +1,11 @@
 """Image preprocessing for InternVL 1.5: open -> RGB -> dynamic tiling -> normalised pixel values.
 
-This reproduces the original `load_image` (README quick start; spec section 8) exactly:
+This reproduces the original `load_image` (the InternVL README's quick start) exactly:
 
 1. Open the image and convert it to RGB *first* (``PIL convert("RGB")``: palette/L images are expanded, the
    alpha of RGBA/LA is dropped without compositing). Converting first matters because Pillow resizes "P" images
    with NEAREST whatever filter is asked for. No EXIF rotation is applied (the original applies none).
-2. Choose a grid of ``cols x rows`` tiles (spec 8.2). Candidates are all (i, j) with
+2. Choose a grid of ``cols x rows`` tiles. Candidates are all (i, j) with
    ``min_num <= i*j <= max_num``, sorted by area; within one area they keep CPython's iteration order of the
    original ``set`` of tuples, which we reproduce by building the very same set. With aspect = W / H (float64),
    the candidate with the smallest ``|aspect - i/j|`` wins; on an exact float tie the later candidate wins only
@@ -228,11 +228,11 @@ def _check_tile_args(min_num, max_num, image_size=448) -> None:
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
-    """All (cols, rows) with min_num <= cols*rows <= max_num, in the original's exact order (spec 8.2)."""
+    """All (cols, rows) with min_num <= cols*rows <= max_num, in the original's exact order."""
     _check_tile_args(min_num, max_num)
     # The original builds this set and stable-sorts it by area, so equal-area grids keep CPython's set
     # iteration order. Tuples of small ints hash deterministically (no PYTHONHASHSEED), so building the
-    # same set the same way reproduces that order; the tests pin it against the spec's lists.
+    # same set the same way reproduces that order; tests/test_image.py pins it.
     grids = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
              if min_num <= i * j <= max_num}
     return sorted(grids, key=lambda g: g[0] * g[1])
@@ -240,7 +240,7 @@ def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
 
 def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
                 image_size: int = 448) -> tuple[int, int]:
-    """The (cols, rows) tile grid the original picks for a width x height image (spec 8.2 step 3)."""
+    """The (cols, rows) tile grid the original picks for a width x height image."""
     checks.integer(width, "width", 1, error=ImageError)
     checks.integer(height, "height", 1, error=ImageError)
     _check_tile_args(min_num, max_num, image_size)

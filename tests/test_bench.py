@@ -1,4 +1,4 @@
-"""``pyvl bench``: presets at the spec's sizes, the CPU path of e2e, the CUDA gates, the result formatting, the
+"""``pyvl bench``: presets at the released models' sizes, the CPU path of e2e, the CUDA gates, the result formatting, the
 kernel-resource helper and the sweep's configuration plumbing (under TRITON_INTERPRET=1 without a GPU).
 
 Timings are never asserted (they are only checked to be positive numbers); the GPU figures are measured by
@@ -52,7 +52,7 @@ def test_preset_parameter_counts_on_meta():
     mini = parameter_count(preset_config("mini-internvl-chat-2b-v1-5"))
     assert round(v15["total"] / 1e9, 1) == 25.5  # shared/measurements: 25.5 B
     assert round(v15["vision_model"] / 1e9, 2) == 5.54 and round(v15["language_model"] / 1e9, 2) == 19.86
-    assert round(mini["total"] / 1e9, 1) == 2.2  # 4.41 GB of bf16 (spec 1.2)
+    assert round(mini["total"] / 1e9, 1) == 2.2  # 4.41 GB of bf16, as released
     assert round(mini["total"] * 2 / 1e9, 2) == 4.41
     assert round(mini["vision_model"] / 1e6) == 304 and round(mini["language_model"] / 1e9, 2) == 1.89
     assert set(PRESETS) == {"internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5", "tiny"}

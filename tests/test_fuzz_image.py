@@ -7,7 +7,7 @@ the native path equals the Pillow path (``use_native=False``) exactly, as does a
 
 PYVL_FUZZ_N (default 250) sets the number of cases, PYVL_FUZZ_SEED the seed (default: fresh, printed).
 Shapes stay small (tiles of 16-56 px, sides up to 48 px, thin images up to 3000 px): extreme aspect ratios
-such as 89,000,000 x 1 are kept out until the native resize bounds its scratch memory (issue 8, item 1).
+such as 89,000,000 x 1 are kept out until the native resize bounds its scratch memory.
 """
 
 from __future__ import annotations

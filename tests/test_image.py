@@ -1,4 +1,4 @@
-"""pyvl.image against the golden fixtures of the original InternVL load_image (spec section 8)."""
+"""pyvl.image against the golden fixtures of the original InternVL load_image."""
 
 import hashlib
 import json
@@ -42,7 +42,7 @@ def _parse(grids: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in g.strip("()").split(",")) for g in grids.split()]
 
 
-SPEC_ORDER = {  # spec 8.2 step 2, computed with CPython 3.11 from the original's set
+SPEC_ORDER = {  # the candidate order, computed with CPython 3.11 from the original's set
     6: _parse("(1,1) (1,2) (2,1) (3,1) (1,3) (4,1) (1,4) (2,2) (1,5) (5,1) (6,1) (2,3) (1,6) (3,2)"),
     12: _parse("(1,1) (1,2) (2,1) (3,1) (1,3) (2,2) (4,1) (1,4) (5,1) (1,5) (1,6) (6,1) (3,2) (2,3) (7,1) (1,7) "
                "(4,2) (2,4) (1,8) (8,1) (1,9) (3,3) (9,1) (2,5) (5,2) (10,1) (1,10) (11,1) (1,11) (12,1) (3,4) "
@@ -77,7 +77,7 @@ def test_grid_table():
     assert not bad, bad[:10]
 
 
-@pytest.mark.parametrize("w,h,grid6,grid12", [  # spec 8.2 test vectors: (cols, rows) for max 6 and max 12
+@pytest.mark.parametrize("w,h,grid6,grid12", [  # (cols, rows) for max 6 and max 12, from the original
     (448, 448, (1, 1), (1, 1)), (500, 400, (1, 1), (4, 3)), (640, 480, (3, 2), (4, 3)),
     (1000, 1000, (2, 2), (3, 3)), (1344, 896, (3, 2), (3, 2)), (1920, 1080, (2, 1), (4, 2)),
     (1080, 1920, (1, 2), (2, 4)), (3000, 1000, (3, 1), (6, 2)), (300, 1200, (1, 4), (1, 4)),
@@ -295,7 +295,7 @@ def test_load_image_on_the_gpu_matches_the_cpu(dtype):
         assert torch.equal(gpu.cpu(), cpu.to(dtype))
 
 
-# Exact ties of the grid rule (spec 8.2 step 3): W*H == 0.5 * S^2 * i*j for a grid (i, j) whose aspect ratio ties
+# Exact ties of the grid rule: W*H == 0.5 * S^2 * i*j for a grid (i, j) whose aspect ratio ties
 # with an earlier candidate. "More than half" is strict, so the image keeps the earlier, smaller grid; one pixel
 # more and it takes the larger one. Worked by hand from the rule:
 #   1008x896 (aspect 1.125; 1x1, 2x2, 3x3 tie at diff 0.125, 4/3 is 0.208 away): area 903168 = 0.5*448^2*9

@@ -1,7 +1,7 @@
 """Model presets for ``pyvl bench e2e``: released-format configs of the InternVL 1.5 family, and random weights.
 
 A preset is a ``config.json`` dict (the released format, so :meth:`ModelConfig.from_dict` checks it like a
-real folder's) with the dimensions of spec section 1:
+real folder's) with the released models' dimensions:
 
   internvl-chat-v1-5          InternViT-6B: 45 layers x 3200, 25 heads (D 128), MLP 12800, RMSNorm + QK-norm,
                               no qkv bias; InternLM2-20B: 48 layers x 6144, 48/8 heads, FFN 16384     25.5 B parameters

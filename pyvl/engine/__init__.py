@@ -1,4 +1,4 @@
-"""The engine: everything that outlives one call (issue 9).
+"""The engine: everything that outlives one call.
 
 One job per module, imports pointing down (engine -> models -> ops -> kernels), for example:
   blocks.py    block bookkeeping of the paged KV pool: free list, ref counts, chained prefix hashes, LRU, tails

@@ -1,7 +1,7 @@
 """InternLM2 causal decoder (``language_model.`` keys): GQA attention with RoPE, SwiGLU FFN, RMSNorm.
 
 Per layer (pre-norm):  x += wo(Attn(RoPE(q), RoPE(k), v));  x += w2(silu(w1 h) * w3 h), h = RMSNorm(x).
-The checkpoint packs ``wqkv`` per KV group as [q_0 .. q_{G-1}, k, v] x n_kv (spec 2.3); the loader regroups it
+The checkpoint packs ``wqkv`` per KV group as [q_0 .. q_{G-1}, k, v] x n_kv; the loader regroups it
 once into [all q | all k | all v] (``regroup_wqkv``) so the forward is a plain split.
 """
 

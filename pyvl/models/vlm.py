@@ -2,7 +2,7 @@
 
 The three children are named ``vision_model``, ``mlp1`` and ``language_model`` like the checkpoint's
 top-level prefixes. Image tokens: every ``<IMG_CONTEXT>`` position of the prompt (batch-major, then sequence
-order) takes the next row of the (tiles x 256, H) vision features, in tile order (spec 6.2 step 6).
+order) takes the next row of the (tiles x 256, H) vision features, in tile order.
 """
 
 from __future__ import annotations
