@@ -60,8 +60,13 @@ def write_synthetic_checkpoint(folder: Path) -> None:
 
     write_demo_checkpoint(folder)
     cfg = demo_config_dict()
-    cfg["llm_config"].update(hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-                             num_attention_heads=8, num_key_value_heads=2)
+    cfg["llm_config"].update(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
     cfg["hidden_size"] = 512
     (folder / "config.json").write_text(json.dumps(cfg))
     shapes = _shapes(cfg)
@@ -76,7 +81,9 @@ def write_synthetic_checkpoint(folder: Path) -> None:
         save_file(part, str(folder / file), metadata={"format": "pt"})
         weight_map.update({n: file for n in part})
         del part
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
 
 
 def _checkpoint_bytes(cfg_dict: dict) -> int:
@@ -119,7 +126,7 @@ def _write_shard(path: Path, tensors: list[tuple[str, tuple]], pool: memoryview)
         f.write(struct.pack("<Q", len(raw)) + raw)
         left = offset
         while left:
-            chunk = pool[:min(left, len(pool))]
+            chunk = pool[: min(left, len(pool))]
             f.write(chunk)
             left -= len(chunk)
 
@@ -135,11 +142,18 @@ def write_preset_checkpoint(folder: Path, preset: str, max_bytes: float) -> dict
     full = preset_dict(preset)
     cfg, layers = _fit_layers(full, max_bytes)
     folder.mkdir(parents=True, exist_ok=True)
-    for tokenizer_file in ASSETS.iterdir():  # the demo tokenizer: the loader needs one, its size is irrelevant
+    for (
+        tokenizer_file
+    ) in ASSETS.iterdir():  # the demo tokenizer: the loader needs one, its size is irrelevant
         shutil.copyfile(tokenizer_file, folder / tokenizer_file.name)
     (folder / "config.json").write_text(json.dumps(cfg))
-    pool = memoryview(torch.randn(POOL_BYTES // 2, generator=torch.Generator().manual_seed(0))
-                      .to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+    pool = memoryview(
+        torch.randn(POOL_BYTES // 2, generator=torch.Generator().manual_seed(0))
+        .to(torch.bfloat16)
+        .view(torch.uint8)
+        .numpy()
+        .tobytes()
+    )
     shards, current, size = [], [], 0
     for name, shape in sorted(_shapes(cfg).items()):
         if current and size + 2 * _numel(shape) > SHARD_BYTES:
@@ -153,9 +167,15 @@ def write_preset_checkpoint(folder: Path, preset: str, max_bytes: float) -> dict
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         _write_shard(folder / file, tensors, pool)
         weight_map.update({name: file for name, _ in tensors})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return {"layers": layers, "full_layers": full["llm_config"]["num_hidden_layers"],
-            "bytes": _checkpoint_bytes(cfg), "full_bytes": _checkpoint_bytes(full)}
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    return {
+        "layers": layers,
+        "full_layers": full["llm_config"]["num_hidden_layers"],
+        "bytes": _checkpoint_bytes(cfg),
+        "full_bytes": _checkpoint_bytes(full),
+    }
 
 
 def _default_max_bytes(folder: Path) -> float:
@@ -178,8 +198,9 @@ def measure(folder: Path, dtype: str, device: str, mmap: bool) -> dict:
     capture_s = 0.0
     if mmap:
         dev = torch.device(device)
-        model = load_model(load_config(folder), resolve_ops("auto", dev), folder, dev, getattr(torch, dtype),
-                           mmap=True)
+        model = load_model(
+            load_config(folder), resolve_ops("auto", dev), folder, dev, getattr(torch, dtype), mmap=True
+        )
     else:
         chat = pyvl.load(folder, device=device, dtype=dtype, kv_cache_gb=1.0)
         model, capture_s = chat.model, chat.engine.runner.graphs.capture_s
@@ -188,10 +209,18 @@ def measure(folder: Path, dtype: str, device: str, mmap: bool) -> dict:
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM")
     held = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"folder": str(folder), "dtype": dtype, "device": device, "mmap": mmap, "load_s": round(seconds, 3),
-            "graph_capture_s": round(capture_s, 3), "checkpoint_MiB": round(weight_bytes / 2**20, 1),
-            "params_MiB": round(held / 2**20, 1), "GB_per_s": round(weight_bytes / 1e9 / seconds, 2),
-            "peak_rss_growth_MiB": round((peak - before) / 1024, 1)}
+    return {
+        "folder": str(folder),
+        "dtype": dtype,
+        "device": device,
+        "mmap": mmap,
+        "load_s": round(seconds, 3),
+        "graph_capture_s": round(capture_s, 3),
+        "checkpoint_MiB": round(weight_bytes / 2**20, 1),
+        "params_MiB": round(held / 2**20, 1),
+        "GB_per_s": round(weight_bytes / 1e9 / seconds, 2),
+        "peak_rss_growth_MiB": round((peak - before) / 1024, 1),
+    }
 
 
 def _run(args, tmp: Path, report) -> dict:
@@ -214,8 +243,12 @@ def _run(args, tmp: Path, report) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", nargs="?")
-    p.add_argument("--preset", default=None, help="write a random checkpoint of this preset's shapes and load it")
-    p.add_argument("--max-gb", type=float, default=None, help="--preset: write at most this much (fewer layers)")
+    p.add_argument(
+        "--preset", default=None, help="write a random checkpoint of this preset's shapes and load it"
+    )
+    p.add_argument(
+        "--max-gb", type=float, default=None, help="--preset: write at most this much (fewer layers)"
+    )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--mmap", action="store_true", help="map the files (zero-copy option) instead of copying")

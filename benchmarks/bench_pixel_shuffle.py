@@ -27,8 +27,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_pixel_shuffle needs a CUDA device")
     print(f"pixel shuffle {args.version}, bf16, on {torch.cuda.get_device_name()}")
-    print(f"{'N':>3} {'C':>5} {'MB':>7} {'ours us':>8} {'GB/s':>7} {'of copy':>7} {'ref us':>8} {'ref/ours':>8} "
-          f"{'copy us':>8}")
+    print(
+        f"{'N':>3} {'C':>5} {'MB':>7} {'ours us':>8} {'GB/s':>7} {'of copy':>7} {'ref us':>8} {'ref/ours':>8} "
+        f"{'copy us':>8}"
+    )
     for c in (3200, 1024):
         for n in (1, 13, 41):
             vit = torch.randn(n, 1025, c, device="cuda", dtype=torch.bfloat16)
@@ -39,11 +41,15 @@ def main() -> None:
             src = vit[:, 1:].contiguous()
             copy_dst = torch.empty_like(src)
             ours = median_ms(lambda: pixel_shuffle_from_vit(vit, args.version, out=out))
-            reference = median_ms(lambda: ref.pixel_shuffle(vit[:, 1:].reshape(n, 32, 32, c), 0.5, args.version))
+            reference = median_ms(
+                lambda: ref.pixel_shuffle(vit[:, 1:].reshape(n, 32, 32, c), 0.5, args.version)
+            )
             copy = median_ms(lambda: copy_dst.copy_(src))
             gbps = nbytes / ours / 1e6
-            print(f"{n:>3} {c:>5} {nbytes / 1e6:7.1f} {ours * 1e3:8.1f} {gbps:7.0f} {copy / ours:7.1%} "
-                  f"{reference * 1e3:8.1f} {reference / ours:8.2f} {copy * 1e3:8.1f}")
+            print(
+                f"{n:>3} {c:>5} {nbytes / 1e6:7.1f} {ours * 1e3:8.1f} {gbps:7.0f} {copy / ours:7.1%} "
+                f"{reference * 1e3:8.1f} {reference / ours:8.2f} {copy * 1e3:8.1f}"
+            )
 
 
 if __name__ == "__main__":

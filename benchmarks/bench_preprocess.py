@@ -1,6 +1,6 @@
 """Image -> pixel values: pyvl's fused C++ kernel vs the original Pillow + torch pipeline (same machine, same run).
 
-    python benchmarks/bench_preprocess.py            # same as `pyvl bench preprocess`
+python benchmarks/bench_preprocess.py            # same as `pyvl bench preprocess`
 """
 
 import sys

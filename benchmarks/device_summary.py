@@ -30,13 +30,26 @@ REPORT_PY = Path(__file__).resolve().parent.parent / "pyvl" / "bench" / "report.
 TEST_STEPS = ("tests_kernels", "tests_preprocess", "tests_image")
 JSON_FILES = {  # file -> {key: step}; sweep.json holds the sweep's result itself
     "bench.json": {"kernels": "bench_kernels", "preprocess_cuda": "bench_preprocess"},
-    "e2e.json": {"v15": "e2e_v15", "mini": "e2e_mini", "v15_hf": "e2e_v15_hf", "engine_v15": "engine_v15",
-                 "load_v15": "load_v15"},
+    "e2e.json": {
+        "v15": "e2e_v15",
+        "mini": "e2e_mini",
+        "v15_hf": "e2e_v15_hf",
+        "engine_v15": "engine_v15",
+        "load_v15": "load_v15",
+    },
 }
 BENCH_STEPS = ("sweep", *(step for steps in JSON_FILES.values() for step in steps.values()))
 MODEL_STEPS = ("e2e_v15", "e2e_mini", "e2e_v15_hf", "engine_v15")  # their setup.ops says what served each op
 E2E_KEYS = ("vision_13", "prefill", "ttft", "decode", "peak_memory")
-ENGINE_KEYS = ("cached_followup", "followup: PNG path", "turn2", "streams_8", "streams_16", "host_b1", "decode_long")
+ENGINE_KEYS = (
+    "cached_followup",
+    "followup: PNG path",
+    "turn2",
+    "streams_8",
+    "streams_16",
+    "host_b1",
+    "decode_long",
+)
 NOT_REACHED = ("skipped", "0", "not reached")
 
 
@@ -107,20 +120,25 @@ def merge_junit(run: Run, out: Path) -> dict[str, dict[str, int]]:
             status, _, note = run.step(sid)
             suite = ET.Element("testsuite", name=sid, tests="1")
             case = ET.SubElement(suite, "testcase", classname=sid, name="pytest_process")
-            ET.SubElement(case, "skipped" if status == "skipped" else "error", message=f"no report: {status} {note}")
+            ET.SubElement(
+                case, "skipped" if status == "skipped" else "error", message=f"no report: {status} {note}"
+            )
             suites = [suite]
         c = counts.setdefault(sid, {"passed": 0, "failed": 0, "skipped": 0})
         for suite in suites:
             suite.set("name", sid)
             merged.append(suite)
             for case in suite.iter("testcase"):
-                kind = next((k for k in ("failure", "error", "skipped") if case.find(k) is not None), "passed")
+                kind = next(
+                    (k for k in ("failure", "error", "skipped") if case.find(k) is not None), "passed"
+                )
                 c["failed" if kind in ("failure", "error") else kind] += 1
     ET.ElementTree(merged).write(out / "tests.xml", encoding="utf-8", xml_declaration=True)
     return counts
 
 
 # The key figures column: the figures the project is judged by, where the rows hold them.
+
 
 def _keyed(rows: list[dict], keys) -> list[str]:
     by_key = {row.get("key"): row for row in rows}
@@ -145,14 +163,19 @@ def _rate(row: dict) -> str:
 def kernel_figures(rows: list[dict]) -> list[str]:
     """The first (largest) ViT attention row and each decode length's HBM-bound row (graph, N K/V copies)."""
     vit = [f"vit_attention {_rate(r)}" for r in rows if r.get("op") == "vit_attention"][:1]
-    decode = [_rate(r) for r in rows if r.get("op") == "paged_decode_attention" and "copies" in str(r.get("timing"))]
+    decode = [
+        _rate(r) for r in rows if r.get("op") == "paged_decode_attention" and "copies" in str(r.get("timing"))
+    ]
     return vit + decode
 
 
 def preprocess_figures(rows: list[dict]) -> list[str]:
     """The 4K photo to bf16 tiles, the row with the issue's target."""
-    return [f"{r['image']} {r['dtype']} kernel {r.get('kernel_ms')} ms (target {r.get('target') or '-'})"
-            for r in rows if r.get("image") == "3840x2160" and r.get("dtype") == "bfloat16"]
+    return [
+        f"{r['image']} {r['dtype']} kernel {r.get('kernel_ms')} ms (target {r.get('target') or '-'})"
+        for r in rows
+        if r.get("image") == "3840x2160" and r.get("dtype") == "bfloat16"
+    ]
 
 
 def sweep_figures(rows: list[dict]) -> list[str]:
@@ -172,9 +195,16 @@ def engine_figures(rows: list[dict]) -> list[str]:
     return _keyed(rows, ENGINE_KEYS)
 
 
-FIGURES = {"bench_kernels": kernel_figures, "bench_preprocess": preprocess_figures, "sweep": sweep_figures,
-           "e2e_v15": e2e_figures, "e2e_mini": e2e_figures, "e2e_v15_hf": e2e_figures,
-           "engine_v15": engine_figures, "load_v15": load_figures}
+FIGURES = {
+    "bench_kernels": kernel_figures,
+    "bench_preprocess": preprocess_figures,
+    "sweep": sweep_figures,
+    "e2e_v15": e2e_figures,
+    "e2e_mini": e2e_figures,
+    "e2e_v15_hf": e2e_figures,
+    "engine_v15": engine_figures,
+    "load_v15": load_figures,
+}
 
 
 def bench_figures(sid: str, result: dict) -> str:
@@ -192,16 +222,27 @@ def summary_lines(run: Run, sid: str) -> list[str]:
 def alerts(run: Run, results: dict, dry: bool) -> list[str]:
     """What must not be missed: the steps' ALERT lines, a tree without pyvl._C, and (GPU runs) a model
     benchmark whose ops fell back to the plain-torch reference."""
-    found = [line[7:] for sid in run.steps if sid not in BENCH_STEPS
-             for line in run.text(sid, "out").splitlines() if line.startswith("ALERT: ")]
+    found = [
+        line[7:]
+        for sid in run.steps
+        if sid not in BENCH_STEPS
+        for line in run.text(sid, "out").splitlines()
+        if line.startswith("ALERT: ")
+    ]
     tree = run.work / "src" / "pyvl"
     if tree.is_dir() and not glob.glob(str(tree / "_C*.so")):
-        found.append("no pyvl._C in the tree the steps imported (no build, no wheel): the Triton kernels ran, "
-                     "CUDA preprocessing and the native resize did not")
+        found.append(
+            "no pyvl._C in the tree the steps imported (no build, no wheel): the Triton kernels ran, "
+            "CUDA preprocessing and the native resize did not"
+        )
     for sid in () if dry else MODEL_STEPS:
         setup = results[sid].get("setup")
         ops = setup.get("ops") if isinstance(setup, dict) else None
-        reference = sorted(op for op, backend in ops.items() if backend == "reference") if isinstance(ops, dict) else []
+        reference = (
+            sorted(op for op, backend in ops.items() if backend == "reference")
+            if isinstance(ops, dict)
+            else []
+        )
         if reference:
             found.append(f"{sid} ran the REFERENCE ops for: {', '.join(reference)}")
     return found
@@ -210,8 +251,10 @@ def alerts(run: Run, results: dict, dry: bool) -> list[str]:
 def print_table(run: Run, results: dict, counts: dict, found: list[str]) -> None:
     env = os.environ
     print()
-    print(f"=== device check summary: {env['MODE']}; build in use: {env['BUILD'] or 'none'}; "
-          f"{env['ELAPSED']} s of {env['BUDGET']} s")
+    print(
+        f"=== device check summary: {env['MODE']}; build in use: {env['BUILD'] or 'none'}; "
+        f"{env['ELAPSED']} s of {env['BUDGET']} s"
+    )
     for line in found:
         print(f"!!! {line}")
     print(f"{'step':<17} {'status':<8} {'s':>4}  key figures / note")

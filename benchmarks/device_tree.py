@@ -44,7 +44,9 @@ def add_extension(tree: Path, source: Path) -> Path:
     if source.suffix != ".whl":
         return Path(shutil.copy2(source, package / source.name))
     with zipfile.ZipFile(source) as wheel:
-        members = [m for m in wheel.namelist() if Path(m).parent == Path("pyvl") and Path(m).match(EXTENSION_GLOB)]
+        members = [
+            m for m in wheel.namelist() if Path(m).parent == Path("pyvl") and Path(m).match(EXTENSION_GLOB)
+        ]
         if not members:
             raise SystemExit(f"device_tree: {source.name} holds no pyvl/{EXTENSION_GLOB}")
         target = package / Path(members[0]).name

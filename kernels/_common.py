@@ -7,7 +7,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DTYPES", "INTERPRET_LONG", "mma", "cast", "interpreting", "check_device", "check_operands", "rows"]
+__all__ = [
+    "DTYPES",
+    "INTERPRET_LONG",
+    "mma",
+    "cast",
+    "interpreting",
+    "check_device",
+    "check_operands",
+    "rows",
+]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRET_LONG = 128  # under the interpreter, sequences longer than this get big blocks (see default_config)
@@ -44,10 +53,14 @@ def interpreting() -> bool:
 def check_device(t: torch.Tensor, name: str) -> None:
     if interpreting():
         if t.device.type != "cpu":
-            raise ValueError(f"{name} is on {t.device}, but the kernels run under TRITON_INTERPRET=1 (CPU only)")
+            raise ValueError(
+                f"{name} is on {t.device}, but the kernels run under TRITON_INTERPRET=1 (CPU only)"
+            )
     elif t.device.type != "cuda":
-        raise ValueError(f"{name} is on {t.device}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
-                         f"before pyvl.kernels is imported, for CPU tensors)")
+        raise ValueError(
+            f"{name} is on {t.device}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
+            f"before pyvl.kernels is imported, for CPU tensors)"
+        )
 
 
 def check_operands(op: str, named: dict[str, torch.Tensor]) -> None:
@@ -58,8 +71,10 @@ def check_operands(op: str, named: dict[str, torch.Tensor]) -> None:
         if t.device != first.device:
             raise ValueError(f"{op}: {name} is on {t.device}, {next(iter(named))} on {first.device}")
         if t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} {tuple(t.shape)} has last-dim stride {t.stride(-1)}; the last dim "
-                             f"must be contiguous")
+            raise ValueError(
+                f"{op}: {name} {tuple(t.shape)} has last-dim stride {t.stride(-1)}; the last dim "
+                f"must be contiguous"
+            )
 
 
 def rows(name: str, what: str, t: torch.Tensor) -> torch.Tensor:
@@ -69,5 +84,7 @@ def rows(name: str, what: str, t: torch.Tensor) -> torch.Tensor:
     try:
         return t.view(-1, t.shape[-1])
     except RuntimeError:
-        raise ValueError(f"{name}: {what} {tuple(t.shape)} with strides {t.stride()} cannot be seen as rows of "
-                         f"one stride; pass a contiguous tensor") from None
+        raise ValueError(
+            f"{name}: {what} {tuple(t.shape)} with strides {t.stride()} cannot be seen as rows of "
+            f"one stride; pass a contiguous tensor"
+        ) from None

@@ -21,14 +21,25 @@ import triton.language as tl
 
 from ._common import DTYPES, cast, check_operands, interpreting
 
-
 __all__ = ["apply_rotary"]
 
 
-
 @triton.jit
-def _rotate_heads(X, Out, stride_xh, stride_oh, n_heads, cos1, sin1, cos2, sin2, offs_h,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+def _rotate_heads(
+    X,
+    Out,
+    stride_xh,
+    stride_oh,
+    n_heads,
+    cos1,
+    sin1,
+    cos2,
+    sin2,
+    offs_h,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """Rotate the [n_heads, D] slab at X (head stride stride_xh) into Out; cos/sin halves are [1, BLOCK_HALF]."""
     heads = tl.arange(0, BLOCK_H)
     ok = (heads[:, None] < n_heads) & (offs_h[None, :] < HALF)
@@ -36,10 +47,16 @@ def _rotate_heads(X, Out, stride_xh, stride_oh, n_heads, cos1, sin1, cos2, sin2,
     x1 = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + HALF, mask=ok, other=0.0).to(tl.float32)
     dt = Out.dtype.element_ty
-    out1 = cast(cast(x1 * cos1, dt, INTERPRET).to(tl.float32) - cast(x2 * sin1, dt, INTERPRET).to(tl.float32),
-                 dt, INTERPRET)
-    out2 = cast(cast(x2 * cos2, dt, INTERPRET).to(tl.float32) + cast(x1 * sin2, dt, INTERPRET).to(tl.float32),
-                 dt, INTERPRET)
+    out1 = cast(
+        cast(x1 * cos1, dt, INTERPRET).to(tl.float32) - cast(x2 * sin1, dt, INTERPRET).to(tl.float32),
+        dt,
+        INTERPRET,
+    )
+    out2 = cast(
+        cast(x2 * cos2, dt, INTERPRET).to(tl.float32) + cast(x1 * sin2, dt, INTERPRET).to(tl.float32),
+        dt,
+        INTERPRET,
+    )
     o_ptrs = Out + heads[:, None].to(tl.int64) * stride_oh + offs_h[None, :]
     tl.store(o_ptrs, out1, mask=ok)
     tl.store(o_ptrs + HALF, out2, mask=ok)
@@ -47,12 +64,35 @@ def _rotate_heads(X, Out, stride_xh, stride_oh, n_heads, cos1, sin1, cos2, sin2,
 
 @triton.jit
 def _apply_rotary_kernel(
-    Q, K, Cos, Sin, QOut, KOut,
-    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    stride_cb, stride_cs, stride_sb, stride_ss,
-    stride_qob, stride_qoh, stride_qos, stride_kob, stride_koh, stride_kos,
-    S, HQ, HKV,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+    Q,
+    K,
+    Cos,
+    Sin,
+    QOut,
+    KOut,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_cb,
+    stride_cs,
+    stride_sb,
+    stride_ss,
+    stride_qob,
+    stride_qoh,
+    stride_qos,
+    stride_kob,
+    stride_koh,
+    stride_kos,
+    S,
+    HQ,
+    HKV,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -68,28 +108,72 @@ def _apply_rotary_kernel(
     cos2 = cast(tl.load(c_ptr + HALF, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
     sin1 = cast(tl.load(s_ptr, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
     sin2 = cast(tl.load(s_ptr + HALF, mask=ok, other=0.0), dt, INTERPRET).to(tl.float32)[None, :]
-    _rotate_heads(Q + b * stride_qb + s * stride_qs, QOut + b * stride_qob + s * stride_qos, stride_qh, stride_qoh,
-                  HQ, cos1, sin1, cos2, sin2, offs_h, HALF, BLOCK_HQ, INTERPRET)
-    _rotate_heads(K + b * stride_kb + s * stride_ks, KOut + b * stride_kob + s * stride_kos, stride_kh, stride_koh,
-                  HKV, cos1, sin1, cos2, sin2, offs_h, HALF, BLOCK_HKV, INTERPRET)
+    _rotate_heads(
+        Q + b * stride_qb + s * stride_qs,
+        QOut + b * stride_qob + s * stride_qos,
+        stride_qh,
+        stride_qoh,
+        HQ,
+        cos1,
+        sin1,
+        cos2,
+        sin2,
+        offs_h,
+        HALF,
+        BLOCK_HQ,
+        INTERPRET,
+    )
+    _rotate_heads(
+        K + b * stride_kb + s * stride_ks,
+        KOut + b * stride_kob + s * stride_kos,
+        stride_kh,
+        stride_koh,
+        HKV,
+        cos1,
+        sin1,
+        cos2,
+        sin2,
+        offs_h,
+        HALF,
+        BLOCK_HKV,
+        INTERPRET,
+    )
 
 
 def _check_out(what: str, o: torch.Tensor, like: torch.Tensor) -> None:
     if o.shape != like.shape or o.dtype != like.dtype or o.device != like.device or o.stride(-1) != 1:
-        raise ValueError(f"apply_rotary: {what} must be {tuple(like.shape)} {like.dtype} on {like.device} with a "
-                         f"contiguous last dim; got {tuple(o.shape)} {o.dtype} on {o.device}, strides {o.stride()}")
+        raise ValueError(
+            f"apply_rotary: {what} must be {tuple(like.shape)} {like.dtype} on {like.device} with a "
+            f"contiguous last dim; got {tuple(o.shape)} {o.dtype} on {o.device}, strides {o.stride()}"
+        )
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin); see the module docstring."""
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
-        raise ValueError(f"apply_rotary wants q [B, Hq, S, D], k [B, Hkv, S, D], cos/sin [B, S, D]; got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+        raise ValueError(
+            f"apply_rotary wants q [B, Hq, S, D], k [B, Hkv, S, D], cos/sin [B, S, D]; got q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+        )
     b, hq, s, d = q.shape
-    if k.shape[0] != b or k.shape[2:] != (s, d) or cos.shape[1:] != (s, d) or cos.shape[0] not in (1, b) or d % 2:
-        raise ValueError(f"apply_rotary: shapes disagree (or D is odd): q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"cos/sin {tuple(cos.shape)}")
+    if (
+        k.shape[0] != b
+        or k.shape[2:] != (s, d)
+        or cos.shape[1:] != (s, d)
+        or cos.shape[0] not in (1, b)
+        or d % 2
+    ):
+        raise ValueError(
+            f"apply_rotary: shapes disagree (or D is odd): q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"cos/sin {tuple(cos.shape)}"
+        )
     if q.dtype not in DTYPES or k.dtype != q.dtype:
         raise ValueError(f"apply_rotary wants q and k of one dtype in {DTYPES}; got {q.dtype}, {k.dtype}")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
@@ -107,13 +191,36 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         return q_out, k_out
     half = d // 2
     _apply_rotary_kernel[(b * s,)](
-        q, k, cos, sin, q_out, k_out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        cos.stride(0) if cos.shape[0] == b else 0, cos.stride(1),  # a batch-1 table broadcasts
-        sin.stride(0) if sin.shape[0] == b else 0, sin.stride(1),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        s, hq, hkv,
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=triton.next_power_of_2(hq),
-        BLOCK_HKV=triton.next_power_of_2(hkv), INTERPRET=interpreting(), num_warps=4,
+        q,
+        k,
+        cos,
+        sin,
+        q_out,
+        k_out,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        cos.stride(0) if cos.shape[0] == b else 0,
+        cos.stride(1),  # a batch-1 table broadcasts
+        sin.stride(0) if sin.shape[0] == b else 0,
+        sin.stride(1),
+        q_out.stride(0),
+        q_out.stride(1),
+        q_out.stride(2),
+        k_out.stride(0),
+        k_out.stride(1),
+        k_out.stride(2),
+        s,
+        hq,
+        hkv,
+        HALF=half,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HQ=triton.next_power_of_2(hq),
+        BLOCK_HKV=triton.next_power_of_2(hkv),
+        INTERPRET=interpreting(),
+        num_warps=4,
     )
     return q_out, k_out

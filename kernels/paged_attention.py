@@ -30,11 +30,18 @@ import triton.language as tl
 
 from ._common import DTYPES, INTERPRET_LONG, cast, check_operands, interpreting, mma
 
-
-__all__ = ["paged_prefill_attention", "paged_decode_attention", "prefill_config", "decode_config", "decode_splits"]
+__all__ = [
+    "paged_prefill_attention",
+    "paged_decode_attention",
+    "prefill_config",
+    "decode_config",
+    "decode_splits",
+]
 
 _LOG2E = 1.4426950408889634
-_NEG = tl.constexpr(-1.0e30)  # initial running max: finite, so a row with no key yet in a block stays NaN-free
+_NEG = tl.constexpr(
+    -1.0e30
+)  # initial running max: finite, so a row with no key yet in a block stays NaN-free
 
 
 @triton.jit
@@ -49,8 +56,18 @@ def _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET: tl.constexpr, PRECISIO
 
 
 @triton.jit
-def _decode_reduce_kernel(PartO, PartLse, Out, stride_ob, stride_oh, HQ, NUM_SPLITS,
-                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr):
+def _decode_reduce_kernel(
+    PartO,
+    PartLse,
+    Out,
+    stride_ob,
+    stride_oh,
+    HQ,
+    NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     pid = tl.program_id(0)  # b * Hq + h
     b = pid // HQ
     h = pid % HQ
@@ -71,16 +88,35 @@ def _decode_reduce_kernel(PartO, PartLse, Out, stride_ob, stride_oh, HQ, NUM_SPL
 
 @triton.jit
 def _paged_prefill_kernel(
-    Q, K, V, Out, Table,
-    stride_qs, stride_qh,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_os, stride_oh,
-    GROUP, SQ, SK, qk_scale,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Table,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_os,
+    stride_oh,
+    GROUP,
+    SQ,
+    SK,
+    qk_scale,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query blocks see the most keys: start them first
+    pid_m = (
+        tl.num_programs(0) - 1 - tl.program_id(0)
+    )  # the last query blocks see the most keys: start them first
     h = tl.program_id(1)
     hk = (h // GROUP).to(tl.int64)
     h = h.to(tl.int64)
@@ -90,8 +126,11 @@ def _paged_prefill_kernel(
     first_pos = SK - SQ + pid_m * BLOCK_M
     pos_m = first_pos + tl.arange(0, BLOCK_M)
 
-    q = tl.load(Q + offs_m[:, None] * stride_qs + h * stride_qh + offs_d[None, :], mask=offs_m[:, None] < SQ,
-                other=0.0)
+    q = tl.load(
+        Q + offs_m[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
+        mask=offs_m[:, None] < SQ,
+        other=0.0,
+    )
     k_head = K + hk * stride_kh
     v_head = V + hk * stride_vh
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
@@ -113,10 +152,14 @@ def _paged_prefill_kernel(
         key = start_n + offs_n
         key_ok = key < SK
         row = (start_n % BLOCK_SIZE + offs_n)[:, None]
-        k = tl.load(k_head + block * stride_kb + row * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        k = tl.load(
+            k_head + block * stride_kb + row * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0
+        )
         qk = mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
         qk = tl.where((key[None, :] <= pos_m[:, None]) & key_ok[None, :], qk, float("-inf"))
-        v = tl.load(v_head + block * stride_vb + row * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(
+            v_head + block * stride_vb + row * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0
+        )
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET, PRECISION)
 
     out = acc / l_i[:, None]
@@ -126,15 +169,36 @@ def _paged_prefill_kernel(
 
 @triton.jit
 def _paged_decode_split_kernel(
-    Q, K, V, Tables, SeqLens, PartO, PartLse, Out,
-    stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
+    Q,
+    K,
+    V,
+    Tables,
+    SeqLens,
+    PartO,
+    PartLse,
+    Out,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
     stride_tb,
-    stride_ob, stride_oh,
-    HKV, GROUP, NUM_SPLITS, qk_scale,
-    DIRECT: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    stride_ob,
+    stride_oh,
+    HKV,
+    GROUP,
+    NUM_SPLITS,
+    qk_scale,
+    DIRECT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -151,7 +215,9 @@ def _paged_decode_split_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0
+    )
     table = Tables + b * stride_tb
     k_head = K + hk * stride_kh
     v_head = V + hk * stride_vh
@@ -162,10 +228,14 @@ def _paged_decode_split_kernel(
         block = tl.load(table + start_n // BLOCK_SIZE).to(tl.int64)
         key_ok = start_n + offs_n < end
         row = (start_n % BLOCK_SIZE + offs_n)[:, None]
-        k = tl.load(k_head + block * stride_kb + row * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        k = tl.load(
+            k_head + block * stride_kb + row * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0
+        )
         qk = mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
-        v = tl.load(v_head + block * stride_vb + row * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(
+            v_head + block * stride_vb + row * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0
+        )
         m_i, l_i, acc = _online_softmax_step(qk, m_i, l_i, acc, v, INTERPRET, PRECISION)
 
     has_keys = l_i > 0  # a split past seq_len (or a length-0 row) holds nothing
@@ -181,7 +251,9 @@ def _paged_decode_split_kernel(
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype, seq_len: int = 0) -> dict:
-    if interpreting():  # small blocks for the tests' short sequences, big ones for real prompts (vit_attention)
+    if (
+        interpreting()
+    ):  # small blocks for the tests' short sequences, big ones for real prompts (vit_attention)
         if seq_len > INTERPRET_LONG:
             return dict(BLOCK_M=64, BLOCK_N=64, num_warps=1, num_stages=1)
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
@@ -202,7 +274,7 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -220,20 +292,26 @@ def _out(name: str, out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     if out is None:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"{name}: out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last "
-                         f"dim; got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
+        raise ValueError(
+            f"{name}: out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last "
+            f"dim; got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}"
+        )
     return out
 
 
 def _check_pools(name: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> int:
     """q [tokens, Hq, D] against the pools [num_blocks, Hkv, BLOCK_SIZE, D]; returns BLOCK_SIZE."""
     if q.dim() != 3 or k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
-        raise ValueError(f"{name} wants q [tokens, Hq, D] and k_pool, v_pool of one shape [num_blocks, Hkv, "
-                         f"BLOCK_SIZE, D]; got q {tuple(q.shape)}, k_pool {tuple(k_pool.shape)}, v_pool "
-                         f"{tuple(v_pool.shape)}")
+        raise ValueError(
+            f"{name} wants q [tokens, Hq, D] and k_pool, v_pool of one shape [num_blocks, Hkv, "
+            f"BLOCK_SIZE, D]; got q {tuple(q.shape)}, k_pool {tuple(k_pool.shape)}, v_pool "
+            f"{tuple(v_pool.shape)}"
+        )
     if q.dtype not in DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
-        raise ValueError(f"{name} wants q, k_pool, v_pool of one dtype in {DTYPES}; got {q.dtype}, "
-                         f"{k_pool.dtype}, {v_pool.dtype}")
+        raise ValueError(
+            f"{name} wants q, k_pool, v_pool of one dtype in {DTYPES}; got {q.dtype}, "
+            f"{k_pool.dtype}, {v_pool.dtype}"
+        )
     hq, d = q.shape[1], q.shape[2]
     hkv, block_size = k_pool.shape[1], k_pool.shape[2]
     if k_pool.shape[3] != d:
@@ -243,8 +321,10 @@ def _check_pools(name: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     if d < 16 or d > 256 or d & (d - 1):
         raise ValueError(f"{name}: head_dim {d} must be a power of two in [16, 256]")
     if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"{name}: BLOCK_SIZE {block_size} (pool dim 2) must be a power of two >= 16, so key "
-                         f"tiles never straddle two blocks")
+        raise ValueError(
+            f"{name}: BLOCK_SIZE {block_size} (pool dim 2) must be a power of two >= 16, so key "
+            f"tiles never straddle two blocks"
+        )
     check_operands(name, {"q": q, "k_pool": k_pool, "v_pool": v_pool})
     return block_size
 
@@ -258,9 +338,16 @@ def _check_int32(name: str, what: str, t: torch.Tensor, shape: tuple, q: torch.T
     check_operands(name, {"q": q, what: t})
 
 
-def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                            block_table: torch.Tensor, context_len: int, *, out: torch.Tensor | None = None,
-                            config: dict | None = None) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Causal GQA attention of one sequence's last Sq positions, q [Sq, Hq, D], over its keys
     0..context_len-1 read through block_table int32 [nb] (cdiv(context_len, BLOCK_SIZE) <= nb) from k_pool,
     v_pool [num_blocks, Hkv, BLOCK_SIZE, D]. Returns out [Sq, Hq, D]. ``config`` overrides
@@ -270,8 +357,10 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     _check_int32(name, "block_table", block_table, (None,), q)
     sq, hq, d = q.shape
     if not sq <= context_len <= block_table.shape[0] * block_size:
-        raise ValueError(f"{name}: context_len {context_len} must hold the {sq} queries and fit the "
-                         f"{block_table.shape[0]} blocks of {block_size} in block_table")
+        raise ValueError(
+            f"{name}: context_len {context_len} must hold the {sq} queries and fit the "
+            f"{block_table.shape[0]} blocks of {block_size} in block_table"
+        )
     out = _out(name, out, q)
     if sq == 0:
         return out
@@ -280,23 +369,48 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     if block_size % block_n:
         raise ValueError(f"{name}: BLOCK_N {block_n} must divide BLOCK_SIZE {block_size}")
     _paged_prefill_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), hq)](
-        q, k_pool, v_pool, out, block_table,
-        q.stride(0), q.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        out.stride(0), out.stride(1),
-        hq // k_pool.shape[1], sq, context_len, d ** -0.5 * _LOG2E,
-        BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
-        INTERPRET=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q,
+        k_pool,
+        v_pool,
+        out,
+        block_table,
+        q.stride(0),
+        q.stride(1),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        k_pool.stride(2),
+        v_pool.stride(0),
+        v_pool.stride(1),
+        v_pool.stride(2),
+        out.stride(0),
+        out.stride(1),
+        hq // k_pool.shape[1],
+        sq,
+        context_len,
+        d**-0.5 * _LOG2E,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=d,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=block_n,
+        INTERPRET=interpreting(),
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
 
-def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, *,
-                           out: torch.Tensor | None = None, num_splits: int | None = None,
-                           config: dict | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """One query per row, q [B, Hq, D] at position context_lens[b] - 1, over keys 0..context_lens[b]-1 read
     through block_tables int32 [B, max_blocks] from k_pool, v_pool [num_blocks, Hkv, BLOCK_SIZE, D].
     context_lens int32 [B] stays on the device (0 <= context_lens[b] <= max_blocks * BLOCK_SIZE, unchecked);
@@ -326,20 +440,51 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         part_o = part_lse = out  # unused
     interpret = interpreting()
     _paged_decode_split_kernel[(b * hkv, splits)](
-        q, k_pool, v_pool, block_tables, context_lens, part_o, part_lse, out,
-        q.stride(0), q.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        q,
+        k_pool,
+        v_pool,
+        block_tables,
+        context_lens,
+        part_o,
+        part_lse,
+        out,
+        q.stride(0),
+        q.stride(1),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        k_pool.stride(2),
+        v_pool.stride(0),
+        v_pool.stride(1),
+        v_pool.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        hkv, group, splits, d ** -0.5 * _LOG2E,
-        DIRECT=splits == 1, BLOCK_SIZE=block_size, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, INTERPRET=interpret, PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        out.stride(0),
+        out.stride(1),
+        hkv,
+        group,
+        splits,
+        d**-0.5 * _LOG2E,
+        DIRECT=splits == 1,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=d,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        INTERPRET=interpret,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     if splits > 1:
         _decode_reduce_kernel[(b * hq,)](
-            part_o, part_lse, out, out.stride(0), out.stride(1), hq, splits,
-            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(splits), INTERPRET=interpret, num_warps=4,
+            part_o,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            hq,
+            splits,
+            HEAD_DIM=d,
+            BLOCK_S=triton.next_power_of_2(splits),
+            INTERPRET=interpret,
+            num_warps=4,
         )
     return out

@@ -27,16 +27,31 @@ import triton.language as tl
 
 from ._common import DTYPES, check_device, interpreting
 
-
 __all__ = ["pixel_shuffle", "pixel_shuffle_from_vit"]
 
 _VERSIONS = ("v1", "v2")
 
 
 @triton.jit
-def _pixel_shuffle_kernel(X, Out, total, tokens, half_h, half_w, C,
-                          stride_xn, stride_xh, stride_xw, stride_xc, stride_on, stride_ot, stride_oc,
-                          V2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pixel_shuffle_kernel(
+    X,
+    Out,
+    total,
+    tokens,
+    half_h,
+    half_w,
+    C,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_on,
+    stride_ot,
+    stride_oc,
+    V2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     g = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # output token over the batch
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = g // tokens
@@ -73,49 +88,73 @@ def _launch(name: str, x: torch.Tensor, ps_version: str, out: torch.Tensor | Non
     check_device(x, name)
     n, h, w, c = x.shape
     if h % 2 or w % 2 or min(n, h, w, c) == 0:
-        raise ValueError(f"{name}: the patch grid must be non-empty with an even height and width for scale 0.5, "
-                         f"got [N, h, w, C] = {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: the patch grid must be non-empty with an even height and width for scale 0.5, "
+            f"got [N, h, w, C] = {tuple(x.shape)}"
+        )
     shape = (n, h * w // 4, 4 * c)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"{name}: out must be {shape} {x.dtype} on {x.device}; got {tuple(out.shape)} {out.dtype} "
-                         f"on {out.device}")
+        raise ValueError(
+            f"{name}: out must be {shape} {x.dtype} on {x.device}; got {tuple(out.shape)} {out.dtype} "
+            f"on {out.device}"
+        )
     block_t, block_c = _blocks(c, interpreting())
     grid = (triton.cdiv(n * shape[1], block_t), triton.cdiv(c, block_c))
     _pixel_shuffle_kernel[grid](
-        x, out, n * shape[1], shape[1], h // 2, w // 2, c, *x.stride(), *out.stride(),
-        V2=ps_version == "v2", BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
+        x,
+        out,
+        n * shape[1],
+        shape[1],
+        h // 2,
+        w // 2,
+        c,
+        *x.stride(),
+        *out.stride(),
+        V2=ps_version == "v2",
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=4,
     )
     return out
 
 
-def pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str, *, out: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def pixel_shuffle(
+    x: torch.Tensor, scale: float, ps_version: str, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The reference's pixel_shuffle(x [N, h, w, C], 0.5, ps_version) -> [N, h*w/4, 4C], bit-identical."""
     if scale != 0.5:
-        raise ValueError(f"pixel_shuffle: the kernel implements scale 0.5 (InternVL's downsample_ratio), got {scale}")
+        raise ValueError(
+            f"pixel_shuffle: the kernel implements scale 0.5 (InternVL's downsample_ratio), got {scale}"
+        )
     if x.dim() != 4:
         raise ValueError(f"pixel_shuffle: x must be a [N, h, w, C] patch grid, got shape {tuple(x.shape)}")
     return _launch("pixel_shuffle", x, ps_version, out)
 
 
-def pixel_shuffle_from_vit(vit_hidden: torch.Tensor, ps_version: str, *, out: torch.Tensor | None = None
-                           ) -> torch.Tensor:
+def pixel_shuffle_from_vit(
+    vit_hidden: torch.Tensor, ps_version: str, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """ViT output [N, 1 + g*g, C] (CLS first) -> pixel_shuffle(patches [N, g, g, C], 0.5) [N, g*g/4, 4C].
 
     Equal to ``reference.pixel_shuffle(vit_hidden[:, 1:].reshape(N, g, g, C), 0.5, ps_version)``, without the
     copies: the CLS row is skipped by pointer offset and the grid is read through strides.
     """
     if vit_hidden.dim() != 3:
-        raise ValueError(f"pixel_shuffle_from_vit: vit_hidden must be [N, 1 + g*g, C], got shape "
-                         f"{tuple(vit_hidden.shape)}")
+        raise ValueError(
+            f"pixel_shuffle_from_vit: vit_hidden must be [N, 1 + g*g, C], got shape {tuple(vit_hidden.shape)}"
+        )
     n, s, c = vit_hidden.shape
     g = math.isqrt(max(s - 1, 0))
     if s < 2 or g * g != s - 1:
-        raise ValueError(f"pixel_shuffle_from_vit: vit_hidden has {s} tokens; expected CLS + a square grid "
-                         f"(1 + g*g, e.g. 1025 = 1 + 32*32)")
+        raise ValueError(
+            f"pixel_shuffle_from_vit: vit_hidden has {s} tokens; expected CLS + a square grid "
+            f"(1 + g*g, e.g. 1025 = 1 + 32*32)"
+        )
     patches = vit_hidden[:, 1:]  # (N, g*g, C), a view: CLS skipped by the storage offset
     sn, st, sc = patches.stride()
-    grid = patches.as_strided((n, g, g, c), (sn, g * st, st, sc))  # (N, g, g, C), rows of the grid g tokens apart
+    grid = patches.as_strided(
+        (n, g, g, c), (sn, g * st, st, sc)
+    )  # (N, g, g, C), rows of the grid g tokens apart
     return _launch("pixel_shuffle_from_vit", grid, ps_version, out)

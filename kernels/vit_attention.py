@@ -36,14 +36,30 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _vit_attention_kernel(
-    Q, K, V, Out,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh, stride_os,
-    H, S, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    H,
+    S,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -64,16 +80,22 @@ def _vit_attention_kernel(
 
     for start_n in range(0, S, BLOCK_N):  # the last block is partial when S % BLOCK_N != 0 (1025 = 16*64 + 1)
         key_ok = (start_n + offs_n) < S
-        k = tl.load(k_base + (start_n + offs_n)[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None],
-                    other=0.0)
+        k = tl.load(
+            k_base + (start_n + offs_n)[:, None] * stride_ks + offs_d[None, :],
+            mask=key_ok[:, None],
+            other=0.0,
+        )
         qk = mma(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + (start_n + offs_n)[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None],
-                    other=0.0)  # other=0: stale memory past S must not reach P @ V
+        v = tl.load(
+            v_base + (start_n + offs_n)[:, None] * stride_vs + offs_d[None, :],
+            mask=key_ok[:, None],
+            other=0.0,
+        )  # other=0: stale memory past S must not reach P @ V
         acc = mma(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], INTERPRET, PRECISION)
         m_i = m_new
 
@@ -97,16 +119,25 @@ def default_config(head_dim: int, dtype: torch.dtype, seq_len: int = 0) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
-def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+def vit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over [B, H, S, D] (see the module docstring). ``config`` overrides
     :func:`default_config` (keys BLOCK_M, BLOCK_N, num_warps, num_stages), for tuning."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"vit_attention wants q, k, v of one shape [B, H, S, D]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"vit_attention wants q, k, v of one shape [B, H, S, D]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"vit_attention wants q, k, v of one dtype in {DTYPES}; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+        raise ValueError(
+            f"vit_attention wants q, k, v of one dtype in {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     b, h, s, d = q.shape
     if d < 16 or d > 256 or d & (d - 1):
         raise ValueError(f"vit_attention: head_dim {d} must be a power of two in [16, 256]")
@@ -114,21 +145,40 @@ def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: tor
     if out is None:
         out = torch.empty((b, h, s, d), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"vit_attention: out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous "
-                         f"last dim; got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
+        raise ValueError(
+            f"vit_attention: out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous "
+            f"last dim; got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}"
+        )
     if q.numel() == 0:
         return out
     cfg = dict(default_config(d, q.dtype, q.shape[2]), **(config or {}))
     grid = (triton.cdiv(s, cfg["BLOCK_M"]), b * h)
     _vit_attention_kernel[grid](
-        q, k, v, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        h, s, d ** -0.5 * _LOG2E,
-        HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        INTERPRET=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q,
+        k,
+        v,
+        out,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        h,
+        s,
+        d**-0.5 * _LOG2E,
+        HEAD_DIM=d,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        INTERPRET=interpreting(),
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out

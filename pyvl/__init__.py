@@ -1,8 +1,8 @@
 """pyvl: a small, fast inference runtime for the InternVL 1.5 family.
 
-    model = pyvl.load("InternVL-Chat-V1-5", device="cuda", dtype="bfloat16")
-    pixel_values = pyvl.load_image("photo.jpg", max_num=12)
-    model.chat(pixel_values, "Describe this image.", generation_config=dict(max_new_tokens=512))
+model = pyvl.load("InternVL-Chat-V1-5", device="cuda", dtype="bfloat16")
+pixel_values = pyvl.load_image("photo.jpg", max_num=12)
+model.chat(pixel_values, "Describe this image.", generation_config=dict(max_new_tokens=512))
 """
 
 from .api import load
@@ -14,6 +14,15 @@ from .image import load_image
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "load_image", "InternVLChat", "ChatStats", "GenerationConfig",
-    "PyvlError", "ConfigError", "CheckpointError", "ImageError", "PromptError", "__version__",
+    "load",
+    "load_image",
+    "InternVLChat",
+    "ChatStats",
+    "GenerationConfig",
+    "PyvlError",
+    "ConfigError",
+    "CheckpointError",
+    "ImageError",
+    "PromptError",
+    "__version__",
 ]

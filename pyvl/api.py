@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from . import checks
 from .chat import InternVLChat
 from .config import load_config
-from .errors import CheckpointError, ConfigError, PyvlError
 from .engine.engine import Engine, EngineConfig
+from .errors import CheckpointError, ConfigError, PyvlError
 from .loader import load_model
 from .ops import resolve_ops
 from .tokenizer import Tokenizer
@@ -24,8 +24,16 @@ __all__ = ["load"]
 log = logging.getLogger("pyvl")
 
 MAX_CONTEXT = 2**20  # tokens (32x V1-5's 32K positions): a ceiling on typos; memory is checked per call
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
 
 
 def _resolve_dtype(dtype, device: torch.device, default: str) -> torch.dtype:
@@ -46,7 +54,9 @@ def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(device, (str, torch.device)):
-        raise ConfigError(f"device must be a str or torch.device such as 'cpu' or 'cuda', got {type(device).__name__}")
+        raise ConfigError(
+            f"device must be a str or torch.device such as 'cpu' or 'cuda', got {type(device).__name__}"
+        )
     try:
         device = torch.device(device)
     except (RuntimeError, ValueError) as exc:
@@ -55,8 +65,10 @@ def _resolve_device(device) -> torch.device:
         raise ConfigError(f"device={device}: pyvl runs on 'cpu' or 'cuda'")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={device}: no CUDA device is available (torch {torch.__version__}, "
-                              f"CUDA build {torch.version.cuda}); use device='cpu'")
+            raise ConfigError(
+                f"device={device}: no CUDA device is available (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda}); use device='cpu'"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device={device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
@@ -87,12 +99,24 @@ def _context_length(folder: Path, llm_max_positions: int) -> int:
     return max(llm_max_positions, tokenizer_max)
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         backend: str = "auto", op_backends: Mapping[str, str] | None = None, max_context: int | None = None,
-         progress: bool | None = None, mmap: bool = False, kv_cache_gb: float | None = None,
-         image_cache_gb: float = 1.0, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
-         cuda_graphs: bool = True, prefix_caching: bool = True, image_cache_dir: str | os.PathLike | None = None,
-         image_cache_dir_gb: float = 10.0) -> InternVLChat:
+def load(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    backend: str = "auto",
+    op_backends: Mapping[str, str] | None = None,
+    max_context: int | None = None,
+    progress: bool | None = None,
+    mmap: bool = False,
+    kv_cache_gb: float | None = None,
+    image_cache_gb: float = 1.0,
+    max_num_seqs: int = 16,
+    max_batched_tokens: int = 2048,
+    cuda_graphs: bool = True,
+    prefix_caching: bool = True,
+    image_cache_dir: str | os.PathLike | None = None,
+    image_cache_dir_gb: float = 10.0,
+) -> InternVLChat:
     """Load an InternVL 1.5 folder (config.json, safetensors, tokenizer) as released.
 
     device: "cuda", "cpu", ... (default: CUDA when available). dtype: default bf16 on CUDA, float32 on CPU.
@@ -120,9 +144,13 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     if progress is not None:
         checks.boolean(progress, "progress", error=ConfigError)
     if not isinstance(backend, str):
-        raise ConfigError(f"backend must be a str ('auto', 'reference' or 'triton'), got {type(backend).__name__}")
+        raise ConfigError(
+            f"backend must be a str ('auto', 'reference' or 'triton'), got {type(backend).__name__}"
+        )
     if op_backends is not None and not isinstance(op_backends, Mapping):
-        raise ConfigError(f"op_backends must be a mapping of op name -> backend, got {type(op_backends).__name__}")
+        raise ConfigError(
+            f"op_backends must be a mapping of op name -> backend, got {type(op_backends).__name__}"
+        )
     checks.boolean(mmap, "mmap", error=ConfigError)
     if kv_cache_gb is not None:
         checks.real(kv_cache_gb, "kv_cache_gb", 0, 1e5, low_open=True, error=ConfigError)
@@ -132,28 +160,50 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     checks.boolean(cuda_graphs, "cuda_graphs", error=ConfigError)
     checks.boolean(prefix_caching, "prefix_caching", error=ConfigError)
     if image_cache_dir is not None and not isinstance(image_cache_dir, (str, os.PathLike)):
-        raise ConfigError(f"image_cache_dir must be a folder path (str or os.PathLike), got "
-                          f"{type(image_cache_dir).__name__}")
+        raise ConfigError(
+            f"image_cache_dir must be a folder path (str or os.PathLike), got "
+            f"{type(image_cache_dir).__name__}"
+        )
     checks.real(image_cache_dir_gb, "image_cache_dir_gb", 0, 1e6, low_open=True, error=ConfigError)
     cfg = load_config(folder)
     dtype = _resolve_dtype(dtype, device, cfg.torch_dtype)
     tokenizer = Tokenizer.from_folder(folder)
     if len(tokenizer) > cfg.llm.vocab_size:
-        raise ConfigError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but llm_config.vocab_size is "
-                          f"{cfg.llm.vocab_size}")
+        raise ConfigError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but llm_config.vocab_size is "
+            f"{cfg.llm.vocab_size}"
+        )
     ops = resolve_ops(backend, device, op_backends, dtype)
     model = load_model(cfg, ops, folder, device, dtype, progress=progress, mmap=mmap)
     model.eval()
-    context = max_context if max_context is not None else _context_length(folder, cfg.llm.max_position_embeddings)
+    context = (
+        max_context if max_context is not None else _context_length(folder, cfg.llm.max_position_embeddings)
+    )
     if context < 2:
         raise ConfigError(f"max_context {context} must be at least 2")
-    engine_config = EngineConfig.for_model(model, context, kv_cache_gb, image_cache_gb, max_num_seqs,
-                                           max_batched_tokens, cuda_graphs, prefix_caching, image_cache_dir,
-                                           image_cache_dir_gb)
+    engine_config = EngineConfig.for_model(
+        model,
+        context,
+        kv_cache_gb,
+        image_cache_gb,
+        max_num_seqs,
+        max_batched_tokens,
+        cuda_graphs,
+        prefix_caching,
+        image_cache_dir,
+        image_cache_dir_gb,
+    )
     try:
         engine = Engine(model, engine_config, salt=f"{folder.resolve()}|{dtype}", bos_id=tokenizer.bos_id)
     except PyvlError as exc:  # e.g. an image_cache_dir that cannot be created or written
         raise ConfigError(str(exc)) from None
-    log.info("loaded %s on %s (%s, ops: %s; KV pool %d blocks of %d tokens)", folder, device, dtype,
-             dict(ops.backends), engine.pool.num_blocks, engine.pool.block_size)
+    log.info(
+        "loaded %s on %s (%s, ops: %s; KV pool %d blocks of %d tokens)",
+        folder,
+        device,
+        dtype,
+        dict(ops.backends),
+        engine.pool.num_blocks,
+        engine.pool.block_size,
+    )
     return InternVLChat(model, tokenizer, cfg, folder, context, _stop_ids(folder, tokenizer), engine)

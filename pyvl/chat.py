@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Sequence
 
 import torch
 
 from . import checks, template
 from .config import ModelConfig
-from .engine.request import ChatStats, ImageInput, Request
 from .engine.engine import Engine
+from .engine.request import ChatStats, ImageInput, Request
 from .errors import PromptError
 from .generation_config import GenerationConfig
 from .image import image_to_tiles
@@ -36,8 +36,16 @@ History = list[tuple[str, str]]
 class InternVLChat:
     """A loaded InternVL 1.5 model. Build it with :func:`pyvl.load`."""
 
-    def __init__(self, model: InternVLChatModel, tokenizer: Tokenizer, config: ModelConfig, folder: Path,
-                 max_context: int, stop_ids: tuple[int, ...], engine: Engine):
+    def __init__(
+        self,
+        model: InternVLChatModel,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        folder: Path,
+        max_context: int,
+        stop_ids: tuple[int, ...],
+        engine: Engine,
+    ):
         self.model = model
         self.engine = engine
         self.tokenizer = tokenizer
@@ -59,16 +67,25 @@ class InternVLChat:
         return self.model.dtype
 
     # ---- prompts -------------------------------------------------------------------------------------
-    def build_query(self, question: str, num_patches_list: Sequence[int] | None = None,
-                    history: History | None = None, system_message: str | None = None) -> str:
+    def build_query(
+        self,
+        question: str,
+        num_patches_list: Sequence[int] | None = None,
+        history: History | None = None,
+        system_message: str | None = None,
+    ) -> str:
         """The exact prompt string the original ``chat()`` tokenizes, image tokens expanded."""
         checks.text(question, "question", PromptError)
         checks.history(history)
         if system_message is not None:
             checks.text(system_message, "system_message", PromptError)
-        return template.build_query(question, num_patches_list=checks.patch_counts(num_patches_list),
-                                    history=history, system_message=self._system(system_message),
-                                    num_image_token=self.num_image_token)
+        return template.build_query(
+            question,
+            num_patches_list=checks.patch_counts(num_patches_list),
+            history=history,
+            system_message=self._system(system_message),
+            num_image_token=self.num_image_token,
+        )
 
     def tile_images(self, images, max_num: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """Raw image(s) -> (tiles [N, 3, S, S], tiles per image), with the model's tiling settings (``max_num``
@@ -77,18 +94,32 @@ class InternVLChat:
         if not items:
             raise PromptError("tile_images needs at least one image, got an empty list")
         cfg = self.config
-        tiles = [image_to_tiles(item, self.model.ops.resize_tiles,
-                                max_num=cfg.max_dynamic_patch if max_num is None else max_num,
-                                min_num=cfg.min_dynamic_patch, image_size=cfg.image_size,
-                                use_thumbnail=cfg.use_thumbnail, dtype=self.dtype, device=self.device)
-                 for item in items]
+        tiles = [
+            image_to_tiles(
+                item,
+                self.model.ops.resize_tiles,
+                max_num=cfg.max_dynamic_patch if max_num is None else max_num,
+                min_num=cfg.min_dynamic_patch,
+                image_size=cfg.image_size,
+                use_thumbnail=cfg.use_thumbnail,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for item in items
+        ]
         return torch.cat(tiles), [t.shape[0] for t in tiles]
 
     def _system(self, system_message: str | None) -> str:
         return self.system_message if system_message is None else system_message
 
-    def prompt(self, question: str, sources, history: History | None = None, system_message: str | None = None,
-               label_images: bool = False) -> Prompt:
+    def prompt(
+        self,
+        question: str,
+        sources,
+        history: History | None = None,
+        system_message: str | None = None,
+        label_images: bool = False,
+    ) -> Prompt:
         """One chat turn through the front door (``sources`` from ``self.prompts``), with the images the
         engine's caches lack tiled now, in the caller's thread, so that the engine thread never decodes one.
         Blocking (file reads, hashing, tiling on a miss): async callers run it in a worker thread."""
@@ -99,17 +130,21 @@ class InternVLChat:
             source.tiles()
         return prompt
 
-    def _turn(self, pixel_values, question, history, num_patches_list, system_message,
-              max_num: int | None = None) -> Prompt:
+    def _turn(
+        self, pixel_values, question, history, num_patches_list, system_message, max_num: int | None = None
+    ) -> Prompt:
         sources = self.prompts.sources(pixel_values, num_patches_list, max_num)
-        return self.prompt(question, sources, history, system_message,
-                           label_images=isinstance(pixel_values, (list, tuple)))
+        return self.prompt(
+            question, sources, history, system_message, label_images=isinstance(pixel_values, (list, tuple))
+        )
 
     def _check_context(self, n_prompt: int) -> None:
         if n_prompt >= self.max_context:
-            raise PromptError(f"the prompt has {n_prompt} tokens but the context holds {self.max_context} "
-                              "(prompt plus at least one new token); shorten it, use fewer tiles (max_num), "
-                              "or load with a larger max_context")
+            raise PromptError(
+                f"the prompt has {n_prompt} tokens but the context holds {self.max_context} "
+                "(prompt plus at least one new token); shorten it, use fewer tiles (max_num), "
+                "or load with a larger max_context"
+            )
 
     def _token_rows(self, input_ids, name: str = "input_ids") -> list[list[int]]:
         return checks.token_rows(input_ids, name, self.config.llm.vocab_size)
@@ -131,25 +166,53 @@ class InternVLChat:
         if len(rows[0]) > self.max_context:
             raise PromptError(f"input_ids has {len(rows[0])} tokens; the context holds {self.max_context}")
         (images,) = self._spliced_images(rows, pixel_values)
-        request = Request(rows[0], images, GenerationConfig(max_new_tokens=0), frozenset(), started_at=started_at,
-                          prompt_logits=True)
+        request = Request(
+            rows[0],
+            images,
+            GenerationConfig(max_new_tokens=0),
+            frozenset(),
+            started_at=started_at,
+            prompt_logits=True,
+        )
         self.engine.submit(request).result()
         return torch.cat(request.logits)
 
     # ---- generation ----------------------------------------------------------------------------------
-    def _submit(self, prompt: list[int], images: list[ImageInput], gen: GenerationConfig, output_scores: bool,
-                stats: ChatStats | None, started_at: float, rope_offset: int = 0) -> Request:
+    def _submit(
+        self,
+        prompt: list[int],
+        images: list[ImageInput],
+        gen: GenerationConfig,
+        output_scores: bool,
+        stats: ChatStats | None,
+        started_at: float,
+        rope_offset: int = 0,
+    ) -> Request:
         self._check_context(len(prompt))
         stop = gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids
-        request = Request(prompt, images, gen, frozenset(stop), output_scores=output_scores, stats=stats,
-                          started_at=started_at, rope_offset=rope_offset)
+        request = Request(
+            prompt,
+            images,
+            gen,
+            frozenset(stop),
+            output_scores=output_scores,
+            stats=stats,
+            started_at=started_at,
+            rope_offset=rope_offset,
+        )
         if gen.max_new_tokens == 0:  # nothing to generate: the original returns no token either
             request.finish()
             return request
         return self.engine.submit(request)
 
-    def generate(self, input_ids, pixel_values: torch.Tensor | None = None, generation_config=None,
-                 output_scores: bool = False, stats: ChatStats | None = None):
+    def generate(
+        self,
+        input_ids,
+        pixel_values: torch.Tensor | None = None,
+        generation_config=None,
+        output_scores: bool = False,
+        stats: ChatStats | None = None,
+    ):
         """Raw generation from token ids: one prompt (list of ints) or several (list of lists, decoded together).
         Each run of <IMG_CONTEXT> ids, in prompt order across the prompts, takes the next run-length / 256 tiles
         of ``pixel_values`` (the original splices them in that order).
@@ -165,11 +228,23 @@ class InternVLChat:
             self._check_context(len(prompt))
         images = self._spliced_images(prompts, pixel_values)
         longest = max(len(p) for p in prompts)  # the original's padded batch width (see Request.rope_offset)
-        requests = [self._submit(p, imgs, gen, output_scores, stats if len(prompts) == 1 else None, started_at,
-                                 longest - len(p)) for p, imgs in zip(prompts, images)]
+        requests = [
+            self._submit(
+                p,
+                imgs,
+                gen,
+                output_scores,
+                stats if len(prompts) == 1 else None,
+                started_at,
+                longest - len(p),
+            )
+            for p, imgs in zip(prompts, images)
+        ]
         outputs = [r.result() for r in requests]
         width = max(len(o) for o in outputs)
-        ids = torch.tensor([o + [self.tokenizer.pad_id] * (width - len(o)) for o in outputs], dtype=torch.long)
+        ids = torch.tensor(
+            [o + [self.tokenizer.pad_id] * (width - len(o)) for o in outputs], dtype=torch.long
+        )
         if not output_scores:
             return ids
         if not width:
@@ -177,7 +252,7 @@ class InternVLChat:
         scores = torch.zeros(len(outputs), width, self.config.llm.vocab_size)
         for row, r in enumerate(requests):
             if r.scores:
-                scores[row, :len(r.scores)] = torch.stack(r.scores).cpu()
+                scores[row, : len(r.scores)] = torch.stack(r.scores).cpu()
         return ids, scores
 
     def _spliced_images(self, prompts: list[list[int]], pixel_values) -> list[list[ImageInput]]:
@@ -187,14 +262,17 @@ class InternVLChat:
             self.prompts.check_tiles(pixel_values)
         tiles = 0 if pixel_values is None else pixel_values.shape[0]
         if sum(n for row in runs for _, n in row) != tiles * self.num_image_token or any(
-                n % self.num_image_token for row in runs for _, n in row):
-            raise PromptError(f"the prompt has {sum(n for row in runs for _, n in row)} <IMG_CONTEXT> tokens but "
-                              f"the images give {tiles * self.num_image_token} feature rows "
-                              f"({self.num_image_token} per tile); they must be equal")
+            n % self.num_image_token for row in runs for _, n in row
+        ):
+            raise PromptError(
+                f"the prompt has {sum(n for row in runs for _, n in row)} <IMG_CONTEXT> tokens but "
+                f"the images give {tiles * self.num_image_token} feature rows "
+                f"({self.num_image_token} per tile); they must be equal"
+            )
         sources = self.prompts.tiles(pixel_values, counts) if counts else []
         images, used = [], 0
         for ids, row in zip(prompts, runs):
-            images.append(self.prompts.image_inputs(ids, sources[used:used + len(row)]))
+            images.append(self.prompts.image_inputs(ids, sources[used : used + len(row)]))
             used += len(row)
         return images
 
@@ -209,9 +287,17 @@ class InternVLChat:
         """The text side of a request's answer (its stop ids, and ``stop_strings``), for :meth:`atext`."""
         return TextStream(self.tokenizer, request.stop_ids, stop_strings)
 
-    def chat(self, pixel_values, question: str, generation_config=None, history: History | None = None,
-             return_history: bool = False, num_patches_list: Sequence[int] | None = None,
-             stats: ChatStats | None = None, system_message: str | None = None):
+    def chat(
+        self,
+        pixel_values,
+        question: str,
+        generation_config=None,
+        history: History | None = None,
+        return_history: bool = False,
+        num_patches_list: Sequence[int] | None = None,
+        stats: ChatStats | None = None,
+        system_message: str | None = None,
+    ):
         """Answer ``question`` about ``pixel_values``: tiles from ``load_image`` (``num_patches_list`` splits them
         into images), raw image(s) (a path, bytes, PIL image, uint8 array, or a list of them: keyed by their
         bytes or pixels and tiled only if the model has not seen them), or None for text only. ``stats``, when
@@ -224,9 +310,16 @@ class InternVLChat:
         response = self._response(request.result())
         return (response, self._history(prompt, response, history)) if return_history else response
 
-    def stream(self, pixel_values, question: str, generation_config=None, history: History | None = None,
-               num_patches_list: Sequence[int] | None = None, stats: ChatStats | None = None,
-               system_message: str | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        pixel_values,
+        question: str,
+        generation_config=None,
+        history: History | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        stats: ChatStats | None = None,
+        system_message: str | None = None,
+    ) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated; ''.join(pieces) == chat(...). Closing the
         generator early cancels the request (its KV blocks are freed at once)."""
         started_at = time.perf_counter()
@@ -248,42 +341,72 @@ class InternVLChat:
         finally:
             tokens.close()  # cancels the request if it is still running
 
-    async def achat(self, pixel_values, question: str, generation_config=None, history: History | None = None,
-                    return_history: bool = False, num_patches_list: Sequence[int] | None = None,
-                    stats: ChatStats | None = None, system_message: str | None = None):
+    async def achat(
+        self,
+        pixel_values,
+        question: str,
+        generation_config=None,
+        history: History | None = None,
+        return_history: bool = False,
+        num_patches_list: Sequence[int] | None = None,
+        stats: ChatStats | None = None,
+        system_message: str | None = None,
+    ):
         """``chat`` for asyncio: awaits the engine on the running loop (images are read and, on a cache miss,
         tiled in a worker thread). Cancelling the task cancels the request."""
         checks.boolean(return_history, "return_history", PromptError)
-        prompt, request = await self._asubmit(pixel_values, question, generation_config, history,
-                                              num_patches_list, stats, system_message)
+        prompt, request = await self._asubmit(
+            pixel_values, question, generation_config, history, num_patches_list, stats, system_message
+        )
         response = "".join([piece async for piece in self.atext(request)])
         return (response, self._history(prompt, response, history)) if return_history else response
 
-    async def astream(self, pixel_values, question: str, generation_config=None, history: History | None = None,
-                      num_patches_list: Sequence[int] | None = None, stats: ChatStats | None = None,
-                      system_message: str | None = None) -> AsyncIterator[str]:
+    async def astream(
+        self,
+        pixel_values,
+        question: str,
+        generation_config=None,
+        history: History | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        stats: ChatStats | None = None,
+        system_message: str | None = None,
+    ) -> AsyncIterator[str]:
         """``stream`` for asyncio: ``async for piece in model.astream(...)``; no thread waits for the tokens.
         Closing the iterator (or cancelling its task) cancels the request."""
-        _, request = await self._asubmit(pixel_values, question, generation_config, history, num_patches_list,
-                                         stats, system_message)
+        _, request = await self._asubmit(
+            pixel_values, question, generation_config, history, num_patches_list, stats, system_message
+        )
         async for piece in self.atext(request):
             yield piece
 
-    async def _asubmit(self, pixel_values, question, generation_config, history, num_patches_list, stats,
-                       system_message) -> tuple[Prompt, Request]:
+    async def _asubmit(
+        self, pixel_values, question, generation_config, history, num_patches_list, stats, system_message
+    ) -> tuple[Prompt, Request]:
         started_at = time.perf_counter()
         gen = GenerationConfig.from_user(generation_config)
-        prompt = await asyncio.to_thread(self._turn, pixel_values, question, history, num_patches_list,
-                                         system_message)
+        prompt = await asyncio.to_thread(
+            self._turn, pixel_values, question, history, num_patches_list, system_message
+        )
         return prompt, self.submit(prompt, gen, stats, started_at)
 
-    def submit(self, prompt: Prompt, generation_config=None, stats: ChatStats | None = None,
-               started_at: float | None = None) -> Request:
+    def submit(
+        self,
+        prompt: Prompt,
+        generation_config=None,
+        stats: ChatStats | None = None,
+        started_at: float | None = None,
+    ) -> Request:
         """Hand a front-door prompt (:meth:`prompt`) to the engine; read the answer with :meth:`atext` (or the
         request's own ``stream_tokens`` / ``result``). ``started_at``: the call's start, for its stats."""
         gen = GenerationConfig.from_user(generation_config)
-        return self._submit(prompt.ids, prompt.images, gen, False, stats,
-                            time.perf_counter() if started_at is None else started_at)
+        return self._submit(
+            prompt.ids,
+            prompt.images,
+            gen,
+            False,
+            stats,
+            time.perf_counter() if started_at is None else started_at,
+        )
 
     async def atext(self, request: Request, text: TextStream | None = None) -> AsyncIterator[str]:
         """A submitted request's answer as text pieces, awaited; closing it cancels the request. ``text``: the
@@ -303,30 +426,45 @@ class InternVLChat:
         finally:
             await batches.aclose()  # cancels the request if it is still running
 
-    def batch_chat(self, pixel_values, questions: Sequence[str], generation_config=None,
-                   num_patches_list: Sequence[int] | None = None, history=None, return_history: bool = False
-                   ) -> list[str]:
+    def batch_chat(
+        self,
+        pixel_values,
+        questions: Sequence[str],
+        generation_config=None,
+        num_patches_list: Sequence[int] | None = None,
+        history=None,
+        return_history: bool = False,
+    ) -> list[str]:
         """One question per image (``num_patches_list[k]`` tiles for question k), answered together."""
         started_at = time.perf_counter()
         if history is not None or return_history:
             raise PromptError("batch_chat does not support history/return_history (nor does the original)")
         if not isinstance(questions, (list, tuple)):
             hint = "; wrap a single question in a list" if isinstance(questions, str) else ""
-            raise PromptError(f"batch_chat: questions must be a list of str (one per image), got "
-                              f"{type(questions).__name__}{hint}")
+            raise PromptError(
+                f"batch_chat: questions must be a list of str (one per image), got "
+                f"{type(questions).__name__}{hint}"
+            )
         questions = [checks.text(q, f"questions[{k}]", PromptError) for k, q in enumerate(questions)]
         if not questions:
             raise PromptError("batch_chat needs at least one question")
         gen = GenerationConfig.from_user(generation_config)
         sources = self.prompts.sources(pixel_values, num_patches_list)
         if pixel_values is not None and len(sources) != len(questions):
-            raise PromptError(f"batch_chat got {len(questions)} questions but num_patches_list has "
-                              f"{len(sources)} images; give one image per question")
-        prompts = [self.prompts.build(q, sources[k:k + 1], None, self.system_message)
-                   for k, q in enumerate(questions)]
+            raise PromptError(
+                f"batch_chat got {len(questions)} questions but num_patches_list has "
+                f"{len(sources)} images; give one image per question"
+            )
+        prompts = [
+            self.prompts.build(q, sources[k : k + 1], None, self.system_message)
+            for k, q in enumerate(questions)
+        ]
         for prompt in prompts:
             self._check_context(len(prompt.ids))
-        longest = max(len(p.ids) for p in prompts)  # the original's padded batch width (see Request.rope_offset)
-        requests = [self._submit(p.ids, p.images, gen, False, None, started_at, longest - len(p.ids))
-                    for p in prompts]
+        longest = max(
+            len(p.ids) for p in prompts
+        )  # the original's padded batch width (see Request.rope_offset)
+        requests = [
+            self._submit(p.ids, p.images, gen, False, None, started_at, longest - len(p.ids)) for p in prompts
+        ]
         return [self._response(r.result()) for r in requests]

@@ -24,19 +24,31 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_image_cache_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-cache-dir", default=None, metavar="DIR",
-                   help="keep image features on disk too: a later run answers about a known image without the "
-                        "vision model")
+    p.add_argument(
+        "--image-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="keep image features on disk too: a later run answers about a known image without the "
+        "vision model",
+    )
     p.add_argument("--image-cache-dir-gb", type=float, default=10.0, help="size bound of --image-cache-dir")
 
 
 def _generation_config(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
 
 
 def _load_model(args):
     import pyvl
+
     from .demo import DEMO_NOTICE, demo_model_path
 
     if args.model is None:
@@ -44,8 +56,14 @@ def _load_model(args):
         path = demo_model_path()
     else:
         path = Path(args.model)
-    return pyvl.load(path, device=args.device, dtype=args.dtype, backend=args.backend,
-                     image_cache_dir=args.image_cache_dir, image_cache_dir_gb=args.image_cache_dir_gb)
+    return pyvl.load(
+        path,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        image_cache_dir=args.image_cache_dir,
+        image_cache_dir_gb=args.image_cache_dir_gb,
+    )
 
 
 def _images(model, paths: list[str], max_num: int | None):
@@ -58,7 +76,9 @@ def _first_question(question: str, n_images: int) -> str:
     """The first turn's question, with a placeholder per image unless it has its own (template's rule)."""
     from .template import IMAGE_PLACEHOLDER, with_image_labels
 
-    return question if not n_images or IMAGE_PLACEHOLDER in question else with_image_labels(question, n_images)
+    return (
+        question if not n_images or IMAGE_PLACEHOLDER in question else with_image_labels(question, n_images)
+    )
 
 
 def _answer(model, images, question, gen, history, stats: bool):
@@ -71,10 +91,13 @@ def _answer(model, images, question, gen, history, stats: bool):
         sys.stdout.flush()
     sys.stdout.write("\n")
     if stats:
-        print(f"[{s.prompt_tokens} prompt tokens ({s.cached_tokens} cached), {s.new_tokens} new; "
-              f"{s.images_encoded} of {s.images} images through the ViT, vision {s.vision_s * 1e3:.1f} ms, "
-              f"time to first token {s.time_to_first_token_s * 1e3:.1f} ms, "
-              f"decode {s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        print(
+            f"[{s.prompt_tokens} prompt tokens ({s.cached_tokens} cached), {s.new_tokens} new; "
+            f"{s.images_encoded} of {s.images} images through the ViT, vision {s.vision_s * 1e3:.1f} ms, "
+            f"time to first token {s.time_to_first_token_s * 1e3:.1f} ms, "
+            f"decode {s.decode_tokens_per_s:.1f} tokens/s]",
+            file=sys.stderr,
+        )
     return "".join(pieces)
 
 
@@ -85,7 +108,9 @@ def cmd_chat(args) -> int:
     model = _load_model(args)
     images = _images(model, args.image, args.max_num)
     if args.question:
-        _answer(model, images, _first_question(" ".join(args.question), len(args.image)), gen, None, args.stats)
+        _answer(
+            model, images, _first_question(" ".join(args.question), len(args.image)), gen, None, args.stats
+        )
         return 0
     # Interactive multi-turn session: images attach to the first turn, history carries them onward.
     print("pyvl interactive chat: empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)
@@ -111,7 +136,9 @@ def cmd_serve(args) -> int:
         from .serve import MediaPolicy, ServeSettings
         from .serve.server import serve
     except ImportError as exc:
-        raise PyvlError(f"pyvl serve needs the serve extra ({exc.name} is missing): pip install 'pyvl[serve]'") from None
+        raise PyvlError(
+            f"pyvl serve needs the serve extra ({exc.name} is missing): pip install 'pyvl[serve]'"
+        ) from None
 
     root = None
     if args.allowed_local_media_path is not None:
@@ -122,11 +149,20 @@ def cmd_serve(args) -> int:
         if getattr(args, flag) <= 0:
             raise PyvlError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     model = _load_model(args)
-    media = MediaPolicy(max_bytes=int(args.max_image_mb * 2**20), fetch_timeout_s=args.fetch_timeout,
-                        allow_private_urls=args.allow_private_urls, local_root=root)
-    settings = ServeSettings(served_model_name=args.served_model_name or model.folder.resolve().name,
-                             api_key=args.api_key, media=media, max_tiles_per_request=args.max_tiles_per_request,
-                             max_request_bytes=int(args.max_request_mb * 2**20), max_queue=args.max_queue)
+    media = MediaPolicy(
+        max_bytes=int(args.max_image_mb * 2**20),
+        fetch_timeout_s=args.fetch_timeout,
+        allow_private_urls=args.allow_private_urls,
+        local_root=root,
+    )
+    settings = ServeSettings(
+        served_model_name=args.served_model_name or model.folder.resolve().name,
+        api_key=args.api_key,
+        media=media,
+        max_tiles_per_request=args.max_tiles_per_request,
+        max_request_bytes=int(args.max_request_mb * 2**20),
+        max_queue=args.max_queue,
+    )
     serve(model, settings, args.host, args.port, args.log_level)
     return 0
 
@@ -157,18 +193,20 @@ def cmd_info(args) -> int:
     summary = {
         "folder": str(folder),
         "vision": f"InternViT {v.num_hidden_layers} layers x {v.hidden_size} wide, {v.num_attention_heads} heads, "
-                  f"MLP {v.intermediate_size}, {v.norm_type}, qk_norm={v.qk_normalization}, qkv_bias={v.qkv_bias}",
+        f"MLP {v.intermediate_size}, {v.norm_type}, qk_norm={v.qk_normalization}, qkv_bias={v.qkv_bias}",
         "projector": f"pixel shuffle {cfg.ps_version} x{cfg.downsample_ratio} -> mlp1 {cfg.projector_in} -> "
-                     f"{lm.hidden_size}; {cfg.num_image_token} tokens per {cfg.image_size}px tile",
+        f"{lm.hidden_size}; {cfg.num_image_token} tokens per {cfg.image_size}px tile",
         "llm": f"InternLM2 {lm.num_hidden_layers} layers x {lm.hidden_size} wide, {lm.num_attention_heads}/"
-               f"{lm.num_key_value_heads} q/kv heads, FFN {lm.intermediate_size}, vocab {lm.vocab_size}, "
-               f"rope theta {lm.rope_theta:g} scaling {lm.rope_scaling_type or 'none'} x{lm.rope_scaling_factor:g}, "
-               f"max positions {lm.max_position_embeddings}",
+        f"{lm.num_key_value_heads} q/kv heads, FFN {lm.intermediate_size}, vocab {lm.vocab_size}, "
+        f"rope theta {lm.rope_theta:g} scaling {lm.rope_scaling_type or 'none'} x{lm.rope_scaling_factor:g}, "
+        f"max positions {lm.max_position_embeddings}",
         "tiles": f"{cfg.min_dynamic_patch}..{cfg.max_dynamic_patch} (+thumbnail={cfg.use_thumbnail}), "
-                 f"select_layer {cfg.select_layer}, template {cfg.template}",
+        f"select_layer {cfg.select_layer}, template {cfg.template}",
         "parameters": {k: _human(c) for k, c in counts.items()} | {"total": _human(total)},
-        "weights_memory_GiB": {dt: round(total * size / 2**30, 3) for dt, size in
-                               (("bfloat16", 2), ("float16", 2), ("float32", 4))},
+        "weights_memory_GiB": {
+            dt: round(total * size / 2**30, 3)
+            for dt, size in (("bfloat16", 2), ("float16", 2), ("float32", 4))
+        },
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -204,16 +242,22 @@ def _bench_preprocess(args) -> int:
     if args.device is not None and args.device.startswith("cuda"):
         from .bench import preprocess_cuda
 
-        result = preprocess_cuda.run(sizes=sizes or preprocess_cuda.SIZES,
-                                     max_nums=args.max_nums or preprocess_cuda.MAX_NUMS, repeat_ms=args.rep_ms,
-                                     report=_bench_report(args))
+        result = preprocess_cuda.run(
+            sizes=sizes or preprocess_cuda.SIZES,
+            max_nums=args.max_nums or preprocess_cuda.MAX_NUMS,
+            repeat_ms=args.rep_ms,
+            report=_bench_report(args),
+        )
         return _print_report(args, result, preprocess_cuda.format_result)
     if args.device not in (None, "cpu"):
         raise PyvlError(f"bench preprocess: --device {args.device} is neither cpu nor cuda")
     from .bench import preprocess
 
-    rows = preprocess.run(sizes=sizes or preprocess.SIZES, max_nums=args.max_nums or preprocess.MAX_NUMS,
-                          repeat=args.repeat or 5)
+    rows = preprocess.run(
+        sizes=sizes or preprocess.SIZES,
+        max_nums=args.max_nums or preprocess.MAX_NUMS,
+        repeat=args.repeat or 5,
+    )
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0
 
@@ -225,10 +269,20 @@ def _bench_e2e(args) -> int:
     if not args.random_weights:
         raise PyvlError("bench e2e runs on random weights only for now: pass --random-weights")
     try:
-        result = e2e.run(args.preset, device=args.device, dtype=args.dtype, tiles=args.tiles,
-                         prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, backend=args.backend,
-                         repeat=args.repeat or 3, compare_hf=not args.no_hf, hf_only=args.hf_only,
-                         kv_cache_gb=args.kv_cache_gb, report=_bench_report(args))
+        result = e2e.run(
+            args.preset,
+            device=args.device,
+            dtype=args.dtype,
+            tiles=args.tiles,
+            prompt_tokens=args.prompt_tokens,
+            decode_tokens=args.decode_tokens,
+            backend=args.backend,
+            repeat=args.repeat or 3,
+            compare_hf=not args.no_hf,
+            hf_only=args.hf_only,
+            kv_cache_gb=args.kv_cache_gb,
+            report=_bench_report(args),
+        )
     except ValueError as exc:
         raise PyvlError(str(exc)) from None
 
@@ -237,8 +291,11 @@ def _bench_e2e(args) -> int:
         lines = [", ".join(f"{k} {v}" for k, v in setup.items() if k != "ops")]
         if setup.get("ops"):
             lines.append("ops: " + ", ".join(f"{k}={v}" for k, v in setup["ops"].items()))
-        lines.append(format_table([{k: "-" if v is None else v for k, v in r.items() if k != "key"}
-                                   for r in result["rows"]]))
+        lines.append(
+            format_table(
+                [{k: "-" if v is None else v for k, v in r.items() if k != "key"} for r in result["rows"]]
+            )
+        )
         return "\n".join(lines + [f"note: {note}" for note in result["notes"]])
 
     return _print_report(args, result, table)
@@ -250,17 +307,28 @@ def _bench_engine(args) -> int:
     from .demo import demo_model_path
 
     if args.random_weights and args.model is not None:
-        raise PyvlError("bench engine: --model and --random-weights exclude each other (a folder's weights, or "
-                        "--preset's size with random ones)")
+        raise PyvlError(
+            "bench engine: --model and --random-weights exclude each other (a folder's weights, or "
+            "--preset's size with random ones)"
+        )
     model, preset = (None, args.preset) if args.random_weights else (args.model or demo_model_path(), None)
     try:
         photo = tuple(int(v) for v in args.photo.lower().split("x")) if args.photo else engine.PHOTO
-        result = engine.run(model, preset=preset, device=args.device, dtype=args.dtype, repeat=args.repeat or 3,
-                            photo=photo, kv_cache_gb=args.kv_cache_gb or 8.0, report=_bench_report(args))
+        result = engine.run(
+            model,
+            preset=preset,
+            device=args.device,
+            dtype=args.dtype,
+            repeat=args.repeat or 3,
+            photo=photo,
+            kv_cache_gb=args.kv_cache_gb or 8.0,
+            report=_bench_report(args),
+        )
     except ValueError as exc:
         raise PyvlError(str(exc)) from None
-    return _print_report(args, result, lambda r: "\n".join([format_table(r["rows"])]
-                                                           + [f"note: {n}" for n in r["notes"]]))
+    return _print_report(
+        args, result, lambda r: "\n".join([format_table(r["rows"])] + [f"note: {n}" for n in r["notes"]])
+    )
 
 
 def cmd_bench(args) -> int:
@@ -271,7 +339,9 @@ def cmd_bench(args) -> int:
     if args.what == "kernels":
         from .bench import kernels
 
-        result = kernels.run(ops=args.ops, repeat_ms=args.rep_ms, report=_bench_report(args), smoke=args.smoke)
+        result = kernels.run(
+            ops=args.ops, repeat_ms=args.rep_ms, report=_bench_report(args), smoke=args.smoke
+        )
         return _print_report(args, result, kernels.format_result)
     if args.what == "sweep":
         from .bench import sweep
@@ -293,14 +363,17 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvl", description="InternVL 1.5 inference runtime")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of a failure instead of the one-line error")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a failure instead of the one-line error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser("chat", help="chat about images (streams the answer)")
     chat.add_argument("question", nargs="*", help="the question; omit for an interactive session")
     chat.add_argument("--model", default=None, help="model folder (default: the built-in random demo model)")
     chat.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
-    chat.add_argument("--max-num", type=int, default=None, help="max tiles per image, 1..40 (default: config)")
+    chat.add_argument(
+        "--max-num", type=int, default=None, help="max tiles per image, 1..40 (default: config)"
+    )
     chat.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     chat.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     chat.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
@@ -308,19 +381,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_cache_flags(chat)
     _add_generation_flags(chat)
     chat.set_defaults(func=cmd_chat)
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions); needs pyvl[serve]")
+    srv = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions); needs pyvl[serve]"
+    )
     srv.add_argument("--model", default=None, help="model folder (default: the built-in random demo model)")
-    srv.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    srv.add_argument(
+        "--served-model-name", default=None, help="the model id clients send (default: folder name)"
+    )
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
-    srv.add_argument("--allow-private-urls", action="store_true",
-                     help="let image urls reach private, loopback and link-local addresses")
-    srv.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                     help="image urls may be local paths inside DIR (default: none allowed)")
-    srv.add_argument("--max-tiles-per-request", type=int, default=40, help="448px tiles over all images of a request")
+    srv.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let image urls reach private, loopback and link-local addresses",
+    )
+    srv.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="image urls may be local paths inside DIR (default: none allowed)",
+    )
+    srv.add_argument(
+        "--max-tiles-per-request", type=int, default=40, help="448px tiles over all images of a request"
+    )
     srv.add_argument("--max-request-mb", type=float, default=50.0, help="largest request body (413 above)")
-    srv.add_argument("--max-image-mb", type=float, default=20.0, help="largest image (data url, download or file)")
+    srv.add_argument(
+        "--max-image-mb", type=float, default=20.0, help="largest image (data url, download or file)"
+    )
     srv.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds to fetch one image url")
     srv.add_argument("--max-queue", type=int, default=64, help="requests in flight at once (503 above)")
     srv.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
@@ -333,59 +421,107 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="model folder")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
-    bench = sub.add_parser("bench", help="benchmarks (median times and ratios against baselines run alongside)")
-    bench.add_argument("what", choices=("preprocess", "kernels", "sweep", "e2e", "engine", "serve"),
-                       help="preprocess: image -> pixel values (CPU, or --device cuda); kernels: each Triton kernel "
-                            "against torch at the real shapes (CUDA); sweep: block configurations of ViT and "
-                            "decode attention (CUDA); e2e: pixels -> tokens at a preset's size, next to HF "
-                            "transformers; engine: prefix/image reuse and batching ratios (--model, default demo; or --preset "
-                            "--random-weights); serve: 1/4/16 "
-                            "streaming clients against pyvl serve on loopback vs one at a time (--repeat: requests)")
-    bench.add_argument("--model", default=None,
-                       help="engine: model folder (default: the demo model, or --preset with --random-weights)")
-    bench.add_argument("--repeat", type=int, default=None,
-                       help="timed runs per figure (default: preprocess 5, e2e 3)")
-    bench.add_argument("--rep-ms", type=int, default=200,
-                       help="time budget of each do_bench measurement, ms (kernels, sweep, preprocess --device cuda)")
-    bench.add_argument("--device", default=None,
-                       help="preprocess: cpu (default) or cuda; e2e: cuda, cpu, ... (default: cuda if available)")
+    bench = sub.add_parser(
+        "bench", help="benchmarks (median times and ratios against baselines run alongside)"
+    )
+    bench.add_argument(
+        "what",
+        choices=("preprocess", "kernels", "sweep", "e2e", "engine", "serve"),
+        help="preprocess: image -> pixel values (CPU, or --device cuda); kernels: each Triton kernel "
+        "against torch at the real shapes (CUDA); sweep: block configurations of ViT and "
+        "decode attention (CUDA); e2e: pixels -> tokens at a preset's size, next to HF "
+        "transformers; engine: prefix/image reuse and batching ratios (--model, default demo; or --preset "
+        "--random-weights); serve: 1/4/16 "
+        "streaming clients against pyvl serve on loopback vs one at a time (--repeat: requests)",
+    )
+    bench.add_argument(
+        "--model",
+        default=None,
+        help="engine: model folder (default: the demo model, or --preset with --random-weights)",
+    )
+    bench.add_argument(
+        "--repeat", type=int, default=None, help="timed runs per figure (default: preprocess 5, e2e 3)"
+    )
+    bench.add_argument(
+        "--rep-ms",
+        type=int,
+        default=200,
+        help="time budget of each do_bench measurement, ms (kernels, sweep, preprocess --device cuda)",
+    )
+    bench.add_argument(
+        "--device",
+        default=None,
+        help="preprocess: cpu (default) or cuda; e2e: cuda, cpu, ... (default: cuda if available)",
+    )
     output = bench.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true")
-    output.add_argument("--jsonl", action="store_true",
-                        help="stream the result as JSON lines while it is measured (pyvl.bench.report): a run "
-                             "killed at a time limit keeps every row it printed (kernels, sweep, preprocess "
-                             "--device cuda)")
-    bench.add_argument("--smoke", action="store_true",
-                       help="kernels, sweep: the same code paths on the CPU at tiny shapes under "
-                            "TRITON_INTERPRET=1, timed by a perf_counter median (checks the code, not the speed)")
+    output.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="stream the result as JSON lines while it is measured (pyvl.bench.report): a run "
+        "killed at a time limit keeps every row it printed (kernels, sweep, preprocess "
+        "--device cuda)",
+    )
+    bench.add_argument(
+        "--smoke",
+        action="store_true",
+        help="kernels, sweep: the same code paths on the CPU at tiny shapes under "
+        "TRITON_INTERPRET=1, timed by a perf_counter median (checks the code, not the speed)",
+    )
     prep = bench.add_argument_group("preprocess")
     prep.add_argument("--sizes", nargs="*", help="image sizes WxH (default: 3840x2160 1920x1080 640x480)")
-    prep.add_argument("--max-nums", nargs="*", type=int,
-                      help="max_num values (default: 6 12 40 on the CPU, 12 on CUDA)")
+    prep.add_argument(
+        "--max-nums", nargs="*", type=int, help="max_num values (default: 6 12 40 on the CPU, 12 on CUDA)"
+    )
     kern = bench.add_argument_group("kernels")
-    kern.add_argument("--ops", nargs="*", default=None, help="only these ops (default: every registered kernel)")
+    kern.add_argument(
+        "--ops", nargs="*", default=None, help="only these ops (default: every registered kernel)"
+    )
     e2e_flags = bench.add_argument_group("e2e and engine")
-    e2e_flags.add_argument("--preset", default="internvl-chat-v1-5",
-                           choices=("internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5", "tiny"))
-    e2e_flags.add_argument("--random-weights", action="store_true",
-                           help="random weights at the preset's exact size")
-    e2e_flags.add_argument("--dtype", default=None,
-                           help="bf16, fp16 or float32 (default: bf16 on CUDA, float32 on CPU)")
-    e2e_flags.add_argument("--tiles", nargs="+", type=int, default=[1, 7, 13],
-                           help="tile counts timed for vision; the largest makes the prompt (default: 1 7 13)")
-    e2e_flags.add_argument("--prompt-tokens", type=int, default=70,
-                           help="text tokens besides the image (default: 70)")
-    e2e_flags.add_argument("--decode-tokens", type=int, default=32,
-                           help="greedy steps timed for decode (default: 32)")
+    e2e_flags.add_argument(
+        "--preset",
+        default="internvl-chat-v1-5",
+        choices=("internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5", "tiny"),
+    )
+    e2e_flags.add_argument(
+        "--random-weights", action="store_true", help="random weights at the preset's exact size"
+    )
+    e2e_flags.add_argument(
+        "--dtype", default=None, help="bf16, fp16 or float32 (default: bf16 on CUDA, float32 on CPU)"
+    )
+    e2e_flags.add_argument(
+        "--tiles",
+        nargs="+",
+        type=int,
+        default=[1, 7, 13],
+        help="tile counts timed for vision; the largest makes the prompt (default: 1 7 13)",
+    )
+    e2e_flags.add_argument(
+        "--prompt-tokens", type=int, default=70, help="text tokens besides the image (default: 70)"
+    )
+    e2e_flags.add_argument(
+        "--decode-tokens", type=int, default=32, help="greedy steps timed for decode (default: 32)"
+    )
     e2e_flags.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
-    e2e_flags.add_argument("--photo", default=None, metavar="WxH",
-                           help="engine: the photo asked about (default 1792x1344: 13 tiles)")
-    e2e_flags.add_argument("--kv-cache-gb", type=float, default=None,
-                           help="the engine's KV pool (default e2e: just the prompt and its answer; engine: 8)")
+    e2e_flags.add_argument(
+        "--photo",
+        default=None,
+        metavar="WxH",
+        help="engine: the photo asked about (default 1792x1344: 13 tiles)",
+    )
+    e2e_flags.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="the engine's KV pool (default e2e: just the prompt and its answer; engine: 8)",
+    )
     hf = e2e_flags.add_mutually_exclusive_group()
     hf.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
-    hf.add_argument("--hf-only", action="store_true",
-                    help="only HF transformers' figures (to run them after pyvl's, in a separate process)")
+    hf.add_argument(
+        "--hf-only",
+        action="store_true",
+        help="only HF transformers' figures (to run them after pyvl's, in a separate process)",
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 
@@ -408,8 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, PyvlError):
             print(f"pyvl: error: {_one_line(str(exc))}", file=sys.stderr)
             return 2
-        print(f"pyvl: error: unexpected {type(exc).__name__}: {_one_line(str(exc))} (run with --debug for the "
-              "traceback)", file=sys.stderr)
+        print(
+            f"pyvl: error: unexpected {type(exc).__name__}: {_one_line(str(exc))} (run with --debug for the "
+            "traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -29,17 +29,17 @@ log = logging.getLogger("pyvl")
 
 # Ceilings (inclusive). Released maxima in brackets.
 LIMITS = {
-    "layers": 1024,            # [48]
-    "width": 65536,            # hidden sizes [6144]
-    "ffn_width": 262144,       # intermediate sizes [16384]
-    "heads": 1024,             # [48]
-    "vocab": 2**20,            # [92553]
-    "positions": 2**22,        # max_position_embeddings [32768]
-    "image_size": 4480,        # tile side in pixels [448]; 448000 would make 256M-token prompts
-    "dynamic_patch": 256,      # tiles per image [12]
-    "eps": 1e-2,               # norm epsilons [1e-5, 1e-6]
-    "rope_theta": 1e12,        # [1e6]
-    "rope_factor": 1024.0,     # [2, 3]
+    "layers": 1024,  # [48]
+    "width": 65536,  # hidden sizes [6144]
+    "ffn_width": 262144,  # intermediate sizes [16384]
+    "heads": 1024,  # [48]
+    "vocab": 2**20,  # [92553]
+    "positions": 2**22,  # max_position_embeddings [32768]
+    "image_size": 4480,  # tile side in pixels [448]; 448000 would make 256M-token prompts
+    "dynamic_patch": 256,  # tiles per image [12]
+    "eps": 1e-2,  # norm epsilons [1e-5, 1e-6]
+    "rope_theta": 1e12,  # [1e6]
+    "rope_factor": 1024.0,  # [2, 3]
 }
 _MISSING = object()
 
@@ -61,16 +61,20 @@ def _section(d: Any, where: str) -> dict:
 
 
 def _check_int(where: str, value: Any, lo: int, hi: int) -> int:
-    _check(isinstance(value, int) and not isinstance(value, bool),
-           f"{where} = {value!r:.80}: expected an integer (a JSON int) in [{lo}, {hi}]")
+    _check(
+        isinstance(value, int) and not isinstance(value, bool),
+        f"{where} = {value!r:.80}: expected an integer (a JSON int) in [{lo}, {hi}]",
+    )
     _check(lo <= value <= hi, f"{where} = {value}: out of range, expected an integer in [{lo}, {hi}]")
     return value
 
 
 def _check_float(where: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
     rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool),
-           f"{where} = {value!r:.80}: expected a number (a JSON number) in {rng}")
+    _check(
+        isinstance(value, (int, float)) and not isinstance(value, bool),
+        f"{where} = {value!r:.80}: expected a number (a JSON number) in {rng}",
+    )
     ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
     _check(ok, f"{where} = {value}: out of range, expected a finite number in {rng}")
     return float(value)
@@ -82,8 +86,10 @@ def _check_bool(where: str, value: Any) -> bool:
 
 
 def _check_choice(where: str, value: Any, choices: tuple) -> Any:
-    _check(isinstance(value, (str, type(None))) and value in choices,
-           f"{where} = {value!r:.80}: expected one of {list(choices)}")
+    _check(
+        isinstance(value, (str, type(None))) and value in choices,
+        f"{where} = {value!r:.80}: expected one of {list(choices)}",
+    )
     return value
 
 
@@ -128,32 +134,40 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         where = "vision_config"
-        _validate_fields(self, where, {
-            "hidden_size": ("hidden_size", "int", 1, LIMITS["width"]),
-            "num_attention_heads": ("num_attention_heads", "int", 1, LIMITS["heads"]),
-            "intermediate_size": ("intermediate_size", "int", 1, LIMITS["ffn_width"]),
-            "num_hidden_layers": ("num_hidden_layers", "int", 1, LIMITS["layers"]),
-            "image_size": ("image_size", "int", 1, LIMITS["image_size"]),
-            "patch_size": ("patch_size", "int", 1, LIMITS["image_size"]),
-            # pyvl's preprocessing makes RGB tiles only.
-            "num_channels": ("num_channels", "int", 3, 3),
-            "qkv_bias": ("qkv_bias", "bool"),
-            "qk_normalization": ("qk_normalization", "bool"),
-            "norm_type": ("norm_type", "choice", ("rms_norm", "layer_norm")),
-            "layer_norm_eps": ("layer_norm_eps", "float", 0.0, LIMITS["eps"], True),
-        })
-        _check(self.hidden_size % self.num_attention_heads == 0,
-               f"{where}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-               f"{self.num_attention_heads}")
-        _check(self.image_size % self.patch_size == 0,
-               f"{where}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        _validate_fields(
+            self,
+            where,
+            {
+                "hidden_size": ("hidden_size", "int", 1, LIMITS["width"]),
+                "num_attention_heads": ("num_attention_heads", "int", 1, LIMITS["heads"]),
+                "intermediate_size": ("intermediate_size", "int", 1, LIMITS["ffn_width"]),
+                "num_hidden_layers": ("num_hidden_layers", "int", 1, LIMITS["layers"]),
+                "image_size": ("image_size", "int", 1, LIMITS["image_size"]),
+                "patch_size": ("patch_size", "int", 1, LIMITS["image_size"]),
+                # pyvl's preprocessing makes RGB tiles only.
+                "num_channels": ("num_channels", "int", 3, 3),
+                "qkv_bias": ("qkv_bias", "bool"),
+                "qk_normalization": ("qk_normalization", "bool"),
+                "norm_type": ("norm_type", "choice", ("rms_norm", "layer_norm")),
+                "layer_norm_eps": ("layer_norm_eps", "float", 0.0, LIMITS["eps"], True),
+            },
+        )
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"{where}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+            f"{self.num_attention_heads}",
+        )
+        _check(
+            self.image_size % self.patch_size == 0,
+            f"{where}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}",
+        )
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: Any) -> "VisionConfig":
+    def from_dict(cls, d: Any) -> VisionConfig:
         where = "vision_config"
         d = _section(d, where)
         act = d.get("hidden_act", "gelu")
@@ -197,32 +211,42 @@ class LLMConfig:
 
     def __post_init__(self) -> None:
         where = "llm_config"
-        _validate_fields(self, where, {
-            "hidden_size": ("hidden_size", "int", 1, LIMITS["width"]),
-            "intermediate_size": ("intermediate_size", "int", 1, LIMITS["ffn_width"]),
-            "num_hidden_layers": ("num_hidden_layers", "int", 1, LIMITS["layers"]),
-            "num_attention_heads": ("num_attention_heads", "int", 1, LIMITS["heads"]),
-            "num_key_value_heads": ("num_key_value_heads", "int", 1, LIMITS["heads"]),
-            "vocab_size": ("vocab_size", "int", 1, LIMITS["vocab"]),
-            "max_position_embeddings": ("max_position_embeddings", "int", 1, LIMITS["positions"]),
-            "rope_theta": ("rope_theta", "float", 0.0, LIMITS["rope_theta"], True),
-            "rms_norm_eps": ("rms_norm_eps", "float", 0.0, LIMITS["eps"], True),
-            "rope_scaling_type": ("rope_scaling.type", "choice", (None, "dynamic", "linear")),
-            "rope_scaling_factor": ("rope_scaling.factor", "float", 1.0, LIMITS["rope_factor"]),
-            "bias": ("bias", "bool"),
-            "tie_word_embeddings": ("tie_word_embeddings", "bool"),
-        })
+        _validate_fields(
+            self,
+            where,
+            {
+                "hidden_size": ("hidden_size", "int", 1, LIMITS["width"]),
+                "intermediate_size": ("intermediate_size", "int", 1, LIMITS["ffn_width"]),
+                "num_hidden_layers": ("num_hidden_layers", "int", 1, LIMITS["layers"]),
+                "num_attention_heads": ("num_attention_heads", "int", 1, LIMITS["heads"]),
+                "num_key_value_heads": ("num_key_value_heads", "int", 1, LIMITS["heads"]),
+                "vocab_size": ("vocab_size", "int", 1, LIMITS["vocab"]),
+                "max_position_embeddings": ("max_position_embeddings", "int", 1, LIMITS["positions"]),
+                "rope_theta": ("rope_theta", "float", 0.0, LIMITS["rope_theta"], True),
+                "rms_norm_eps": ("rms_norm_eps", "float", 0.0, LIMITS["eps"], True),
+                "rope_scaling_type": ("rope_scaling.type", "choice", (None, "dynamic", "linear")),
+                "rope_scaling_factor": ("rope_scaling.factor", "float", 1.0, LIMITS["rope_factor"]),
+                "bias": ("bias", "bool"),
+                "tie_word_embeddings": ("tie_word_embeddings", "bool"),
+            },
+        )
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             _check_int(f"{where}.{key}", getattr(self, key), 0, self.vocab_size - 1)
-        _check(self.hidden_size % self.num_attention_heads == 0,
-               f"{where}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-               f"{self.num_attention_heads}")
-        _check(self.num_attention_heads % self.num_key_value_heads == 0,
-               f"{where}: num_attention_heads {self.num_attention_heads} is not a multiple of "
-               f"num_key_value_heads {self.num_key_value_heads}")
-        _check(self.head_dim % 2 == 0,
-               f"{where}: head_dim hidden_size/num_attention_heads = {self.head_dim} must be even "
-               "(rotate-half RoPE splits it in two)")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"{where}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+            f"{self.num_attention_heads}",
+        )
+        _check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"{where}: num_attention_heads {self.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {self.num_key_value_heads}",
+        )
+        _check(
+            self.head_dim % 2 == 0,
+            f"{where}: head_dim hidden_size/num_attention_heads = {self.head_dim} must be even "
+            "(rotate-half RoPE splits it in two)",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -233,26 +257,33 @@ class LLMConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_dict(cls, d: Any) -> "LLMConfig":
+    def from_dict(cls, d: Any) -> LLMConfig:
         where = "llm_config"
         d = _section(d, where)
         archs = d.get("architectures") or ["InternLM2ForCausalLM"]
         arch = archs[0] if isinstance(archs, list) else archs
-        _check(arch == "InternLM2ForCausalLM",
-               f"{where}.architectures[0] = {arch!r:.80}; pyvl supports InternLM2ForCausalLM only")
+        _check(
+            arch == "InternLM2ForCausalLM",
+            f"{where}.architectures[0] = {arch!r:.80}; pyvl supports InternLM2ForCausalLM only",
+        )
         act = d.get("hidden_act", "silu")
         _check(act == "silu", f"{where}.hidden_act = {act!r:.80}: not supported (expected 'silu')")
         scaling = d.get("rope_scaling")
         if scaling is not None:
-            _check(isinstance(scaling, dict) and "factor" in scaling and "type" in scaling,
-                   f"{where}.rope_scaling = {scaling!r:.80}: must be an object with 'type' and 'factor'")
-            _check(scaling["type"] in ("dynamic", "linear"),
-                   f"{where}.rope_scaling type {scaling['type']!r:.80} is not supported "
-                   "(expected 'dynamic', 'linear' or no rope_scaling)")
+            _check(
+                isinstance(scaling, dict) and "factor" in scaling and "type" in scaling,
+                f"{where}.rope_scaling = {scaling!r:.80}: must be an object with 'type' and 'factor'",
+            )
+            _check(
+                scaling["type"] in ("dynamic", "linear"),
+                f"{where}.rope_scaling type {scaling['type']!r:.80} is not supported "
+                "(expected 'dynamic', 'linear' or no rope_scaling)",
+            )
         if "bias" not in d:
             # The InternLM2 class default is bias=True, which would add biases the released files lack.
-            log.warning("%s: key 'bias' is missing; using the class default True (released models set false)",
-                        where)
+            log.warning(
+                "%s: key 'bias' is missing; using the class default True (released models set false)", where
+            )
         heads = _require(d, "num_attention_heads", where)
         return cls(
             hidden_size=_require(d, "hidden_size", where),
@@ -294,67 +325,90 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         n_states = self.vision.num_hidden_layers + 1
-        _validate_fields(self, "", {
-            "select_layer": ("select_layer", "int", -n_states, n_states - 1),
-            "image_size": ("force_image_size", "int", 1, LIMITS["image_size"]),
-            "downsample_ratio": ("downsample_ratio", "float", 0.0, 1.0, True),
-            "ps_version": ("ps_version", "choice", ("v1", "v2")),
-            "template": ("template", "choice", ("internlm2-chat",)),
-            "use_thumbnail": ("use_thumbnail", "bool"),
-            "min_dynamic_patch": ("min_dynamic_patch", "int", 1, LIMITS["dynamic_patch"]),
-            "max_dynamic_patch": ("max_dynamic_patch", "int", 1, LIMITS["dynamic_patch"]),
-            "torch_dtype": ("torch_dtype", "choice", ("bfloat16", "float16", "float32")),
-        })
-        _check(self.system_message is None or isinstance(self.system_message, str),
-               f"system_message = {self.system_message!r:.80}: expected a string or null")
-        _check(self.image_size % self.vision.patch_size == 0,
-               f"force_image_size = {self.image_size}: not a multiple of vision_config.patch_size "
-               f"{self.vision.patch_size}")
+        _validate_fields(
+            self,
+            "",
+            {
+                "select_layer": ("select_layer", "int", -n_states, n_states - 1),
+                "image_size": ("force_image_size", "int", 1, LIMITS["image_size"]),
+                "downsample_ratio": ("downsample_ratio", "float", 0.0, 1.0, True),
+                "ps_version": ("ps_version", "choice", ("v1", "v2")),
+                "template": ("template", "choice", ("internlm2-chat",)),
+                "use_thumbnail": ("use_thumbnail", "bool"),
+                "min_dynamic_patch": ("min_dynamic_patch", "int", 1, LIMITS["dynamic_patch"]),
+                "max_dynamic_patch": ("max_dynamic_patch", "int", 1, LIMITS["dynamic_patch"]),
+                "torch_dtype": ("torch_dtype", "choice", ("bfloat16", "float16", "float32")),
+            },
+        )
+        _check(
+            self.system_message is None or isinstance(self.system_message, str),
+            f"system_message = {self.system_message!r:.80}: expected a string or null",
+        )
+        _check(
+            self.image_size % self.vision.patch_size == 0,
+            f"force_image_size = {self.image_size}: not a multiple of vision_config.patch_size "
+            f"{self.vision.patch_size}",
+        )
         grid = self.image_size // self.vision.patch_size
         merged = grid * self.downsample_ratio
-        projector_in = self.vision.hidden_size / self.downsample_ratio ** 2
-        _check(merged == int(merged) and merged > 0 and projector_in == int(projector_in),
-               f"downsample_ratio = {self.downsample_ratio}: does not divide the {grid}x{grid} patch "
-               f"grid into whole tokens of whole width (vision hidden_size {self.vision.hidden_size})")
-        _check(self.min_dynamic_patch <= self.max_dynamic_patch,
-               f"min_dynamic_patch {self.min_dynamic_patch} / max_dynamic_patch "
-               f"{self.max_dynamic_patch} are inconsistent (min must be <= max)")
+        projector_in = self.vision.hidden_size / self.downsample_ratio**2
+        _check(
+            merged == int(merged) and merged > 0 and projector_in == int(projector_in),
+            f"downsample_ratio = {self.downsample_ratio}: does not divide the {grid}x{grid} patch "
+            f"grid into whole tokens of whole width (vision hidden_size {self.vision.hidden_size})",
+        )
+        _check(
+            self.min_dynamic_patch <= self.max_dynamic_patch,
+            f"min_dynamic_patch {self.min_dynamic_patch} / max_dynamic_patch "
+            f"{self.max_dynamic_patch} are inconsistent (min must be <= max)",
+        )
 
     @property
     def num_image_token(self) -> int:
         """Tokens per 448px tile after pixel shuffle: (448/14)^2 * 0.5^2 = 256."""
         grid = self.image_size // self.vision.patch_size
-        return int(round(grid * grid * self.downsample_ratio ** 2))
+        return int(round(grid * grid * self.downsample_ratio**2))
 
     @property
     def projector_in(self) -> int:
-        return int(round(self.vision.hidden_size / self.downsample_ratio ** 2))
+        return int(round(self.vision.hidden_size / self.downsample_ratio**2))
 
     @classmethod
-    def from_dict(cls, d: Any, source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, d: Any, source: str = "config.json") -> ModelConfig:
         _check(isinstance(d, dict), f"{source}: expected a JSON object at the top level")
         model_type = d.get("model_type", "internvl_chat")
-        _check(model_type == "internvl_chat",
-               f"{source}: model_type {model_type!r:.80} is not 'internvl_chat'")
+        _check(
+            model_type == "internvl_chat", f"{source}: model_type {model_type!r:.80} is not 'internvl_chat'"
+        )
         try:
             vision = VisionConfig.from_dict(_require(d, "vision_config", source))
             llm = LLMConfig.from_dict(_require(d, "llm_config", source))
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         if "ps_version" not in d:
-            log.warning("%s: 'ps_version' is missing; using the class default 'v1' "
-                        "(the released V1-5 models use 'v2')", source)
+            log.warning(
+                "%s: 'ps_version' is missing; using the class default 'v1' "
+                "(the released V1-5 models use 'v2')",
+                source,
+            )
         if "select_layer" not in d:
-            log.warning("%s: 'select_layer' is missing; using the class default -1 "
-                        "(the V1-5-era class default was -4)", source)
+            log.warning(
+                "%s: 'select_layer' is missing; using the class default -1 "
+                "(the V1-5-era class default was -4)",
+                source,
+            )
         hidden = d.get("hidden_size")
-        _check(hidden is None or (type(hidden) is int and hidden == llm.hidden_size),
-               f"{source}: hidden_size {hidden!r:.80} contradicts llm_config.hidden_size {llm.hidden_size}")
+        _check(
+            hidden is None or (type(hidden) is int and hidden == llm.hidden_size),
+            f"{source}: hidden_size {hidden!r:.80} contradicts llm_config.hidden_size {llm.hidden_size}",
+        )
         for key in ("use_backbone_lora", "use_llm_lora"):  # LoRA ranks, 0 = off
             rank = d.get(key, 0)
-            _check(isinstance(rank, int) and not rank,
-                   f"{source}: {key} = {rank!r:.80}; LoRA checkpoints are not supported (merge them first; "
-                   "expected 0)")
+            _check(
+                isinstance(rank, int) and not rank,
+                f"{source}: {key} = {rank!r:.80}; LoRA checkpoints are not supported (merge them first; "
+                "expected 0)",
+            )
         try:
             return cls(
                 vision=vision,

@@ -36,8 +36,19 @@ from pyvl.errors import ImageError
 from pyvl.ops import reference
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "open_image", "rgb_pixels", "open_rgb_array", "is_raw_image",
-    "candidate_grids", "choose_grid", "tile_boxes", "dynamic_preprocess", "pixel_values_reference", "image_to_tiles",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MAX_TILES",
+    "open_image",
+    "rgb_pixels",
+    "open_rgb_array",
+    "is_raw_image",
+    "candidate_grids",
+    "choose_grid",
+    "tile_boxes",
+    "dynamic_preprocess",
+    "pixel_values_reference",
+    "image_to_tiles",
     "load_image",
 ]
 
@@ -45,7 +56,9 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_TILES = 40  # the InternVL 1.5 model card advertises 1-40 tiles at test time
-MAX_IMAGE_SIZE = 2048  # tile side in pixels (InternVL uses 448): 40 tiles of 2048^2 are already 2 GB of float32
+MAX_IMAGE_SIZE = (
+    2048  # tile side in pixels (InternVL uses 448): 40 tiles of 2048^2 are already 2 GB of float32
+)
 MAX_THREADS = 1024
 
 
@@ -55,7 +68,8 @@ def _check_pixel_limit(width: int, height: int, name: str) -> None:
     if limit is not None and width * height > limit:
         raise ImageError(
             f"{name}: {width}x{height} = {width * height} pixels exceeds Pillow's decompression-bomb limit "
-            f"PIL.Image.MAX_IMAGE_PIXELS = {limit}; raise that limit yourself only for trusted images")
+            f"PIL.Image.MAX_IMAGE_PIXELS = {limit}; raise that limit yourself only for trusted images"
+        )
 
 
 def _check_size(img: Image.Image, name: str) -> None:
@@ -70,19 +84,35 @@ def _open_regular_file(path: str, name: str):
     is on the opened descriptor, so a FIFO (which would block until a writer comes), a device, a socket or a
     directory is refused at once, with no window for the path to be swapped in between."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-                     | getattr(os, "O_BINARY", 0))
+        fd = os.open(
+            path,
+            os.O_RDONLY
+            | getattr(os, "O_NONBLOCK", 0)
+            | getattr(os, "O_NOCTTY", 0)
+            | getattr(os, "O_BINARY", 0),
+        )
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file; expected an existing image file") from None
     except ValueError as exc:  # e.g. an embedded NUL byte
         raise ImageError(f"{name}: not a usable path ({exc})") from None
     except OSError as exc:
-        raise ImageError(f"{name}: cannot open ({exc.strerror or exc}); expected a readable image file") from None
+        raise ImageError(
+            f"{name}: cannot open ({exc.strerror or exc}); expected a readable image file"
+        ) from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket"
-                if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a file"
+        )
         raise ImageError(f"{name}: cannot read image: it is {kind}; expected a regular image file")
     if hasattr(os, "set_blocking"):
         os.set_blocking(fd, True)
@@ -104,11 +134,15 @@ def _decode(source, name: str, finish):
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: refusing to decode: {exc} (PIL.Image.MAX_IMAGE_PIXELS = {limit}; "
-                         f"raise it yourself only for trusted images)") from exc
+        raise ImageError(
+            f"{name}: refusing to decode: {exc} (PIL.Image.MAX_IMAGE_PIXELS = {limit}; "
+            f"raise it yourself only for trusted images)"
+        ) from exc
     except Exception as exc:  # any decoder failure: unknown format, truncated/corrupt data, unreadable path
-        raise ImageError(f"{name}: cannot read image ({type(exc).__name__}: {exc}); "
-                         f"expected a complete image file Pillow can decode (PNG, JPEG, ...)") from exc
+        raise ImageError(
+            f"{name}: cannot read image ({type(exc).__name__}: {exc}); "
+            f"expected a complete image file Pillow can decode (PNG, JPEG, ...)"
+        ) from exc
 
 
 def _check_array(arr: np.ndarray) -> None:
@@ -156,8 +190,9 @@ def _from_encoded(image, finish):
         if not data:
             raise ImageError("image bytes: got 0 bytes; expected the contents of an image file")
         return _decode(io.BytesIO(data), f"image bytes ({len(data)} bytes)", finish)
-    raise ImageError(f"image of type {type(image).__name__}: expected a path, bytes, PIL.Image.Image "
-                     f"or uint8 numpy array")
+    raise ImageError(
+        f"image of type {type(image).__name__}: expected a path, bytes, PIL.Image.Image or uint8 numpy array"
+    )
 
 
 def open_image(image) -> Image.Image:
@@ -209,8 +244,10 @@ def rgb_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
         return _from_pil(image, pixels.from_pil)
     if isinstance(image, np.ndarray):
         return _array_pixels(image)
-    raise ImageError(f"image of type {type(image).__name__}: expected a decoded image, a PIL.Image.Image or a "
-                     "uint8 numpy array (paths and bytes: open_rgb_array)")
+    raise ImageError(
+        f"image of type {type(image).__name__}: expected a decoded image, a PIL.Image.Image or a "
+        "uint8 numpy array (paths and bytes: open_rgb_array)"
+    )
 
 
 def open_rgb_array(image) -> np.ndarray:
@@ -233,13 +270,19 @@ def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
     # The original builds this set and stable-sorts it by area, so equal-area grids keep CPython's set
     # iteration order. Tuples of small ints hash deterministically (no PYTHONHASHSEED), so building the
     # same set the same way reproduces that order; tests/test_image.py pins it.
-    grids = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-             if min_num <= i * j <= max_num}
+    grids = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 
-def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
-                image_size: int = 448) -> tuple[int, int]:
+def choose_grid(
+    width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448
+) -> tuple[int, int]:
     """The (cols, rows) tile grid the original picks for a width x height image."""
     checks.integer(width, "width", 1, error=ImageError)
     checks.integer(height, "height", 1, error=ImageError)
@@ -261,8 +304,9 @@ def tile_boxes(cols: int, rows: int, image_size: int = 448) -> list[tuple[int, i
     return reference.tile_boxes(cols, rows, image_size)
 
 
-def dynamic_preprocess(img: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448,
-                       use_thumbnail: bool = True) -> list[Image.Image]:
+def dynamic_preprocess(
+    img: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> list[Image.Image]:
     """Split an RGB image into S x S tiles (row-major), plus the thumbnail last when there are several."""
     if not isinstance(img, Image.Image) or img.mode != "RGB":
         got = f"PIL image in mode {img.mode}" if isinstance(img, Image.Image) else type(img).__name__
@@ -275,22 +319,42 @@ def dynamic_preprocess(img: Image.Image, min_num: int = 1, max_num: int = 12, im
 def pixel_values_reference(tiles: np.ndarray) -> torch.Tensor:
     """uint8 tiles [N, H, W, 3] -> float32 [N, 3, H, W], exactly torchvision ToTensor + Normalize(ImageNet)."""
     if not isinstance(tiles, np.ndarray) or tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3:
-        desc = f"{tiles.dtype} array of shape {tiles.shape}" if isinstance(tiles, np.ndarray) else type(tiles).__name__
+        desc = (
+            f"{tiles.dtype} array of shape {tiles.shape}"
+            if isinstance(tiles, np.ndarray)
+            else type(tiles).__name__
+        )
         raise ImageError(f"pixel_values_reference: got {desc}; expected uint8 [N, H, W, 3]")
     return reference.normalize_tiles(tiles, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def image_to_tiles(image, resize_tiles, max_num: int = 12, min_num: int = 1, image_size: int = 448,
-                   use_thumbnail: bool = True, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
+def image_to_tiles(
+    image,
+    resize_tiles,
+    max_num: int = 12,
+    min_num: int = 1,
+    image_size: int = 448,
+    use_thumbnail: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """The tiling policy around a ``resize_tiles`` op (pyvl.ops): open, choose the grid, normalise with the
     ImageNet constants. Tiles [N, 3, S, S] in ``dtype`` on ``device``; a loaded model passes its own op
     (``model.model.ops.resize_tiles``), its dtype and its device."""
     _check_tile_args(min_num, max_num, image_size)
     rgb = open_rgb_array(image)
     cols, rows = choose_grid(rgb.shape[1], rgb.shape[0], min_num, max_num, image_size)
-    return resize_tiles(rgb, cols, rows, image_size, use_thumbnail, IMAGENET_MEAN, IMAGENET_STD, dtype=dtype,
-                        device=torch.device(device))
+    return resize_tiles(
+        rgb,
+        cols,
+        rows,
+        image_size,
+        use_thumbnail,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        dtype=dtype,
+        device=torch.device(device),
+    )
 
 
 def _load_image_op(device: torch.device, use_native: bool, num_threads: int):
@@ -300,7 +364,9 @@ def _load_image_op(device: torch.device, use_native: bool, num_threads: int):
     if device.type == "cuda":
         from pyvl.ops import preprocess
 
-        return preprocess.resize_tiles_cuda if preprocess.matches_installed_pillow() else reference.resize_tiles
+        return (
+            preprocess.resize_tiles_cuda if preprocess.matches_installed_pillow() else reference.resize_tiles
+        )
     if use_native:
         try:
             from pyvl.ops import preprocess
@@ -311,9 +377,17 @@ def _load_image_op(device: torch.device, use_native: bool, num_threads: int):
     return reference.resize_tiles
 
 
-def load_image(image, max_num: int = 12, min_num: int = 1, image_size: int = 448, use_thumbnail: bool = True,
-               use_native: bool = True, num_threads: int = 0, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def load_image(
+    image,
+    max_num: int = 12,
+    min_num: int = 1,
+    image_size: int = 448,
+    use_thumbnail: bool = True,
+    use_native: bool = True,
+    num_threads: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The original `load_image`: pixel values float32 [N, 3, S, S] for one image (N tiles, thumbnail last).
 
     `image` is anything `open_image` accepts. By default the fused C++ kernel (pyvl.ops.native.resize_tiles)
@@ -329,7 +403,9 @@ def load_image(image, max_num: int = 12, min_num: int = 1, image_size: int = 448
     checks.boolean(use_native, "use_native", ImageError)
     checks.integer(num_threads, "num_threads", 0, MAX_THREADS, ImageError)
     if not isinstance(dtype, torch.dtype):
-        raise ImageError(f"load_image: dtype must be a torch.dtype (torch.float32, torch.bfloat16), got {dtype!r}")
+        raise ImageError(
+            f"load_image: dtype must be a torch.dtype (torch.float32, torch.bfloat16), got {dtype!r}"
+        )
     try:
         device = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError, ValueError) as exc:
@@ -338,7 +414,9 @@ def load_image(image, max_num: int = 12, min_num: int = 1, image_size: int = 448
         if dtype not in (torch.float32, torch.bfloat16):
             raise ImageError(f"load_image: on {device} the tiles are float32 or bfloat16; got dtype={dtype}")
     elif dtype != torch.float32 or device.type != "cpu":
-        raise ImageError(f"load_image: on {device} the tiles are float32; got dtype={dtype} (bf16 tiles come "
-                         "from device='cuda')")
+        raise ImageError(
+            f"load_image: on {device} the tiles are float32; got dtype={dtype} (bf16 tiles come "
+            "from device='cuda')"
+        )
     resize_tiles = _load_image_op(device, use_native, num_threads)
     return image_to_tiles(image, resize_tiles, max_num, min_num, image_size, use_thumbnail, dtype, device)

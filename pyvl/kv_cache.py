@@ -21,17 +21,29 @@ BLOCK_SIZE = 64  # one Triton key tile (BLOCK_N) never straddles two blocks; one
 
 
 class PagedKVCache:
-    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, block_size: int = BLOCK_SIZE):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        block_size: int = BLOCK_SIZE,
+    ):
         if num_blocks < 1:
-            raise ConfigError(f"the KV cache needs at least one block of {block_size} tokens, got {num_blocks}")
+            raise ConfigError(
+                f"the KV cache needs at least one block of {block_size} tokens, got {num_blocks}"
+            )
         shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
         try:
             self.k = torch.empty(shape, dtype=dtype, device=device)
             self.v = torch.empty(shape, dtype=dtype, device=device)
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            raise ConfigError(f"cannot allocate a KV cache of {num_blocks} blocks x {block_size} tokens on "
-                              f"{device}: {exc}; pass a smaller kv_cache_gb") from None
+            raise ConfigError(
+                f"cannot allocate a KV cache of {num_blocks} blocks x {block_size} tokens on "
+                f"{device}: {exc}; pass a smaller kv_cache_gb"
+            ) from None
         self.num_blocks = num_blocks
         self.block_size = block_size
 
@@ -44,8 +56,9 @@ class PagedKVCache:
         src_t = torch.tensor(src, device=self.k.device)
         dst_t = torch.tensor(dst, device=self.k.device)
         for pool in (self.k, self.v):  # (block, offset) index pairs; both sides index the same way
-            pool[:, dst_t // self.block_size, :, dst_t % self.block_size] = \
-                pool[:, src_t // self.block_size, :, src_t % self.block_size]
+            pool[:, dst_t // self.block_size, :, dst_t % self.block_size] = pool[
+                :, src_t // self.block_size, :, src_t % self.block_size
+            ]
 
 
 @dataclass
@@ -68,11 +81,15 @@ class PagedBatch:
         return self.context_lens is not None
 
     @classmethod
-    def contiguous_prefill(cls, cache: PagedKVCache, num_tokens: int) -> "PagedBatch":
+    def contiguous_prefill(cls, cache: PagedKVCache, num_tokens: int) -> PagedBatch:
         """The first ``num_tokens`` tokens of a sequence owning blocks 0, 1, ... of ``cache`` (a private cache)."""
         device = cache.k.device
         n_blocks = -(-num_tokens // cache.block_size)
         if n_blocks > cache.num_blocks:
             raise ValueError(f"{num_tokens} tokens need {n_blocks} blocks; the cache has {cache.num_blocks}")
-        return cls(cache, torch.arange(num_tokens, device=device),
-                   torch.arange(n_blocks, dtype=torch.int32, device=device)[None], context_len=num_tokens)
+        return cls(
+            cache,
+            torch.arange(num_tokens, device=device),
+            torch.arange(n_blocks, dtype=torch.int32, device=device)[None],
+            context_len=num_tokens,
+        )

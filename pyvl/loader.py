@@ -22,9 +22,10 @@ import json
 import struct
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,13 +35,27 @@ from .errors import CheckpointError
 from .models.llm import regroup_wqkv
 from .shapes import expected_shapes
 
-__all__ = ["TensorInfo", "read_header", "index_checkpoint", "check_checkpoint", "expected_shapes",
-           "load_weights", "load_model"]
+__all__ = [
+    "TensorInfo",
+    "read_header",
+    "index_checkpoint",
+    "check_checkpoint",
+    "expected_shapes",
+    "load_weights",
+    "load_model",
+]
 
 SAFETENSORS_DTYPES = {
-    "BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2), "F32": (torch.float32, 4),
-    "F64": (torch.float64, 8), "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "BF16": (torch.bfloat16, 2),
+    "F16": (torch.float16, 2),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
 }
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # every model parameter is a float
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -65,8 +80,9 @@ def _parse_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[str
     """One header entry -> (dtype, shape, begin, nbytes), or a CheckpointError naming the file and key."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise CheckpointError(f"{where}: entry must be an object with exactly dtype/shape/data_offsets, "
-                              f"got {entry!r:.120}")
+        raise CheckpointError(
+            f"{where}: entry must be an object with exactly dtype/shape/data_offsets, got {entry!r:.120}"
+        )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{where}: dtype {dtype!r:.40} is not one of {sorted(SAFETENSORS_DTYPES)}")
@@ -80,9 +96,11 @@ def _parse_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[str
     nbytes = numel * SAFETENSORS_DTYPES[dtype][1]
     begin, end = offsets
     if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
-        raise CheckpointError(f"{where} ({dtype}, shape {shape}) has data_offsets [{begin}, {end}] but needs "
-                              f"{nbytes} bytes inside a {data_size}-byte data section; the file is truncated "
-                              "or corrupt")
+        raise CheckpointError(
+            f"{where} ({dtype}, shape {shape}) has data_offsets [{begin}, {end}] but needs "
+            f"{nbytes} bytes inside a {data_size}-byte data section; the file is truncated "
+            "or corrupt"
+        )
     return dtype, tuple(shape), begin, nbytes
 
 
@@ -97,12 +115,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file "
-                                      "(expected an 8-byte header length, then a JSON header)")
+                raise CheckpointError(
+                    f"{path}: {size} bytes is too short for a safetensors file "
+                    "(expected an 8-byte header length, then a JSON header)"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, MAX_HEADER_BYTES):
-                raise CheckpointError(f"{path}: header length field says {n} bytes but the file holds "
-                                      f"{size - 8} after it; the file is truncated or not safetensors")
+                raise CheckpointError(
+                    f"{path}: header length field says {n} bytes but the file holds "
+                    f"{size - 8} after it; the file is truncated or not safetensors"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -124,12 +146,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     pos = 0
     for begin, end, name in sorted(spans):
         if begin != pos:
-            raise CheckpointError(f"{path}: tensor {name!r} starts at data offset {begin}, expected {pos}: tensors "
-                                  "overlap or leave a gap; the file is corrupt")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} starts at data offset {begin}, expected {pos}: tensors "
+                "overlap or leave a gap; the file is corrupt"
+            )
         pos = end
     if pos != data_size:
-        raise CheckpointError(f"{path}: tensors end at data offset {pos} but the data section holds {data_size} "
-                              "bytes; the file is truncated, padded or corrupt")
+        raise CheckpointError(
+            f"{path}: tensors end at data offset {pos} but the data section holds {data_size} "
+            "bytes; the file is truncated, padded or corrupt"
+        )
     return out
 
 
@@ -139,7 +165,8 @@ def _refuse_pickles(folder: Path) -> None:
         raise CheckpointError(
             f"{folder}: found pickle checkpoint(s) {pickles} and no safetensors weights. pyvl does not load "
             "pickle files because unpickling can run arbitrary code; convert them to safetensors first "
-            "(safetensors.torch.save_file) or download the .safetensors release")
+            "(safetensors.torch.save_file) or download the .safetensors release"
+        )
 
 
 def _shard_path(folder: Path, index: Path, name: str, shard: Any) -> Path:
@@ -148,10 +175,18 @@ def _shard_path(folder: Path, index: Path, name: str, shard: Any) -> Path:
     Symbolic links are followed (the Hugging Face cache links snapshot files to blobs elsewhere); what is
     refused is an index that names paths: absolute, ``..``, or into subfolders.
     """
-    if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard
-            and "/" not in shard and "\\" not in shard and not Path(shard).is_absolute()):
-        raise CheckpointError(f"{index}: weight_map[{name!r}] = {shard!r:.120} is not a plain *.safetensors "
-                              f"file name inside {folder}")
+    if not (
+        isinstance(shard, str)
+        and shard.endswith(".safetensors")
+        and Path(shard).name == shard
+        and "/" not in shard
+        and "\\" not in shard
+        and not Path(shard).is_absolute()
+    ):
+        raise CheckpointError(
+            f"{index}: weight_map[{name!r}] = {shard!r:.120} is not a plain *.safetensors "
+            f"file name inside {folder}"
+        )
     return folder / shard
 
 
@@ -165,21 +200,25 @@ def index_checkpoint(folder: str | Path) -> dict[str, TensorInfo]:
             if not isinstance(weight_map, dict):
                 raise TypeError
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)"
-                                  ) from None
+            raise CheckpointError(
+                f"{index}: not a valid index (expected JSON with a 'weight_map' object)"
+            ) from None
         except OSError as exc:
             raise CheckpointError(f"{index}: cannot read ({exc.strerror or exc})") from None
         paths = {name: _shard_path(folder, index, name, shard) for name, shard in weight_map.items()}
         shards = sorted(set(paths.values()))
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
-            raise CheckpointError(f"{index}: shard file(s) {missing} listed in weight_map are missing "
-                                  f"from {folder}")
+            raise CheckpointError(
+                f"{index}: shard file(s) {missing} listed in weight_map are missing from {folder}"
+            )
         headers = {p: read_header(p) for p in shards}
         tensors = {}
         for name, path in paths.items():
             if name not in headers[path]:
-                raise CheckpointError(f"{index}: maps {name!r} to {path.name}, but that file has no such tensor")
+                raise CheckpointError(
+                    f"{index}: maps {name!r} to {path.name}, but that file has no such tensor"
+                )
             tensors[name] = headers[path][name]
         return tensors
     single = folder / "model.safetensors"
@@ -194,14 +233,24 @@ def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, TensorInfo
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     common = sorted(set(expected) & set(found))
-    misshaped = [f"{k}: checkpoint {list(found[k].shape)}, model expects {list(expected[k])}"
-                 for k in common if tuple(found[k].shape) != tuple(expected[k])]
-    not_float = [f"{k}: {found[k].dtype} in {found[k].file.name}, expected one of {list(FLOAT_DTYPES)}"
-                 for k in common if found[k].dtype not in FLOAT_DTYPES]
+    misshaped = [
+        f"{k}: checkpoint {list(found[k].shape)}, model expects {list(expected[k])}"
+        for k in common
+        if tuple(found[k].shape) != tuple(expected[k])
+    ]
+    not_float = [
+        f"{k}: {found[k].dtype} in {found[k].file.name}, expected one of {list(FLOAT_DTYPES)}"
+        for k in common
+        if found[k].dtype not in FLOAT_DTYPES
+    ]
     if missing or unexpected or misshaped or not_float:
         lines = [f"{folder}: the checkpoint does not match config.json"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped),
-                             ("not a float dtype", not_float)):
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", misshaped),
+            ("not a float dtype", not_float),
+        ):
             if items:
                 lines.append(f"  {len(items)} {title}:")
                 lines.extend(f"    {item}" for item in items)
@@ -221,8 +270,9 @@ def _read_owned(info: TensorInfo, name: str, f) -> torch.Tensor:
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     f.seek(info.offset)
     if info.nbytes and f.readinto(memoryview(buf.numpy())) != info.nbytes:
-        raise CheckpointError(f"{info.file}: tensor {name!r} ends past the end of the file; it was truncated "
-                              "while loading")
+        raise CheckpointError(
+            f"{info.file}: tensor {name!r} ends past the end of the file; it was truncated while loading"
+        )
     return buf.view(torch_dtype).reshape(info.shape)
 
 
@@ -244,8 +294,9 @@ def _iter_tensors(tensors: dict[str, TensorInfo], mmap: bool) -> Iterator[tuple[
         except CheckpointError:
             raise
         except _READ_ERRORS as exc:
-            raise CheckpointError(f"{path}: failed while reading tensor {name!r} ({type(exc).__name__}: {exc})"
-                                  ) from None
+            raise CheckpointError(
+                f"{path}: failed while reading tensor {name!r} ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 class _Progress:
@@ -262,8 +313,10 @@ class _Progress:
             self.last_draw = now
             frac = self.done / max(self.total, 1)
             bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\rloading weights [{bar:<30}] {frac:6.1%} "
-                             f"{self.done / 2**30:.2f}/{self.total / 2**30:.2f} GiB")
+            sys.stderr.write(
+                f"\rloading weights [{bar:<30}] {frac:6.1%} "
+                f"{self.done / 2**30:.2f}/{self.total / 2**30:.2f} GiB"
+            )
             sys.stderr.flush()
 
     def close(self) -> None:
@@ -276,6 +329,7 @@ def _layout_fix(cfg: ModelConfig) -> Callable[[str, torch.Tensor], torch.Tensor]
         if name.endswith(".attention.wqkv.weight") or name.endswith(".attention.wqkv.bias"):
             return regroup_wqkv(tensor, cfg.llm)
         return tensor
+
     return fix
 
 
@@ -289,8 +343,15 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
 
 
-def load_weights(model: torch.nn.Module, cfg: ModelConfig, folder: Path, device: torch.device,
-                 dtype: torch.dtype, progress: bool | None = None, mmap: bool = False) -> None:
+def load_weights(
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool | None = None,
+    mmap: bool = False,
+) -> None:
     """Fill a meta-device ``model`` from ``folder``: strict check first, then one tensor at a time.
 
     mmap=False (default): every parameter owns its memory. mmap=True: map the files; see the module notes.
@@ -299,7 +360,9 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, folder: Path, device:
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensors, Path(folder))
     total = sum(info.nbytes for info in tensors.values())
     # Default: a bar for loads over 1 GiB when stderr is a terminal (a long load should not look hung).
-    bar = _Progress(total, enabled=progress if progress is not None else (total > 2**30 and sys.stderr.isatty()))
+    bar = _Progress(
+        total, enabled=progress if progress is not None else (total > 2**30 and sys.stderr.isatty())
+    )
     fix = _layout_fix(cfg)
     for name, tensor in _iter_tensors(tensors, mmap):
         _assign(model, name, fix(name, tensor).to(device=device, dtype=dtype))
@@ -307,8 +370,15 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, folder: Path, device:
     bar.close()
 
 
-def load_model(cfg: ModelConfig, ops, folder: Path, device: torch.device, dtype: torch.dtype,
-               progress: bool | None = None, mmap: bool = False) -> torch.nn.Module:
+def load_model(
+    cfg: ModelConfig,
+    ops,
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool | None = None,
+    mmap: bool = False,
+) -> torch.nn.Module:
     """Check the checkpoint against ``cfg``, then build the model on ``meta`` and fill it (see load_weights)."""
     from .models.vlm import InternVLChatModel
 

@@ -64,9 +64,15 @@ class _ArrowSchema(ctypes.Structure):
 
 
 _ArrowSchema._fields_ = [  # the Arrow C data interface's ArrowSchema and ArrowArray: a stable C ABI
-    ("format", ctypes.c_char_p), ("name", ctypes.c_char_p), ("metadata", ctypes.c_char_p), ("flags", ctypes.c_int64),
-    ("n_children", ctypes.c_int64), ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
-    ("dictionary", ctypes.c_void_p), ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p),
+    ("format", ctypes.c_char_p),
+    ("name", ctypes.c_char_p),
+    ("metadata", ctypes.c_char_p),
+    ("flags", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
 ]
 
 
@@ -75,15 +81,22 @@ class _ArrowArray(ctypes.Structure):
 
 
 _ArrowArray._fields_ = [
-    ("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
-    ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64), ("buffers", ctypes.POINTER(ctypes.c_void_p)),
-    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))), ("dictionary", ctypes.c_void_p),
-    ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p),
+    ("length", ctypes.c_int64),
+    ("null_count", ctypes.c_int64),
+    ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
 ]
 
 # A private prototype: setting argtypes on ctypes.pythonapi's shared function object would change it for others.
 _capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
-    ("PyCapsule_GetPointer", ctypes.pythonapi))
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
 
 
 class _ExportedPixels:
@@ -104,12 +117,22 @@ def _exported(img: Image.Image) -> np.ndarray | None:
     schema = _ArrowSchema.from_address(_capsule_pointer(schema_capsule, b"arrow_schema"))
     array = _ArrowArray.from_address(_capsule_pointer(array_capsule, b"arrow_array"))
     width, height = img.size
-    if not (schema.format == b"+w:4" and schema.n_children == 1 and schema.children[0].contents.format == b"C"
-            and array.length == width * height and array.offset == 0 and array.n_children == 1):
+    if not (
+        schema.format == b"+w:4"
+        and schema.n_children == 1
+        and schema.children[0].contents.format == b"C"
+        and array.length == width * height
+        and array.offset == 0
+        and array.n_children == 1
+    ):
         return None
     values = array.children[0].contents
-    if not (values.length == 4 * width * height and values.offset == 0 and values.n_buffers == 2
-            and values.buffers[1]):
+    if not (
+        values.length == 4 * width * height
+        and values.offset == 0
+        and values.n_buffers == 2
+        and values.buffers[1]
+    ):
         return None
     return np.asarray(_ExportedPixels(values.buffers[1], (height, width, 4), array_capsule))
 

@@ -13,8 +13,8 @@ knows nothing of the engine; the caller asks the engine which images it must til
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -60,8 +60,14 @@ def image_runs(ids: list[int], token: int) -> list[tuple[int, int]]:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: Tokenizer, config: ModelConfig, resize_tiles, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        resize_tiles,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.tokenizer = tokenizer
         self.config = config
         self.resize_tiles = resize_tiles
@@ -72,16 +78,29 @@ class PromptBuilder:
     # ---- images ------------------------------------------------------------------------------------------
     def tiling(self, max_num: int | None = None) -> Tiling:
         cfg = self.config
-        return Tiling(max_num=cfg.max_dynamic_patch if max_num is None else max_num, min_num=cfg.min_dynamic_patch,
-                      image_size=cfg.image_size, use_thumbnail=cfg.use_thumbnail)
+        return Tiling(
+            max_num=cfg.max_dynamic_patch if max_num is None else max_num,
+            min_num=cfg.min_dynamic_patch,
+            image_size=cfg.image_size,
+            use_thumbnail=cfg.use_thumbnail,
+        )
 
     def image(self, image, max_num: int | None = None) -> ImageSource:
         """A raw image (path, bytes, PIL image, uint8 array), keyed now, tiled on demand by the model's op."""
         tiling = self.tiling(max_num)
 
         def tile(rgb, cols: int, rows: int) -> torch.Tensor:
-            return self.resize_tiles(rgb, cols, rows, tiling.image_size, tiling.use_thumbnail, IMAGENET_MEAN,
-                                     IMAGENET_STD, dtype=self.dtype, device=self.device)
+            return self.resize_tiles(
+                rgb,
+                cols,
+                rows,
+                tiling.image_size,
+                tiling.use_thumbnail,
+                IMAGENET_MEAN,
+                IMAGENET_STD,
+                dtype=self.dtype,
+                device=self.device,
+            )
 
         return image_source(image, tiling, tile)
 
@@ -90,13 +109,19 @@ class PromptBuilder:
         finite values in range)."""
         size = self.config.image_size
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-            raise PromptError(f"pixel_values must be a [tiles, 3, {size}, {size}] tensor (see pyvl.load_image), "
-                              "raw image(s) (path, bytes, PIL image, HWC uint8 array, or a list of them), or None; "
-                              f"got {shape}")
+            shape = (
+                tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            )
+            raise PromptError(
+                f"pixel_values must be a [tiles, 3, {size}, {size}] tensor (see pyvl.load_image), "
+                "raw image(s) (path, bytes, PIL image, HWC uint8 array, or a list of them), or None; "
+                f"got {shape}"
+            )
         if tuple(pixel_values.shape[1:]) != (3, size, size) or pixel_values.shape[0] == 0:
-            raise PromptError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
-                              f"[tiles >= 1, 3, {size}, {size}]")
+            raise PromptError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
+                f"[tiles >= 1, 3, {size}, {size}]"
+            )
         if values:
             checks.pixel_tensor(pixel_values)
 
@@ -107,17 +132,20 @@ class PromptBuilder:
         n = pixel_values.shape[0]
         patches = [n] if num_patches_list is None else checks.patch_counts(num_patches_list)
         if not patches or sum(patches) != n:
-            raise PromptError(f"num_patches_list {patches} must hold positive counts summing to the {n} tiles of "
-                              "pixel_values")
+            raise PromptError(
+                f"num_patches_list {patches} must hold positive counts summing to the {n} tiles of "
+                "pixel_values"
+            )
         whole, sources, start = tensor_digest(pixel_values, checks.pixel_tensor), [], 0
         for count in patches:
-            part = pixel_values[start:start + count]
+            part = pixel_values[start : start + count]
             sources.append(ImageSource(slice_digest(whole, start, count), count, lambda part=part: part))
             start += count
         return sources
 
-    def sources(self, pixel_values, num_patches_list: Sequence[int] | None = None,
-                max_num: int | None = None) -> list[ImageSource]:
+    def sources(
+        self, pixel_values, num_patches_list: Sequence[int] | None = None, max_num: int | None = None
+    ) -> list[ImageSource]:
         """What ``chat(pixel_values, ...)`` accepts: None, tiles, a raw image or an ImageSource (from
         :meth:`image`, keyed once, e.g. for every turn of a chat), or a list of them."""
         if pixel_values is None:
@@ -132,33 +160,57 @@ class PromptBuilder:
         sources = [item if isinstance(item, ImageSource) else self.image(item, max_num) for item in items]
         counts = [s.num_tiles for s in sources]
         if num_patches_list is not None and checks.patch_counts(num_patches_list) != counts:
-            raise PromptError(f"num_patches_list {list(num_patches_list)} does not match the tiles the images "
-                              f"produce ({counts}); leave it out when passing raw images")
+            raise PromptError(
+                f"num_patches_list {list(num_patches_list)} does not match the tiles the images "
+                f"produce ({counts}); leave it out when passing raw images"
+            )
         return sources
 
     # ---- the prompt ----------------------------------------------------------------------------------------
-    def build(self, question: str, sources: Sequence[ImageSource], history: History | None,
-              system_message: str, label_images: bool = False) -> Prompt:
+    def build(
+        self,
+        question: str,
+        sources: Sequence[ImageSource],
+        history: History | None,
+        system_message: str,
+        label_images: bool = False,
+    ) -> Prompt:
         """One chat turn. ``label_images``: the images came without placeholders (a list of raw images): on a
         first turn whose question has none, each gets its "Image-k: <image>" line (template.with_image_labels)."""
         checks.text(question, "question", PromptError)
         checks.history(history)
         checks.text(system_message, "system_message", PromptError)
-        if label_images and len(sources) > 1 and history is None and template.IMAGE_PLACEHOLDER not in question:
+        if (
+            label_images
+            and len(sources) > 1
+            and history is None
+            and template.IMAGE_PLACEHOLDER not in question
+        ):
             question = template.with_image_labels(question, len(sources))
         counts = [s.num_tiles for s in sources]
-        query = template.build_query(question, num_patches_list=counts, history=history,
-                                     system_message=system_message, num_image_token=self.num_image_token)
+        query = template.build_query(
+            question,
+            num_patches_list=counts,
+            history=history,
+            system_message=system_message,
+            num_image_token=self.num_image_token,
+        )
         ids = self.tokenizer.encode(query)
-        return Prompt(ids, self.image_inputs(ids, list(sources)), list(sources),
-                      template.effective_question(question, has_images=bool(sources), history=history))
+        return Prompt(
+            ids,
+            self.image_inputs(ids, list(sources)),
+            list(sources),
+            template.effective_question(question, has_images=bool(sources), history=history),
+        )
 
     def image_inputs(self, ids: list[int], sources: list[ImageSource]) -> list[ImageInput]:
         """The engine's view of each image: every run of <IMG_CONTEXT> in ``ids`` takes the next source."""
         runs = image_runs(ids, self.tokenizer.img_context_id)
         counts = [n // self.num_image_token for _, n in runs]
         if [s.num_tiles for s in sources] != counts or any(n % self.num_image_token for _, n in runs):
-            raise PromptError(f"the prompt has {sum(n for _, n in runs)} <IMG_CONTEXT> tokens in runs of "
-                              f"{[n for _, n in runs]} but the images give {[s.num_tiles for s in sources]} tiles "
-                              f"({self.num_image_token} tokens per tile); they must match")
+            raise PromptError(
+                f"the prompt has {sum(n for _, n in runs)} <IMG_CONTEXT> tokens in runs of "
+                f"{[n for _, n in runs]} but the images give {[s.num_tiles for s in sources]} tiles "
+                f"({self.num_image_token} tokens per tile); they must match"
+            )
         return [ImageInput(s.digest, start, n, s.tiles) for s, (start, n) in zip(sources, runs)]

@@ -24,9 +24,15 @@ def _vision(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     for n in range(v.num_hidden_layers):
         layer = {
-            "attn.qkv.weight": (3 * c, c), "attn.proj.weight": (c, c), "attn.proj.bias": (c,),
-            "ls1": (c,), "ls2": (c,),
-            "mlp.fc1.weight": (i, c), "mlp.fc1.bias": (i,), "mlp.fc2.weight": (c, i), "mlp.fc2.bias": (c,),
+            "attn.qkv.weight": (3 * c, c),
+            "attn.proj.weight": (c, c),
+            "attn.proj.bias": (c,),
+            "ls1": (c,),
+            "ls2": (c,),
+            "mlp.fc1.weight": (i, c),
+            "mlp.fc1.bias": (i,),
+            "mlp.fc2.weight": (c, i),
+            "mlp.fc2.bias": (c,),
         }
         layer.update({f"norm{k}.{attr}": shape for k in (1, 2) for attr, shape in norm})
         if v.qkv_bias:
@@ -39,18 +45,35 @@ def _vision(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def _projector(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     p, h = cfg.projector_in, cfg.llm.hidden_size
-    return {"mlp1.0.weight": (p,), "mlp1.0.bias": (p,), "mlp1.1.weight": (h, p), "mlp1.1.bias": (h,),
-            "mlp1.3.weight": (h, h), "mlp1.3.bias": (h,)}
+    return {
+        "mlp1.0.weight": (p,),
+        "mlp1.0.bias": (p,),
+        "mlp1.1.weight": (h, p),
+        "mlp1.1.bias": (h,),
+        "mlp1.3.weight": (h, h),
+        "mlp1.3.bias": (h,),
+    }
 
 
 def _llm(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     m = cfg.llm
-    h, f, d, n_h, n_kv = m.hidden_size, m.intermediate_size, m.head_dim, m.num_attention_heads, m.num_key_value_heads
+    h, f, d, n_h, n_kv = (
+        m.hidden_size,
+        m.intermediate_size,
+        m.head_dim,
+        m.num_attention_heads,
+        m.num_key_value_heads,
+    )
     out = {"model.tok_embeddings.weight": (m.vocab_size, h), "model.norm.weight": (h,)}
     if not m.tie_word_embeddings:
         out["output.weight"] = (m.vocab_size, h)
-    linears = {"attention.wqkv": ((n_h + 2 * n_kv) * d, h), "attention.wo": (h, n_h * d),
-               "feed_forward.w1": (f, h), "feed_forward.w3": (f, h), "feed_forward.w2": (h, f)}
+    linears = {
+        "attention.wqkv": ((n_h + 2 * n_kv) * d, h),
+        "attention.wo": (h, n_h * d),
+        "feed_forward.w1": (f, h),
+        "feed_forward.w3": (f, h),
+        "feed_forward.w2": (h, f),
+    }
     for n in range(m.num_hidden_layers):
         prefix = f"model.layers.{n}."
         out[prefix + "attention_norm.weight"] = (h,)

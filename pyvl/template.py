@@ -11,15 +11,28 @@ there is no history, at least one image, and the question lacks it. Then the k-t
 (history included, so earlier turns are re-expanded every round) becomes
     "<img>" + "<IMG_CONTEXT>" * (num_image_token * num_patches_list[k]) + "</img>".
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from pyvl.errors import PromptError
 
-__all__ = ["IMG_START", "IMG_END", "IMG_CONTEXT", "IMAGE_PLACEHOLDER", "SEP", "DEFAULT_SYSTEM_MESSAGE",
-           "ChatTemplate", "INTERNLM2_CHAT", "effective_question", "with_image_labels", "image_block", "build_query"]
+__all__ = [
+    "IMG_START",
+    "IMG_END",
+    "IMG_CONTEXT",
+    "IMAGE_PLACEHOLDER",
+    "SEP",
+    "DEFAULT_SYSTEM_MESSAGE",
+    "ChatTemplate",
+    "INTERNLM2_CHAT",
+    "effective_question",
+    "with_image_labels",
+    "image_block",
+    "build_query",
+]
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"
@@ -27,8 +40,10 @@ SEP = "<|im_end|>"
 # What the original HEAD template (the InternVL2-era conversation.py) uses and the golden fixtures record.
 # The V1-5-era code used "You are an AI assistant whose name is InternLM (书生·浦语)."; config.json's
 # `system_message`, when present, overrides either (the caller passes it).
-DEFAULT_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
-                          "是一个有用无害的人工智能助手。")
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+    "是一个有用无害的人工智能助手。"
+)
 
 
 @dataclass(frozen=True)
@@ -76,9 +91,14 @@ def image_block(num_patches: int, num_image_token: int = 256) -> str:
     return IMG_START + IMG_CONTEXT * (num_image_token * num_patches) + IMG_END
 
 
-def build_query(question: str, num_patches_list: Sequence[int] | None = None, history=None,
-                system_message: str = DEFAULT_SYSTEM_MESSAGE, num_image_token: int = 256,
-                template: ChatTemplate = INTERNLM2_CHAT) -> str:
+def build_query(
+    question: str,
+    num_patches_list: Sequence[int] | None = None,
+    history=None,
+    system_message: str = DEFAULT_SYSTEM_MESSAGE,
+    num_image_token: int = 256,
+    template: ChatTemplate = INTERNLM2_CHAT,
+) -> str:
     """The exact prompt string the original chat() tokenizes (BOS is added by the tokenizer, not here).
 
     num_patches_list: tiles per image, in placeholder order (None or [] = text only: no prepend, no expansion,
@@ -105,12 +125,17 @@ def build_query(question: str, num_patches_list: Sequence[int] | None = None, hi
     if found != len(patches):
         # Stricter than the original, which expands the first len(patches) placeholders and leaves any others
         # in the prompt as plain text: a stray "<image>" is far more often a mistake than meant literally.
-        rule = (f"pyvl refuses placeholders beyond the images (the original chat() expands the first "
-                f"{len(patches)} and keeps the rest as plain text)" if found > len(patches)
-                else "every image needs its own placeholder")
-        raise PromptError(f"the prompt (history included) has {found} '{IMAGE_PLACEHOLDER}' placeholder(s) but "
-                          f"{len(patches)} image(s) were given (num_patches_list {patches}); use exactly one "
-                          f"placeholder per image: {rule}")
+        rule = (
+            f"pyvl refuses placeholders beyond the images (the original chat() expands the first "
+            f"{len(patches)} and keeps the rest as plain text)"
+            if found > len(patches)
+            else "every image needs its own placeholder"
+        )
+        raise PromptError(
+            f"the prompt (history included) has {found} '{IMAGE_PLACEHOLDER}' placeholder(s) but "
+            f"{len(patches)} image(s) were given (num_patches_list {patches}); use exactly one "
+            f"placeholder per image: {rule}"
+        )
     # replace the k-th placeholder by the k-th block: split once instead of len(patches) str.replace calls
     pieces = query.split(IMAGE_PLACEHOLDER)
     return pieces[0] + "".join(image_block(n, num_image_token) + rest for n, rest in zip(patches, pieces[1:]))

@@ -13,7 +13,7 @@ Rules, in order:
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .tokenizer import Tokenizer
 
@@ -54,7 +54,7 @@ class TextStream:
             text = text.lstrip()
             self._started = bool(text)
         body = text.rstrip()
-        self._space = text[len(body):]
+        self._space = text[len(body) :]
         return body
 
     def _match(self, text: str, last: bool = False) -> str:
@@ -64,11 +64,18 @@ class TextStream:
         hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
         if hits:
             self._held, self.stopped, self.matched_stop_string = "", True, True
-            return buffer[:min(hits)]
+            return buffer[: min(hits)]
         if last:
             self._held = ""
             return buffer
-        hold = max((n for s in self._stops for n in range(min(len(s) - 1, len(buffer)), 0, -1)
-                    if buffer.endswith(s[:n])), default=0)
-        self._held = buffer[len(buffer) - hold:] if hold else ""
-        return buffer[:len(buffer) - hold]
+        hold = max(
+            (
+                n
+                for s in self._stops
+                for n in range(min(len(s) - 1, len(buffer)), 0, -1)
+                if buffer.endswith(s[:n])
+            ),
+            default=0,
+        )
+        self._held = buffer[len(buffer) - hold :] if hold else ""
+        return buffer[: len(buffer) - hold]

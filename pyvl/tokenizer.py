@@ -13,6 +13,7 @@ decode(ids) (transformers 4.37 `PreTrainedTokenizer._decode` + `InternLM2Tokeniz
   " " (only when the previous token was not special) + decoded stretch + its text; then `clean_up_tokenization`.
   With skip_special_tokens every special id is dropped first. Example: [<s>, ▁Hi] -> " <s>Hi".
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,18 @@ from pyvl.errors import ConfigError, PromptError
 __all__ = ["Tokenizer", "StreamDecoder", "clean_up_tokenization"]
 
 # transformers' clean_up_tokenization, applied in this order (the slow InternLM2 tokenizer always applies it)
-_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_CLEANUP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 # last characters of the proper prefixes of those patterns (" ", " '", " n", " n'", " 'v", " 'r")
 _CLEANUP_OPEN_TAIL = frozenset(" 'nvr")
 _REPLACEMENT_CHAR = "\ufffd"  # what SentencePiece emits for invalid or not yet complete UTF-8 byte pieces
@@ -66,20 +77,28 @@ def _token_text(value, where: str) -> str:
 class Tokenizer:
     """Slow InternLM2Tokenizer equivalent. Build with `Tokenizer.from_folder(path)`."""
 
-    def __init__(self, sp: sentencepiece.SentencePieceProcessor, added: dict[int, dict], special_names: dict,
-                 additional_special: list[str], source: str = "<memory>"):
+    def __init__(
+        self,
+        sp: sentencepiece.SentencePieceProcessor,
+        added: dict[int, dict],
+        special_names: dict,
+        additional_special: list[str],
+        source: str = "<memory>",
+    ):
         self._sp, self._source = sp, source
         self._n_sp = sp.get_piece_size()
-        self._added = {i: t["content"] for i, t in added.items()}            # id -> content
-        self._added_ids = {c: i for i, c in self._added.items()}             # content -> id
+        self._added = {i: t["content"] for i, t in added.items()}  # id -> content
+        self._added_ids = {c: i for i, c in self._added.items()}  # content -> id
         self._rstrip = {c for i, c in self._added.items() if added[i].get("rstrip")}
         self._lstrip = {c for i, c in self._added.items() if added[i].get("lstrip")}
         self.vocab_size = max(self._n_sp, max(self._added, default=-1) + 1)  # == len(tokenizer) in HF
         self._special_strings = frozenset(list(special_names.values()) + list(additional_special))
         self._names = {k: self.token_to_id(v) for k, v in special_names.items()}  # bos_token -> id, ...
         self.special_ids = frozenset(self.token_to_id(s) for s in self._special_strings)
-        self._legacy = frozenset({c for c in self._added_ids if c not in self._special_strings}
-                                 | {s for s in additional_special if self.token_to_id(s) >= self._n_sp})
+        self._legacy = frozenset(
+            {c for c in self._added_ids if c not in self._special_strings}
+            | {s for s in additional_special if self.token_to_id(s) >= self._n_sp}
+        )
         # split on every added token, longest first so that Python's leftmost alternation is leftmost-longest
         alts = sorted(self._added_ids, key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
@@ -102,7 +121,7 @@ class Tokenizer:
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_folder(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_folder(cls, path: str | os.PathLike) -> Tokenizer:
         folder = Path(path)
         model_file = folder / "tokenizer.model"
         if not model_file.is_file():
@@ -111,14 +130,17 @@ class Tokenizer:
             sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         except (RuntimeError, OSError) as exc:
             raise ConfigError(f"{model_file}: not a valid SentencePiece model ({exc})") from exc
-        cfg_file, map_file, added_file = (folder / n for n in
-                                          ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"))
+        cfg_file, map_file, added_file = (
+            folder / n for n in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+        )
         cfg = _read_json(cfg_file, required=True)
         added: dict[int, dict] = {}
         decoder = cfg.get("added_tokens_decoder", {})
         if not isinstance(decoder, dict):
-            raise ConfigError(f"{cfg_file}: 'added_tokens_decoder' must be an object id -> token, got "
-                              f"{type(decoder).__name__}")
+            raise ConfigError(
+                f"{cfg_file}: 'added_tokens_decoder' must be an object id -> token, got "
+                f"{type(decoder).__name__}"
+            )
         for key, tok in decoder.items():
             where = f"{cfg_file}: added_tokens_decoder[{key!r}]"
             if not (isinstance(key, str) and key.isdigit()):
@@ -136,14 +158,18 @@ class Tokenizer:
         seen: dict[str, int] = {}
         for i, tok in sorted(added.items()):
             if tok["content"] in seen:
-                raise ConfigError(f"{folder}: added token {tok['content']!r} has two ids, {seen[tok['content']]} "
-                                  f"and {i} ({cfg_file.name} / {added_file.name})")
+                raise ConfigError(
+                    f"{folder}: added token {tok['content']!r} has two ids, {seen[tok['content']]} "
+                    f"and {i} ({cfg_file.name} / {added_file.name})"
+                )
             seen[tok["content"]] = i
         n_sp = sp.get_piece_size()
         extra = sorted(i for i in added if i >= n_sp)
         if extra != list(range(n_sp, n_sp + len(extra))):
-            raise ConfigError(f"{folder}: added token ids beyond the {n_sp} SentencePiece pieces must be "
-                              f"contiguous from {n_sp}, got {extra}")
+            raise ConfigError(
+                f"{folder}: added token ids beyond the {n_sp} SentencePiece pieces must be "
+                f"contiguous from {n_sp}, got {extra}"
+            )
         # special_tokens_map.json wins over tokenizer_config.json, as in transformers
         smap = {**cfg, **_read_json(map_file, required=False)}
         names = {}
@@ -165,7 +191,9 @@ class Tokenizer:
             return self._added_ids[token]
         pid = self._sp.piece_to_id(token)
         if self._sp.id_to_piece(pid) != token:
-            raise ConfigError(f"{self._source}: token {token!r} is neither an added token nor a SentencePiece piece")
+            raise ConfigError(
+                f"{self._source}: token {token!r} is neither an added token nor a SentencePiece piece"
+            )
         return pid
 
     def id_to_piece(self, token_id: int) -> str:
@@ -245,7 +273,7 @@ class Tokenizer:
             sub_texts.append(self._run_to_string(run))
         return " ".join(sub_texts)
 
-    def stream_decoder(self) -> "StreamDecoder":
+    def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
 
@@ -257,7 +285,7 @@ def _safe_cut(ctx: str, text: str, end: int) -> int:
     that is impossible when L's last char is none of " 'nvr", or when L's last three chars hold no space.
     """
     for s in range(end, 0, -1):
-        tail = (ctx + text[max(0, s - 3):s])[-3:]
+        tail = (ctx + text[max(0, s - 3) : s])[-3:]
         if tail[-1] not in _CLEANUP_OPEN_TAIL or " " not in tail:
             return s
     return 0
@@ -277,19 +305,19 @@ class StreamDecoder:
         self._reset_run()
 
     def _reset_run(self) -> None:
-        self._held = ""          # raw text (before clean-up) not emitted yet, from committed windows
+        self._held = ""  # raw text (before clean-up) not emitted yet, from committed windows
         self._window: list[int] = []
-        self._wskip = 0          # leading chars of the window's raw text already emitted (only when _held == "")
-        self._ctx = ""           # last <= 3 raw chars emitted (clean-up context for _safe_cut)
-        self._at_start = True    # SentencePiece strips "▁" from the run's first non-control piece
-        self._run_open = False   # the current run has at least one id
-        self._run_out = False    # the current run has emitted non-empty text (its " " separator is out)
+        self._wskip = 0  # leading chars of the window's raw text already emitted (only when _held == "")
+        self._ctx = ""  # last <= 3 raw chars emitted (clean-up context for _safe_cut)
+        self._at_start = True  # SentencePiece strips "▁" from the run's first non-control piece
+        self._run_open = False  # the current run has at least one id
+        self._run_out = False  # the current run has emitted non-empty text (its " " separator is out)
 
     def _decode_window(self) -> str:
         tok = self._tok
         if self._at_start:
             return tok._sp.decode(self._window)
-        return tok._sp.decode([tok._anchor] + self._window)[len(tok._anchor_text):]
+        return tok._sp.decode([tok._anchor] + self._window)[len(tok._anchor_text) :]
 
     def _emit(self, raw: str) -> str:
         text = clean_up_tokenization(raw)
@@ -311,7 +339,7 @@ class StreamDecoder:
         self._run_open = True
         self._window.append(token_id)
         raw = self._decode_window()
-        text = self._held + raw[self._wskip:]
+        text = self._held + raw[self._wskip :]
         end = len(text)
         while end and text[end - 1] == _REPLACEMENT_CHAR:
             end -= 1
@@ -325,9 +353,12 @@ class StreamDecoder:
             self._held = ""
         # a non-byte piece ends any byte sequence, so the window's text is final: commit it
         sp = tok._sp
-        if not sp.is_byte(token_id) and tok._anchor is not None and (
-                not self._at_start or any(not sp.is_control(i) for i in self._window)):
-            self._held += raw[self._wskip:]
+        if (
+            not sp.is_byte(token_id)
+            and tok._anchor is not None
+            and (not self._at_start or any(not sp.is_control(i) for i in self._window))
+        ):
+            self._held += raw[self._wskip :]
             self._window, self._wskip, self._at_start = [], 0, False
         return out
 
@@ -335,7 +366,7 @@ class StreamDecoder:
         """Emit all that is left of the current run and start a new one."""
         out = ""
         if self._run_open:
-            out = self._emit(self._held + self._decode_window()[self._wskip:])
+            out = self._emit(self._held + self._decode_window()[self._wskip :])
             if last and not self._run_out and self._n_sub:
                 out = " "  # transformers appends the final run even when it decodes to ""
         if self._run_out:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def split(raw: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def join(header: dict, data: bytes) -> bytes:

@@ -27,7 +27,7 @@ def pytest_configure(config):
     torch.backends.cudnn.allow_tf32 = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def golden_cases(variant: str) -> dict:
     return json.loads((GOLDEN / variant / "cases.json").read_text(encoding="utf-8"))
 
@@ -49,7 +49,7 @@ def image_for_key(key: str):
     return GOLDEN / "images" / f"{name}.png", int(max_num)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loaded(variant: str):
     import pyvl
 

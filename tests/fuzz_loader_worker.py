@@ -74,11 +74,45 @@ CONFIG_KEYS = {
     "max_dynamic_patch": ("int", (1, 256), False, [1, 40]),
     "torch_dtype": ("choice", ("bfloat16", "float16", "float32"), False, ["float16", "float32"]),
 }
-NULL_IS_DEFAULT = {"llm_config.num_key_value_heads", "llm_config.pad_token_id", "force_image_size", "template"}
-IGNORED_KEYS = ["llm_config.use_cache", "llm_config.max_length", "vision_config.use_flash_attn", "pad2square",
-                "dynamic_image_size", "llm_config.initializer_range"]
-GARBAGE = [True, False, "64", "false", 1.5, 2.0, -1, 0, 10**6, 1e6, 10**12, 2**63, 10**30, None, [], {}, [64],
-           {"a": 1}, math.nan, math.inf, -math.inf, "", "xxx"]
+NULL_IS_DEFAULT = {
+    "llm_config.num_key_value_heads",
+    "llm_config.pad_token_id",
+    "force_image_size",
+    "template",
+}
+IGNORED_KEYS = [
+    "llm_config.use_cache",
+    "llm_config.max_length",
+    "vision_config.use_flash_attn",
+    "pad2square",
+    "dynamic_image_size",
+    "llm_config.initializer_range",
+]
+GARBAGE = [
+    True,
+    False,
+    "64",
+    "false",
+    1.5,
+    2.0,
+    -1,
+    0,
+    10**6,
+    1e6,
+    10**12,
+    2**63,
+    10**30,
+    None,
+    [],
+    {},
+    [64],
+    {"a": 1},
+    math.nan,
+    math.inf,
+    -math.inf,
+    "",
+    "xxx",
+]
 
 
 def _path_get(d, path):
@@ -90,10 +124,12 @@ def _path_get(d, path):
 
 def _bad_values(kind, bounds, path):
     """Values the documented rules refuse, for one key."""
-    wrong_type = {"int": [True, "64", 1.5, 2.0, [], {}, math.nan],
-                  "float": [True, False, "0.5", [], {"v": 1}, math.nan, math.inf, -math.inf],
-                  "bool": ["false", "true", 0, 1, [], "yes"],
-                  "choice": [5, "bogus", ["v2"], True]}[kind]
+    wrong_type = {
+        "int": [True, "64", 1.5, 2.0, [], {}, math.nan],
+        "float": [True, False, "0.5", [], {"v": 1}, math.nan, math.inf, -math.inf],
+        "bool": ["false", "true", 0, 1, [], "yes"],
+        "choice": [5, "bogus", ["v2"], True],
+    }[kind]
     if path not in NULL_IS_DEFAULT:
         wrong_type = wrong_type + [None]
     if kind == "int" and bounds:
@@ -103,7 +139,7 @@ def _bad_values(kind, bounds, path):
         if bounds[0] == 0:
             wrong_type += [0, 0.0]
     if path == "select_layer":
-        wrong_type += [-10**6, 10**6]
+        wrong_type += [-(10**6), 10**6]
     return wrong_type
 
 
@@ -128,7 +164,10 @@ def mutate_config(files, rng):
         d, key = _path_get(cfg, path)
         d.pop(key, None)
         required = CONFIG_KEYS[path][2]
-        desc, may_change = f"config {path} deleted ({'required' if required else 'has a default'})", not required
+        desc, may_change = (
+            f"config {path} deleted ({'required' if required else 'has a default'})",
+            not required,
+        )
     elif choice < 0.85:
         path = rng.choice(IGNORED_KEYS)
         value = rng.choice(GARBAGE)
@@ -163,25 +202,69 @@ def mutate_header(files, rng):
     what = rng.randrange(9)
     may_change = False
     if what == 0:
-        new = rng.choice(["F16", "F32", "F64", "I16", "I32", "I64", "U8", "I8", "BOOL", "BF17", "", ["BF16"], 5,
-                          None, "bf16", "F8_E4M3"])
+        new = rng.choice(
+            [
+                "F16",
+                "F32",
+                "F64",
+                "I16",
+                "I32",
+                "I64",
+                "U8",
+                "I8",
+                "BOOL",
+                "BF17",
+                "",
+                ["BF16"],
+                5,
+                None,
+                "bf16",
+                "F8_E4M3",
+            ]
+        )
         entry["dtype"] = new
         may_change = new == "F16"  # BF16 -> F16: same size, still a float, undetectable
         desc = f"{shard} {name} dtype -> {new!r}"
     elif what == 1:
         shape = entry["shape"]
-        options = [shape[::-1], [1] + shape, shape + [1], shape[:-1], [[d] for d in shape], [-d for d in shape],
-                   [True] * len(shape), [str(d) for d in shape], [2**40] * 3, [], [0] + shape[1:],
-                   [d * 2 for d in shape], "x", None, [d + 0.0 for d in shape]]
+        options = [
+            shape[::-1],
+            [1] + shape,
+            shape + [1],
+            shape[:-1],
+            [[d] for d in shape],
+            [-d for d in shape],
+            [True] * len(shape),
+            [str(d) for d in shape],
+            [2**40] * 3,
+            [],
+            [0] + shape[1:],
+            [d * 2 for d in shape],
+            "x",
+            None,
+            [d + 0.0 for d in shape],
+        ]
         new = rng.choice(options)
         entry["shape"] = new
         desc = f"{shard} {name} shape {shape} -> {new!r}"
     elif what == 2:
         begin, end = entry["data_offsets"]
         k = rng.choice([1, 2, 4, 64, end - begin, 10**12, 2**64])
-        new = rng.choice([[begin + k, end + k], [begin - k, end - k], [begin, end + k], [begin, end - k],
-                          [end, begin], [str(begin), str(end)], [begin], [begin, end, end], [float(begin), end],
-                          None, {"0": begin}])
+        new = rng.choice(
+            [
+                [begin + k, end + k],
+                [begin - k, end - k],
+                [begin, end + k],
+                [begin, end - k],
+                [end, begin],
+                [str(begin), str(end)],
+                [begin],
+                [begin, end, end],
+                [float(begin), end],
+                None,
+                {"0": begin},
+            ]
+        )
         entry["data_offsets"] = new
         desc = f"{shard} {name} data_offsets [{begin}, {end}] -> {new!r}"
     elif what == 3:
@@ -194,8 +277,11 @@ def mutate_header(files, rng):
     elif what == 4:
         other = rng.choice(names)
         header[name], header[other] = header[other], header[name]
-        may_change = other != name and header[name]["shape"] == header[other]["shape"] and \
-            header[name]["dtype"] == header[other]["dtype"]
+        may_change = (
+            other != name
+            and header[name]["shape"] == header[other]["shape"]
+            and header[name]["dtype"] == header[other]["dtype"]
+        )
         desc = f"{shard} entries of {name} and {other} swapped"
     elif what == 5:
         new = rng.choice([name + "x", name.replace(".", "_", 1), "", name.upper(), name + ".weight"])
@@ -248,12 +334,22 @@ def mutate_index(files, rng, outside: Path):
     name = rng.choice(names)
     what = rng.randrange(8)
     if what == 0:
-        new = rng.choice([s for s in shards if s != wm[name]] + ["missing.safetensors", "config.json", "", "."])
+        new = rng.choice(
+            [s for s in shards if s != wm[name]] + ["missing.safetensors", "config.json", "", "."]
+        )
         wm[name] = new
         desc = f"index {name} -> {new!r}"
     elif what == 1:
-        new = rng.choice([str(outside / wm[name]), f"../{outside.name}/{wm[name]}", f"sub/{wm[name]}",
-                          f"./{wm[name]}", f"/{wm[name]}", f"..\\{wm[name]}"])
+        new = rng.choice(
+            [
+                str(outside / wm[name]),
+                f"../{outside.name}/{wm[name]}",
+                f"sub/{wm[name]}",
+                f"./{wm[name]}",
+                f"/{wm[name]}",
+                f"..\\{wm[name]}",
+            ]
+        )
         wm[name] = new
         desc = f"index {name} -> path {new!r} (a valid copy lies there)"
     elif what == 2:
@@ -334,21 +430,31 @@ def main() -> int:
                     (folder / "sub" / name).write_bytes(pristine[variant][name])
             # Values the documented rules refuse, and required keys deleted, must not load at all.
             must_refuse = desc.endswith("(invalid)") or desc.endswith("(required)")
-            record = {"i": i, "variant": variant, "mutation": desc, "may_change": may_change,
-                      "must_refuse": must_refuse}
+            record = {
+                "i": i,
+                "variant": variant,
+                "mutation": desc,
+                "may_change": may_change,
+                "must_refuse": must_refuse,
+            }
             try:
                 model = pyvl.load(folder, device="cpu", dtype="float32")
             except PyvlError as exc:
                 record.update(outcome="refused", error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            except BaseException as exc:  # noqa: BLE001 - any other exception is what the fuzz test reports
-                record.update(outcome="error", error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                              where=traceback.format_exc()[-600:])
+            except BaseException as exc:
+                record.update(
+                    outcome="error",
+                    error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                    where=traceback.format_exc()[-600:],
+                )
             else:
                 try:
                     got = outputs(model, tile)
-                    same = all(g.shape == b.shape and torch.equal(g, b) for g, b in zip(got, baseline[variant]))
+                    same = all(
+                        g.shape == b.shape and torch.equal(g, b) for g, b in zip(got, baseline[variant])
+                    )
                     record.update(outcome="same" if same else "changed")
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:
                     record.update(outcome="compute_error", error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 del model
             print(json.dumps(record, ensure_ascii=True), flush=True)

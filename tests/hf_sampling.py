@@ -37,8 +37,9 @@ def process_logits(scores: torch.Tensor, seen: torch.Tensor, cfg: GenerationConf
     return scores
 
 
-def select_tokens(scores: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
-                  ) -> torch.Tensor:
+def select_tokens(
+    scores: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     if not cfg.do_sample:
         return scores.argmax(dim=-1)
     probs = scores.softmax(dim=-1)

@@ -24,8 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SEED_VARIABLE", "TOLERANCES", "Tolerance", "assert_matches_oracle", "chosen_seed", "fresh_generator",
-           "randn"]
+__all__ = [
+    "SEED_VARIABLE",
+    "TOLERANCES",
+    "Tolerance",
+    "assert_matches_oracle",
+    "chosen_seed",
+    "fresh_generator",
+    "randn",
+]
 
 SEED_VARIABLE = "PYVL_TEST_SEED"
 
@@ -67,8 +74,13 @@ def randn(*shape, dtype, device, gen: torch.Generator, scale: float = 1.0) -> to
     return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device)
 
 
-def assert_matches_oracle(out: torch.Tensor, oracle: torch.Tensor, same_dtype: torch.Tensor, what: str = "",
-                          factor: float | None = None):
+def assert_matches_oracle(
+    out: torch.Tensor,
+    oracle: torch.Tensor,
+    same_dtype: torch.Tensor,
+    what: str = "",
+    factor: float | None = None,
+):
     """out (dtype T) against the float32 oracle, allowed FACTOR x the error of ``same_dtype`` (the reference in T);
     ``factor`` overrides the table's for a kernel whose rounding steps differ from the reference's by design."""
     tol = TOLERANCES[out.dtype]
@@ -77,10 +89,14 @@ def assert_matches_oracle(out: torch.Tensor, oracle: torch.Tensor, same_dtype: t
     assert out.shape == oracle.shape, f"{what}: shape {tuple(out.shape)} != oracle {tuple(oracle.shape)}"
     got, want, base = out.float(), oracle.float(), same_dtype.float()
     bad = ~torch.isfinite(got)
-    assert not bad.any(), f"{what}: {int(bad.sum())} of {got.numel()} elements are NaN/inf (unwritten or wrong)"
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {got.numel()} elements are NaN/inf (unwritten or wrong)"
+    )
     err = (got - want).abs().max().item()
     allowed = tol.factor * (base - want).abs().max().item() + tol.atol
-    assert err <= allowed, f"{what}: max error {err:.3e} > {allowed:.3e} ({tol.factor} x same-dtype + {tol.atol})"
+    assert err <= allowed, (
+        f"{what}: max error {err:.3e} > {allowed:.3e} ({tol.factor} x same-dtype + {tol.atol})"
+    )
     norm = want.norm().item()
     if norm > 0:
         rel = (got - want).norm().item() / norm

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN, golden_cases, loaded_model
 
 import pyvl
 from pyvl import checks
 from pyvl.errors import CheckpointError, ConfigError, PromptError
 from pyvl.generation_config import GenerationConfig
-from conftest import GOLDEN, golden_cases, loaded_model
 
 CHECKPOINT = GOLDEN / "v15" / "checkpoint"
 TALL = GOLDEN / "images" / "tall_300x1000.png"
@@ -29,27 +29,30 @@ def pixels():
     return pyvl.load_image(TALL, max_num=6)  # 4 tiles
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("max_new_tokens", 1.5, "max_new_tokens=1.5: expected an integer"),
-    ("max_new_tokens", -1, "max_new_tokens=-1"),
-    ("max_new_tokens", "8", "max_new_tokens='8'"),
-    ("max_new_tokens", True, "max_new_tokens=True"),
-    ("do_sample", "no", "do_sample='no': expected True or False"),
-    ("do_sample", 1, "do_sample=1"),
-    ("temperature", "0.7", "temperature='0.7': expected a finite number"),
-    ("temperature", float("inf"), "temperature=inf"),
-    ("temperature", 0, "temperature=0"),
-    ("top_k", 2.0, "top_k=2.0"),
-    ("top_p", float("nan"), "top_p=nan"),
-    ("top_p", 1.01, "top_p=1.01"),
-    ("repetition_penalty", -1.0, "repetition_penalty=-1.0"),
-    ("seed", 2**64, "seed=18446744073709551616: expected an integer in 0..9223372036854775807"),
-    ("seed", -1, "seed=-1"),
-    ("seed", 1.0, "seed=1.0"),
-    ("eos_token_id", [2, 3.5], "eos_token_id=3.5"),
-    ("eos_token_id", [], "eos_token_id"),
-    ("num_beams", "1", "num_beams='1'"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("max_new_tokens", 1.5, "max_new_tokens=1.5: expected an integer"),
+        ("max_new_tokens", -1, "max_new_tokens=-1"),
+        ("max_new_tokens", "8", "max_new_tokens='8'"),
+        ("max_new_tokens", True, "max_new_tokens=True"),
+        ("do_sample", "no", "do_sample='no': expected True or False"),
+        ("do_sample", 1, "do_sample=1"),
+        ("temperature", "0.7", "temperature='0.7': expected a finite number"),
+        ("temperature", float("inf"), "temperature=inf"),
+        ("temperature", 0, "temperature=0"),
+        ("top_k", 2.0, "top_k=2.0"),
+        ("top_p", float("nan"), "top_p=nan"),
+        ("top_p", 1.01, "top_p=1.01"),
+        ("repetition_penalty", -1.0, "repetition_penalty=-1.0"),
+        ("seed", 2**64, "seed=18446744073709551616: expected an integer in 0..9223372036854775807"),
+        ("seed", -1, "seed=-1"),
+        ("seed", 1.0, "seed=1.0"),
+        ("eos_token_id", [2, 3.5], "eos_token_id=3.5"),
+        ("eos_token_id", [], "eos_token_id"),
+        ("num_beams", "1", "num_beams='1'"),
+    ],
+)
 def test_generation_config_types_and_ranges(model, key, value, match):
     with pytest.raises(ConfigError, match=match):
         GenerationConfig.from_user({key: value})
@@ -58,8 +61,15 @@ def test_generation_config_types_and_ranges(model, key, value, match):
 
 
 def test_generation_config_takes_numpy_scalars_as_python_numbers():
-    cfg = GenerationConfig.from_user(dict(max_new_tokens=np.int64(3), temperature=np.float32(0.5), eos_token_id=7,
-                                          seed=2**63 - 1, do_sample=np.bool_(True)))
+    cfg = GenerationConfig.from_user(
+        dict(
+            max_new_tokens=np.int64(3),
+            temperature=np.float32(0.5),
+            eos_token_id=7,
+            seed=2**63 - 1,
+            do_sample=np.bool_(True),
+        )
+    )
     assert (type(cfg.max_new_tokens), type(cfg.temperature), type(cfg.do_sample)) == (int, float, bool)
     assert cfg.eos_token_id == (7,) and cfg.seed == 2**63 - 1
     with pytest.raises(ConfigError, match="keys must be strings"):
@@ -71,14 +81,20 @@ def test_largest_seed_samples(model):
     assert model.chat(None, "hi", gen) == model.chat(None, "hi", gen)
 
 
-@pytest.mark.parametrize("question, match", [
-    (None, "question must be a str, got NoneType"),
-    (b"hi", "question must be a str, got bytes"),
-    ("hi \ud800 there", r"question holds '\\ud800' at index 3, a lone surrogate"),
-])
+@pytest.mark.parametrize(
+    "question, match",
+    [
+        (None, "question must be a str, got NoneType"),
+        (b"hi", "question must be a str, got bytes"),
+        ("hi \ud800 there", r"question holds '\\ud800' at index 3, a lone surrogate"),
+    ],
+)
 def test_question_must_be_text(model, question, match):
-    for call in (lambda: model.chat(None, question), lambda: list(model.stream(None, question)),
-                 lambda: model.build_query(question)):
+    for call in (
+        lambda: model.chat(None, question),
+        lambda: list(model.stream(None, question)),
+        lambda: model.build_query(question),
+    ):
         with pytest.raises(PromptError, match=match):
             call()
 
@@ -108,18 +124,25 @@ def test_num_patches_list_is_not_truncated(model, pixels):
 
 
 def test_more_placeholders_than_images_is_refused(model, pixels):
-    with pytest.raises(PromptError, match=r"has 3 '<image>' placeholder\(s\) but 2 image\(s\) .* exactly one "
-                                          r"placeholder per image: pyvl refuses placeholders beyond the images "
-                                          r"\(the original chat\(\) expands the first 2 and keeps the rest as "
-                                          r"plain text\)"):
+    with pytest.raises(
+        PromptError,
+        match=r"has 3 '<image>' placeholder\(s\) but 2 image\(s\) .* exactly one "
+        r"placeholder per image: pyvl refuses placeholders beyond the images "
+        r"\(the original chat\(\) expands the first 2 and keeps the rest as "
+        r"plain text\)",
+    ):
         model.chat(pixels, "<image> <image> <image>", num_patches_list=[1, 3])
-    with pytest.raises(PromptError, match="has 1 '<image>' placeholder.* every image needs its own placeholder"):
+    with pytest.raises(
+        PromptError, match="has 1 '<image>' placeholder.* every image needs its own placeholder"
+    ):
         model.chat(pixels, "Image-1: <image>", num_patches_list=[1, 3])
     assert model.build_query("<image> <image>").count("<image>") == 2  # text only: placeholders stay text
 
 
 def test_batch_chat_refuses_a_string_for_the_questions(model):
-    with pytest.raises(PromptError, match="questions must be a list of str .* got str; wrap a single question"):
+    with pytest.raises(
+        PromptError, match="questions must be a list of str .* got str; wrap a single question"
+    ):
         model.batch_chat(None, "hello")
     with pytest.raises(PromptError, match=r"questions\[1\] must be a str, got int"):
         model.batch_chat(None, ["hello", 5])
@@ -137,9 +160,14 @@ def test_pixel_values_must_be_floating(model, pixels, dtype):
 def test_pixel_values_must_be_finite_and_bounded(model, pixels, value):
     bad = pixels.clone()
     bad[1, 2, 3, 4] = value
-    for call in (lambda: model.chat(bad, "hi"), lambda: model.extract_feature(bad),
-                 lambda: model.generate([1, 2], bad)):
-        with pytest.raises(PromptError, match=r"pixel_values holds 1 value\(s\) that are not finite or exceed 100"):
+    for call in (
+        lambda: model.chat(bad, "hi"),
+        lambda: model.extract_feature(bad),
+        lambda: model.generate([1, 2], bad),
+    ):
+        with pytest.raises(
+            PromptError, match=r"pixel_values holds 1 value\(s\) that are not finite or exceed 100"
+        ):
             call()
     edge = pixels.clone()
     edge[0, 0, 0, 0] = -checks.PIXEL_VALUE_BOUND  # the bound itself is allowed
@@ -149,25 +177,32 @@ def test_pixel_values_must_be_finite_and_bounded(model, pixels, value):
 def test_pixel_values_on_another_device(model, pixels):
     with pytest.raises(PromptError, match="pixel_values is on meta; expected a CPU or CUDA tensor"):
         model.chat(pixels.to("meta"), "hi")
-    if torch.cuda.is_available():  # a CUDA tensor for a CPU model (or the reverse) is copied to the model's device
+    if (
+        torch.cuda.is_available()
+    ):  # a CUDA tensor for a CPU model (or the reverse) is copied to the model's device
         gen = dict(max_new_tokens=3)
         assert model.chat(pixels.cuda(), "hi", gen) == model.chat(pixels, "hi", gen)
-    assert model.chat(pixels.double(), "hi", dict(max_new_tokens=3)) == model.chat(pixels, "hi", dict(max_new_tokens=3))
+    assert model.chat(pixels.double(), "hi", dict(max_new_tokens=3)) == model.chat(
+        pixels, "hi", dict(max_new_tokens=3)
+    )
 
 
-@pytest.mark.parametrize("ids, match", [
-    ([], "at least one token"),
-    ([[]], "at least one token"),
-    ([[1, 2], []], "at least one token"),
-    ([1, -1], r"input_ids\[1\]=-1: expected an integer in 0..1008"),
-    ([1, 1009], r"input_ids\[1\]=1009"),
-    ([[1, 2], [3, 10**6]], r"input_ids\[1\]\[1\]=1000000"),
-    ([1, 2.5], r"input_ids\[1\]=2.5: expected an integer in 0..1008, got float"),
-    ([1, True], r"input_ids\[1\]=True"),
-    ("hello", "must be a list of token ids"),
-    (torch.tensor([1.0, 2.0]), "must hold integer token ids"),
-    (torch.ones(1, 1, 2, dtype=torch.long), "must hold integer token ids"),
-])
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([], "at least one token"),
+        ([[]], "at least one token"),
+        ([[1, 2], []], "at least one token"),
+        ([1, -1], r"input_ids\[1\]=-1: expected an integer in 0..1008"),
+        ([1, 1009], r"input_ids\[1\]=1009"),
+        ([[1, 2], [3, 10**6]], r"input_ids\[1\]\[1\]=1000000"),
+        ([1, 2.5], r"input_ids\[1\]=2.5: expected an integer in 0..1008, got float"),
+        ([1, True], r"input_ids\[1\]=True"),
+        ("hello", "must be a list of token ids"),
+        (torch.tensor([1.0, 2.0]), "must hold integer token ids"),
+        (torch.ones(1, 1, 2, dtype=torch.long), "must hold integer token ids"),
+    ],
+)
 def test_generate_and_logits_token_ids(model, ids, match):
     with pytest.raises(PromptError, match=match):
         model.generate(ids, None, dict(max_new_tokens=1))
@@ -189,8 +224,17 @@ def test_token_ids_as_tensors_and_arrays(model):
 
 def test_kv_cache_bytes_is_what_the_pool_allocates(model):
     llm, cache = model.config.llm, model.engine.cache
-    assert checks.kv_cache_bytes(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim,
-                                 cache.num_blocks * cache.block_size, 1, model.dtype) == cache.nbytes
+    assert (
+        checks.kv_cache_bytes(
+            llm.num_hidden_layers,
+            llm.num_key_value_heads,
+            llm.head_dim,
+            cache.num_blocks * cache.block_size,
+            1,
+            model.dtype,
+        )
+        == cache.nbytes
+    )
 
 
 def test_a_cache_larger_than_free_memory_is_refused_before_allocating(monkeypatch):
@@ -198,8 +242,9 @@ def test_a_cache_larger_than_free_memory_is_refused_before_allocating(monkeypatc
 
     probe = pyvl.load(CHECKPOINT, device="cpu", kv_cache_gb=0.001)
     llm = probe.config.llm
-    per_token = checks.kv_cache_bytes(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, 1, 1,
-                                      probe.dtype)
+    per_token = checks.kv_cache_bytes(
+        llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, 1, 1, probe.dtype
+    )
     monkeypatch.setattr(checks, "available_memory", lambda device: 1000 * per_token)
 
     def no_allocation(*args, **kwargs):
@@ -218,39 +263,56 @@ def test_a_cache_larger_than_free_memory_is_refused_before_allocating(monkeypatc
 
 def test_a_request_larger_than_the_pool_is_refused_and_the_pool_stays_usable():
     small = pyvl.load(CHECKPOINT, device="cpu", kv_cache_gb=None, max_context=2**20)
-    tiny = pyvl.load(CHECKPOINT, device="cpu", max_context=4096,
-                     kv_cache_gb=2 * checks.kv_cache_bytes(small.config.llm.num_hidden_layers,
-                                                           small.config.llm.num_key_value_heads,
-                                                           small.config.llm.head_dim, 64, 1, small.dtype) / 1e9)
+    tiny = pyvl.load(
+        CHECKPOINT,
+        device="cpu",
+        max_context=4096,
+        kv_cache_gb=2
+        * checks.kv_cache_bytes(
+            small.config.llm.num_hidden_layers,
+            small.config.llm.num_key_value_heads,
+            small.config.llm.head_dim,
+            64,
+            1,
+            small.dtype,
+        )
+        / 1e9,
+    )
     assert tiny.engine.pool.num_blocks == 2  # 128 tokens
     with pytest.raises(PromptError, match="KV blocks of 64 tokens but the pool has 2"):
         tiny.chat(None, "hi " * 200)
     question = golden_cases("v15")["cases"]["text_eos_stop"]["question"]  # the answer ends at <|im_end|>
-    assert tiny.chat(None, question, dict(max_new_tokens=10**9)) == small.chat(None, question,
-                                                                              dict(max_new_tokens=10**9))
+    assert tiny.chat(None, question, dict(max_new_tokens=10**9)) == small.chat(
+        None, question, dict(max_new_tokens=10**9)
+    )
     tiny.engine.pool.check()
     assert tiny.engine.pool.num_in_use == 0
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MemAvailable is read from Linux's /proc/meminfo")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="MemAvailable is read from Linux's /proc/meminfo"
+)
 def test_free_memory_is_read_on_linux():
     free = checks.available_memory(torch.device("cpu"))
     assert 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(max_context=1), ConfigError, "max_context=1: expected an integer in 2..1048576"),
-    (dict(max_context=2**21), ConfigError, "max_context=2097152"),
-    (dict(max_context=64.0), ConfigError, "max_context=64.0"),
-    (dict(max_context="64"), ConfigError, "max_context='64'"),
-    (dict(device="nonsense"), ConfigError, "device='nonsense' is not a torch device"),
-    (dict(device="meta"), ConfigError, "pyvl runs on 'cpu' or 'cuda'"),
-    (dict(device=0.5), ConfigError, "device must be a str or torch.device"),
-    (dict(progress="no"), ConfigError, "progress='no'"),
-    (dict(backend=None), ConfigError, "backend must be a str"),
-    (dict(op_backends=["rms_norm"]), ConfigError, "op_backends must be a mapping"),
-    (dict(dtype="int8"), ConfigError, "dtype 'int8'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(max_context=1), ConfigError, "max_context=1: expected an integer in 2..1048576"),
+        (dict(max_context=2**21), ConfigError, "max_context=2097152"),
+        (dict(max_context=64.0), ConfigError, "max_context=64.0"),
+        (dict(max_context="64"), ConfigError, "max_context='64'"),
+        (dict(device="nonsense"), ConfigError, "device='nonsense' is not a torch device"),
+        (dict(device="meta"), ConfigError, "pyvl runs on 'cpu' or 'cuda'"),
+        (dict(device=0.5), ConfigError, "device must be a str or torch.device"),
+        (dict(progress="no"), ConfigError, "progress='no'"),
+        (dict(backend=None), ConfigError, "backend must be a str"),
+        (dict(op_backends=["rms_norm"]), ConfigError, "op_backends must be a mapping"),
+        (dict(dtype="int8"), ConfigError, "dtype 'int8'"),
+    ],
+)
 def test_load_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         pyvl.load(CHECKPOINT, **kwargs)

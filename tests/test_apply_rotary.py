@@ -12,9 +12,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from pyvl.kernels.apply_rotary import apply_rotary  # noqa: E402
-from pyvl.ops import reference as ref  # noqa: E402
-from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
+from kernel_tolerances import assert_matches_oracle, fresh_generator, randn
+
+from pyvl.kernels.apply_rotary import apply_rotary
+from pyvl.ops import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -23,7 +24,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def make_inputs(b, s, hq, hkv, d, dtype, gen, table_batch=None):
     qkv = randn(b, s, hq + 2 * hkv, d, dtype=dtype, device=DEVICE, gen=gen)
     q = qkv[:, :, :hq].transpose(1, 2)  # (B, Hq, S, D), strided
-    k = qkv[:, :, hq:hq + hkv].transpose(1, 2)
+    k = qkv[:, :, hq : hq + hkv].transpose(1, 2)
     angles = torch.rand(table_batch or b, s, d // 2, generator=gen) * 100  # positions up to ~100 x inv_freq
     emb = torch.cat([angles, angles], dim=-1).to(DEVICE)  # duplicated halves, as RotaryTables makes them
     return q, k, emb.cos(), emb.sin()
@@ -38,7 +39,9 @@ def check(q, k, cos, sin, got, what):
             assert_matches_oracle(o, orc, w, f"{name}, {what}")
         else:
             assert not o.isnan().any(), f"{name}: unwritten elements, {what}"
-            assert torch.equal(o, w), f"{name}: {int((o != w).sum())} elements differ from the reference, {what}"
+            assert torch.equal(o, w), (
+                f"{name}: {int((o != w).sum())} elements differ from the reference, {what}"
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
@@ -47,8 +50,10 @@ def check(q, k, cos, sin, got, what):
 def test_matches_reference(dtype, hq, hkv, d):
     gen, seed = fresh_generator()
     q, k, cos, sin = make_inputs(2, 9, hq, hkv, d, dtype, gen)
-    out = (torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE),
-           torch.full(k.shape, float("nan"), dtype=dtype, device=DEVICE))
+    out = (
+        torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE),
+        torch.full(k.shape, float("nan"), dtype=dtype, device=DEVICE),
+    )
     got = apply_rotary(q, k, cos, sin, out=out)
     assert got[0] is out[0] and got[1] is out[1]
     check(q, k, cos, sin, got, f"seed {seed}")

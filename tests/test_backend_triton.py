@@ -12,12 +12,13 @@ import torch
 
 pytest.importorskip("triton")
 
-import importlib  # noqa: E402
+import importlib
 
-import pyvl  # noqa: E402
-from pyvl.ops import _TRITON_OPS, reference, resolve_ops  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from conftest import GOLDEN, golden_cases, image_for_key  # noqa: E402
+from conftest import GOLDEN, golden_cases, image_for_key
+from safetensors.torch import load_file
+
+import pyvl
+from pyvl.ops import _TRITON_OPS, reference, resolve_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 1e-4
@@ -43,8 +44,16 @@ def test_every_kernel_is_in_use(fast):
     _, model = fast
     served = model.model.ops.backends
     assert {k for k, v in served.items() if v == "triton"} >= {
-        "rms_norm", "add_rms_norm", "vit_attention", "apply_rotary", "silu_mul", "pixel_shuffle", "store_kv",
-        "paged_prefill_attention", "paged_decode_attention"}
+        "rms_norm",
+        "add_rms_norm",
+        "vit_attention",
+        "apply_rotary",
+        "silu_mul",
+        "pixel_shuffle",
+        "store_kv",
+        "paged_prefill_attention",
+        "paged_decode_attention",
+    }
     assert {k for k, v in served.items() if v != "triton"} <= {"layer_norm", "gelu", "resize_tiles"}
     assert served["resize_tiles"] in ("native", "cuda")  # the compiled preprocessing, never Pillow
 
@@ -60,7 +69,9 @@ def test_golden_case_through_kernels(fast, case):
         path, max_num = image_for_key(keys[0])
         pixels = pyvl.load_image(path, max_num=max_num)
     ids = want["input_ids"].tolist()
-    if pixels is None:  # text: every prompt position; images: the ViT under the interpreter is slow, run it once
+    if (
+        pixels is None
+    ):  # text: every prompt position; images: the ViT under the interpreter is slow, run it once
         logits = model.logits(ids).cpu()
         err = (logits[-8:] - want["logits_last"]).abs().max().item()
         assert torch.isfinite(logits).all() and err <= ATOL, f"{variant}/{case}: logits max |diff| {err:.2e}"

@@ -17,12 +17,11 @@ import types
 import pytest
 import torch
 
-
-from pyvl.bench import e2e, e2e_hf  # noqa: E402
-from pyvl.bench.presets import PRESETS, parameter_count, preset_config, random_model  # noqa: E402
-from pyvl.cli import build_parser, main  # noqa: E402
-from pyvl.demo import ASSETS  # noqa: E402
-from pyvl.tokenizer import Tokenizer  # noqa: E402
+from pyvl.bench import e2e, e2e_hf
+from pyvl.bench.presets import PRESETS, parameter_count, preset_config, random_model
+from pyvl.cli import build_parser, main
+from pyvl.demo import ASSETS
+from pyvl.tokenizer import Tokenizer
 
 # Spec section 1: (vision layers, width, heads, MLP, norm, qkv bias, qk norm; LLM layers, width, heads, kv heads, FFN)
 SPEC = {
@@ -36,14 +35,36 @@ E2E_KEYS = {"key", "figure", "unit", "pyvl", "hf", "hf/pyvl"}
 def test_presets_have_the_spec_dimensions(name):
     cfg = preset_config(name)
     v, lm = cfg.vision, cfg.llm
-    assert (v.num_hidden_layers, v.hidden_size, v.num_attention_heads, v.intermediate_size, v.norm_type, v.qkv_bias,
-            v.qk_normalization) == SPEC[name][0]
-    assert (lm.num_hidden_layers, lm.hidden_size, lm.num_attention_heads, lm.num_key_value_heads,
-            lm.intermediate_size) == SPEC[name][1]
-    assert (lm.vocab_size, lm.max_position_embeddings, lm.rope_theta, lm.rms_norm_eps) == (92553, 32768, 1e6, 1e-5)
+    assert (
+        v.num_hidden_layers,
+        v.hidden_size,
+        v.num_attention_heads,
+        v.intermediate_size,
+        v.norm_type,
+        v.qkv_bias,
+        v.qk_normalization,
+    ) == SPEC[name][0]
+    assert (
+        lm.num_hidden_layers,
+        lm.hidden_size,
+        lm.num_attention_heads,
+        lm.num_key_value_heads,
+        lm.intermediate_size,
+    ) == SPEC[name][1]
+    assert (lm.vocab_size, lm.max_position_embeddings, lm.rope_theta, lm.rms_norm_eps) == (
+        92553,
+        32768,
+        1e6,
+        1e-5,
+    )
     assert (lm.rope_scaling_type, lm.rope_scaling_factor) == ("dynamic", 2.0)  # as the measured HF baseline
-    assert (cfg.ps_version, cfg.image_size, cfg.num_image_token, cfg.select_layer, lm.bias) == ("v2", 448, 256, -1,
-                                                                                               False)
+    assert (cfg.ps_version, cfg.image_size, cfg.num_image_token, cfg.select_layer, lm.bias) == (
+        "v2",
+        448,
+        256,
+        -1,
+        False,
+    )
     assert v.head_dim == (128 if name == "internvl-chat-v1-5" else 64) and lm.head_dim == 128
 
 
@@ -61,7 +82,9 @@ def test_preset_parameter_counts_on_meta():
 def test_random_model_is_materialised_in_the_asked_dtype():
     model = random_model(preset_config("tiny"), "cpu", torch.bfloat16)
     params = dict(model.named_parameters())
-    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 and not p.requires_grad for p in params.values())
+    assert all(
+        p.device.type == "cpu" and p.dtype == torch.bfloat16 and not p.requires_grad for p in params.values()
+    )
     assert torch.all(params["language_model.model.norm.weight"] == 1)
     assert torch.all(params["vision_model.encoder.layers.0.norm1.bias"] == 0)
     assert torch.all(params["mlp1.0.weight"] == 1)
@@ -85,13 +108,48 @@ def test_build_prompt_counts_tokens(tiles, text):
 
 
 def test_bench_e2e_tiny_on_cpu_json(capsys):
-    code = main(["bench", "e2e", "--preset", "tiny", "--random-weights", "--device", "cpu", "--dtype", "float32",
-                 "--tiles", "1", "2", "--prompt-tokens", "20", "--decode-tokens", "3", "--repeat", "1", "--json"])
+    code = main(
+        [
+            "bench",
+            "e2e",
+            "--preset",
+            "tiny",
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--tiles",
+            "1",
+            "2",
+            "--prompt-tokens",
+            "20",
+            "--decode-tokens",
+            "3",
+            "--repeat",
+            "1",
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     rows = {r["key"]: r for r in result["rows"]}
-    assert list(rows) == ["preprocess", "vision_1", "vision_2", "prefill", "ttft", "ttft_preprocess", "ttft_vision",
-                          "ttft_prefill", "ttft_sample", "ttft_other", "decode", "peak_memory", "weights", "kv_pool"]
+    assert list(rows) == [
+        "preprocess",
+        "vision_1",
+        "vision_2",
+        "prefill",
+        "ttft",
+        "ttft_preprocess",
+        "ttft_vision",
+        "ttft_prefill",
+        "ttft_sample",
+        "ttft_other",
+        "decode",
+        "peak_memory",
+        "weights",
+        "kv_pool",
+    ]
     for row in rows.values():
         assert set(row) == E2E_KEYS  # the same columns always; HF's are None on the CPU
         assert isinstance(row["pyvl"], float) and row["pyvl"] > 0, row
@@ -103,7 +161,12 @@ def test_bench_e2e_tiny_on_cpu_json(capsys):
     assert result["setup"]["kv_pool_GB"] == rows["kv_pool"]["pyvl"] < 0.01
     assert result["setup"]["graphs"]["eager_reason"] == "no CUDA graphs on cpu"
     setup = result["setup"]
-    assert (setup["preset"], setup["device"], setup["dtype"], setup["tiles"]) == ("tiny", "cpu", "float32", [1, 2])
+    assert (setup["preset"], setup["device"], setup["dtype"], setup["tiles"]) == (
+        "tiny",
+        "cpu",
+        "float32",
+        [1, 2],
+    )
     assert setup["prompt_tokens"] == 2 * 256 + setup["text_tokens"]
     assert setup["ops"]["vit_attention"] == "reference"  # backend auto on the CPU
     assert setup["systems"] == ["pyvl"]
@@ -121,12 +184,32 @@ def test_bench_e2e_streams_each_row_as_it_is_measured(capsys, monkeypatch):
         return measure(*args)
 
     monkeypatch.setattr(e2e, "_first_token_and_decode", spy)
-    argv = ["bench", "e2e", "--preset", "tiny", "--random-weights", "--device", "cpu", "--tiles", "1",
-            "--prompt-tokens", "0", "--decode-tokens", "2", "--repeat", "1", "--no-hf", "--kv-cache-gb", "0.002"]
+    argv = [
+        "bench",
+        "e2e",
+        "--preset",
+        "tiny",
+        "--random-weights",
+        "--device",
+        "cpu",
+        "--tiles",
+        "1",
+        "--prompt-tokens",
+        "0",
+        "--decode-tokens",
+        "2",
+        "--repeat",
+        "1",
+        "--no-hf",
+        "--kv-cache-gb",
+        "0.002",
+    ]
     assert main(argv + ["--jsonl"]) == 0
     lines = seen_before_ttft + capsys.readouterr().out.splitlines()
     early = collect(seen_before_ttft)
-    assert [r["key"] for r in early["rows"]] == ["preprocess", "vision_1", "prefill"] and not early["complete"]
+    assert [r["key"] for r in early["rows"]] == ["preprocess", "vision_1", "prefill"] and not early[
+        "complete"
+    ]
     assert early["setup"]["ops"]["vit_attention"] == "reference"  # known as soon as the model is built
     streamed = collect(lines)
     assert streamed["complete"] and 0 < streamed["setup"]["kv_pool_GB"] <= 0.002  # --kv-cache-gb
@@ -135,11 +218,31 @@ def test_bench_e2e_streams_each_row_as_it_is_measured(capsys, monkeypatch):
 
 
 def test_bench_e2e_table_and_flags(capsys):
-    code = main(["bench", "e2e", "--preset", "tiny", "--random-weights", "--device", "cpu", "--tiles", "1",
-                 "--prompt-tokens", "0", "--decode-tokens", "2", "--repeat", "1", "--no-hf"])
+    code = main(
+        [
+            "bench",
+            "e2e",
+            "--preset",
+            "tiny",
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--tiles",
+            "1",
+            "--prompt-tokens",
+            "0",
+            "--decode-tokens",
+            "2",
+            "--repeat",
+            "1",
+            "--no-hf",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
-    assert "vision + projector, 1 tile" in out and "ms/token" in out and "note: HF comparison not asked" in out
+    assert (
+        "vision + projector, 1 tile" in out and "ms/token" in out and "note: HF comparison not asked" in out
+    )
     assert main(["bench", "e2e", "--preset", "tiny", "--device", "cpu"]) == 2  # no --random-weights
     assert "--random-weights" in capsys.readouterr().err
     assert main(["bench", "e2e", "--preset", "tiny", "--random-weights", "--decode-tokens", "1"]) == 2
@@ -170,8 +273,27 @@ def test_bench_e2e_keeps_the_other_figures_when_a_stage_fails(capsys, monkeypatc
         raise RuntimeError("no memory left")
 
     monkeypatch.setattr(e2e, "GenerationConfig", broken)  # the ttft + decode stage raises
-    code = main(["bench", "e2e", "--preset", "tiny", "--random-weights", "--device", "cpu", "--tiles", "1",
-                 "--prompt-tokens", "0", "--decode-tokens", "2", "--repeat", "1", "--no-hf", "--json"])
+    code = main(
+        [
+            "bench",
+            "e2e",
+            "--preset",
+            "tiny",
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--tiles",
+            "1",
+            "--prompt-tokens",
+            "0",
+            "--decode-tokens",
+            "2",
+            "--repeat",
+            "1",
+            "--no-hf",
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     rows = {r["key"]: r for r in result["rows"]}
@@ -184,7 +306,9 @@ def test_bench_parser():
     parser = build_parser()
     args = parser.parse_args(["bench", "sweep", "--json", "--rep-ms", "50"])
     assert (args.what, args.json, args.rep_ms) == ("sweep", True, 50)
-    args = parser.parse_args(["bench", "preprocess", "--device", "cuda", "--sizes", "640x480", "--max-nums", "6"])
+    args = parser.parse_args(
+        ["bench", "preprocess", "--device", "cuda", "--sizes", "640x480", "--max-nums", "6"]
+    )
     assert (args.device, args.sizes, args.max_nums) == ("cuda", ["640x480"], [6])
     args = parser.parse_args(["bench", "e2e", "--random-weights", "--hf-only"])
     assert args.hf_only and not args.no_hf
@@ -197,12 +321,21 @@ def test_bench_parser():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages printed without a GPU")
-@pytest.mark.parametrize("argv, words", [
-    (["bench", "kernels"], "bench kernels needs a CUDA GPU"),
-    (["bench", "sweep", "--json"], "bench sweep needs a CUDA GPU"),
-    (["bench", "preprocess", "--device", "cuda", "--json"], "bench preprocess --device cuda needs a CUDA device"),
-    (["bench", "e2e", "--preset", "tiny", "--random-weights", "--device", "cpu", "--hf-only"], "CUDA only"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["bench", "kernels"], "bench kernels needs a CUDA GPU"),
+        (["bench", "sweep", "--json"], "bench sweep needs a CUDA GPU"),
+        (
+            ["bench", "preprocess", "--device", "cuda", "--json"],
+            "bench preprocess --device cuda needs a CUDA device",
+        ),
+        (
+            ["bench", "e2e", "--preset", "tiny", "--random-weights", "--device", "cpu", "--hf-only"],
+            "CUDA only",
+        ),
+    ],
+)
 def test_gpu_benchmarks_need_cuda(capsys, argv, words):
     assert main(argv) == 2
     captured = capsys.readouterr()
@@ -238,7 +371,9 @@ def test_launched_kernels_records_each_launch_and_unwraps():
     lens = torch.full((1,), 40, dtype=torch.int32, device=device)
     with launched_kernels() as kernels:
         ca.paged_decode_attention(q, pool[0], pool[1], tables, lens, num_splits=3)
-        ca.paged_decode_attention(q, pool[0], pool[1], tables, lens, num_splits=3)  # the same kernels: listed once
+        ca.paged_decode_attention(
+            q, pool[0], pool[1], tables, lens, num_splits=3
+        )  # the same kernels: listed once
     assert [k["kernel"] for k in kernels] == ["_paged_decode_split_kernel", "_decode_reduce_kernel"]
     assert all(set(k) == {"kernel", "regs", "spills", "shared_bytes"} for k in kernels)
     if device == "cpu":
@@ -269,7 +404,8 @@ def test_sweep_vit_non_default_config_matches_the_reference():
         assert r["status"] == "ok" and r["rel_err"] < 1e-5, r  # float32: IEEE dots
         assert r["ms"] is None and r["kernels"][0]["kernel"] == "_vit_attention_kernel"
     assert "BLOCK_M=16 BLOCK_N=32 warps=4 stages=1" in sweep.format_result(
-        {"setup": {"device": "cpu", "torch": "t", "triton": "x", "l2_MB": 0}, "rows": rows, "notes": []})
+        {"setup": {"device": "cpu", "torch": "t", "triton": "x", "l2_MB": 0}, "rows": rows, "notes": []}
+    )
 
 
 def test_sweep_emits_each_row_as_soon_as_it_is_measured():
@@ -279,18 +415,33 @@ def test_sweep_emits_each_row_as_soon_as_it_is_measured():
     timed, emitted = [], []
     timer = lambda fn: timed.append(fn) or float(len(timed))  # noqa: E731  (the n-th one "takes" n ms)
     configs = [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), dict(BLOCK_M=16, BLOCK_N=32)]
-    rows = sweep.vit_rows(shape=(1, 2, 33, 16), configs=configs, device=device, dtype=torch.float32, timer=timer,
-                          emit=lambda row: emitted.append((row["config"], len(timed))))
-    assert emitted == [(r["config"], i + 1) for i, r in enumerate(rows)]  # each row out before the next is timed
-    assert [r["vs_default"] for r in rows] == [1.0, 0.5, 0.333] and rows[0]["default"]  # the default's ms / its ms
+    rows = sweep.vit_rows(
+        shape=(1, 2, 33, 16),
+        configs=configs,
+        device=device,
+        dtype=torch.float32,
+        timer=timer,
+        emit=lambda row: emitted.append((row["config"], len(timed))),
+    )
+    assert emitted == [
+        (r["config"], i + 1) for i, r in enumerate(rows)
+    ]  # each row out before the next is timed
+    assert [r["vs_default"] for r in rows] == [1.0, 0.5, 0.333] and rows[0][
+        "default"
+    ]  # the default's ms / its ms
 
 
 def test_sweep_decode_split_override_matches_the_reference():
     from pyvl.bench import sweep
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = sweep.decode_rows((4, 2, 40, 16), configs=[dict(num_splits=3, BLOCK_N=16), dict(num_splits=1)],
-                             device=device, dtype=torch.float32, copies=2)
+    rows = sweep.decode_rows(
+        (4, 2, 40, 16),
+        configs=[dict(num_splits=3, BLOCK_N=16), dict(num_splits=1)],
+        device=device,
+        dtype=torch.float32,
+        copies=2,
+    )
     assert rows[0]["default"] and not any(r["default"] for r in rows[1:])
     assert [r["params"]["num_splits"] for r in rows[1:]] == [3, 1]
     assert rows[0]["params"]["num_splits"] not in (3, 1)  # the launcher's own choice, resolved for the table
@@ -301,8 +452,18 @@ def test_sweep_decode_split_override_matches_the_reference():
 def test_sweep_rows_fail_on_nan_and_report_errors():
     from pyvl.bench import sweep
 
-    nan = sweep._row("op", "s", {"BLOCK_N": 16}, False, lambda: [torch.zeros(1)], lambda outs: float("nan"),
-                     None, 1, 1.0, "GB/s")
+    nan = sweep._row(
+        "op",
+        "s",
+        {"BLOCK_N": 16},
+        False,
+        lambda: [torch.zeros(1)],
+        lambda outs: float("nan"),
+        None,
+        1,
+        1.0,
+        "GB/s",
+    )
     assert nan["status"].startswith("FAIL") and nan["rel_err"] is None
 
     def broken():
@@ -315,21 +476,59 @@ def test_sweep_rows_fail_on_nan_and_report_errors():
 def test_kernels_and_preprocess_results_format():
     from pyvl.bench import kernels, preprocess_cuda
 
-    row = {"op": "paged_decode_attention", "shape": "decode 48/8 x 3400 x 128", "timing": "graph, 9 K/V copies",
-           "ms": 0.0123, "rate": 1234.5, "unit": "GB/s", "of_ceiling": 0.4, "baseline": "SDPA gqa",
-           "baseline_ms": None, "baseline/ours": None, "rel_diff": 1.2e-3, "target": ">= 1500 GB/s",
-           "kernels": [{"kernel": "_paged_decode_split_kernel", "regs": 128, "spills": 0, "shared_bytes": 32768}]}
-    text = kernels.format_result({"setup": {"device": "H200", "torch": "2", "triton": "3.6", "l2_MB": 60.0},
-                                  "ceilings": {"copy_GBps": 3900.0, "gemm_bf16_TFLOPs": 700.0}, "rows": [row],
-                                  "notes": ["x: failed"]})
+    row = {
+        "op": "paged_decode_attention",
+        "shape": "decode 48/8 x 3400 x 128",
+        "timing": "graph, 9 K/V copies",
+        "ms": 0.0123,
+        "rate": 1234.5,
+        "unit": "GB/s",
+        "of_ceiling": 0.4,
+        "baseline": "SDPA gqa",
+        "baseline_ms": None,
+        "baseline/ours": None,
+        "rel_diff": 1.2e-3,
+        "target": ">= 1500 GB/s",
+        "kernels": [
+            {"kernel": "_paged_decode_split_kernel", "regs": 128, "spills": 0, "shared_bytes": 32768}
+        ],
+    }
+    text = kernels.format_result(
+        {
+            "setup": {"device": "H200", "torch": "2", "triton": "3.6", "l2_MB": 60.0},
+            "ceilings": {"copy_GBps": 3900.0, "gemm_bf16_TFLOPs": 700.0},
+            "rows": [row],
+            "notes": ["x: failed"],
+        }
+    )
     assert "graph, 9 K/V copies" in text and "128/0/32K" in text and "regs/spills/smem" in text
     assert text.splitlines()[-1] == "note: x: failed"
-    prep = {"image": "3840x2160", "max_num": 12, "grid": "4x2", "tiles": 9, "dtype": "bfloat16",
-            "kernel_ms": 0.08, "from_host_ms": 3.1, "h2d_pinned_ms": 1.2, "h2d_pageable_ms": 2.5,
-            "interpolate_ms": 0.9, "floor_ms": 0.01, "floor/kernel": 0.1, "interpolate/kernel": 11.2,
-            "max_abs_diff_vs_cpu": 0.0, "interp_max_abs_diff": 0.1, "target": "< 0.1 ms"}
-    text = preprocess_cuda.format_result({"setup": {"device": "H200", "torch": "2", "tile": 448},
-                                          "copy_GBps": 3900.0, "rows": [prep], "notes": []})
+    prep = {
+        "image": "3840x2160",
+        "max_num": 12,
+        "grid": "4x2",
+        "tiles": 9,
+        "dtype": "bfloat16",
+        "kernel_ms": 0.08,
+        "from_host_ms": 3.1,
+        "h2d_pinned_ms": 1.2,
+        "h2d_pageable_ms": 2.5,
+        "interpolate_ms": 0.9,
+        "floor_ms": 0.01,
+        "floor/kernel": 0.1,
+        "interpolate/kernel": 11.2,
+        "max_abs_diff_vs_cpu": 0.0,
+        "interp_max_abs_diff": 0.1,
+        "target": "< 0.1 ms",
+    }
+    text = preprocess_cuda.format_result(
+        {
+            "setup": {"device": "H200", "torch": "2", "tile": 448},
+            "copy_GBps": 3900.0,
+            "rows": [prep],
+            "notes": [],
+        }
+    )
     assert "from host" in text and "diff vs CPU" in text and "< 0.1 ms" in text
 
 
@@ -339,7 +538,11 @@ def test_interpolate_baseline_has_the_kernels_output_shape():
 
     image = torch.from_numpy(synthetic_photo(600, 300))
     tiles = interpolate_tiles(image, 2, 1, torch.bfloat16, tile=64)
-    assert tiles.shape == (3, 3, 64, 64) and tiles.dtype == torch.bfloat16 and torch.isfinite(tiles.float()).all()
+    assert (
+        tiles.shape == (3, 3, 64, 64)
+        and tiles.dtype == torch.bfloat16
+        and torch.isfinite(tiles.float()).all()
+    )
     assert interpolate_tiles(image, 1, 1, torch.float32, tile=64).shape == (1, 3, 64, 64)  # no thumbnail
 
 
@@ -348,8 +551,14 @@ def _bench(*argv: str, interpret: bool = True, **popen) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONUNBUFFERED")}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.Popen([sys.executable, "-m", "pyvl", "bench", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyvl", "bench", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 SMOKE_OPS = ["--ops", "pixel_shuffle", "rms_norm"]

@@ -13,15 +13,26 @@ from pyvl.bench.report import Report, collect
 from pyvl.cli import main
 
 KINDS = ["PNG path", "JPEG path", "PNG bytes", "JPEG bytes", "PIL.Image", "tiles tensor"]
-ROWS = (["cached_followup"] + [f"followup: {k}" for k in KINDS]
-        + ["streams_8", "streams_16", "host_b1", "host_b8", "host_b16", "turn2", "decode_long"])
+ROWS = (
+    ["cached_followup"]
+    + [f"followup: {k}" for k in KINDS]
+    + ["streams_8", "streams_16", "host_b1", "host_b8", "host_b16", "turn2", "decode_long"]
+)
 
 
 @pytest.fixture(scope="module")
 def streamed():
     out = io.StringIO()
-    result = engine.run(preset="tiny", device="cpu", repeat=1, photo=(896, 448), new_tokens=3, kv_cache_gb=0.05,
-                        long_context=600, report=Report(out))
+    result = engine.run(
+        preset="tiny",
+        device="cpu",
+        repeat=1,
+        photo=(896, 448),
+        new_tokens=3,
+        kv_cache_gb=0.05,
+        long_context=600,
+        report=Report(out),
+    )
     return result, out.getvalue().splitlines()
 
 
@@ -35,7 +46,10 @@ def test_every_row_is_measured_and_streamed(streamed):
             assert "3 tiles vs 1" in row["figure"]
     assert "3-tile image" in result["rows"][0]["figure"]  # 2 tiles + thumbnail
     assert "600 tokens in the context" in result["rows"][-1]["figure"]
-    assert result["setup"]["random_weights"] and result["setup"]["graphs"]["eager_reason"] == "no CUDA graphs on cpu"
+    assert (
+        result["setup"]["random_weights"]
+        and result["setup"]["graphs"]["eager_reason"] == "no CUDA graphs on cpu"
+    )
     rebuilt = collect(lines)
     assert rebuilt.pop("complete") and rebuilt == result
 
@@ -52,8 +66,15 @@ def test_a_failed_figure_is_a_note_and_the_others_stay(monkeypatch):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(engine, "_turn2_ms", broken)
-    result = engine.run(preset="tiny", device="cpu", repeat=1, photo=(448, 448), new_tokens=2, kv_cache_gb=0.05,
-                        long_context=300)
+    result = engine.run(
+        preset="tiny",
+        device="cpu",
+        repeat=1,
+        photo=(448, 448),
+        new_tokens=2,
+        kv_cache_gb=0.05,
+        long_context=300,
+    )
     assert "turn2" not in [r["key"] for r in result["rows"]] and len(result["rows"]) == len(ROWS) - 1
     assert result["notes"] == ["turn2 failed: RuntimeError: out of memory"]
 

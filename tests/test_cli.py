@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import GOLDEN
 from safetensors import safe_open
 
 import pyvl
 from pyvl.cli import main
 from pyvl.demo import DEMO_NOTICE, demo_model_path
-from conftest import GOLDEN
 
 IMAGE = str(GOLDEN / "images" / "gradient_800x600.png")
 
@@ -26,9 +26,17 @@ def demo_cache(tmp_path, monkeypatch):
 def test_demo_model_is_deterministic_and_in_released_format(tmp_path):
     a, b = demo_model_path(tmp_path / "a"), demo_model_path(tmp_path / "b")
     names = sorted(p.name for p in a.iterdir())
-    assert names == ["added_tokens.json", "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
-                     "model-00002-of-00002.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
-                     "tokenizer.model", "tokenizer_config.json"]
+    assert names == [
+        "added_tokens.json",
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         assert (a / shard).read_bytes() == (b / shard).read_bytes()
         with safe_open(str(a / shard), "pt") as f:
@@ -40,8 +48,22 @@ def test_demo_model_is_deterministic_and_in_released_format(tmp_path):
 
 
 def test_chat_one_shot_with_image_and_stats(demo_cache, capsys):
-    assert main(["chat", "--image", IMAGE, "--max-num", "2", "--max-new-tokens", "5", "--stats",
-                 "Describe this image."]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "--image",
+                IMAGE,
+                "--max-num",
+                "2",
+                "--max-new-tokens",
+                "5",
+                "--stats",
+                "Describe this image.",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert DEMO_NOTICE in err
     assert "time to first token" in err and "tokens/s" in err
@@ -52,11 +74,20 @@ def test_chat_one_shot_with_image_and_stats(demo_cache, capsys):
 
 def test_chat_two_images_get_separate_blocks(demo_cache, capsys):
     tall = str(GOLDEN / "images" / "tall_300x1000.png")
-    assert main(["chat", "--image", IMAGE, "--image", tall, "--max-num", "1", "--max-new-tokens", "3", "Compare."]) == 0
+    assert (
+        main(
+            ["chat", "--image", IMAGE, "--image", tall, "--max-num", "1", "--max-new-tokens", "3", "Compare."]
+        )
+        == 0
+    )
     model = pyvl.load(demo_model_path(), device="cpu")
     pixels = torch.cat([pyvl.load_image(IMAGE, max_num=1), pyvl.load_image(tall, max_num=1)])
-    want = model.chat(pixels, "Image-1: <image>\nImage-2: <image>\nCompare.", dict(max_new_tokens=3),
-                      num_patches_list=[1, 1])
+    want = model.chat(
+        pixels,
+        "Image-1: <image>\nImage-2: <image>\nCompare.",
+        dict(max_new_tokens=3),
+        num_patches_list=[1, 1],
+    )
     assert capsys.readouterr().out == want + "\n"
 
 
@@ -89,9 +120,17 @@ def test_info(capsys):
 
 def test_bench_preprocess_small(capsys):
     pytest.importorskip("pyvl.ops.native", reason="pyvl._C is not built")
-    assert main(["bench", "preprocess", "--sizes", "640x320", "--max-nums", "2", "12", "--repeat", "1", "--json"]) == 0
+    assert (
+        main(
+            ["bench", "preprocess", "--sizes", "640x320", "--max-nums", "2", "12", "--repeat", "1", "--json"]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert [(r["image"], r["input"], r["max_num"]) for r in rows] == [
-        ("640x320", "array", 2), ("640x320", "array", 12), ("640x320", "PIL", 12)]  # PIL input at max_num 12
+        ("640x320", "array", 2),
+        ("640x320", "array", 12),
+        ("640x320", "PIL", 12),
+    ]  # PIL input at max_num 12
     assert rows[0]["tiles"] == 3 and rows[2]["tiles"] == rows[1]["tiles"]
     assert all(any(k.startswith("speedup") for k in row) for row in rows)

@@ -10,20 +10,22 @@ import subprocess
 import sys
 
 import pytest
+from conftest import GOLDEN
 
 from pyvl.cli import main
 from pyvl.errors import ConfigError
-from conftest import GOLDEN
 
 MODEL = str(GOLDEN / "v15" / "checkpoint")
 IMAGE = str(GOLDEN / "images" / "gradient_800x600.png")
 TIMEOUT_S = 240
 
 # A command whose implementation raises something pyvl did not foresee, to exercise the catch-all.
-_UNEXPECTED = ("import sys, pyvl.cli as cli\n"
-               "def boom(args):\n    raise KeyError('surprise')\n"
-               "cli.cmd_info = boom\n"
-               "sys.exit(cli.main(sys.argv[1:]))\n")
+_UNEXPECTED = (
+    "import sys, pyvl.cli as cli\n"
+    "def boom(args):\n    raise KeyError('surprise')\n"
+    "cli.cmd_info = boom\n"
+    "sys.exit(cli.main(sys.argv[1:]))\n"
+)
 
 
 def _cases(tmp: str) -> dict[str, list[str]]:
@@ -50,9 +52,17 @@ def _cases(tmp: str) -> dict[str, list[str]]:
 
 def _run_all(tmp: str) -> dict[str, subprocess.CompletedProcess]:
     env = dict(os.environ, PYVL_CACHE=os.path.join(tmp, "cache"), CUDA_VISIBLE_DEVICES="")
-    procs = {name: subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=env, cwd=tmp)
-             for name, argv in _cases(tmp).items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp,
+        )
+        for name, argv in _cases(tmp).items()
+    }
     results = {}
     for name, proc in procs.items():
         try:
@@ -70,17 +80,20 @@ def results(tmp_path_factory):
     return _run_all(str(tmp_path_factory.mktemp("cli_errors")))
 
 
-@pytest.mark.parametrize("name, code, match", [
-    ("seed", 2, "seed=18446744073709551616: expected an integer in 0..9223372036854775807"),
-    ("cuda", 2, "device=cuda: no CUDA device is available"),
-    ("device", 2, "device='nonsense' is not a torch device"),
-    ("missing_image", 2, "missing.png'. no such file"),
-    ("undecodable_image", 2, "not_an_image.png'. cannot read image"),
-    ("bad_model", 2, "config.json"),
-    ("max_num", 2, "max_num=0: expected an integer in 1..40"),
-    ("max_new_tokens", 2, "max_new_tokens=-3"),
-    ("unexpected", 1, r"unexpected KeyError: 'surprise' \(run with --debug for the traceback\)"),
-])
+@pytest.mark.parametrize(
+    "name, code, match",
+    [
+        ("seed", 2, "seed=18446744073709551616: expected an integer in 0..9223372036854775807"),
+        ("cuda", 2, "device=cuda: no CUDA device is available"),
+        ("device", 2, "device='nonsense' is not a torch device"),
+        ("missing_image", 2, "missing.png'. no such file"),
+        ("undecodable_image", 2, "not_an_image.png'. cannot read image"),
+        ("bad_model", 2, "config.json"),
+        ("max_num", 2, "max_num=0: expected an integer in 1..40"),
+        ("max_new_tokens", 2, "max_new_tokens=-3"),
+        ("unexpected", 1, r"unexpected KeyError: 'surprise' \(run with --debug for the traceback\)"),
+    ],
+)
 def test_failures_are_one_line(results, name, code, match):
     r = results[name]
     assert r.returncode == code, r.stderr

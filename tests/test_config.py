@@ -7,10 +7,10 @@ import json
 import math
 
 import pytest
+from conftest import GOLDEN
 
 from pyvl.config import LIMITS, LLMConfig, ModelConfig, load_config
 from pyvl.errors import ConfigError
-from conftest import GOLDEN
 
 BASE = json.loads((GOLDEN / "v15" / "checkpoint" / "config.json").read_text())
 
@@ -28,6 +28,7 @@ def setter(path: str, value):
         for s in sections:
             d = d[s]
         d[key] = value
+
     return edit
 
 
@@ -107,39 +108,57 @@ def test_bad_value_names_key_value_and_range(key, value, expected):
     assert expected in msg, msg
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda c: c.pop("llm_config"), "required key 'llm_config'"),
-    (lambda c: c["vision_config"].pop("hidden_size"), "vision_config: required key 'hidden_size'"),
-    (lambda c: c["llm_config"].pop("vocab_size"), "llm_config: required key 'vocab_size'"),
-    (lambda c: c.update(vision_config=[1, 2]), "vision_config: expected a JSON object"),
-    (lambda c: c.update(hidden_size=65), "hidden_size 65 contradicts"),
-    (lambda c: c.update(hidden_size=64.0), "hidden_size 64.0 contradicts"),
-    (lambda c: c["llm_config"].update(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
-    (lambda c: c["llm_config"].update(num_attention_heads=3), "not divisible by num_attention_heads 3"),
-    (lambda c: c["llm_config"].update(hidden_size=12, num_attention_heads=4, num_key_value_heads=4),
-     "head_dim .* = 3 must be even"),
-    (lambda c: c["vision_config"].update(num_attention_heads=5), "not divisible by num_attention_heads 5"),
-    (lambda c: c["vision_config"].update(image_size=450), "image_size 450 is not a multiple of patch_size 14"),
-    (lambda c: c.update(force_image_size=450), "force_image_size = 450: not a multiple of"),
-    (lambda c: c.update(downsample_ratio=0.3), "downsample_ratio = 0.3: does not divide"),
-    (lambda c: c.update(min_dynamic_patch=7, max_dynamic_patch=6), "min must be <= max"),
-    (lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling type 'yarn'"),
-    (lambda c: c["llm_config"].update(rope_scaling=2.0), "must be an object"),
-    (lambda c: c["llm_config"].update(architectures=["Phi3ForCausalLM"]), "InternLM2ForCausalLM only"),
-    (lambda c: c["llm_config"].update(hidden_act="gelu"), "hidden_act = 'gelu'"),
-    (lambda c: c.update(use_llm_lora=8), "use_llm_lora = 8; LoRA"),
-    (lambda c: c.update(use_backbone_lora="0"), "use_backbone_lora = '0'"),
-    (lambda c: c.update(system_message=5), "system_message = 5"),
-    (lambda c: c.update(model_type="llava"), "model_type 'llava'"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c.pop("llm_config"), "required key 'llm_config'"),
+        (lambda c: c["vision_config"].pop("hidden_size"), "vision_config: required key 'hidden_size'"),
+        (lambda c: c["llm_config"].pop("vocab_size"), "llm_config: required key 'vocab_size'"),
+        (lambda c: c.update(vision_config=[1, 2]), "vision_config: expected a JSON object"),
+        (lambda c: c.update(hidden_size=65), "hidden_size 65 contradicts"),
+        (lambda c: c.update(hidden_size=64.0), "hidden_size 64.0 contradicts"),
+        (lambda c: c["llm_config"].update(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
+        (lambda c: c["llm_config"].update(num_attention_heads=3), "not divisible by num_attention_heads 3"),
+        (
+            lambda c: c["llm_config"].update(hidden_size=12, num_attention_heads=4, num_key_value_heads=4),
+            "head_dim .* = 3 must be even",
+        ),
+        (
+            lambda c: c["vision_config"].update(num_attention_heads=5),
+            "not divisible by num_attention_heads 5",
+        ),
+        (
+            lambda c: c["vision_config"].update(image_size=450),
+            "image_size 450 is not a multiple of patch_size 14",
+        ),
+        (lambda c: c.update(force_image_size=450), "force_image_size = 450: not a multiple of"),
+        (lambda c: c.update(downsample_ratio=0.3), "downsample_ratio = 0.3: does not divide"),
+        (lambda c: c.update(min_dynamic_patch=7, max_dynamic_patch=6), "min must be <= max"),
+        (
+            lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 2.0}),
+            "rope_scaling type 'yarn'",
+        ),
+        (lambda c: c["llm_config"].update(rope_scaling=2.0), "must be an object"),
+        (lambda c: c["llm_config"].update(architectures=["Phi3ForCausalLM"]), "InternLM2ForCausalLM only"),
+        (lambda c: c["llm_config"].update(hidden_act="gelu"), "hidden_act = 'gelu'"),
+        (lambda c: c.update(use_llm_lora=8), "use_llm_lora = 8; LoRA"),
+        (lambda c: c.update(use_backbone_lora="0"), "use_backbone_lora = '0'"),
+        (lambda c: c.update(system_message=5), "system_message = 5"),
+        (lambda c: c.update(model_type="llava"), "model_type 'llava'"),
+    ],
+)
 def test_structural_errors(edit, match):
     with pytest.raises(ConfigError, match=match):
         parse(edit)
 
 
 def test_defaults_and_nulls_the_original_treats_as_defaults():
-    cfg = parse(lambda c: (c.update(force_image_size=None), c["llm_config"].update(num_key_value_heads=None,
-                                                                                   pad_token_id=None)))
+    cfg = parse(
+        lambda c: (
+            c.update(force_image_size=None),
+            c["llm_config"].update(num_key_value_heads=None, pad_token_id=None),
+        )
+    )
     assert cfg.image_size == cfg.vision.image_size and cfg.llm.pad_token_id == 2
     assert cfg.llm.num_key_value_heads == cfg.llm.num_attention_heads
     cfg = parse(lambda c: c["llm_config"].update(rope_theta=1000000))  # a JSON int is a fine float
@@ -153,9 +172,17 @@ def test_null_where_a_value_is_needed_is_refused():
 
 def test_direct_construction_is_validated_too():
     with pytest.raises(ConfigError, match="llm_config.num_hidden_layers = 1000000"):
-        LLMConfig(hidden_size=64, intermediate_size=8, num_hidden_layers=10**6, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=10, max_position_embeddings=512, rope_theta=1e6,
-                  rms_norm_eps=1e-5)
+        LLMConfig(
+            hidden_size=64,
+            intermediate_size=8,
+            num_hidden_layers=10**6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=10,
+            max_position_embeddings=512,
+            rope_theta=1e6,
+            rms_norm_eps=1e-5,
+        )
 
 
 def test_ceilings_stay_above_the_released_models():

@@ -18,16 +18,40 @@ import pytest
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "device_check.sh"
 FILES = {"device_check.log", "tests.xml", "bench.json", "build.log", "sweep.json", "e2e.json"}
-STEPS = ["probe", "env", "build", "tests_kernels", "bench_kernels", "e2e_v15", "engine_v15", "bench_preprocess",
-         "tests_preprocess", "tests_image", "e2e_mini", "load_v15", "sweep", "e2e_v15_hf"]
+STEPS = [
+    "probe",
+    "env",
+    "build",
+    "tests_kernels",
+    "bench_kernels",
+    "e2e_v15",
+    "engine_v15",
+    "bench_preprocess",
+    "tests_preprocess",
+    "tests_image",
+    "e2e_mini",
+    "load_v15",
+    "sweep",
+    "e2e_v15_hf",
+]
 TEST_STEPS = ("tests_kernels", "tests_preprocess", "tests_image")
-KERNEL_OPS = {"vit_attention", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
-              "rms_norm (+residual)", "silu_mul", "apply_rotary", "pixel_shuffle"}
+KERNEL_OPS = {
+    "vit_attention",
+    "paged_prefill_attention",
+    "paged_decode_attention",
+    "rms_norm",
+    "rms_norm (+residual)",
+    "silu_mul",
+    "apply_rotary",
+    "pixel_shuffle",
+}
 
 pytestmark = [
     pytest.mark.slow,  # the full dry run builds pyvl's CPU extension and runs every step (~2 minutes on 2 cores)
-    pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                       reason="the script needs bash and coreutils' timeout"),
+    pytest.mark.skipif(
+        shutil.which("bash") is None or shutil.which("timeout") is None,
+        reason="the script needs bash and coreutils' timeout",
+    ),
 ]
 
 
@@ -50,7 +74,7 @@ def summary(stdout: str) -> dict[str, list[str]]:
     title = max(i for i, line in enumerate(lines) if line.startswith("=== device check summary"))
     head = next(i for i in range(title + 1, len(lines)) if not lines[i].startswith("!!! "))
     assert lines[head].split()[:3] == ["step", "status", "s"]
-    rows = [line.split(maxsplit=3) for line in lines[head + 1:]]
+    rows = [line.split(maxsplit=3) for line in lines[head + 1 :]]
     assert [row[0] for row in rows] == STEPS, f"the summary is not last or misses steps:\n{stdout[-3000:]}"
     return {row[0]: row[1:] for row in rows}
 
@@ -62,7 +86,13 @@ def statuses(stdout: str) -> dict[str, str]:
 def check_files(out: Path) -> ET.Element:
     assert {p.name for p in out.iterdir()} == FILES
     assert set(json.loads((out / "bench.json").read_text())) == {"kernels", "preprocess_cuda"}
-    assert set(json.loads((out / "e2e.json").read_text())) == {"v15", "mini", "v15_hf", "engine_v15", "load_v15"}
+    assert set(json.loads((out / "e2e.json").read_text())) == {
+        "v15",
+        "mini",
+        "v15_hf",
+        "engine_v15",
+        "load_v15",
+    }
     assert isinstance(json.loads((out / "sweep.json").read_text()), dict)
     return ET.parse(out / "tests.xml").getroot()
 
@@ -70,9 +100,16 @@ def check_files(out: Path) -> ET.Element:
 def results(out: Path) -> dict[str, dict]:
     """Each benchmark step's entry in the JSON files."""
     bench, e2e = (json.loads((out / name).read_text()) for name in ("bench.json", "e2e.json"))
-    return {"bench_kernels": bench["kernels"], "bench_preprocess": bench["preprocess_cuda"],
-            "sweep": json.loads((out / "sweep.json").read_text()), "e2e_v15": e2e["v15"], "e2e_mini": e2e["mini"],
-            "e2e_v15_hf": e2e["v15_hf"], "engine_v15": e2e["engine_v15"], "load_v15": e2e["load_v15"]}
+    return {
+        "bench_kernels": bench["kernels"],
+        "bench_preprocess": bench["preprocess_cuda"],
+        "sweep": json.loads((out / "sweep.json").read_text()),
+        "e2e_v15": e2e["v15"],
+        "e2e_mini": e2e["mini"],
+        "e2e_v15_hf": e2e["v15_hf"],
+        "engine_v15": e2e["engine_v15"],
+        "load_v15": e2e["load_v15"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +124,8 @@ def test_dry_run_probes_builds_and_tests(dry_run):
     proc, out = dry_run
     status = statuses(proc.stdout)
     assert {s: status[s] for s in ("probe", "env", "build", *TEST_STEPS)} == dict.fromkeys(
-        ("probe", "env", "build", *TEST_STEPS), "ok"), proc.stdout[-3000:]
+        ("probe", "env", "build", *TEST_STEPS), "ok"
+    ), proc.stdout[-3000:]
     log = (out / "device_check.log").read_text()
     assert "cuda build: skipped (dry run)" in log and "\nFLAGS gpu=0 pythonh=" in log
     assert "SUMMARY: CPU-only build (PYVL_CUDA=OFF)" in log  # its _C went into the tree
@@ -163,25 +201,35 @@ def test_a_step_killed_at_its_limit_keeps_the_rows_it_printed(tmp_path):
     rows = [json.dumps({"row": {"op": "vit_attention", "config": f"c{i}", "status": "ok"}}) for i in range(2)]
     fake_sweep = "import time; print({!r}, flush=True); time.sleep(600)".format("\n".join(rows))
     python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\ncase "$*" in *"pyvl bench sweep"*) exec "{sys.executable}" -c "$SWEEP" ;; esac\n'
-                      f'exec "{sys.executable}" "$@"\n')
+    python.write_text(
+        f'#!/bin/sh\ncase "$*" in *"pyvl bench sweep"*) exec "{sys.executable}" -c "$SWEEP" ;; esac\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
     python.chmod(0o755)
     out = tmp_path / "out"
-    proc, _ = run_dry(out, str(python), SWEEP=fake_sweep, DEVICE_CHECK_STEP_BUDGETS=only("probe", "sweep", sweep=4))
+    proc, _ = run_dry(
+        out, str(python), SWEEP=fake_sweep, DEVICE_CHECK_STEP_BUDGETS=only("probe", "sweep", sweep=4)
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     table = summary(proc.stdout)
     assert table["sweep"][0] == "timeout" and "INCOMPLETE (2 rows)" in table["sweep"][-1], proc.stdout[-2000:]
     assert table["build"][0] == "skipped" and "DEVICE_CHECK_STEP_BUDGETS" in table["build"][-1]
     sweep = json.loads((out / "sweep.json").read_text())
     assert [r["config"] for r in sweep["rows"]] == ["c0", "c1"]
-    assert (sweep["complete"], sweep["status"], sweep["note"]) == (False, "timeout", "killed at its 4 s limit")
+    assert (sweep["complete"], sweep["status"], sweep["note"]) == (
+        False,
+        "timeout",
+        "killed at its 4 s limit",
+    )
     assert "!!! no pyvl._C in the tree" in proc.stdout  # the build was skipped: the steps ran without one
 
 
 def test_the_probe_never_imports_torch(tmp_path):
     fake = tmp_path / "fake" / "torch"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('the fake torch of test_device_check was imported')\n")
+    (fake / "__init__.py").write_text(
+        "raise ImportError('the fake torch of test_device_check was imported')\n"
+    )
     out = tmp_path / "out"
     proc, _ = run_dry(out, PYTHONPATH=str(tmp_path / "fake"), DEVICE_CHECK_STEP_BUDGETS=only("probe", "env"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -189,4 +237,6 @@ def test_the_probe_never_imports_torch(tmp_path):
     assert table["probe"][0] == "ok" and "pythonh" in table["probe"][-1], proc.stdout[-2000:]
     log = (out / "device_check.log").read_text()
     assert "\nFLAGS gpu=0 pythonh=" in log
-    assert "torch: ImportError: the fake torch of test_device_check was imported" in log  # env saw the fake one
+    assert (
+        "torch: ImportError: the fake torch of test_device_check was imported" in log
+    )  # env saw the fake one

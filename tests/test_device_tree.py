@@ -23,12 +23,15 @@ TOOL = REPO / "benchmarks" / "device_tree.py"
 def tree_python(tree: Path, *args: str) -> subprocess.CompletedProcess:
     path = os.pathsep.join([str(tree), *site.getsitepackages()])
     env = {**os.environ, "PYTHONPATH": path, "PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-S", *args], env=env, cwd=tree, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-S", *args], env=env, cwd=tree, capture_output=True, text=True, timeout=300
+    )
 
 
 def tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-S", str(TOOL), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-S", str(TOOL), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def built_extension() -> Path:
@@ -42,10 +45,14 @@ def built_extension() -> Path:
 def test_the_assembled_tree_imports_our_kernels_without_any_extension(tmp_path):
     assert tool("assemble", str(REPO), str(tmp_path)).returncode == 0
     assert not list((tmp_path / "pyvl").glob("_C*.so")) and not list(tmp_path.rglob("__pycache__"))
-    got = tree_python(tmp_path, "-c", "import pyvl, pyvl.kernels.vit_attention as k; print(pyvl.__file__, k.__file__)")
+    got = tree_python(
+        tmp_path, "-c", "import pyvl, pyvl.kernels.vit_attention as k; print(pyvl.__file__, k.__file__)"
+    )
     assert got.returncode == 0, got.stderr
-    assert got.stdout.split() == [str(tmp_path / "pyvl" / "__init__.py"),
-                                  str(tmp_path / "pyvl" / "kernels" / "vit_attention.py")]
+    assert got.stdout.split() == [
+        str(tmp_path / "pyvl" / "__init__.py"),
+        str(tmp_path / "pyvl" / "kernels" / "vit_attention.py"),
+    ]
     check = tree_python(tmp_path, str(TOOL), "check", str(tmp_path), "--want", "none")
     assert check.returncode == 0 and "ALERT" not in check.stdout, check.stdout + check.stderr
     missing = tree_python(tmp_path, str(TOOL), "check", str(tmp_path), "--want", "cpu")
@@ -76,9 +83,15 @@ def test_check_refuses_a_pyvl_imported_from_elsewhere(tmp_path):
     env_path = os.pathsep.join([str(other), str(tree)])  # the other tree comes first, as a shadowing install
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([env_path, *site.getsitepackages()])}
     run = lambda *flags: subprocess.run(  # noqa: E731
-        [sys.executable, "-S", str(TOOL), "check", str(tree), *flags], env=env, capture_output=True, text=True,
-        timeout=300)
+        [sys.executable, "-S", str(TOOL), "check", str(tree), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     refused = run()
     assert refused.returncode != 0 and "not from the tree" in refused.stderr
     allowed = run("--allow-shadowed")
-    assert allowed.returncode == 0 and allowed.stdout.splitlines()[-1].startswith("ALERT: pyvl is imported from")
+    assert allowed.returncode == 0 and allowed.stdout.splitlines()[-1].startswith(
+        "ALERT: pyvl is imported from"
+    )

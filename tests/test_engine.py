@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
+from conftest import GOLDEN, image_for_key
 
 import pyvl
-from conftest import GOLDEN, image_for_key
 
 CHECKPOINT = GOLDEN / "v15" / "checkpoint"
 SHORT = dict(max_new_tokens=8)
@@ -56,8 +56,9 @@ def count_vit_calls(model) -> list[int]:
 
 
 def prompt_ids(model, pixels, question, history=None) -> list[int]:
-    return model.tokenizer.encode(model.build_query(question, [pixels.shape[0]] if pixels is not None else None,
-                                                    history=history))
+    return model.tokenizer.encode(
+        model.build_query(question, [pixels.shape[0]] if pixels is not None else None, history=history)
+    )
 
 
 def test_a_second_question_on_the_same_image_skips_the_vit_and_the_shared_prefix():
@@ -67,10 +68,13 @@ def test_a_second_question_on_the_same_image_skips_the_vit_and_the_shared_prefix
     model.chat(pixels, "What is in the image?", SHORT, stats=first)
     answer = model.chat(pixels, "Describe the colours.", SHORT, stats=second)
     assert vit[0] == 1 and (first.images_encoded, second.images_encoded) == (1, 0)
-    shared = common_prefix(prompt_ids(model, pixels, "What is in the image?"),
-                           prompt_ids(model, pixels, "Describe the colours."))
+    shared = common_prefix(
+        prompt_ids(model, pixels, "What is in the image?"), prompt_ids(model, pixels, "Describe the colours.")
+    )
     assert shared > 256  # system prompt + the whole image block
-    assert second.cached_tokens == shared  # exactly the shared prefix: only the differing tokens are prefilled
+    assert (
+        second.cached_tokens == shared
+    )  # exactly the shared prefix: only the differing tokens are prefilled
     assert answer == fresh().chat(pixels, "Describe the colours.", SHORT)  # what a cold model answers
 
 
@@ -185,7 +189,9 @@ def test_the_decode_step_matches_a_full_recompute_token_for_token():
     the whole sequence's logits at every step with no cache at all."""
     model = fresh()
     prompt = prompt_ids(model, None, "Count to ten.")
-    new = model.generate(prompt, None, dict(max_new_tokens=12, eos_token_id=[model.tokenizer.unk_id]))[0].tolist()
+    new = model.generate(prompt, None, dict(max_new_tokens=12, eos_token_id=[model.tokenizer.unk_id]))[
+        0
+    ].tolist()
     seq = list(prompt)
     for token in new:
         assert int(model.logits(seq)[-1].argmax()) == token
@@ -195,11 +201,13 @@ def test_the_decode_step_matches_a_full_recompute_token_for_token():
 def test_seeded_sampling_is_the_same_alone_and_batched():
     model = fresh()
     gen = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.9, seed=1234)
-    prompts = [prompt_ids(model, None, q) for q in ("Write a poem.", "Name a colour.", "Why is the sky blue?")]
+    prompts = [
+        prompt_ids(model, None, q) for q in ("Write a poem.", "Name a colour.", "Why is the sky blue?")
+    ]
     alone = [model.generate(p, None, gen)[0].tolist() for p in prompts]
     together = model.generate(prompts, None, gen)
     for row, want in enumerate(alone):
-        assert together[row, :len(want)].tolist() == want
+        assert together[row, : len(want)].tolist() == want
 
 
 def test_errors_reach_the_caller_and_the_engine_keeps_serving(monkeypatch):
@@ -218,7 +226,9 @@ def test_errors_reach_the_caller_and_the_engine_keeps_serving(monkeypatch):
     assert model.chat(None, "hi", SHORT) == fresh().chat(None, "hi", SHORT)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/device_check.sh runs it)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/device_check.sh runs it)"
+)
 def test_cuda_graph_replay_equals_eager_decode():
     prompts = [[1] + list(range(100, 100 + n)) for n in (5, 40, 17)]
     gen = dict(max_new_tokens=24, eos_token_id=[0])

@@ -6,8 +6,15 @@ import random
 
 import pytest
 
-from pyvl.engine.blocks import (BlockPool, ImageKey, PoolExhausted, SequenceBlocks, content_keys, hash_block,
-                                root_hash)
+from pyvl.engine.blocks import (
+    BlockPool,
+    ImageKey,
+    PoolExhausted,
+    SequenceBlocks,
+    content_keys,
+    hash_block,
+    root_hash,
+)
 from pyvl.errors import PromptError, PyvlError
 
 BS = 4
@@ -25,20 +32,33 @@ def run_sequence(pool: BlockPool, keys, finish: bool = True) -> SequenceBlocks:
 
 
 def state(pool: BlockPool) -> tuple:
-    return (pool.num_free, pool.num_cached, pool.num_in_use,
-            tuple(pool.ref_count(b) for b in range(pool.num_blocks)),
-            tuple(pool.hash_of(b) for b in range(pool.num_blocks)))
+    return (
+        pool.num_free,
+        pool.num_cached,
+        pool.num_in_use,
+        tuple(pool.ref_count(b) for b in range(pool.num_blocks)),
+        tuple(pool.hash_of(b) for b in range(pool.num_blocks)),
+    )
 
 
 def test_content_keys_mark_image_tokens_by_digest_and_index():
     keys = content_keys([1, 2, 9, 9, 9, 3, 9, 9], [(2, 3, b"A"), (6, 2, b"B")])
-    assert keys == (1, 2, ImageKey(b"A", 0), ImageKey(b"A", 1), ImageKey(b"A", 2), 3,
-                    ImageKey(b"B", 0), ImageKey(b"B", 1))
+    assert keys == (
+        1,
+        2,
+        ImageKey(b"A", 0),
+        ImageKey(b"A", 1),
+        ImageKey(b"A", 2),
+        3,
+        ImageKey(b"B", 0),
+        ImageKey(b"B", 1),
+    )
     assert content_keys([5, 6]) == (5, 6)
 
 
-@pytest.mark.parametrize("spans", [[(0, 3, b"A"), (2, 2, b"B")], [(3, 2, b"A")], [(0, 0, b"A")],
-                                   [(0, 1, b"")], [(0, 1, "text")]])
+@pytest.mark.parametrize(
+    "spans", [[(0, 3, b"A"), (2, 2, b"B")], [(3, 2, b"A")], [(0, 0, b"A")], [(0, 1, b"")], [(0, 1, "text")]]
+)
 def test_content_keys_reject_bad_spans(spans):
     with pytest.raises(PromptError):
         content_keys([1, 2, 3, 4], spans)
@@ -115,8 +135,8 @@ def test_a_full_block_sharing_only_its_first_tokens_is_copied_from():
 def test_eviction_takes_free_blocks_first_then_the_least_recently_used():
     pool = BlockPool(6, BS)
     old, new = list(range(8)), list(range(50, 58))
-    run_sequence(pool, old)    # 2 cached blocks, released first
-    run_sequence(pool, new)    # 2 cached blocks, released last
+    run_sequence(pool, old)  # 2 cached blocks, released first
+    run_sequence(pool, new)  # 2 cached blocks, released last
     assert (pool.num_free, pool.num_cached) == (2, 4)
     pool.allocate(2)  # the free ones: nothing evicted
     assert pool.match_prefix(old, with_tail=False).num_tokens == 8
@@ -317,13 +337,13 @@ def test_randomized_operations_keep_every_invariant_and_the_kv_contents():
         seen["matched blocks"] += len(match.block_ids)
         seen["copied tails"] += match.tail is not None
         for i, block in enumerate(match.block_ids):
-            assert [kv[block * BS + j] for j in range(BS)] == expected[i * BS:(i + 1) * BS]
+            assert [kv[block * BS + j] for j in range(BS)] == expected[i * BS : (i + 1) * BS]
         seq = SequenceBlocks(pool, match)
         try:
             if match.tail:
                 destination = seq.append_slots(match.tail.num_tokens)
                 source = list(match.tail.source_slots(BS))
-                assert [kv[s] for s in source] == expected[seq.num_tokens - len(source):seq.num_tokens]
+                assert [kv[s] for s in source] == expected[seq.num_tokens - len(source) : seq.num_tokens]
                 for s, d in zip(source, destination):
                     kv[d] = kv[s]
             rest = seq.append_slots(len(keys) - seq.num_tokens)

@@ -57,8 +57,6 @@ def test_hits_misses_and_clear():
         FeatureCache(-1)
 
 
-
-
 _ASK = """
 import json, sys
 import pyvl
@@ -77,8 +75,13 @@ def _ask_in_a_new_process(folder, image) -> dict:
 
     from conftest import GOLDEN
 
-    out = subprocess.run([sys.executable, "-c", _ASK, str(GOLDEN / "v15" / "checkpoint"), str(folder), str(image)],
-                         check=True, capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _ASK, str(GOLDEN / "v15" / "checkpoint"), str(folder), str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -93,8 +96,9 @@ def test_a_new_process_answers_about_a_known_image_without_the_vit(tmp_path):
 
 
 def test_the_disk_tier_refuses_a_folder_it_cannot_use(tmp_path):
-    import pyvl
     from conftest import GOLDEN
+
+    import pyvl
     from pyvl.errors import ConfigError
 
     (tmp_path / "file").write_text("not a folder")

@@ -12,17 +12,19 @@ import threading
 
 import pytest
 import torch
+from conftest import GOLDEN, image_for_key
 
 import pyvl
-from conftest import GOLDEN, image_for_key
-from pyvl.engine.runner import ModelRunner
 from pyvl.engine.engine import EngineConfig
+from pyvl.engine.runner import ModelRunner
 from pyvl.kv_cache import BLOCK_SIZE
 from pyvl.models.rope import RotaryTables
 
 CHECKPOINT = GOLDEN / "v15" / "checkpoint"
 SHORT = dict(max_new_tokens=6)
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (device_check.sh runs it)")
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU (device_check.sh runs it)"
+)
 
 
 def fresh(**kwargs):
@@ -45,7 +47,11 @@ def test_the_configured_rotary_table_outlives_any_number_of_dynamic_bases():
 
 def test_eager_decode_says_why():
     assert fresh(backend="reference").engine.runner.graphs.as_dict() == {
-        "enabled": False, "captured": [], "capture_s": 0.0, "eager_reason": "no CUDA graphs on cpu"}
+        "enabled": False,
+        "captured": [],
+        "capture_s": 0.0,
+        "eager_reason": "no CUDA graphs on cpu",
+    }
     assert fresh(cuda_graphs=False).engine.runner.graphs.eager_reason == "cuda_graphs=False"
 
 
@@ -72,7 +78,9 @@ def test_a_failed_capture_leaves_decode_eager_with_a_warning(monkeypatch, caplog
 def test_every_bucket_is_captured_before_the_first_request(monkeypatch):
     order = []
     monkeypatch.setattr(ModelRunner, "_why_eager", lambda self, cuda_graphs: None)
-    monkeypatch.setattr(ModelRunner, "_capture", lambda self, bucket, pool: (order.append(bucket), (_FakeGraph(), None))[1])
+    monkeypatch.setattr(
+        ModelRunner, "_capture", lambda self, bucket, pool: (order.append(bucket), (_FakeGraph(), None))[1]
+    )
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     model = fresh(backend="reference", max_num_seqs=6)
     assert order == [6, 4, 2, 1]
@@ -143,8 +151,10 @@ def test_graphs_survive_decoding_past_max_position_embeddings():
     model.generate([[1] + [100] * (limit - 10)], None, gen)
     prompts = [[1] + list(range(100, 140))]
     eager = fresh(device="cuda", backend="triton", cuda_graphs=False, kv_cache_gb=0.05)
-    assert model.generate(prompts, None, SHORT | {"eos_token_id": [0]}).tolist() == \
-        eager.generate(prompts, None, SHORT | {"eos_token_id": [0]}).tolist()
+    assert (
+        model.generate(prompts, None, SHORT | {"eos_token_id": [0]}).tolist()
+        == eager.generate(prompts, None, SHORT | {"eos_token_id": [0]}).tolist()
+    )
 
 
 def test_fill_sends_a_block_table_again_whenever_it_changed():
@@ -159,7 +169,12 @@ def test_fill_sends_a_block_table_again_whenever_it_changed():
     assert runner.block_tables[0, :2].tolist() == [3, 9]
     runner.fill([DecodeRow(1, 5, [6], 6 * 64 + 5, 6), DecodeRow(8, 72, table, 282, 73)])  # the rows shift
     assert runner.block_tables[0, 0] == 6 and runner.block_tables[1, :2].tolist() == [3, 9]
-    assert runner.slots.tolist() == [6 * 64 + 5, 282, -1, -1] and runner.context_lens.tolist() == [6, 73, 0, 0]
+    assert runner.slots.tolist() == [6 * 64 + 5, 282, -1, -1] and runner.context_lens.tolist() == [
+        6,
+        73,
+        0,
+        0,
+    ]
     assert runner.positions[:2].tolist() == [5, 72]
 
 

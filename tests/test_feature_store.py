@@ -15,14 +15,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import GOLDEN, loaded_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import pyvl
-from conftest import GOLDEN, loaded_model
-from pyvl.engine import feature_store
-from pyvl.engine.feature_store import (STALE_TEMP_SECONDS, TEMP_NAME, FeatureStore, sampled_positions,
-                                       vision_fingerprint)
+from pyvl.engine.feature_store import (
+    STALE_TEMP_SECONDS,
+    TEMP_NAME,
+    FeatureStore,
+    sampled_positions,
+    vision_fingerprint,
+)
 from pyvl.errors import PyvlError
 
 FP_A, FP_B = "a" * 32, "b" * 32
@@ -107,7 +111,8 @@ def _symlink_to_a_valid_copy(path, stored):
 
 DAMAGES = {
     "corrupt header": lambda path, stored: path.write_bytes(
-        path.read_bytes()[:8] + b"{not json" + path.read_bytes()[17:]),
+        path.read_bytes()[:8] + b"{not json" + path.read_bytes()[17:]
+    ),
     "truncated data": lambda path, stored: os.truncate(path, path.stat().st_size - 10),
     "wrong shape": lambda path, stored: _rewrite(path, {"features": stored.reshape(16, -1)}),
     "wrong dtype": lambda path, stored: _rewrite(path, {"features": stored.view(torch.int32)}),
@@ -232,8 +237,10 @@ assert all([store.put(bytes(16), stored) for _ in range(20)])
 def test_two_processes_writing_one_key_both_succeed_and_leave_one_valid_file(tmp_path):
     folder, go = tmp_path / "store", tmp_path / "go"
     ready = [tmp_path / f"ready{i}" for i in range(2)]
-    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(folder), FP_A, str(r), str(go)])
-               for r in ready]
+    writers = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(folder), FP_A, str(r), str(go)])
+        for r in ready
+    ]
     while not all(r.exists() for r in ready) and all(w.poll() is None for w in writers):
         time.sleep(0.01)
     go.touch()  # both start writing together
@@ -247,7 +254,9 @@ def test_two_processes_writing_one_key_both_succeed_and_leave_one_valid_file(tmp
 def test_put_async_writes_on_the_writer_thread(store, monkeypatch):
     threads = []
     real_put = store.put
-    monkeypatch.setattr(store, "put", lambda *args: threads.append(threading.current_thread()) or real_put(*args))
+    monkeypatch.setattr(
+        store, "put", lambda *args: threads.append(threading.current_thread()) or real_put(*args)
+    )
     stored = features(dtype=torch.bfloat16)
     assert store.put_async(D0, stored)
     store.flush()
@@ -304,8 +313,12 @@ def test_close_writes_what_is_queued_then_refuses(store):
 
 def test_bad_arguments_raise(tmp_path, store):
     (tmp_path / "a file").write_text("")
-    for folder, max_bytes, fingerprint in [(tmp_path, -1, FP_A), (tmp_path, 1, "A" * 32), (tmp_path, 1, "a"),
-                                           (tmp_path / "a file", 1, FP_A)]:
+    for folder, max_bytes, fingerprint in [
+        (tmp_path, -1, FP_A),
+        (tmp_path, 1, "A" * 32),
+        (tmp_path, 1, "a"),
+        (tmp_path / "a file", 1, FP_A),
+    ]:
         with pytest.raises(PyvlError):
             FeatureStore(folder, max_bytes, fingerprint)
     for digest in (b"short", "0" * 16):
@@ -357,8 +370,15 @@ def test_the_fingerprint_depends_on_the_dtype_and_the_config(own_model):
     bf16 = pyvl.load(CHECKPOINT, device="cpu", dtype="bfloat16", backend="reference").model
     assert vision_fingerprint(bf16) != fingerprint
     cfg = own_model.cfg
-    for change in ({"select_layer": cfg.select_layer - 1}, {"ps_version": {"v1": "v2", "v2": "v1"}[cfg.ps_version]},
-                   {"vision": dataclasses.replace(cfg.vision, layer_norm_eps=cfg.vision.layer_norm_eps * 2)}):
-        other = SimpleNamespace(vision_model=own_model.vision_model, mlp1=own_model.mlp1, dtype=own_model.dtype,
-                                cfg=dataclasses.replace(cfg, **change))
+    for change in (
+        {"select_layer": cfg.select_layer - 1},
+        {"ps_version": {"v1": "v2", "v2": "v1"}[cfg.ps_version]},
+        {"vision": dataclasses.replace(cfg.vision, layer_norm_eps=cfg.vision.layer_norm_eps * 2)},
+    ):
+        other = SimpleNamespace(
+            vision_model=own_model.vision_model,
+            mlp1=own_model.mlp1,
+            dtype=own_model.dtype,
+            cfg=dataclasses.replace(cfg, **change),
+        )
         assert vision_fingerprint(other) != fingerprint, change

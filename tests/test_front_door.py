@@ -10,10 +10,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN
 from PIL import Image
 
 import pyvl
-from conftest import GOLDEN
 
 CHECKPOINT = GOLDEN / "v15" / "checkpoint"
 SHORT = dict(max_new_tokens=8)
@@ -88,8 +88,9 @@ def test_a_keyed_source_serves_every_turn_of_a_chat(tmp_path):
     source = model.prompts.image(str(path), max_num=2)
     answer, history = model.chat(source, "What is in the image?", SHORT, return_history=True)
     assert history[0][0] == "<image>\nWhat is in the image?"
-    assert model.chat(source, "And then?", SHORT, history=history) == \
-        fresh().chat(pyvl.load_image(str(path), max_num=2), "And then?", SHORT, history=history)
+    assert model.chat(source, "And then?", SHORT, history=history) == fresh().chat(
+        pyvl.load_image(str(path), max_num=2), "And then?", SHORT, history=history
+    )
 
 
 def test_several_raw_images_are_labelled_once():
@@ -98,8 +99,9 @@ def test_several_raw_images_are_labelled_once():
     answer, history = model.chat(images, "Compare them.", SHORT, return_history=True)
     assert history[0][0] == "Image-1: <image>\nImage-2: <image>\nCompare them."
     tiles = torch.cat([pyvl.load_image(i) for i in images])
-    assert answer == fresh().chat(tiles, "Image-1: <image>\nImage-2: <image>\nCompare them.", SHORT,
-                                  num_patches_list=[1, 1])
+    assert answer == fresh().chat(
+        tiles, "Image-1: <image>\nImage-2: <image>\nCompare them.", SHORT, num_patches_list=[1, 1]
+    )
 
 
 def test_achat_and_astream_answer_as_chat_and_stream():

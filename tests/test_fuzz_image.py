@@ -44,7 +44,9 @@ def _base_image(rng: random.Random):
         array = gen.integers(0, 256, (h, w, 4), dtype=np.uint8)
     else:  # smooth content, where resampling errors would show
         y, x = np.mgrid[0:h, 0:w]
-        array = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) % 256, 255 - x % 256], -1)
+        array = np.stack(
+            [x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) % 256, 255 - x % 256], -1
+        )
         array = array.astype(np.uint8)
     image = Image.fromarray(array, "RGBA")
     return image.convert(rng.choice(["RGB", "RGB", "RGBA", "L", "LA", "P", "1", "I;16", "CMYK"]))
@@ -53,8 +55,13 @@ def _base_image(rng: random.Random):
 def _encode(rng: random.Random, features) -> tuple[str, bytes]:
     image = _base_image(rng)
     fmt = rng.choice(["PNG", "JPEG", "GIF", "BMP", "TIFF"] + (["WEBP"] if features.check("webp") else []))
-    convert = {"JPEG": ("RGB", "L", "CMYK"), "GIF": ("P", "L"), "BMP": ("RGB", "RGBA", "L", "P", "1"),
-               "WEBP": ("RGB", "RGBA"), "PNG": ("RGB", "RGBA", "L", "LA", "P", "1", "I;16")}.get(fmt)
+    convert = {
+        "JPEG": ("RGB", "L", "CMYK"),
+        "GIF": ("P", "L"),
+        "BMP": ("RGB", "RGBA", "L", "P", "1"),
+        "WEBP": ("RGB", "RGBA"),
+        "PNG": ("RGB", "RGBA", "L", "LA", "P", "1", "I;16"),
+    }.get(fmt)
     if convert and image.mode not in convert:
         image = image.convert(rng.choice(convert))
     out = io.BytesIO()
@@ -65,7 +72,9 @@ def _encode(rng: random.Random, features) -> tuple[str, bytes]:
 def _png_dims(data: bytearray, w: int, h: int) -> None:
     if data[12:16] == b"IHDR":
         data[16:24] = struct.pack(">II", w & 0xFFFFFFFF, h & 0xFFFFFFFF)
-        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # a valid CRC: the size is what is tested
+        data[29:33] = struct.pack(
+            ">I", zlib.crc32(bytes(data[12:29]))
+        )  # a valid CRC: the size is what is tested
 
 
 def _edit_header(fmt: str, data: bytearray, rng: random.Random) -> None:
@@ -78,11 +87,11 @@ def _edit_header(fmt: str, data: bytearray, rng: random.Random) -> None:
         data[6:10] = struct.pack("<HH", min(w, 65535), min(h, 65535))
         at = data.find(b"\x2c", 10)  # image descriptor: its own size
         if at > 0 and at + 9 <= len(data):
-            data[at + 5:at + 9] = struct.pack("<HH", min(w, 65535), min(h, 65535))
+            data[at + 5 : at + 9] = struct.pack("<HH", min(w, 65535), min(h, 65535))
     elif fmt == "JPEG":
         at = max(data.find(b"\xff\xc0"), data.find(b"\xff\xc2"))
         if at > 0 and at + 9 <= len(data):
-            data[at + 5:at + 9] = struct.pack(">HH", min(h, 65535), min(w, 65535))
+            data[at + 5 : at + 9] = struct.pack(">HH", min(h, 65535), min(w, 65535))
     elif fmt == "WEBP" and data[12:16] == b"VP8 " and len(data) >= 30:
         data[26:30] = struct.pack("<HH", min(w, 16383), min(h, 16383))
     else:  # TIFF and the rest: overwrite a few bytes of the header
@@ -97,18 +106,28 @@ def _mutate(fmt: str, data: bytes, rng: random.Random) -> tuple[str, bytes]:
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(len(data))] = rng.randrange(256)
     elif kind == "truncate":
-        data = data[:rng.randrange(len(data))]
+        data = data[: rng.randrange(len(data))]
     elif kind == "header":
         _edit_header(fmt, data, rng)
     elif kind == "splice":
         at, n = rng.randrange(len(data)), rng.randint(1, 32)
-        data[at:at + n] = bytes(rng.randrange(256) for _ in range(rng.randint(0, 32)))
+        data[at : at + n] = bytes(rng.randrange(256) for _ in range(rng.randint(0, 32)))
     elif kind == "append":
         data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
     return kind, bytes(data)
 
 
-DTYPES = ["uint8"] * 12 + ["int8", "uint16", ">u2", "float32", "float64", "bool", "object", "complex64", "int64"]
+DTYPES = ["uint8"] * 12 + [
+    "int8",
+    "uint16",
+    ">u2",
+    "float32",
+    "float64",
+    "bool",
+    "object",
+    "complex64",
+    "int64",
+]
 
 
 def _array_recipe(rng: random.Random) -> dict:
@@ -124,8 +143,19 @@ def _array_recipe(rng: random.Random) -> dict:
             shape.append(rng.choice((3, 3, 3, 4, 4, 1, 2, 5)))
     ops = []
     for _ in range(rng.choice((0, 1, 1, 2, 3))):
-        op = rng.choice(["flip", "step", "transpose", "broadcast", "readonly", "fortran", "crop", "zero_stride",
-                         "channel_view"])
+        op = rng.choice(
+            [
+                "flip",
+                "step",
+                "transpose",
+                "broadcast",
+                "readonly",
+                "fortran",
+                "crop",
+                "zero_stride",
+                "channel_view",
+            ]
+        )
         ops.append((op, rng.getrandbits(16)))
     return {"dtype": rng.choice(DTYPES), "shape": shape, "seed": rng.getrandbits(32), "ops": ops}
 
@@ -136,12 +166,17 @@ def make_cases(seed: int, n: int) -> list[dict]:
     rng = random.Random(seed)
     cases = []
     for i in range(n):
-        tiling = {"max_num": rng.randint(1, 6), "image_size": rng.choice((16, 28, 56)),
-                  "use_thumbnail": rng.random() < 0.8}
+        tiling = {
+            "max_num": rng.randint(1, 6),
+            "image_size": rng.choice((16, 28, 56)),
+            "use_thumbnail": rng.random() < 0.8,
+        }
         if rng.random() < 0.6:
             fmt, data = _encode(rng, features)
             kind, data = _mutate(fmt, data, rng)
-            cases.append({"id": i, "what": f"{fmt} {kind}", "bytes": data, "as_path": rng.random() < 0.3, **tiling})
+            cases.append(
+                {"id": i, "what": f"{fmt} {kind}", "bytes": data, "as_path": rng.random() < 0.3, **tiling}
+            )
         else:
             cases.append({"id": i, "what": "array", "array": _array_recipe(rng), **tiling})
     return cases
@@ -153,7 +188,7 @@ def build_array(recipe: dict):
 
     gen = np.random.default_rng(recipe["seed"])
     shape, dtype = tuple(recipe["shape"]), np.dtype(recipe["dtype"])
-    if dtype == object:
+    if dtype.kind == "O":
         a = np.empty(shape, dtype=object)
         a[...] = 7
     else:
@@ -182,7 +217,7 @@ def build_array(recipe: dict):
             strides[axis] = 0
             a = np.lib.stride_tricks.as_strided(a, strides=strides, writeable=False)
         elif op == "channel_view" and a.ndim == 3 and a.shape[2] >= 4:
-            a = a[..., (r % 2):(r % 2) + 3]
+            a = a[..., (r % 2) : (r % 2) + 3]
     return a
 
 
@@ -206,8 +241,11 @@ def _run_case(case: dict, tmpdir: str) -> dict:
             outcomes.append(pyvl.load_image(source, use_native=use_native, **tiling))
         except pyvl.PyvlError as exc:
             outcomes.append(exc)
-        except Exception as exc:  # noqa: BLE001 - what the test looks for
-            return {"status": "foreign", "detail": f"use_native={use_native}: {type(exc).__name__}: {exc}"[:300]}
+        except Exception as exc:
+            return {
+                "status": "foreign",
+                "detail": f"use_native={use_native}: {type(exc).__name__}: {exc}"[:300],
+            }
     native, pillow = outcomes
     if isinstance(native, Exception) and isinstance(pillow, Exception):
         return {"status": "refused", "detail": type(native).__name__}
@@ -215,7 +253,10 @@ def _run_case(case: dict, tmpdir: str) -> dict:
         return {"status": "mismatch", "detail": f"native {native!r:.150} vs Pillow {pillow!r:.150}"}
     if native.shape != pillow.shape or not torch.equal(native, pillow):
         diff = (native - pillow).abs().max().item() if native.shape == pillow.shape else "shape"
-        return {"status": "mismatch", "detail": f"{tuple(native.shape)} vs {tuple(pillow.shape)}, max diff {diff}"}
+        return {
+            "status": "mismatch",
+            "detail": f"{tuple(native.shape)} vs {tuple(pillow.shape)}, max diff {diff}",
+        }
     return {"status": "accepted", "detail": str(tuple(native.shape))}
 
 
@@ -237,8 +278,12 @@ def worker() -> None:
 # ---- the parent ----------------------------------------------------------------------------------------------
 class Worker:
     def __init__(self, stderr_file):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=stderr_file)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr_file,
+        )
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         if self.next_line(START_TIMEOUT_S) != "ready":
@@ -264,7 +309,15 @@ class Worker:
 
 def run_fuzz(seed: int, n: int) -> tuple[dict, list[str]]:
     """Run n cases; return the status counts and a description of every failing case."""
-    counts = {"accepted": 0, "refused": 0, "foreign": 0, "mismatch": 0, "crash": 0, "hang": 0, "worker_starts": 0}
+    counts = {
+        "accepted": 0,
+        "refused": 0,
+        "foreign": 0,
+        "mismatch": 0,
+        "crash": 0,
+        "hang": 0,
+        "worker_starts": 0,
+    }
     failures = []
     with tempfile.TemporaryFile() as stderr_file:
         worker_proc = None
@@ -289,8 +342,10 @@ def run_fuzz(seed: int, n: int) -> tuple[dict, list[str]]:
                 result = json.loads(line)
             counts[result["status"]] += 1
             if result["status"] not in ("accepted", "refused"):
-                failures.append(f"case {case['id']} ({case['what']}, {case.get('array', '')}): {result['status']}: "
-                                f"{result['detail']}")
+                failures.append(
+                    f"case {case['id']} ({case['what']}, {case.get('array', '')}): {result['status']}: "
+                    f"{result['detail']}"
+                )
         if worker_proc is not None:
             worker_proc.proc.stdin.close()
             worker_proc.proc.wait(timeout=CASE_TIMEOUT_S)

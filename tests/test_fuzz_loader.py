@@ -33,8 +33,12 @@ def _reader(stream, out: queue.Queue) -> None:
 def run_fuzz(seed: int, n: int) -> list[dict]:
     results, i = [], 0
     while i < n:
-        proc = subprocess.Popen([sys.executable, str(WORKER), str(seed), str(i), str(n - i)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), str(seed), str(i), str(n - i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
         timeout = STARTUP_S
@@ -47,8 +51,13 @@ def run_fuzz(seed: int, n: int) -> list[dict]:
                 break
             if line is None:
                 proc.wait()
-                results.append({"i": i, "outcome": "crash",
-                                "error": f"worker exited {proc.returncode}: {proc.stderr.read()[-800:]}"})
+                results.append(
+                    {
+                        "i": i,
+                        "outcome": "crash",
+                        "error": f"worker exited {proc.returncode}: {proc.stderr.read()[-800:]}",
+                    }
+                )
                 break
             record = json.loads(line)
             assert record["i"] == i, record
@@ -79,7 +88,9 @@ def test_fuzzed_checkpoints_are_refused_or_load_unchanged():
     counts = collections.Counter(r["outcome"] for r in results)
     bad = failures(results)
     report = "\n".join(json.dumps(r) for r in bad[:20])
-    assert not bad, f"PYVL_FUZZ_SEED={seed} PYVL_FUZZ_N={n}: {len(bad)} failures, outcomes {dict(counts)}\n{report}"
+    assert not bad, (
+        f"PYVL_FUZZ_SEED={seed} PYVL_FUZZ_N={n}: {len(bad)} failures, outcomes {dict(counts)}\n{report}"
+    )
     assert len(results) == n
     # The mix must exercise both sides: most mutants refused, some loading unchanged.
     assert counts["refused"] > n // 2 and counts["same"] > 0, counts
@@ -88,7 +99,11 @@ def test_fuzzed_checkpoints_are_refused_or_load_unchanged():
 if __name__ == "__main__":  # python tests/test_fuzz_loader.py SEED N -> counts as JSON
     seed, n = int(sys.argv[1]), int(sys.argv[2])
     res = run_fuzz(seed, n)
-    summary = {"seed": seed, "n": n, "outcomes": dict(collections.Counter(r["outcome"] for r in res)),
-               "changed_allowed": sum(r["outcome"] == "changed" and r.get("may_change", False) for r in res),
-               "failures": failures(res)}
+    summary = {
+        "seed": seed,
+        "n": n,
+        "outcomes": dict(collections.Counter(r["outcome"] for r in res)),
+        "changed_allowed": sum(r["outcome"] == "changed" and r.get("may_change", False) for r in res),
+        "failures": failures(res),
+    }
     print(json.dumps(summary, indent=1))

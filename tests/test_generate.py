@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import GOLDEN, loaded_model
+from hf_sampling import process_logits
 
 import pyvl
 from pyvl.errors import ConfigError, PromptError
-from hf_sampling import process_logits
 from pyvl.generation_config import GenerationConfig
-from conftest import GOLDEN, loaded_model
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_token_by_token_decoding_matches_full_forward(model):
     new_ids, scores = model.generate(ids, None, dict(max_new_tokens=10), output_scores=True)
     full = model.logits(ids + new_ids[0].tolist())
     # score t chose token t; it is the logit row of the position before it
-    rows = full[len(ids) - 1: len(ids) - 1 + new_ids.shape[1]]
+    rows = full[len(ids) - 1 : len(ids) - 1 + new_ids.shape[1]]
     torch.testing.assert_close(scores[0], rows, atol=2e-5, rtol=0)
 
 
@@ -37,7 +37,7 @@ def test_kv_cache_past_the_ntk_switch(model):
     new_ids, scores = model.generate(ids, None, no_stop, output_scores=True)
     limit = model.config.llm.max_position_embeddings
     before = limit - len(ids) + 1  # steps whose total length is still <= the limit
-    full = model.logits(ids + new_ids[0, :before - 1].tolist())[len(ids) - 1:]
+    full = model.logits(ids + new_ids[0, : before - 1].tolist())[len(ids) - 1 :]
     torch.testing.assert_close(scores[0, :before], full, atol=2e-5, rtol=0)
     for t in range(before, new_ids.shape[1]):  # a fresh forward of the same length rotates every key anew
         fresh = model.logits(ids + new_ids[0, :t].tolist())[-1]
@@ -51,8 +51,11 @@ def test_repetition_penalty_and_warpers():
     assert out.tolist() == [[1.0, -2.0, 0.5, 0.0]]  # positive divided, negative multiplied
     top_k = process_logits(scores, seen[:, :0], GenerationConfig(do_sample=True, top_k=2))
     assert torch.isinf(top_k).tolist() == [[False, True, False, True]]
-    top_p = process_logits(torch.tensor([[5.0, 0.0, 0.0, 0.0]]), seen[:, :0],
-                           GenerationConfig(do_sample=True, top_k=0, top_p=0.5))
+    top_p = process_logits(
+        torch.tensor([[5.0, 0.0, 0.0, 0.0]]),
+        seen[:, :0],
+        GenerationConfig(do_sample=True, top_k=0, top_p=0.5),
+    )
     assert torch.isfinite(top_p).tolist() == [[True, False, False, False]]
     hot = process_logits(scores, seen[:, :0], GenerationConfig(do_sample=True, temperature=0.5, top_k=0))
     assert hot.tolist() == [[4.0, -2.0, 1.0, 0.0]]
@@ -87,7 +90,9 @@ def test_stops_on_im_end(model):
     for many more tokens; chat() answers the text before it; in a batch a finished row gets only pads."""
     from conftest import golden_cases
 
-    expected = golden_cases("v15")["cases"]["text_eos_stop"]  # greedy ids of the original, ending in <|im_end|>
+    expected = golden_cases("v15")["cases"][
+        "text_eos_stop"
+    ]  # greedy ids of the original, ending in <|im_end|>
     im_end, pad = model.tokenizer.im_end_id, model.tokenizer.pad_id
     ids = model.tokenizer.encode(model.build_query(expected["question"]))
     for budget in (12, 60):
@@ -95,7 +100,9 @@ def test_stops_on_im_end(model):
         assert new == expected["new_token_ids"], budget
         assert new.index(im_end) == len(new) - 1 < budget - 1, f"{new}: must end at its first <|im_end|>"
     stats = pyvl.ChatStats()
-    assert model.chat(None, expected["question"], dict(max_new_tokens=60), stats=stats) == expected["response"]
+    assert (
+        model.chat(None, expected["question"], dict(max_new_tokens=60), stats=stats) == expected["response"]
+    )
     assert stats.new_tokens == len(new)
     assert "".join(model.stream(None, expected["question"], dict(max_new_tokens=60))) == expected["response"]
     # any stop id ends it at its first occurrence: the third greedy token as the only stop id
@@ -115,7 +122,9 @@ def test_context_boundary_is_exact():
     max_context is refused, and generation stops exactly when prompt + answer fill the context."""
     small = pyvl.load(GOLDEN / "v15" / "checkpoint", device="cpu", max_context=64)
     tok = small.tokenizer
-    no_stop = dict(max_new_tokens=500, eos_token_id=[tok.unk_id])  # <unk> is never chosen: only the context stops
+    no_stop = dict(
+        max_new_tokens=500, eos_token_id=[tok.unk_id]
+    )  # <unk> is never chosen: only the context stops
     with pytest.raises(PromptError, match=r"prompt has \d+ tokens but the context holds 64"):
         small.chat(None, "word " * 80)
     filler = tok.encode("hi " * 100)
@@ -133,13 +142,16 @@ def test_context_boundary_is_exact():
         small.logits(filler[:65])
 
 
-@pytest.mark.parametrize("config, match", [
-    (dict(max_new_tokens=4, bogus=1), "unknown key"),
-    (dict(num_beams=2), "num_beams"),
-    (dict(do_sample=True, temperature=0.0), "temperature"),
-    (dict(top_p=1.5), "top_p"),
-    ("greedy", "must be a dict"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(max_new_tokens=4, bogus=1), "unknown key"),
+        (dict(num_beams=2), "num_beams"),
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        ("greedy", "must be a dict"),
+    ],
+)
 def test_generation_config_errors(model, config, match):
     with pytest.raises(ConfigError, match=match):
         model.chat(None, "hi", config)
@@ -178,8 +190,12 @@ def test_chat_accepts_raw_images(model):
     # a list of raw images: one labelled <image> block each, like passing num_patches_list by hand
     small = GOLDEN / "images" / "tall_300x1000.png"  # 4 tiles again: two images fit the 4096 context
     both = torch.cat([tiles, pyvl.load_image(small, max_num=model.config.max_dynamic_patch)])
-    want2 = model.chat(both, "Image-1: <image>\nImage-2: <image>\nCompare.", gen,
-                       num_patches_list=[tiles.shape[0], both.shape[0] - tiles.shape[0]])
+    want2 = model.chat(
+        both,
+        "Image-1: <image>\nImage-2: <image>\nCompare.",
+        gen,
+        num_patches_list=[tiles.shape[0], both.shape[0] - tiles.shape[0]],
+    )
     assert model.chat([path, small], "Compare.", gen) == want2
     with pytest.raises(PromptError, match="does not match"):
         model.chat([path, small], "Compare.", gen, num_patches_list=[1, 1])

@@ -11,24 +11,39 @@ import functools
 
 import pytest
 import torch
+from conftest import GOLDEN, VARIANTS, expand_compact, golden_cases, image_for_key, loaded_model, sha256
 from safetensors.torch import load_file
 
 import pyvl
-from conftest import GOLDEN, VARIANTS, expand_compact, golden_cases, image_for_key, loaded_model, sha256
 from pyvl.kv_cache import BLOCK_SIZE, PagedBatch, PagedKVCache
 
 FLOAT32_ATOL = 1e-4
 MARGIN_FLOOR = 1e-3  # compare greedy ids only while the original's top-2 margin exceeds this
 
-CASES = ["img_gradient_800x600_max1", "img_gradient_800x600_max6", "img_gradient_800x600_max12",
-         "img_tall_300x1000_max1", "img_tall_300x1000_max6", "img_tall_300x1000_max12",
-         "img_tiny_50x40_palette_max1", "img_tiny_50x40_palette_max6", "img_tiny_50x40_palette_max12",
-         "img_large_1920x1080_max1", "img_large_1920x1080_max6", "img_large_1920x1080_max12",
-         "text_only", "text_unicode", "two_images_separate", "two_images_combined", "multi_turn_1",
-         "text_eos_stop", "ntk_crossing"]
+CASES = [
+    "img_gradient_800x600_max1",
+    "img_gradient_800x600_max6",
+    "img_gradient_800x600_max12",
+    "img_tall_300x1000_max1",
+    "img_tall_300x1000_max6",
+    "img_tall_300x1000_max12",
+    "img_tiny_50x40_palette_max1",
+    "img_tiny_50x40_palette_max6",
+    "img_tiny_50x40_palette_max12",
+    "img_large_1920x1080_max1",
+    "img_large_1920x1080_max6",
+    "img_large_1920x1080_max12",
+    "text_only",
+    "text_unicode",
+    "two_images_separate",
+    "two_images_combined",
+    "multi_turn_1",
+    "text_eos_stop",
+    "ntk_crossing",
+]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pixel_values_for(key: str) -> torch.Tensor:
     path, max_num = image_for_key(key)
     return pyvl.load_image(path, max_num=max_num)
@@ -107,7 +122,9 @@ def test_case(variant, name):
     # 2. logits of the prompt
     logits = model.logits(ids, pixels)
     assert_close(logits[-8:], want["logits_last"], f"{variant}/{name} logits_last")
-    assert_close(logits[want["logits_sampled_positions"]], want["logits_sampled"], f"{variant}/{name} sampled")
+    assert_close(
+        logits[want["logits_sampled_positions"]], want["logits_sampled"], f"{variant}/{name} sampled"
+    )
     if "logits_all" in want:
         assert_close(logits, want["logits_all"], f"{variant}/{name} logits_all")
 
@@ -121,8 +138,9 @@ def test_case(variant, name):
         assert new_ids[0].tolist() == expected_ids
         assert model.tokenizer.decode(expected_ids, skip_special_tokens=True).strip() == case["response"]
     if n == len(expected_ids) and len(ids) < 1500:  # chat() end to end; long prompts are covered above
-        response = model.chat(pixels, case["question"], dict(max_new_tokens=12), history=history,
-                              num_patches_list=patches)
+        response = model.chat(
+            pixels, case["question"], dict(max_new_tokens=12), history=history, num_patches_list=patches
+        )
         assert response == case["response"]
 
 
@@ -135,12 +153,24 @@ def test_text_hidden_states(variant):
         ids = want["input_ids"]
         lm = model.model.language_model
         llm = model.config.llm
-        cache = PagedKVCache(llm.num_hidden_layers, -(-ids.numel() // BLOCK_SIZE), llm.num_key_value_heads,
-                             llm.head_dim, torch.float32, "cpu")
+        cache = PagedKVCache(
+            llm.num_hidden_layers,
+            -(-ids.numel() // BLOCK_SIZE),
+            llm.num_key_value_heads,
+            llm.head_dim,
+            torch.float32,
+            "cpu",
+        )
         with torch.inference_mode():
-            _, states = lm(lm.embed(ids[None]), torch.arange(ids.numel())[None],
-                           PagedBatch.contiguous_prefill(cache, ids.numel()), return_hidden_states=True)
-        assert_close(torch.stack([s[0] for s in states]), want["llm_hidden_states"], f"{variant}/{name} hidden")
+            _, states = lm(
+                lm.embed(ids[None]),
+                torch.arange(ids.numel())[None],
+                PagedBatch.contiguous_prefill(cache, ids.numel()),
+                return_hidden_states=True,
+            )
+        assert_close(
+            torch.stack([s[0] for s in states]), want["llm_hidden_states"], f"{variant}/{name} hidden"
+        )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -166,8 +196,9 @@ def test_multi_turn(variant):
     assert sha256(query) == second["prompt_sha256"]
     want = tensors(variant, "multi_turn_2")
     assert model.tokenizer.encode(query) == want["input_ids"].tolist()
-    reply, history2 = model.chat(pixels, second["question"], dict(max_new_tokens=12), history=history,
-                                 return_history=True)
+    reply, history2 = model.chat(
+        pixels, second["question"], dict(max_new_tokens=12), history=history, return_history=True
+    )
     n = comparable_steps(second["gen_top2_margins"])
     if n == len(second["new_token_ids"]):
         assert reply == second["response"]
@@ -180,7 +211,10 @@ def test_batch_chat(variant):
     case = golden_cases(variant)["cases"]["batch_chat"]
     want = tensors(variant, "batch_chat")
     pixels = case_pixels(case)
-    queries = [model.build_query(q, num_patches_list=[n]) for q, n in zip(case["questions"], case["num_patches_list"])]
+    queries = [
+        model.build_query(q, num_patches_list=[n])
+        for q, n in zip(case["questions"], case["num_patches_list"])
+    ]
     assert [sha256(q) for q in queries] == case["prompt_sha256"]
     encoded = [model.tokenizer.encode(q) for q in queries]
     width = want["input_ids"].shape[1]
@@ -190,8 +224,9 @@ def test_batch_chat(variant):
         n = comparable_steps(case["gen_top2_margins"][row])
         assert new_ids[row, :n].tolist() == case["new_token_ids"][row][:n]
         assert_close(scores[row, :n], want["gen_scores"][row, :n], f"{variant} batch row {row} scores")
-    responses = model.batch_chat(pixels, case["questions"], dict(max_new_tokens=12),
-                                 num_patches_list=case["num_patches_list"])
+    responses = model.batch_chat(
+        pixels, case["questions"], dict(max_new_tokens=12), num_patches_list=case["num_patches_list"]
+    )
     for row in range(2):
         if comparable_steps(case["gen_top2_margins"][row]) == 12:
             assert responses[row] == case["responses"][row]

@@ -14,8 +14,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pyvl.errors import ImageError
-from pyvl.image import (candidate_grids, choose_grid, dynamic_preprocess, load_image, open_image,
-                        pixel_values_reference, tile_boxes)
+from pyvl.image import (
+    candidate_grids,
+    choose_grid,
+    dynamic_preprocess,
+    load_image,
+    open_image,
+    pixel_values_reference,
+    tile_boxes,
+)
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 PREPROCESS = json.loads((GOLDEN / "preprocess.json").read_text())
@@ -30,13 +37,18 @@ def sha256_f32le(t: torch.Tensor) -> str:
 
 def png_header(width: int, height: int) -> bytes:
     """A syntactically valid PNG claiming width x height RGB pixels, with no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 # --- grid choice ----------------------------------------------------------------------------------------------
+
 
 def _parse(grids: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in g.strip("()").split(",")) for g in grids.split()]
@@ -44,9 +56,11 @@ def _parse(grids: str) -> list[tuple[int, int]]:
 
 SPEC_ORDER = {  # the candidate order, computed with CPython 3.11 from the original's set
     6: _parse("(1,1) (1,2) (2,1) (3,1) (1,3) (4,1) (1,4) (2,2) (1,5) (5,1) (6,1) (2,3) (1,6) (3,2)"),
-    12: _parse("(1,1) (1,2) (2,1) (3,1) (1,3) (2,2) (4,1) (1,4) (5,1) (1,5) (1,6) (6,1) (3,2) (2,3) (7,1) (1,7) "
-               "(4,2) (2,4) (1,8) (8,1) (1,9) (3,3) (9,1) (2,5) (5,2) (10,1) (1,10) (11,1) (1,11) (12,1) (3,4) "
-               "(4,3) (1,12) (6,2) (2,6)"),
+    12: _parse(
+        "(1,1) (1,2) (2,1) (3,1) (1,3) (2,2) (4,1) (1,4) (5,1) (1,5) (1,6) (6,1) (3,2) (2,3) (7,1) (1,7) "
+        "(4,2) (2,4) (1,8) (8,1) (1,9) (3,3) (9,1) (2,5) (5,2) (10,1) (1,10) (11,1) (1,11) (12,1) (3,4) "
+        "(4,3) (1,12) (6,2) (2,6)"
+    ),
 }
 
 
@@ -71,17 +85,31 @@ def test_grid_table():
         cols, rows = choose_grid(row["w"], row["h"], 1, row["max_num"])
         n = cols * rows
         got = ([cols, rows], [448 * cols, 448 * rows], n + (n > 1), n > 1)
-        want = ([row["grid_cols"], row["grid_rows"]], row["resized_to"], row["n_tiles"], row["thumbnail_appended"])
+        want = (
+            [row["grid_cols"], row["grid_rows"]],
+            row["resized_to"],
+            row["n_tiles"],
+            row["thumbnail_appended"],
+        )
         if got != want:
             bad.append((row["w"], row["h"], row["max_num"], got, want))
     assert not bad, bad[:10]
 
 
-@pytest.mark.parametrize("w,h,grid6,grid12", [  # (cols, rows) for max 6 and max 12, from the original
-    (448, 448, (1, 1), (1, 1)), (500, 400, (1, 1), (4, 3)), (640, 480, (3, 2), (4, 3)),
-    (1000, 1000, (2, 2), (3, 3)), (1344, 896, (3, 2), (3, 2)), (1920, 1080, (2, 1), (4, 2)),
-    (1080, 1920, (1, 2), (2, 4)), (3000, 1000, (3, 1), (6, 2)), (300, 1200, (1, 4), (1, 4)),
-])
+@pytest.mark.parametrize(
+    "w,h,grid6,grid12",
+    [  # (cols, rows) for max 6 and max 12, from the original
+        (448, 448, (1, 1), (1, 1)),
+        (500, 400, (1, 1), (4, 3)),
+        (640, 480, (3, 2), (4, 3)),
+        (1000, 1000, (2, 2), (3, 3)),
+        (1344, 896, (3, 2), (3, 2)),
+        (1920, 1080, (2, 1), (4, 2)),
+        (1080, 1920, (1, 2), (2, 4)),
+        (3000, 1000, (3, 1), (6, 2)),
+        (300, 1200, (1, 4), (1, 4)),
+    ],
+)
 def test_spec_vectors(w, h, grid6, grid12):
     assert choose_grid(w, h, 1, 6) == grid6
     assert choose_grid(w, h, 1, 12) == grid12
@@ -93,11 +121,18 @@ def test_min_num_excludes_small_grids():
 
 
 def test_tile_boxes_row_major():
-    assert tile_boxes(3, 2, 10) == [(0, 0, 10, 10), (10, 0, 20, 10), (20, 0, 30, 10),
-                                    (0, 10, 10, 20), (10, 10, 20, 20), (20, 10, 30, 20)]
+    assert tile_boxes(3, 2, 10) == [
+        (0, 0, 10, 10),
+        (10, 0, 20, 10),
+        (20, 0, 30, 10),
+        (0, 10, 10, 20),
+        (10, 10, 20, 20),
+        (20, 10, 30, 20),
+    ]
 
 
 # --- golden tiles and pixel values ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("entry", PREPROCESS["entries"], ids=lambda e: e["key"])
 def test_golden_preprocess(entry):
@@ -141,6 +176,7 @@ def test_no_thumbnail_and_other_tile_size():
 
 # --- input types ----------------------------------------------------------------------------------------------
 
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
@@ -153,9 +189,15 @@ def test_input_types_match_path(path, max_num):
     mode = lazy.mode
     rgb = Image.open(path).convert("RGB")
     inputs = {
-        "Path": path, "bytes": data, "bytearray": bytearray(data), "memoryview": memoryview(data),
-        "PIL lazy": lazy, "PIL RGBA": Image.open(path).convert("RGBA"), "PIL RGB": rgb,
-        "numpy HWC": np.asarray(rgb), "numpy HWC non-contiguous": np.asarray(rgb)[::-1][::-1],
+        "Path": path,
+        "bytes": data,
+        "bytearray": bytearray(data),
+        "memoryview": memoryview(data),
+        "PIL lazy": lazy,
+        "PIL RGBA": Image.open(path).convert("RGBA"),
+        "PIL RGB": rgb,
+        "numpy HWC": np.asarray(rgb),
+        "numpy HWC non-contiguous": np.asarray(rgb)[::-1][::-1],
         "numpy RGBA": np.asarray(Image.open(path).convert("RGBA")),
     }
     for name, image in inputs.items():
@@ -184,6 +226,7 @@ def test_modes_convert_like_pil(tmp_path, mode):
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
+
 
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.png"
@@ -233,16 +276,19 @@ def test_pixel_limit_applies_to_every_input(monkeypatch):
     assert open_image(PALETTE).size == (50, 40)
 
 
-@pytest.mark.parametrize("array,match", [
-    (np.zeros((4, 4, 3), np.float32), "dtype float32.*expected dtype uint8"),
-    (np.zeros((4, 4, 3), np.uint16), "expected dtype uint8"),
-    (np.zeros((4, 4, 3), bool), "expected dtype uint8"),
-    (np.zeros((4, 4, 2), np.uint8), r"shape \(4, 4, 2\).*expected \(H, W, 3\)"),
-    (np.zeros((4, 4, 5), np.uint8), "expected"),
-    (np.zeros((4,), np.uint8), "expected"),
-    (np.zeros((1, 4, 4, 3), np.uint8), "expected"),
-    (np.zeros((0, 4, 3), np.uint8), "height and width >= 1"),
-])
+@pytest.mark.parametrize(
+    "array,match",
+    [
+        (np.zeros((4, 4, 3), np.float32), "dtype float32.*expected dtype uint8"),
+        (np.zeros((4, 4, 3), np.uint16), "expected dtype uint8"),
+        (np.zeros((4, 4, 3), bool), "expected dtype uint8"),
+        (np.zeros((4, 4, 2), np.uint8), r"shape \(4, 4, 2\).*expected \(H, W, 3\)"),
+        (np.zeros((4, 4, 5), np.uint8), "expected"),
+        (np.zeros((4,), np.uint8), "expected"),
+        (np.zeros((1, 4, 4, 3), np.uint8), "expected"),
+        (np.zeros((0, 4, 3), np.uint8), "height and width >= 1"),
+    ],
+)
 def test_bad_numpy(array, match):
     with pytest.raises(ImageError, match=match):
         open_image(array)
@@ -260,11 +306,18 @@ def test_bad_types_and_empty_pil():
         pixel_values_reference(np.zeros((1, 4, 4, 3), np.float32))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"max_num": 0}, "max_num=0"), ({"max_num": 41}, "max_num=41.*1..40"), ({"max_num": 2.0}, "max_num=2.0"),
-    ({"max_num": True}, "max_num=True"), ({"min_num": 0}, "min_num=0"),
-    ({"min_num": 3, "max_num": 2}, "min_num=3.*1..2"), ({"image_size": 0}, "image_size=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"max_num": 0}, "max_num=0"),
+        ({"max_num": 41}, "max_num=41.*1..40"),
+        ({"max_num": 2.0}, "max_num=2.0"),
+        ({"max_num": True}, "max_num=True"),
+        ({"min_num": 0}, "min_num=0"),
+        ({"min_num": 3, "max_num": 2}, "min_num=3.*1..2"),
+        ({"image_size": 0}, "image_size=0"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ImageError, match=match):
         load_image(GRADIENT, **kwargs)
@@ -302,17 +355,20 @@ def test_load_image_on_the_gpu_matches_the_cpu(dtype):
 #   1024x882 (aspect 1.161; 1/1 is 0.161 away, 4/3 0.172): area 903168 again; 896x1008 is the portrait twin
 #   2048x588 (aspect 3.483; 3/1 and 6/2 tie at 0.483, 4/1 is 0.517): area 1204224 = 0.5*448^2*12
 #   18x16 with S = 12, max 4: 1x1 and 2x2 tie; area 288 = 0.5*12^2*4
-@pytest.mark.parametrize("w, h, max_num, image_size, on_tie, one_more", [
-    (1008, 896, 12, 448, (2, 2), ((1009, 896), (3, 3))),
-    (896, 1008, 12, 448, (2, 2), ((896, 1009), (3, 3))),
-    (1024, 882, 12, 448, (2, 2), ((1024, 883), (3, 3))),
-    (2048, 588, 12, 448, (3, 1), ((2049, 588), (6, 2))),
-    (18, 16, 4, 12, (1, 1), ((19, 16), (2, 2))),
-])
+@pytest.mark.parametrize(
+    "w, h, max_num, image_size, on_tie, one_more",
+    [
+        (1008, 896, 12, 448, (2, 2), ((1009, 896), (3, 3))),
+        (896, 1008, 12, 448, (2, 2), ((896, 1009), (3, 3))),
+        (1024, 882, 12, 448, (2, 2), ((1024, 883), (3, 3))),
+        (2048, 588, 12, 448, (3, 1), ((2049, 588), (6, 2))),
+        (18, 16, 4, 12, (1, 1), ((19, 16), (2, 2))),
+    ],
+)
 def test_grid_tie_needs_more_than_half_the_pixels(w, h, max_num, image_size, on_tie, one_more):
     cols, rows = choose_grid(w, h, 1, max_num, image_size)
     larger = one_more[1]
-    assert w * h == 0.5 * image_size ** 2 * larger[0] * larger[1]  # the case really sits on the boundary
+    assert w * h == 0.5 * image_size**2 * larger[0] * larger[1]  # the case really sits on the boundary
     assert abs(w / h - cols / rows) == abs(w / h - larger[0] / larger[1])  # ... of an exact aspect tie
     assert (cols, rows) == on_tie, f"{w}x{h} fills exactly half of {larger}: it must keep {on_tie}"
     assert choose_grid(*one_more[0], 1, max_num, image_size) == larger

@@ -20,7 +20,9 @@ TILING = Tiling(max_num=6)
 
 
 def tile(rgb, cols, rows):
-    return reference.resize_tiles(rgb, cols, rows, 448, True, pyvl.image.IMAGENET_MEAN, pyvl.image.IMAGENET_STD)
+    return reference.resize_tiles(
+        rgb, cols, rows, 448, True, pyvl.image.IMAGENET_MEAN, pyvl.image.IMAGENET_STD
+    )
 
 
 def photo(width=700, height=300, seed=0) -> np.ndarray:
@@ -42,7 +44,14 @@ def test_each_input_kind_gives_load_images_tiles_only_when_asked(tmp_path):
     path = tmp_path / "a.png"
     path.write_bytes(png(pixels))
     expected = pyvl.load_image(pixels, max_num=6)
-    for image in (str(path), path, path.read_bytes(), bytearray(path.read_bytes()), Image.fromarray(pixels), pixels):
+    for image in (
+        str(path),
+        path,
+        path.read_bytes(),
+        bytearray(path.read_bytes()),
+        Image.fromarray(pixels),
+        pixels,
+    ):
         lazy = image_source(image, TILING, never)  # keyed and counted without tiling
         assert lazy.num_tiles == expected.shape[0] and not lazy.prepared
         source = image_source(image, TILING, tile)
@@ -59,7 +68,9 @@ def test_who_shares_a_key(tmp_path):
     assert key(str(path)) == key(data) == key(memoryview(data))  # the same encoded bytes
     image = Image.fromarray(pixels)
     assert key(image) == key(image) and key(pixels) == key(pixels[:, ::-1][:, ::-1])  # the same pixels
-    assert key(np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)])) != key(pixels)  # 4 bytes a pixel
+    assert key(np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)])) != key(
+        pixels
+    )  # 4 bytes a pixel
     assert key(data) != key(pixels)  # encoded and decoded are separate domains
     assert key(data, Tiling(max_num=12)) != key(data)  # the tiling is part of the key
     assert key(data, Tiling(max_num=6, use_thumbnail=False)) != key(data)
@@ -83,8 +94,10 @@ def test_a_file_rewritten_in_place_gets_a_new_key(tmp_path):
 @pytest.mark.parametrize("max_num", [1, 6, 12, 40])
 def test_the_tile_count_comes_from_the_header(size, max_num):
     data = png(photo(*size))
-    assert image_source(data, Tiling(max_num=max_num), never).num_tiles == \
-        pyvl.load_image(data, max_num=max_num).shape[0]
+    assert (
+        image_source(data, Tiling(max_num=max_num), never).num_tiles
+        == pyvl.load_image(data, max_num=max_num).shape[0]
+    )
 
 
 def test_bad_images_are_refused_before_any_decoding(tmp_path, monkeypatch):
@@ -150,7 +163,9 @@ def test_pixels_are_keyed_in_place_with_the_byte_after_each(monkeypatch):
     rgba = np.random.default_rng(3).integers(0, 256, size=(40, 30, 4), dtype=np.uint8)
     copies = []
     real = np.ascontiguousarray
-    monkeypatch.setattr(image_input.np, "ascontiguousarray", lambda a: copies.append(a.flags.c_contiguous) or real(a))
+    monkeypatch.setattr(
+        image_input.np, "ascontiguousarray", lambda a: copies.append(a.flags.c_contiguous) or real(a)
+    )
     first = image_source(rgba, TILING, never).digest
     assert copies == [True]  # the (H, 4W) rows are the array's own memory: nothing to copy
     other_alpha = rgba.copy()
@@ -158,4 +173,6 @@ def test_pixels_are_keyed_in_place_with_the_byte_after_each(monkeypatch):
     assert image_source(other_alpha, TILING, never).digest != first  # a miss at worst, never a shared key
     crop = np.random.default_rng(4).integers(0, 256, size=(40, 50, 3), dtype=np.uint8)[:, 10:40]
     assert image_source(crop, TILING, never).digest == image_source(crop.copy(), TILING, never).digest
-    assert torch.equal(image_source(rgba, TILING, tile).tiles(), pyvl.load_image(rgba[..., :3].copy(), max_num=6))
+    assert torch.equal(
+        image_source(rgba, TILING, tile).tiles(), pyvl.load_image(rgba[..., :3].copy(), max_num=6)
+    )

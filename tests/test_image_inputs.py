@@ -24,7 +24,9 @@ A = RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)
 
 def _pillow(array: np.ndarray, **kw) -> torch.Tensor:
     """The Pillow pipeline on its own terms: fromarray of a contiguous copy, convert("RGB"), no native code."""
-    return pyvl.load_image(Image.fromarray(np.ascontiguousarray(array)).convert("RGB"), use_native=False, **kw)
+    return pyvl.load_image(
+        Image.fromarray(np.ascontiguousarray(array)).convert("RGB"), use_native=False, **kw
+    )
 
 
 def _call_with_timeout(fn, fifo: str | None = None, timeout: float = 10.0):
@@ -35,7 +37,7 @@ def _call_with_timeout(fn, fifo: str | None = None, timeout: float = 10.0):
     def target():
         try:
             result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             result["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
@@ -55,9 +57,14 @@ def _call_with_timeout(fn, fifo: str | None = None, timeout: float = 10.0):
 def test_a_fifo_is_refused_at_once(tmp_path):
     fifo = str(tmp_path / "photo.png")
     os.mkfifo(fifo)
-    for fn in (lambda: pyvl.load_image(fifo), lambda: open_image(fifo),
-               lambda: pyvl.load_image(fifo, use_native=False)):
-        with pytest.raises(ImageError, match="photo.png': cannot read image: it is a FIFO; expected a regular image"):
+    for fn in (
+        lambda: pyvl.load_image(fifo),
+        lambda: open_image(fifo),
+        lambda: pyvl.load_image(fifo, use_native=False),
+    ):
+        with pytest.raises(
+            ImageError, match="photo.png': cannot read image: it is a FIFO; expected a regular image"
+        ):
             _call_with_timeout(fn, fifo)
 
 
@@ -178,16 +185,19 @@ def test_thread_count_limits_are_accepted():
         assert torch.equal(pyvl.load_image(A, max_num=2, num_threads=threads), want)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(use_native="no"), "use_native='no': expected True or False"),
-    (dict(use_thumbnail=1), "use_thumbnail=1"),
-    (dict(image_size=4096), r"image_size=4096: expected an integer in 1..2048"),
-    (dict(max_num=1.5), "max_num=1.5"),
-    (dict(max_num=0), r"max_num=0: expected an integer in 1..40"),
-    (dict(min_num=2, max_num=1), "min_num=2"),
-    (dict(device="nonsense"), "device='nonsense' is not a torch device"),
-    (dict(dtype="float32"), "dtype must be a torch.dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(use_native="no"), "use_native='no': expected True or False"),
+        (dict(use_thumbnail=1), "use_thumbnail=1"),
+        (dict(image_size=4096), r"image_size=4096: expected an integer in 1..2048"),
+        (dict(max_num=1.5), "max_num=1.5"),
+        (dict(max_num=0), r"max_num=0: expected an integer in 1..40"),
+        (dict(min_num=2, max_num=1), "min_num=2"),
+        (dict(device="nonsense"), "device='nonsense' is not a torch device"),
+        (dict(dtype="float32"), "dtype must be a torch.dtype"),
+    ],
+)
 def test_load_image_arguments(kwargs, match):
     with pytest.raises(ImageError, match=match):
         pyvl.load_image(A, **kwargs)

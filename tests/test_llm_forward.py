@@ -3,7 +3,6 @@
 import weakref
 
 import torch
-
 from conftest import loaded_model
 
 from pyvl.kv_cache import PagedBatch, PagedKVCache
@@ -15,17 +14,27 @@ def _older_outputs_alive_at_final_norm(keep_states: bool) -> tuple[int, int]:
     lm = model.language_model
     outputs: list[weakref.ref] = []
     alive = []
-    handles = [layer.register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out)))
-               for layer in lm.model.layers]
-    handles.append(lm.model.norm.register_forward_pre_hook(
-        lambda m, a: alive.append(sum(ref() is not None for ref in outputs[:-1]))))
+    handles = [
+        layer.register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out)))
+        for layer in lm.model.layers
+    ]
+    handles.append(
+        lm.model.norm.register_forward_pre_hook(
+            lambda m, a: alive.append(sum(ref() is not None for ref in outputs[:-1]))
+        )
+    )
     try:
         with torch.inference_mode():
             ids = torch.arange(3, 40)[None]
-            cache = PagedKVCache(lm.cfg.num_hidden_layers, 1, lm.cfg.num_key_value_heads, lm.cfg.head_dim,
-                                 torch.float32, "cpu")
-            lm(lm.embed(ids), torch.arange(ids.shape[1])[None], PagedBatch.contiguous_prefill(cache, ids.shape[1]),
-               return_hidden_states=keep_states)
+            cache = PagedKVCache(
+                lm.cfg.num_hidden_layers, 1, lm.cfg.num_key_value_heads, lm.cfg.head_dim, torch.float32, "cpu"
+            )
+            lm(
+                lm.embed(ids),
+                torch.arange(ids.shape[1])[None],
+                PagedBatch.contiguous_prefill(cache, ids.shape[1]),
+                return_hidden_states=keep_states,
+            )
     finally:
         for h in handles:
             h.remove()

@@ -14,8 +14,13 @@ BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_load.py"
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_peak_rss_while_loading_stays_near_one_copy(dtype):
-    out = subprocess.run([sys.executable, str(BENCH), "--dtype", dtype, "--json"], check=True,
-                         capture_output=True, text=True, timeout=300).stdout
+    out = subprocess.run(
+        [sys.executable, str(BENCH), "--dtype", dtype, "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     # One full copy of the weights, plus at most one tensor in flight and allocator slack.
     assert result["peak_rss_growth_MiB"] <= 1.25 * result["params_MiB"] + 16, result
@@ -34,8 +39,13 @@ def _load_bench_module():
 def test_a_preset_checkpoint_is_written_in_the_released_format_and_loaded(tmp_path):
     from pyvl.bench.report import collect
 
-    out = subprocess.run([sys.executable, str(BENCH), "--preset", "tiny", "--jsonl"], check=True,
-                         capture_output=True, text=True, timeout=300).stdout
+    out = subprocess.run(
+        [sys.executable, str(BENCH), "--preset", "tiny", "--jsonl"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
     result = collect(out.splitlines())
     (row,) = result["rows"]
     assert result["complete"] and result["setup"]["layers"] == result["setup"]["full_layers"] == 4

@@ -8,14 +8,14 @@ import struct
 
 import pytest
 import torch
+from ckpt_files import edit_header, shard_of
+from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 
 import pyvl
 from pyvl.config import load_config
 from pyvl.errors import CheckpointError
 from pyvl.loader import index_checkpoint, read_header
-from ckpt_files import edit_header, shard_of
-from conftest import GOLDEN
 
 MINI = GOLDEN / "mini" / "checkpoint"
 
@@ -73,12 +73,14 @@ def test_wqkv_regroup_puts_each_head_where_the_spec_says():
     planar = regroup_wqkv(packed, cfg)
     for n in range(cfg.num_attention_heads):  # query head n -> group n // G, slot n % G
         rows = ((n // g) * (g + 2) + n % g) * d
-        assert torch.equal(planar[n * d:(n + 1) * d], packed[rows:rows + d])
+        assert torch.equal(planar[n * d : (n + 1) * d], packed[rows : rows + d])
     q_rows = cfg.num_attention_heads * d
     for kv in range(n_kv):
         k_rows, v_rows = (kv * (g + 2) + g) * d, (kv * (g + 2) + g + 1) * d
-        assert torch.equal(planar[q_rows + kv * d:q_rows + (kv + 1) * d], packed[k_rows:k_rows + d])
-        assert torch.equal(planar[q_rows + (n_kv + kv) * d:q_rows + (n_kv + kv + 1) * d], packed[v_rows:v_rows + d])
+        assert torch.equal(planar[q_rows + kv * d : q_rows + (kv + 1) * d], packed[k_rows : k_rows + d])
+        assert torch.equal(
+            planar[q_rows + (n_kv + kv) * d : q_rows + (n_kv + kv + 1) * d], packed[v_rows : v_rows + d]
+        )
 
 
 def test_missing_shard(folder):
@@ -136,7 +138,10 @@ def test_strict_check_lists_every_problem_at_once(folder):
     msg = str(err.value)
     assert "1 missing" in msg and "vision_model.embeddings.class_embedding" in msg
     assert "1 unexpected" in msg and "vision_model.encoder.layers.0.extra.weight" in msg
-    assert "1 wrong shape" in msg and "vision_model.encoder.layers.0.ls1: checkpoint [7], model expects [48]" in msg
+    assert (
+        "1 wrong shape" in msg
+        and "vision_model.encoder.layers.0.ls1: checkpoint [7], model expects [48]" in msg
+    )
 
 
 def test_index_points_at_absent_tensor(folder):
@@ -175,9 +180,12 @@ def test_not_a_folder(tmp_path):
 
 def test_read_header_reports_sizes(folder):
     infos = read_header(folder / shard_names(folder)[0])
-    assert infos and all(i.dtype == "BF16" and i.nbytes == 2 * torch.Size(i.shape).numel() for i in infos.values())
-    assert set(index_checkpoint(folder)) == set(json.loads((folder / "model.safetensors.index.json")
-                                                           .read_text())["weight_map"])
+    assert infos and all(
+        i.dtype == "BF16" and i.nbytes == 2 * torch.Size(i.shape).numel() for i in infos.values()
+    )
+    assert set(index_checkpoint(folder)) == set(
+        json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    )
 
 
 def test_progress_bar(capsys):
@@ -221,8 +229,11 @@ def test_data_offsets_span_must_equal_dtype_times_shape(folder):
         return data[:end] + b"\0\0" + data[end:]
 
     edit_header(shard, pad)
-    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '{key}' \(BF16, shape \[64\]\) has "
-                                              r"data_offsets \[\d+, \d+\] but needs 128 bytes"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{shard.name}: tensor '{key}' \(BF16, shape \[64\]\) has "
+        r"data_offsets \[\d+, \d+\] but needs 128 bytes",
+    ):
         pyvl.load(folder, device="cpu")
 
 
@@ -233,19 +244,22 @@ def test_float_tensor_relabelled_as_integer_is_refused(folder):
         pyvl.load(folder, device="cpu")
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("dtype", ["BF16"], "dtype \\['BF16'\\] is not one of"),
-    ("dtype", "F8_E4M3", "dtype 'F8_E4M3' is not one of"),
-    ("shape", [[64]], "is not a list of non-negative integers"),
-    ("shape", [-64], "is not a list of non-negative integers"),
-    ("shape", [True], "is not a list of non-negative integers"),
-    ("shape", "64", "is not a list of non-negative integers"),
-    ("shape", [2**40, 2**40, 2**40], "needs 2658455991569831745807614120560689152 bytes"),
-    ("data_offsets", ["0", "128"], "is not a list of two integers"),
-    ("data_offsets", [0], "is not a list of two integers"),
-    ("data_offsets", [0, 128.0], "is not a list of two integers"),
-    ("data_offsets", None, "is not a list of two integers"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("dtype", ["BF16"], "dtype \\['BF16'\\] is not one of"),
+        ("dtype", "F8_E4M3", "dtype 'F8_E4M3' is not one of"),
+        ("shape", [[64]], "is not a list of non-negative integers"),
+        ("shape", [-64], "is not a list of non-negative integers"),
+        ("shape", [True], "is not a list of non-negative integers"),
+        ("shape", "64", "is not a list of non-negative integers"),
+        ("shape", [2**40, 2**40, 2**40], "needs 2658455991569831745807614120560689152 bytes"),
+        ("data_offsets", ["0", "128"], "is not a list of two integers"),
+        ("data_offsets", [0], "is not a list of two integers"),
+        ("data_offsets", [0, 128.0], "is not a list of two integers"),
+        ("data_offsets", None, "is not a list of two integers"),
+    ],
+)
 def test_malformed_header_entry_names_file_and_key(folder, field, value, match):
     key = "language_model.model.norm.weight"
     shard = shard_of(folder, key)
@@ -259,7 +273,9 @@ def test_overlapping_tensors_are_refused(folder):
 
     def overlap(header, data):
         a, b = sorted((e["data_offsets"], n) for n, e in header.items() if n != "__metadata__")[:2]
-        header[b[1]]["data_offsets"] = list(a[0]) if a[0][1] - a[0][0] == b[0][1] - b[0][0] else [0, b[0][1] - b[0][0]]
+        header[b[1]]["data_offsets"] = (
+            list(a[0]) if a[0][1] - a[0][0] == b[0][1] - b[0][0] else [0, b[0][1] - b[0][0]]
+        )
 
     edit_header(shard, overlap)
     with pytest.raises(CheckpointError, match="overlap or leave a gap"):
@@ -273,8 +289,9 @@ def test_non_string_metadata_is_refused(folder):
         pyvl.load(folder, device="cpu")
 
 
-@pytest.mark.parametrize("value", ["ABSOLUTE", "../model/{shard}", "sub/{shard}", "./{shard}", 7, None, ["{shard}"],
-                                   "config.json"])
+@pytest.mark.parametrize(
+    "value", ["ABSOLUTE", "../model/{shard}", "sub/{shard}", "./{shard}", 7, None, ["{shard}"], "config.json"]
+)
 def test_weight_map_values_must_be_plain_file_names_in_the_folder(folder, tmp_path, value):
     key = "language_model.model.norm.weight"
     shard = shard_of(folder, key)
@@ -293,7 +310,9 @@ def test_weight_map_values_must_be_plain_file_names_in_the_folder(folder, tmp_pa
     index = json.loads(index_path.read_text())
     index["weight_map"][key] = value
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"weight_map\['{key}'\] = .* is not a plain \*.safetensors file name"):
+    with pytest.raises(
+        CheckpointError, match=rf"weight_map\['{key}'\] = .* is not a plain \*.safetensors file name"
+    ):
         pyvl.load(folder, device="cpu")
 
 
@@ -319,15 +338,20 @@ def test_checkpoint_checked_against_config_before_the_model_exists(folder, monke
     assert not built
 
 
-@pytest.mark.parametrize("source", ["v15", "mini", "preset:internvl-chat-v1-5", "preset:mini-internvl-chat-2b-v1-5",
-                                    "preset:tiny"])
+@pytest.mark.parametrize(
+    "source", ["v15", "mini", "preset:internvl-chat-v1-5", "preset:mini-internvl-chat-2b-v1-5", "preset:tiny"]
+)
 def test_expected_shapes_equal_the_built_model(source):
     from pyvl.bench.presets import preset_config
     from pyvl.loader import expected_shapes
     from pyvl.models.vlm import InternVLChatModel
     from pyvl.ops import resolve_ops
 
-    cfg = preset_config(source[7:]) if source.startswith("preset:") else load_config(GOLDEN / source / "checkpoint")
+    cfg = (
+        preset_config(source[7:])
+        if source.startswith("preset:")
+        else load_config(GOLDEN / source / "checkpoint")
+    )
     with torch.device("meta"):
         model = InternVLChatModel(cfg, resolve_ops())
     assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -29,6 +29,7 @@ def fused_cuda(image, cols, rows, tile=448, thumbnail=True, mean=IMAGENET_MEAN, 
     """native.resize_tiles_cuda with InternVL's tile size and constants (the kernel itself takes them all)."""
     return native.resize_tiles_cuda(image, cols, rows, tile, thumbnail, mean, std, **kwargs)
 
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 cuda_build = pytest.mark.skipif(not native.has_cuda(), reason="pyvl._C was built without CUDA")
 ALIGN = 256  # the .cu's alignment of every array in its buffers
@@ -56,47 +57,67 @@ def aligned(nbytes: int) -> int:
 IMAGE = np.zeros((8, 8, 3), np.uint8)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((10, 10, 3), np.float32), "must be uint8, got float32"),
-    (torch.zeros((10, 10, 3), dtype=torch.int16), "must be uint8, got torch.int16"),
-    (np.zeros((10, 10, 4), np.uint8), r"\[H, W, 3\].*\(10, 10, 4\)"),
-    (torch.zeros((10, 10, 1), dtype=torch.uint8), r"\[H, W, 3\]"),
-    (np.zeros((10, 10), np.uint8), r"\[H, W, 3\]"),
-    (np.zeros((0, 10, 3), np.uint8), "must not be empty"),
-    (torch.zeros((10, 0, 3), dtype=torch.uint8), "must not be empty"),
-    (np.zeros((10, 20, 3), np.uint8)[:, ::2], "RGB pixels 3 or 4 bytes apart"),
-    (np.zeros((3, 10, 10), np.uint8).transpose(1, 2, 0), "RGB pixels 3 or 4 bytes apart"),
-    (torch.zeros((10, 20, 3), dtype=torch.uint8)[:, ::2], "RGB pixels 3 or 4 bytes apart"),
-    (torch.zeros((10, 10, 3), dtype=torch.uint8, device="meta"), "CPU or a CUDA device, got meta"),
-    ("not an array", "numpy array"),
-    ([[[0, 0, 0]]], "numpy array"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((10, 10, 3), np.float32), "must be uint8, got float32"),
+        (torch.zeros((10, 10, 3), dtype=torch.int16), "must be uint8, got torch.int16"),
+        (np.zeros((10, 10, 4), np.uint8), r"\[H, W, 3\].*\(10, 10, 4\)"),
+        (torch.zeros((10, 10, 1), dtype=torch.uint8), r"\[H, W, 3\]"),
+        (np.zeros((10, 10), np.uint8), r"\[H, W, 3\]"),
+        (np.zeros((0, 10, 3), np.uint8), "must not be empty"),
+        (torch.zeros((10, 0, 3), dtype=torch.uint8), "must not be empty"),
+        (np.zeros((10, 20, 3), np.uint8)[:, ::2], "RGB pixels 3 or 4 bytes apart"),
+        (np.zeros((3, 10, 10), np.uint8).transpose(1, 2, 0), "RGB pixels 3 or 4 bytes apart"),
+        (torch.zeros((10, 20, 3), dtype=torch.uint8)[:, ::2], "RGB pixels 3 or 4 bytes apart"),
+        (torch.zeros((10, 10, 3), dtype=torch.uint8, device="meta"), "CPU or a CUDA device, got meta"),
+        ("not an array", "numpy array"),
+        ([[[0, 0, 0]]], "numpy array"),
+    ],
+)
 def test_bad_images(bad, match):
     with pytest.raises(ImageError, match=match):
         fused_cuda(bad, 1, 1)
 
 
-@pytest.mark.parametrize("cols, rows, tile, match", [
-    (0, 1, 448, "out of range"), (41, 1, 448, "out of range"), (7, 6, 448, "out of range"),
-    (1, -2, 448, "out of range"), (1, 1, 0, "tile size must be positive"), (1.0, 1, 448, "cols must be an int"),
-    (True, 1, 448, "cols must be an int"), (1, 1, "448", "tile must be an int"),
-])
+@pytest.mark.parametrize(
+    "cols, rows, tile, match",
+    [
+        (0, 1, 448, "out of range"),
+        (41, 1, 448, "out of range"),
+        (7, 6, 448, "out of range"),
+        (1, -2, 448, "out of range"),
+        (1, 1, 0, "tile size must be positive"),
+        (1.0, 1, 448, "cols must be an int"),
+        (True, 1, 448, "cols must be an int"),
+        (1, 1, "448", "tile must be an int"),
+    ],
+)
 def test_bad_grids(cols, rows, tile, match):
     with pytest.raises(ImageError, match=match):
         fused_cuda(IMAGE, cols, rows, tile)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"dtype": torch.float16}, "dtype must be torch.float32 or torch.bfloat16, got torch.float16"),
-    ({"device": "cpu"}, "must be a CUDA device, got cpu"),
-    ({"device": "no-such-device"}, "not a torch device"),
-    ({"mean": (0.5, 0.5)}, "mean must be 3 numbers"),
-    ({"std": None}, "std must be 3 numbers"),
-    ({"out": torch.empty((1, 3, 448, 448), dtype=torch.bfloat16)}, r"out must be .* on cuda"),  # a CPU out
-    ({"out": torch.empty((1, 3, 448, 448), dtype=torch.bfloat16, device="meta")}, "out must be"),
-    ({"out": torch.empty((2, 3, 448, 448), dtype=torch.bfloat16, device="meta")}, r"shape \(1, 3, 448, 448\)"),
-    ({"out": np.empty((1, 3, 448, 448), np.float32)}, "must be a torch.Tensor, got ndarray"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"dtype": torch.float16}, "dtype must be torch.float32 or torch.bfloat16, got torch.float16"),
+        ({"device": "cpu"}, "must be a CUDA device, got cpu"),
+        ({"device": "no-such-device"}, "not a torch device"),
+        ({"mean": (0.5, 0.5)}, "mean must be 3 numbers"),
+        ({"std": None}, "std must be 3 numbers"),
+        (
+            {"out": torch.empty((1, 3, 448, 448), dtype=torch.bfloat16)},
+            r"out must be .* on cuda",
+        ),  # a CPU out
+        ({"out": torch.empty((1, 3, 448, 448), dtype=torch.bfloat16, device="meta")}, "out must be"),
+        (
+            {"out": torch.empty((2, 3, 448, 448), dtype=torch.bfloat16, device="meta")},
+            r"shape \(1, 3, 448, 448\)",
+        ),
+        ({"out": np.empty((1, 3, 448, 448), np.float32)}, "must be a torch.Tensor, got ndarray"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ImageError, match=match):
         fused_cuda(IMAGE, 1, 1, **kwargs)
@@ -117,7 +138,9 @@ def test_bad_out_dtype_and_layout():
 RGBX_VIEW = np.zeros((8, 8, 4), np.uint8)[..., :3]  # pixels 4 bytes apart: accepted as well
 
 
-@pytest.mark.parametrize("image", [IMAGE, RGBX_VIEW, torch.from_numpy(RGBX_VIEW)], ids=["rgb", "rgbx", "rgbx tensor"])
+@pytest.mark.parametrize(
+    "image", [IMAGE, RGBX_VIEW, torch.from_numpy(RGBX_VIEW)], ids=["rgb", "rgbx", "rgbx tensor"]
+)
 def test_missing_cuda_is_a_clear_runtime_error(monkeypatch, image):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if native.has_cuda():
@@ -138,6 +161,7 @@ def test_bindings_exist_with_cuda():
 
 # --- host-side planning of a CUDA build: no GPU needed --------------------------------------------------------
 
+
 def decode_coefficients(buf: np.ndarray, h, w, cols, rows, tile, thumbnail):
     """The weights resize_tiles_cuda_coefficients wrote, per target: [(horizontal, vertical)], each axis a list
     of (first, count, weights). Layout (resize_tiles.cu): per target, h bounds | h weights | v bounds | v weights,
@@ -149,9 +173,9 @@ def decode_coefficients(buf: np.ndarray, h, w, cols, rows, tile, thumbnail):
         axes = []
         for n_in, n_out in ((w, ow), (h, oh)):
             ksize = int(np.ceil(2 * max(n_in / n_out, 1.0))) * 2 + 1
-            bounds = words[at // 4: at // 4 + 2 * n_out].reshape(n_out, 2)
+            bounds = words[at // 4 : at // 4 + 2 * n_out].reshape(n_out, 2)
             at += aligned(2 * n_out * 4)
-            weights = words[at // 4: at // 4 + n_out * ksize].reshape(n_out, ksize)
+            weights = words[at // 4 : at // 4 + n_out * ksize].reshape(n_out, ksize)
             at += aligned(n_out * ksize * 4)
             axes.append((n_in, bounds, weights))
         targets.append(axes)
@@ -160,28 +184,43 @@ def decode_coefficients(buf: np.ndarray, h, w, cols, rows, tile, thumbnail):
 
 
 @cuda_build
-@pytest.mark.parametrize("h, w, cols, rows, tile, thumbnail", [
-    (2160, 3840, 4, 2, 448, True), (4001, 97, 1, 8, 48, True), (900, 120, 1, 3, 448, True),
-    (1, 1, 1, 1, 448, False), (17, 5, 6, 1, 13, True),
-])
+@pytest.mark.parametrize(
+    "h, w, cols, rows, tile, thumbnail",
+    [
+        (2160, 3840, 4, 2, 448, True),
+        (4001, 97, 1, 8, 48, True),
+        (900, 120, 1, 3, 448, True),
+        (1, 1, 1, 1, 448, False),
+        (17, 5, 6, 1, 13, True),
+    ],
+)
 def test_workspace_and_coefficients(h, w, cols, rows, tile, thumbnail):
-    coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, cols, rows, tile, thumbnail, pass_order=PASS)
+    coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(
+        h, w, cols, rows, tile, thumbnail, pass_order=PASS
+    )
     targets = [(rows * tile, cols * tile)] + ([(tile, tile)] if thumbnail else [])
     # The uint8 image between the passes: source rows at the output width (h-first) or output rows at the
     # source width (v-first): the pass-order rule decides the size.
-    assert tmp_bytes == sum(aligned(3 * (oh * w if vertical_first(h, w, oh, ow) else h * ow)) for oh, ow in targets)
+    assert tmp_bytes == sum(
+        aligned(3 * (oh * w if vertical_first(h, w, oh, ow) else h * ow)) for oh, ow in targets
+    )
     buf = np.full(coeff_bytes, 0x5A, np.uint8)  # poisoned: padding must come back zeroed too
-    _C.resize_tiles_cuda_coefficients(h, w, cols, rows, tile, thumbnail, buf.ctypes.data, coeff_bytes,
-                                      pass_order=PASS)
+    _C.resize_tiles_cuda_coefficients(
+        h, w, cols, rows, tile, thumbnail, buf.ctypes.data, coeff_bytes, pass_order=PASS
+    )
     for axes in decode_coefficients(buf, h, w, cols, rows, tile, thumbnail):
         for n_in, bounds, weights in axes:
             first, count = bounds[:, 0], bounds[:, 1]
             assert first[0] == 0 and (first + count)[-1] == n_in and (count >= 1).all()
-            assert (np.diff(first) >= 0).all() and (first + count <= n_in).all() and (count <= weights.shape[1]).all()
+            assert (
+                (np.diff(first) >= 0).all()
+                and (first + count <= n_in).all()
+                and (count <= weights.shape[1]).all()
+            )
             # Each output's weights are normalised to one before rounding, and zero past its count.
             sums = weights.astype(np.int64).sum(axis=1)
             assert (np.abs(sums - PRECISION) <= weights.shape[1]).all()
-            assert all((weights[i, count[i]:] == 0).all() for i in range(len(count)))
+            assert all((weights[i, count[i] :] == 0).all() for i in range(len(count)))
 
 
 @cuda_build
@@ -195,7 +234,9 @@ def test_identity_weights():
         for i, (first, count) in enumerate(bounds):
             expected = np.zeros(weights.shape[1], np.int32)
             expected[i - first] = PRECISION
-            assert (weights[i] == expected).all() and first == max(i - 1, 0) and first + count == min(i + 3, n)
+            assert (
+                (weights[i] == expected).all() and first == max(i - 1, 0) and first + count == min(i + 3, n)
+            )
 
 
 @cuda_build
@@ -203,17 +244,39 @@ def test_native_guards_reject_nonsense():
     # The bindings' own checks, for callers that bypass the wrapper; all fire before any CUDA call.
     h, w = 8, 8
     coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, 2, 1, 448, True, pass_order=PASS)
-    args = dict(src=1, h=h, w=w, row_stride=3 * w, dst=1, dtype=_C.BFLOAT16, cols=2, rows=1, tile=448,
-                thumbnail=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, coefficients=1,
-                coefficient_bytes=coeff_bytes, intermediate=1, intermediate_bytes=tmp_bytes, stream=0, pass_order=PASS)
+    args = dict(
+        src=1,
+        h=h,
+        w=w,
+        row_stride=3 * w,
+        dst=1,
+        dtype=_C.BFLOAT16,
+        cols=2,
+        rows=1,
+        tile=448,
+        thumbnail=True,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        coefficients=1,
+        coefficient_bytes=coeff_bytes,
+        intermediate=1,
+        intermediate_bytes=tmp_bytes,
+        stream=0,
+        pass_order=PASS,
+    )
     for change, match in [
-        ({"src": 0}, "src is a null data pointer"), ({"dst": 0}, "dst is a null data pointer"),
-        ({"coefficients": 0}, "coefficients is a null"), ({"intermediate": 0}, "intermediate is a null"),
-        ({"h": 0}, "source height must be > 0"), ({"row_stride": 3 * w - 1}, "row_stride 23 is smaller"),
-        ({"cols": 0}, "cols, rows and tile must be > 0"), ({"dtype": 7}, "unknown output dtype code 7"),
+        ({"src": 0}, "src is a null data pointer"),
+        ({"dst": 0}, "dst is a null data pointer"),
+        ({"coefficients": 0}, "coefficients is a null"),
+        ({"intermediate": 0}, "intermediate is a null"),
+        ({"h": 0}, "source height must be > 0"),
+        ({"row_stride": 3 * w - 1}, "row_stride 23 is smaller"),
+        ({"cols": 0}, "cols, rows and tile must be > 0"),
+        ({"dtype": 7}, "unknown output dtype code 7"),
         ({"coefficient_bytes": coeff_bytes - 4}, "coefficient buffer has"),
         ({"intermediate_bytes": tmp_bytes - 1}, "intermediate buffer has"),
-        ({"tile": 1 << 40}, "must be in 1.."), ({"w": 1 << 29, "row_stride": 3 << 29}, "out of range"),
+        ({"tile": 1 << 40}, "must be in 1.."),
+        ({"w": 1 << 29, "row_stride": 3 << 29}, "out of range"),
     ]:
         with pytest.raises(ValueError, match=match):
             _C.resize_tiles_cuda(**{**args, **change})
@@ -225,6 +288,7 @@ def test_native_guards_reject_nonsense():
 
 
 # --- the GPU against the CPU kernel, bit for bit ------------------------------------------------------------
+
 
 def cpu_tiles(src, cols, rows, tile=448, thumbnail=True, **kwargs) -> torch.Tensor:
     kwargs = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **kwargs}
@@ -244,8 +308,21 @@ def assert_same(src, cols, rows, what, tile=448, thumbnail=True, **kwargs):
             raise AssertionError(f"{what} {dtype}: {int(bad.sum())} of {bad.numel()} values differ")
 
 
-SIZES = [(1, 1), (2, 3), (40, 50), (7, 1000), (1000, 7), (333, 517), (600, 800), (1080, 1920), (97, 4001),
-         (4001, 97), (3000, 400), (900, 120), (2160, 3840)]
+SIZES = [
+    (1, 1),
+    (2, 3),
+    (40, 50),
+    (7, 1000),
+    (1000, 7),
+    (333, 517),
+    (600, 800),
+    (1080, 1920),
+    (97, 4001),
+    (4001, 97),
+    (3000, 400),
+    (900, 120),
+    (2160, 3840),
+]
 
 
 @gpu
@@ -270,7 +347,9 @@ def test_matches_cpu_on_random_shapes():
         grid = choose_grid(w, h, 1, int(rng.integers(1, 41)))
         tile = int(rng.choice([448, 448, 224, 97, 16]))
         thumbnail = bool(rng.integers(0, 2))
-        assert_same(random_image(rng, h, w), *grid, f"seed {seed}: {w}x{h} grid {grid} tile {tile}", tile, thumbnail)
+        assert_same(
+            random_image(rng, h, w), *grid, f"seed {seed}: {w}x{h} grid {grid} tile {tile}", tile, thumbnail
+        )
 
 
 @gpu
@@ -279,7 +358,9 @@ def test_tall_images_take_the_vertical_pass_first():
     for h, w, grid in [(4000, 300, (1, 6)), (2000, 900, (1, 2)), (5000, 40, (1, 40)), (2500, 1000, (1, 1))]:
         orders = [vertical_first(h, w, grid[1] * 448, grid[0] * 448), vertical_first(h, w, 448, 448)]
         assert any(orders)  # grid and/or thumbnail v-first; (5000, 40) upscales its grid h-first
-        assert_same(random_image(rng, h, w), *grid, f"{w}x{h} grid {grid} (v-first grid, thumbnail: {orders})")
+        assert_same(
+            random_image(rng, h, w), *grid, f"{w}x{h} grid {grid} (v-first grid, thumbnail: {orders})"
+        )
 
 
 @gpu
@@ -289,11 +370,17 @@ def test_tensor_inputs_strided_rows_custom_normalisation():
     view = parent[50:650, 100:900]  # rows keep the parent's stride
     mean, std = (0.5, 0.25, 0.125), (0.5, 0.3, 0.7)
     want = cpu_tiles(view, 3, 2, mean=mean, std=std)
-    for image in (view, torch.from_numpy(parent)[50:650, 100:900], torch.from_numpy(parent).cuda()[50:650, 100:900]):
+    for image in (
+        view,
+        torch.from_numpy(parent)[50:650, 100:900],
+        torch.from_numpy(parent).cuda()[50:650, 100:900],
+    ):
         got = fused_cuda(image, 3, 2, mean=mean, std=std, dtype=torch.float32)
         assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
     default = fused_cuda(view, 3, 2)  # bfloat16, ImageNet constants
-    assert default.dtype == torch.bfloat16 and torch.equal(default.cpu(), cpu_tiles(view, 3, 2).to(torch.bfloat16))
+    assert default.dtype == torch.bfloat16 and torch.equal(
+        default.cpu(), cpu_tiles(view, 3, 2).to(torch.bfloat16)
+    )
 
 
 @gpu

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyvl.ops import reference as ref
 from pyvl.ops import TORCH_OPS, resolve_ops
+from pyvl.ops import reference as ref
 
 
 @pytest.mark.parametrize("ps_version", ["v1", "v2"])
@@ -18,8 +18,15 @@ def test_pixel_shuffle_matches_spec_formula(ps_version, grid, channels):
     assert out.shape == (2, half * half, 4 * channels)
     for a in range(half):
         for b in range(half):
-            cell = torch.cat([x[:, 2 * a, 2 * b], x[:, 2 * a, 2 * b + 1], x[:, 2 * a + 1, 2 * b],
-                              x[:, 2 * a + 1, 2 * b + 1]], dim=-1)  # [TL | TR | BL | BR]
+            cell = torch.cat(
+                [
+                    x[:, 2 * a, 2 * b],
+                    x[:, 2 * a, 2 * b + 1],
+                    x[:, 2 * a + 1, 2 * b],
+                    x[:, 2 * a + 1, 2 * b + 1],
+                ],
+                dim=-1,
+            )  # [TL | TR | BL | BR]
             token = a * half + b if ps_version == "v2" else b * half + a  # v1 leaves the grid transposed
             assert torch.equal(out[:, token], cell)
 
@@ -28,7 +35,7 @@ def test_rms_norm_computes_in_float32_and_casts_back():
     x = torch.randn(3, 64, dtype=torch.bfloat16) * 50
     w = torch.rand(64, dtype=torch.bfloat16) + 0.5
     xf = x.float()
-    want = w * (xf / torch.sqrt((xf ** 2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    want = w * (xf / torch.sqrt((xf**2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
     got = ref.rms_norm(x, w, 1e-5)
     assert got.dtype == torch.bfloat16
     assert (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
@@ -47,7 +54,7 @@ def test_causal_attention_matches_dense_loop(hq, hkv, sq, sk):
             for i in range(sq):
                 pos = sk - sq + i
                 keys = list(range(pos + 1))
-                s = torch.stack([q[b, h, i] @ k[b, kv, j] for j in keys]) / d ** 0.5
+                s = torch.stack([q[b, h, i] @ k[b, kv, j] for j in keys]) / d**0.5
                 want = (s.softmax(0)[:, None] * v[b, kv, keys]).sum(0)
                 torch.testing.assert_close(out[b, h, i], want, atol=1e-5, rtol=1e-5)
 
@@ -74,9 +81,19 @@ def test_dynamic_ntk_base():
     from pyvl.config import LLMConfig
     from pyvl.models.rope import RotaryTables
 
-    cfg = LLMConfig(hidden_size=512, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=10, max_position_embeddings=512, rope_theta=1e6,
-                    rms_norm_eps=1e-5, rope_scaling_type="dynamic", rope_scaling_factor=2.0)
+    cfg = LLMConfig(
+        hidden_size=512,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=10,
+        max_position_embeddings=512,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
+        rope_scaling_type="dynamic",
+        rope_scaling_factor=2.0,
+    )
     rope = RotaryTables(cfg)
     assert rope.base_for_length(512) == 1e6  # unchanged up to max_position_embeddings
     assert rope.base_for_length(513) == pytest.approx(1e6 * (2 * 513 / 512 - 1) ** (128 / 126))

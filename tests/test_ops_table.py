@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN
+from kernel_tolerances import assert_matches_oracle, fresh_generator, randn
 
 import pyvl
 from pyvl.image import IMAGENET_MEAN, IMAGENET_STD, choose_grid, load_image
 from pyvl.ops import reference, resolve_ops, sdpa
-from conftest import GOLDEN
-from kernel_tolerances import assert_matches_oracle, fresh_generator, randn
 
 HALF = [torch.bfloat16, torch.float16]
 IMAGE = GOLDEN / "images" / "gradient_800x600.png"
@@ -34,6 +34,7 @@ def _native_built() -> bool:
 
 
 # --- SDPA against the float32 oracle ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("b, h, s, d", [(1, 2, 1025, 64), (2, 3, 257, 32), (3, 1, 1, 64), (1, 2, 129, 128)])
@@ -81,22 +82,31 @@ def test_sdpa_paged_prefill_is_causal():
 
 # --- which implementation serves each op --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_auto_on_the_cpu_serves_half_attention_with_sdpa(dtype):
     ops = resolve_ops("auto", "cpu", dtype=dtype)
-    assert ops.vit_attention is sdpa.vit_attention and ops.paged_prefill_attention is sdpa.paged_prefill_attention
+    assert (
+        ops.vit_attention is sdpa.vit_attention
+        and ops.paged_prefill_attention is sdpa.paged_prefill_attention
+    )
     assert ops.backends["vit_attention"] == ops.backends["paged_prefill_attention"] == "sdpa"
     assert ops.rms_norm is reference.rms_norm  # no faster equally exact choice for the rest
     forced = resolve_ops("auto", "cpu", {"vit_attention": "reference"}, dtype=dtype)
     assert forced.vit_attention is reference.vit_attention and forced.backends["vit_attention"] == "reference"
-    assert resolve_ops("reference", "cpu", dtype=dtype).paged_prefill_attention is reference.paged_prefill_attention
+    assert (
+        resolve_ops("reference", "cpu", dtype=dtype).paged_prefill_attention
+        is reference.paged_prefill_attention
+    )
 
 
 def test_auto_in_float32_keeps_the_references():
     ops = resolve_ops("auto", "cpu", dtype=torch.float32)
     assert ops.vit_attention is reference.vit_attention
     assert ops.paged_prefill_attention is reference.paged_prefill_attention
-    assert {ops.backends[n] for n in ("vit_attention", "paged_prefill_attention", "rms_norm")} == {"reference"}
+    assert {ops.backends[n] for n in ("vit_attention", "paged_prefill_attention", "rms_norm")} == {
+        "reference"
+    }
 
 
 def test_resize_tiles_resolution():
@@ -109,9 +119,11 @@ def test_resize_tiles_resolution():
 
 # --- the resize_tiles op ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("h, w, cols, rows, thumbnail", [(600, 800, 3, 2, True), (31, 17, 1, 1, True),
-                                                          (100, 300, 3, 1, False)])
+@pytest.mark.parametrize(
+    "h, w, cols, rows, thumbnail", [(600, 800, 3, 2, True), (31, 17, 1, 1, True), (100, 300, 3, 1, False)]
+)
 def test_resize_tiles_implementations_agree(dtype, h, w, cols, rows, thumbnail):
     if not _native_built():
         pytest.skip("pyvl._C is not built (test_packaging insists it is)")

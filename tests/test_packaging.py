@@ -4,11 +4,11 @@ PYVL_EXPECT_CUDA=1 (set by .ci/run when nvcc is on PATH) makes a CPU-only _C a f
 The wheel test builds from this checkout into a temporary directory (nothing is written to the source tree).
 """
 
+import importlib
 import os
 import re
 import shutil
 import subprocess
-import importlib
 import sys
 import venv
 import zipfile
@@ -25,8 +25,10 @@ FORBIDDEN = re.compile(r"^lib(torch|c10|cudart)")  # cudart is linked statically
 
 def _dependency_dirs() -> list[str]:
     """The sys.path folders this environment imports pyvl's dependencies from (a venv, conda or bare Python)."""
-    dirs = [Path(importlib.import_module(m).__file__).resolve().parents[1]
-            for m in ("torch", "numpy", "PIL", "safetensors", "sentencepiece")]
+    dirs = [
+        Path(importlib.import_module(m).__file__).resolve().parents[1]
+        for m in ("torch", "numpy", "PIL", "safetensors", "sentencepiece")
+    ]
     return [str(d) for d in dict.fromkeys(dirs)]
 
 
@@ -60,7 +62,9 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
         pytest.skip(f"no source checkout at {ROOT}")
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-w", str(wheels)], cwd=tmp_path, check=True
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-w", str(wheels)],
+        cwd=tmp_path,
+        check=True,
     )
     (wheel,) = wheels.glob("pyvl-0.1.0-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -83,11 +87,17 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+    venv_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(venv_site, "parent_env.pth").write_text("".join(f"{p}\n" for p in _dependency_dirs()))
     install = [python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel)]
     subprocess.run(install, cwd=tmp_path, check=True)
     code = "import pyvl._C, pyvl.ops.native; print(pyvl._C.__file__)"
-    so = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    so = subprocess.run(
+        [python, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert Path(so).resolve().is_relative_to(env_dir.resolve()), f"imported {so}, not the wheel in {env_dir}"

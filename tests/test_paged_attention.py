@@ -16,9 +16,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from pyvl.kernels.paged_attention import paged_decode_attention, paged_prefill_attention  # noqa: E402
-from pyvl.ops import reference as ref, resolve_ops, sdpa  # noqa: E402
-from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
+from kernel_tolerances import assert_matches_oracle, fresh_generator, randn
+
+from pyvl.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from pyvl.ops import reference as ref
+from pyvl.ops import resolve_ops, sdpa
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -32,10 +34,10 @@ def make_pools(num_blocks, hkv, bs, d, dtype):
 def write_sequence(k_pool, v_pool, table, k, v):
     """Keys/values [Hkv, L, D] of one sequence into the blocks its table lists, block by block."""
     bs = k_pool.shape[2]
-    for i, block in enumerate(table.tolist()[:-(-k.shape[1] // bs)]):
+    for i, block in enumerate(table.tolist()[: -(-k.shape[1] // bs)]):
         n = min(bs, k.shape[1] - i * bs)
-        k_pool[block, :, :n] = k[:, i * bs:i * bs + n]
-        v_pool[block, :, :n] = v[:, i * bs:i * bs + n]
+        k_pool[block, :, :n] = k[:, i * bs : i * bs + n]
+        v_pool[block, :, :n] = v[:, i * bs : i * bs + n]
 
 
 def fused_q(tokens, hq, hkv, d, dtype, gen):
@@ -120,7 +122,9 @@ def decode_batch(hq, hkv, bs, d, dtype, gen, unit=None, max_blocks=4):
         if row == 2:  # shares row 1's first block, so also its first bs keys
             tables[row, 0] = tables[1, 0]
             k[:, :bs], v[:, :bs] = keys[1][0][:, :bs], keys[1][1][:, :bs]
-            tables[row, 1:n_blocks] = torch.tensor([free.pop() for _ in range(n_blocks - 1)], dtype=torch.int32)
+            tables[row, 1:n_blocks] = torch.tensor(
+                [free.pop() for _ in range(n_blocks - 1)], dtype=torch.int32
+            )
         else:
             tables[row, :n_blocks] = torch.tensor([free.pop() for _ in range(n_blocks)], dtype=torch.int32)
         write_sequence(k_pool, v_pool, tables[row].to(DEVICE), k, v)
@@ -141,9 +145,10 @@ def test_reference_paged_decode_is_contiguous_attention():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("hq, hkv, bs, d, splits", [
-    (2, 2, 16, 64, None), (4, 2, 32, 128, 1), (6, 1, 16, 64, 3), (12, 2, 16, 128, 4),
-    (6, 2, 16, 64, 7)])  # more splits than key tiles: every row has empty splits
+@pytest.mark.parametrize(
+    "hq, hkv, bs, d, splits",
+    [(2, 2, 16, 64, None), (4, 2, 32, 128, 1), (6, 1, 16, 64, 3), (12, 2, 16, 128, 4), (6, 2, 16, 64, 7)],
+)  # more splits than key tiles: every row has empty splits
 def test_paged_decode_kernel_matches_reference(dtype, hq, hkv, bs, d, splits):
     gen, seed = fresh_generator()
     q, k_pool, v_pool, tables, lens, _ = decode_batch(hq, hkv, bs, d, dtype, gen)
@@ -155,8 +160,13 @@ def test_paged_decode_kernel_matches_reference(dtype, hq, hkv, bs, d, splits):
     same = ref.paged_decode_attention(q, k_pool, v_pool, tables, lens)
     # Split-KV rounds each split's P to the input dtype against that split's own running maximum, not the row's,
     # so with several splits its bf16 error can exceed twice the reference's (seen once: 6.2e-3 vs 6.1e-3 allowed).
-    assert_matches_oracle(got, oracle, same, f"seed {seed}, splits {splits}",
-                          factor=3.0 if splits != 1 and dtype != torch.float32 else None)
+    assert_matches_oracle(
+        got,
+        oracle,
+        same,
+        f"seed {seed}, splits {splits}",
+        factor=3.0 if splits != 1 and dtype != torch.float32 else None,
+    )
 
 
 def test_paged_decode_lengths_are_read_on_the_device():
@@ -178,7 +188,9 @@ def test_sdpa_paged_prefill_matches_oracle():
     q, k_pool, v_pool, table = q.cpu(), k_pool.cpu(), v_pool.cpu(), table.cpu()
     got = sdpa.paged_prefill_attention(q, k_pool, v_pool, table, 40)
     oracle = ref.paged_prefill_attention(q.float(), k_pool.float(), v_pool.float(), table, 40)
-    assert_matches_oracle(got, oracle, ref.paged_prefill_attention(q, k_pool, v_pool, table, 40), f"seed {seed}")
+    assert_matches_oracle(
+        got, oracle, ref.paged_prefill_attention(q, k_pool, v_pool, table, 40), f"seed {seed}"
+    )
 
 
 def test_op_table_serves_the_paged_ops():
@@ -206,14 +218,16 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="multiple"):
         paged_prefill_attention(torch.zeros(3, 3, 64, device=DEVICE), k_pool, k_pool, table, 10)
     with pytest.raises(ValueError, match="context_lens must be an int32"):
-        paged_decode_attention(q, k_pool, k_pool, table.expand(3, 2), torch.ones(3, dtype=torch.int64,
-                                                                                  device=DEVICE))
+        paged_decode_attention(
+            q, k_pool, k_pool, table.expand(3, 2), torch.ones(3, dtype=torch.int64, device=DEVICE)
+        )
     with pytest.raises(ValueError, match="last-dim stride"):
         tables = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE).t()
         paged_decode_attention(q, k_pool, k_pool, tables, torch.ones(3, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="dtype"):
-        paged_decode_attention(q.bfloat16(), k_pool, k_pool, table.expand(3, 2),
-                               torch.ones(3, dtype=torch.int32, device=DEVICE))
+        paged_decode_attention(
+            q.bfloat16(), k_pool, k_pool, table.expand(3, 2), torch.ones(3, dtype=torch.int32, device=DEVICE)
+        )
 
 
 @gpu
@@ -234,8 +248,9 @@ def test_real_paged_decode(unit, max_blocks):
     """Five rows up to 3 units of keys (6144 / 30720) at 48/8 heads, D 128, block 64, tables of max_blocks
     blocks (8192 / 32768 keys)."""
     gen, seed = fresh_generator()
-    q, k_pool, v_pool, tables, lens, _ = decode_batch(48, 8, 64, 128, torch.bfloat16, gen, unit=unit,
-                                                      max_blocks=max_blocks)
+    q, k_pool, v_pool, tables, lens, _ = decode_batch(
+        48, 8, 64, 128, torch.bfloat16, gen, unit=unit, max_blocks=max_blocks
+    )
     got = paged_decode_attention(q, k_pool, v_pool, tables, lens)
     oracle = ref.paged_decode_attention(q.float(), k_pool.float(), v_pool.float(), tables, lens)
     same = ref.paged_decode_attention(q, k_pool, v_pool, tables, lens)

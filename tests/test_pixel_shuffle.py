@@ -13,9 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from pyvl.kernels.pixel_shuffle import pixel_shuffle, pixel_shuffle_from_vit  # noqa: E402
-from pyvl.ops import reference as ref  # noqa: E402
-from kernel_tolerances import fresh_generator, randn  # noqa: E402
+from kernel_tolerances import fresh_generator, randn
+
+from pyvl.kernels.pixel_shuffle import pixel_shuffle, pixel_shuffle_from_vit
+from pyvl.ops import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -72,8 +73,9 @@ def test_non_square_grids(n, h, w, c, ps_version):
     assert torch.equal(out, want), f"seed {seed} {ps_version} grid {h}x{w}"
     # the transposed view (w x h) is a strided input of the other shape: same rule
     xt = x.transpose(1, 2)
-    assert torch.equal(pixel_shuffle(xt, 0.5, ps_version), ref.pixel_shuffle(xt, 0.5, ps_version)), \
+    assert torch.equal(pixel_shuffle(xt, 0.5, ps_version), ref.pixel_shuffle(xt, 0.5, ps_version)), (
         f"seed {seed} {ps_version} grid {w}x{h} (transposed view)"
+    )
 
 
 def test_non_square_token_order_by_hand():
@@ -87,8 +89,13 @@ def test_non_square_token_order_by_hand():
     assert pixel_shuffle(y, 0.5, "v2")[0].tolist() == [[0, 1, 4, 5], [8, 9, 12, 13]]
     assert pixel_shuffle(y, 0.5, "v1")[0].tolist() == [[0, 1, 4, 5], [8, 9, 12, 13]]
     z = torch.arange(24, dtype=torch.float32, device=DEVICE).reshape(1, 4, 6, 1)  # z[0, r, c] = 6r + c
-    grid = [[[6 * 2 * a + 2 * j, 6 * 2 * a + 2 * j + 1, 6 * (2 * a + 1) + 2 * j, 6 * (2 * a + 1) + 2 * j + 1]
-             for j in range(3)] for a in range(2)]  # grid[a][j]: the 2 x 3 merged cells
+    grid = [
+        [
+            [6 * 2 * a + 2 * j, 6 * 2 * a + 2 * j + 1, 6 * (2 * a + 1) + 2 * j, 6 * (2 * a + 1) + 2 * j + 1]
+            for j in range(3)
+        ]
+        for a in range(2)
+    ]  # grid[a][j]: the 2 x 3 merged cells
     assert pixel_shuffle(z, 0.5, "v2")[0].tolist() == [grid[a][j] for a in range(2) for j in range(3)]
     assert pixel_shuffle(z, 0.5, "v1")[0].tolist() == [grid[a][j] for j in range(3) for a in range(2)]
     assert torch.equal(ref.pixel_shuffle(z, 0.5, "v1"), pixel_shuffle(z, 0.5, "v1"))

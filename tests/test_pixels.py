@@ -22,7 +22,24 @@ from pyvl.image import dynamic_preprocess, open_rgb_array, pixel_values_referenc
 
 RNG = np.random.default_rng(20261203)
 RGBA = RNG.integers(0, 256, (45, 61, 4), dtype=np.uint8)
-MODES = ["RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16", "RGBa"]
+MODES = [
+    "RGB",
+    "RGBA",
+    "RGBX",
+    "L",
+    "LA",
+    "P",
+    "PA",
+    "1",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "I",
+    "F",
+    "I;16",
+    "RGBa",
+]
 EXPORTS_IN_PLACE = (pixels.pillow_release(PIL.__version__) or (0, 0)) >= (13, 0)
 
 
@@ -117,7 +134,9 @@ def test_pixels_outlive_the_image(make):
     want = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
     got = open_rgb_array(buffer.getvalue())  # decoded, read, then the image is closed
     gc.collect()
-    others = [Image.new("RGB", (want.shape[1], want.shape[0]), (7, 7, 7)) for _ in range(4)]  # reuse freed memory
+    others = [
+        Image.new("RGB", (want.shape[1], want.shape[0]), (7, 7, 7)) for _ in range(4)
+    ]  # reuse freed memory
     assert np.array_equal(got, want)
     del others
 
@@ -154,17 +173,27 @@ def test_other_inputs_are_refused():
         rgb_pixels(Image.new("RGB", (0, 5)))
 
 
-@pytest.mark.parametrize("shape, strides, want", [
-    ((4, 5, 3), (15, 3, 1), (15, 3)), ((4, 5, 3), (20, 4, 1), (20, 4)), ((4, 5, 3), (99, 4, 1), (99, 4)),
-    ((1, 5, 3), (0, 4, 1), (20, 4)), ((4, 1, 3), (3, 0, 1), (3, 3)),  # a size-1 dimension's stride is never used
-    ((4, 5, 3), (19, 4, 1), None), ((4, 5, 3), (15, 5, 1), None), ((4, 5, 3), (-15, 3, 1), None),
-    ((4, 5, 3), (30, 6, 2), None), ((4, 5, 3), (15, -3, 1), None),
-])
+@pytest.mark.parametrize(
+    "shape, strides, want",
+    [
+        ((4, 5, 3), (15, 3, 1), (15, 3)),
+        ((4, 5, 3), (20, 4, 1), (20, 4)),
+        ((4, 5, 3), (99, 4, 1), (99, 4)),
+        ((1, 5, 3), (0, 4, 1), (20, 4)),
+        ((4, 1, 3), (3, 0, 1), (3, 3)),  # a size-1 dimension's stride is never used
+        ((4, 5, 3), (19, 4, 1), None),
+        ((4, 5, 3), (15, 5, 1), None),
+        ((4, 5, 3), (-15, 3, 1), None),
+        ((4, 5, 3), (30, 6, 2), None),
+        ((4, 5, 3), (15, -3, 1), None),
+    ],
+)
 def test_layout(shape, strides, want):
     assert pixels.layout(shape, strides) == want
 
 
-@pytest.mark.parametrize("version, release", [("13.0.0", (13, 0)), ("10.4.0", (10, 4)), ("12.1.1.post0", None),
-                                              ("dev", None)])
+@pytest.mark.parametrize(
+    "version, release", [("13.0.0", (13, 0)), ("10.4.0", (10, 4)), ("12.1.1.post0", None), ("dev", None)]
+)
 def test_pillow_release(version, release):
     assert pixels.pillow_release(version) == release

@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from pyvl.errors import ImageError
-from pyvl.image import IMAGENET_MEAN, IMAGENET_STD, choose_grid, dynamic_preprocess, load_image, pixel_values_reference
+from pyvl.image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    choose_grid,
+    dynamic_preprocess,
+    load_image,
+    pixel_values_reference,
+)
 
 native = pytest.importorskip("pyvl.ops.native", reason="pyvl._C is not built")  # test_packaging insists it is
 
@@ -48,7 +55,9 @@ def test_resize_bicubic_is_bit_identical_to_pillow(h, w):
 def test_resize_accepts_strided_rows():
     src = random_image(np.random.default_rng(0), 300, 400)
     view = src[10:250, 20:370]  # rows keep the parent's stride
-    want = np.asarray(Image.fromarray(np.ascontiguousarray(view)).resize((448, 448), Image.Resampling.BICUBIC))
+    want = np.asarray(
+        Image.fromarray(np.ascontiguousarray(view)).resize((448, 448), Image.Resampling.BICUBIC)
+    )
     assert np.array_equal(native.resize_bicubic(view, 448, 448), want)
 
 
@@ -70,7 +79,9 @@ def test_resize_tiles_equals_reference_pipeline_for_every_max_num(h, w):
 def test_load_image_native_equals_pillow_path():
     src = random_image(np.random.default_rng(5), 479, 641)
     for max_num in (1, 6, 12, 40):
-        assert torch.equal(load_image(src, max_num=max_num), load_image(src, max_num=max_num, use_native=False))
+        assert torch.equal(
+            load_image(src, max_num=max_num), load_image(src, max_num=max_num, use_native=False)
+        )
 
 
 def test_every_uint8_value_is_normalised_like_torch_with_any_mean_and_std():
@@ -81,7 +92,9 @@ def test_every_uint8_value_is_normalised_like_torch_with_any_mean_and_std():
     src = np.stack([values, values[::-1], np.roll(values, 7)], axis=-1).reshape(16, 16, 3)
     for mean, std in ((IMAGENET_MEAN, IMAGENET_STD), ((0.5, 0.25, 0.125), (0.5, 0.3, 0.7))):
         want = reference.resize_tiles(src, 1, 1, 16, False, mean, std)
-        assert torch.equal(fused(src, 1, 1, 16, False, mean, std, out=torch.full((1, 3, 16, 16), float("nan"))), want)
+        assert torch.equal(
+            fused(src, 1, 1, 16, False, mean, std, out=torch.full((1, 3, 16, 16), float("nan"))), want
+        )
 
 
 def test_thread_counts_agree():
@@ -98,24 +111,31 @@ def test_out_argument_and_poison():
     assert torch.equal(out, fused(src, 3, 2))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((10, 10, 3), dtype=np.float32), "must be uint8"),
-    (np.zeros((10, 10, 4), dtype=np.uint8), r"\[H, W, 3\]"),
-    (np.zeros((10, 10), dtype=np.uint8), r"\[H, W, 3\]"),
-    (np.zeros((0, 10, 3), dtype=np.uint8), "must not be empty"),
-    (np.zeros((10, 20, 3), dtype=np.uint8)[:, ::2], "RGB pixels 3 or 4 bytes apart"),
-    (np.zeros((3, 10, 10), dtype=np.uint8).transpose(1, 2, 0), "RGB pixels 3 or 4 bytes apart"),
-    (np.zeros((4, 5, 5), dtype=np.uint8)[..., :3], r"shape \(4, 5, 3\) .*got strides \(25, 5, 1\)"),
-    (np.lib.stride_tricks.as_strided(np.zeros(99, np.uint8), (4, 5, 3), (19, 4, 1)),  # rows overlap
-     r"shape \(4, 5, 3\) .*got strides \(19, 4, 1\)"),
-    ("not an array", "numpy array"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((10, 10, 3), dtype=np.float32), "must be uint8"),
+        (np.zeros((10, 10, 4), dtype=np.uint8), r"\[H, W, 3\]"),
+        (np.zeros((10, 10), dtype=np.uint8), r"\[H, W, 3\]"),
+        (np.zeros((0, 10, 3), dtype=np.uint8), "must not be empty"),
+        (np.zeros((10, 20, 3), dtype=np.uint8)[:, ::2], "RGB pixels 3 or 4 bytes apart"),
+        (np.zeros((3, 10, 10), dtype=np.uint8).transpose(1, 2, 0), "RGB pixels 3 or 4 bytes apart"),
+        (np.zeros((4, 5, 5), dtype=np.uint8)[..., :3], r"shape \(4, 5, 3\) .*got strides \(25, 5, 1\)"),
+        (
+            np.lib.stride_tricks.as_strided(np.zeros(99, np.uint8), (4, 5, 3), (19, 4, 1)),  # rows overlap
+            r"shape \(4, 5, 3\) .*got strides \(19, 4, 1\)",
+        ),
+        ("not an array", "numpy array"),
+    ],
+)
 def test_bad_images(bad, match):
     with pytest.raises(ImageError, match=match):
         fused(bad, 1, 1)
 
 
-@pytest.mark.parametrize("cols, rows, match", [(0, 1, "out of range"), (41, 1, "out of range"), (7, 6, "out of range")])
+@pytest.mark.parametrize(
+    "cols, rows, match", [(0, 1, "out of range"), (41, 1, "out of range"), (7, 6, "out of range")]
+)
 def test_bad_grids(cols, rows, match):
     with pytest.raises(ImageError, match=match):
         fused(np.zeros((8, 8, 3), np.uint8), cols, rows)
@@ -142,8 +162,19 @@ def c_resize(src: np.ndarray, out_h: int, out_w: int, pass_order: int, simd: boo
     """The binding itself on an [H, W, 3] array with pixels 3 or 4 bytes apart."""
     h, w, _ = src.shape
     out = np.empty((out_h, out_w, 3), np.uint8)
-    _C.resize_bicubic_cpu(src.ctypes.data, h, w, src.strides[0], out.ctypes.data, out_h, out_w, 1,
-                          pass_order=pass_order, simd=simd, pixel_stride=src.strides[1])
+    _C.resize_bicubic_cpu(
+        src.ctypes.data,
+        h,
+        w,
+        src.strides[0],
+        out.ctypes.data,
+        out_h,
+        out_w,
+        1,
+        pass_order=pass_order,
+        simd=simd,
+        pixel_stride=src.strides[1],
+    )
     return out
 
 
@@ -151,18 +182,21 @@ def two_pass(src: np.ndarray, out_h: int, out_w: int, vertical_first: bool) -> n
     """Pillow's two passes in a chosen order: a resize along one axis only is one pass in every Pillow version."""
     h, w, _ = src.shape
     mid = (w, out_h) if vertical_first else (out_w, h)
-    return np.asarray(Image.fromarray(src).resize(mid, Image.Resampling.BICUBIC).resize((out_w, out_h),
-                                                                                     Image.Resampling.BICUBIC))
+    return np.asarray(
+        Image.fromarray(src)
+        .resize(mid, Image.Resampling.BICUBIC)
+        .resize((out_w, out_h), Image.Resampling.BICUBIC)
+    )
 
 
 # (h, w, out_h, out_w, vertical first under each rule): each rule's boundary, on and one pixel past its tie.
 ORDER_CASES = [
     (250, 300, 100, 150, (False, False, False)),  # 13: h - oh = 150 < 2 (w - ow) = 300
     (300, 250, 100, 150, (False, False, False)),  # 13: tie, h - oh = 200 = 2 (w - ow): horizontal first
-    (301, 250, 100, 150, (False, False, True)),   # 13: one past the tie
+    (301, 250, 100, 150, (False, False, True)),  # 13: one past the tie
     (1920, 1080, 448, 448, (False, False, True)),  # a portrait photo
-    (500, 5, 100, 7, (False, False, True)),       # 12.2: tie, h = 100 w: horizontal first
-    (501, 5, 100, 7, (False, True, True)),        # 12.2: h > 100 w and the height shrinks
+    (500, 5, 100, 7, (False, False, True)),  # 12.2: tie, h = 100 w: horizontal first
+    (501, 5, 100, 7, (False, True, True)),  # 12.2: h > 100 w and the height shrinks
     (834, 3, 487, 98, (False, True, True)),
 ]
 
@@ -176,12 +210,21 @@ def test_each_pass_order_rule_runs_its_pillows_order(h, w, out_h, out_w, vertica
         assert np.array_equal(c_resize(src, out_h, out_w, rule), orders[v_first]), (rule, v_first)
 
 
-@pytest.mark.parametrize("version, rule", [
-    ("10.0.0", _C.PASS_ORDER_PILLOW_12_1), ("11.3.0", _C.PASS_ORDER_PILLOW_12_1),
-    ("12.1.1", _C.PASS_ORDER_PILLOW_12_1), ("12.2.0", _C.PASS_ORDER_PILLOW_12_2),
-    ("12.3.0", _C.PASS_ORDER_PILLOW_12_2), ("13.0.0", _C.PASS_ORDER_PILLOW_13), ("13.1.2", _C.PASS_ORDER_PILLOW_13),
-    ("9.5.0", None), ("14.0.0", None), ("12.1.1.post0", None),  # untested releases and Pillow-SIMD
-])
+@pytest.mark.parametrize(
+    "version, rule",
+    [
+        ("10.0.0", _C.PASS_ORDER_PILLOW_12_1),
+        ("11.3.0", _C.PASS_ORDER_PILLOW_12_1),
+        ("12.1.1", _C.PASS_ORDER_PILLOW_12_1),
+        ("12.2.0", _C.PASS_ORDER_PILLOW_12_2),
+        ("12.3.0", _C.PASS_ORDER_PILLOW_12_2),
+        ("13.0.0", _C.PASS_ORDER_PILLOW_13),
+        ("13.1.2", _C.PASS_ORDER_PILLOW_13),
+        ("9.5.0", None),
+        ("14.0.0", None),
+        ("12.1.1.post0", None),  # untested releases and Pillow-SIMD
+    ],
+)
 def test_pass_order_of_each_pillow_release(version, rule):
     assert native.pass_order_for(version) == rule
 
@@ -204,20 +247,44 @@ def test_avx2_and_portable_code_agree():
     rng = np.random.default_rng(3)
     # Row lengths (3 x width) below, at and off multiples of 32 (the vertical pass's step), tap counts odd and
     # even (a single source row included), both pass orders.
-    for h, w, out_h, out_w in [(1, 1, 1, 1), (3, 7, 5, 2), (17, 1001, 33, 448), (100, 4001, 9, 1344),
-                               (640, 480, 896, 1344), (1000, 3, 40, 500), (1, 40, 7, 33), (37, 45, 70, 29),
-                               (900, 50, 20, 40), (300, 11, 7, 64)]:
+    for h, w, out_h, out_w in [
+        (1, 1, 1, 1),
+        (3, 7, 5, 2),
+        (17, 1001, 33, 448),
+        (100, 4001, 9, 1344),
+        (640, 480, 896, 1344),
+        (1000, 3, 40, 500),
+        (1, 40, 7, 33),
+        (37, 45, 70, 29),
+        (900, 50, 20, 40),
+        (300, 11, 7, 64),
+    ]:
         src = random_image(rng, h, w)
         for rule in RULES:
-            assert np.array_equal(c_resize(src, out_h, out_w, rule, simd=True),
-                                  c_resize(src, out_h, out_w, rule, simd=False)), (h, w, out_h, out_w, rule)
+            assert np.array_equal(
+                c_resize(src, out_h, out_w, rule, simd=True), c_resize(src, out_h, out_w, rule, simd=False)
+            ), (h, w, out_h, out_w, rule)
     src = random_image(rng, 300, 1000)
     for tile in (448, 1, 5, 13):  # the normalisation's 8-pixel steps, with and without a tail
         tiles = []
         for simd in (True, False):
             out = torch.full((4, 3, tile, tile), float("nan"))
-            _C.resize_tiles_cpu(src.ctypes.data, 300, 1000, 3000, out.data_ptr(), 3, 1, tile, True, IMAGENET_MEAN,
-                                IMAGENET_STD, 2, pass_order=_C.PASS_ORDER_PILLOW_13, simd=simd)
+            _C.resize_tiles_cpu(
+                src.ctypes.data,
+                300,
+                1000,
+                3000,
+                out.data_ptr(),
+                3,
+                1,
+                tile,
+                True,
+                IMAGENET_MEAN,
+                IMAGENET_STD,
+                2,
+                pass_order=_C.PASS_ORDER_PILLOW_13,
+                simd=simd,
+            )
             tiles.append(out)
         assert torch.equal(tiles[0], tiles[1]), tile
 
@@ -226,14 +293,27 @@ def test_four_byte_pixels_equal_packed_ones_in_every_code_path():
     # RGBX / RGBA rows (the 4th byte random, never part of a result) against the packed RGB copy, for every
     # pass-order rule (h-first and v-first first passes), SIMD and portable code, strided rows, one row or column.
     rng = np.random.default_rng(12)
-    for h, w, out_h, out_w in [(1, 1, 1, 1), (3, 7, 5, 2), (17, 1001, 33, 448), (640, 480, 896, 1344),
-                               (1000, 3, 40, 500), (1, 40, 7, 33), (900, 50, 20, 40), (2000, 30, 17, 9)]:
+    for h, w, out_h, out_w in [
+        (1, 1, 1, 1),
+        (3, 7, 5, 2),
+        (17, 1001, 33, 448),
+        (640, 480, 896, 1344),
+        (1000, 3, 40, 500),
+        (1, 40, 7, 33),
+        (900, 50, 20, 40),
+        (2000, 30, 17, 9),
+    ]:
         rgbx = rng.integers(0, 256, (h, w + 2, 4), dtype=np.uint8)[:, 1:-1]  # rows 4 * (w + 2) bytes apart
         packed = np.ascontiguousarray(rgbx[..., :3])
         for rule in RULES:
             for simd in (True, False):
                 want = c_resize(packed, out_h, out_w, rule, simd)
-                assert np.array_equal(c_resize(rgbx[..., :3], out_h, out_w, rule, simd), want), (h, w, rule, simd)
+                assert np.array_equal(c_resize(rgbx[..., :3], out_h, out_w, rule, simd), want), (
+                    h,
+                    w,
+                    rule,
+                    simd,
+                )
         want = native.resize_bicubic(packed, out_w, out_h)
         assert np.array_equal(native.resize_bicubic(rgbx[..., :3], out_w, out_h), want)
         cols, rows = choose_grid(w, h, 1, 6)
@@ -288,7 +368,9 @@ def test_scratch_memory_of_a_wide_image_is_bounded_like_pillows():
         proc = run_python(PEAK_RSS.format(w=w, pillow=pillow))
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks[pillow] = int(proc.stdout.split()[-1])
-    assert peaks[False] < 1.5 * peaks[True] + (8 << 20), f"pyvl {peaks[False] >> 20} MB, Pillow {peaks[True] >> 20} MB"
+    assert peaks[False] < 1.5 * peaks[True] + (8 << 20), (
+        f"pyvl {peaks[False] >> 20} MB, Pillow {peaks[True] >> 20} MB"
+    )
 
 
 def test_unknown_pillow_release_falls_back_to_the_pillow_path(monkeypatch):

@@ -11,9 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from pyvl.kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
-from pyvl.ops import reference as ref  # noqa: E402
-from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
+from kernel_tolerances import assert_matches_oracle, fresh_generator, randn
+
+from pyvl.kernels.rms_norm import add_rms_norm, rms_norm
+from pyvl.ops import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -37,7 +38,9 @@ def test_matches_reference(dtype, shape):
     x, w = rows_view(shape, dtype, gen), weight(shape[-1], dtype, gen)
     out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
     assert rms_norm(x, w, EPS, out=out) is out
-    assert_matches_oracle(out, ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS), f"seed {seed}")
+    assert_matches_oracle(
+        out, ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS), f"seed {seed}"
+    )
 
 
 def _closed_form_case(dtype):
@@ -49,8 +52,8 @@ def _closed_form_case(dtype):
     """
     c = 200  # not a power of two: the masked tail must not count in the mean
     sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(c // 2)
-    amplitudes = torch.tensor([2.0 ** -10, 2.0 ** -11, 2.0 ** -9], dtype=torch.float64)  # a^2 = eps, eps/4, 4 eps
-    eps = 2.0 ** -20
+    amplitudes = torch.tensor([2.0**-10, 2.0**-11, 2.0**-9], dtype=torch.float64)  # a^2 = eps, eps/4, 4 eps
+    eps = 2.0**-20
     x = (amplitudes[:, None] * sign).to(dtype=dtype, device=DEVICE)
     exact = amplitudes[:, None] / torch.sqrt(amplitudes[:, None] ** 2 + eps) * sign
     return x, eps, exact
@@ -61,8 +64,8 @@ def test_eps_sits_inside_the_sqrt_with_the_mean_square(dtype):
     """Small-variance rows where eps matters: reference and kernel both equal x / sqrt(mean(x^2) + eps)."""
     x, eps, exact = _closed_form_case(dtype)
     w = torch.ones(x.shape[-1], dtype=dtype, device=DEVICE)
-    assert abs(exact[0, 0].item() - 2 ** -0.5) < 1e-12  # a^2 = eps: half-way, not 1 as with a misplaced eps
-    tol = 1e-6 if dtype == torch.float32 else 2 ** -8  # one rounding of the normalised value to dtype
+    assert abs(exact[0, 0].item() - 2**-0.5) < 1e-12  # a^2 = eps: half-way, not 1 as with a misplaced eps
+    tol = 1e-6 if dtype == torch.float32 else 2**-8  # one rounding of the normalised value to dtype
     for name, got in (("reference", ref.rms_norm(x, w, eps)), ("kernel", rms_norm(x, w, eps))):
         err = (got.double().cpu() - exact).abs().max().item()
         assert err <= tol, f"{name} {dtype}: max error {err:.3e} against x / sqrt(mean(x^2) + eps)"
@@ -77,9 +80,13 @@ def test_small_variance_random_rows(dtype):
     w = weight(200, dtype, gen)
     out = torch.full(x.shape, float("nan"), dtype=dtype, device=DEVICE)
     rms_norm(x, w, eps, out=out)
-    assert_matches_oracle(out, ref.rms_norm(x.float(), w.float(), eps), ref.rms_norm(x, w, eps), f"seed {seed}")
+    assert_matches_oracle(
+        out, ref.rms_norm(x.float(), w.float(), eps), ref.rms_norm(x, w, eps), f"seed {seed}"
+    )
     # eps is not negligible here: dropping it would move the result by far more than the tolerance
-    assert (ref.rms_norm(x.float(), w.float(), eps) - ref.rms_norm(x.float(), w.float(), 0.0)).abs().max() > 0.1
+    assert (
+        ref.rms_norm(x.float(), w.float(), eps) - ref.rms_norm(x.float(), w.float(), 0.0)
+    ).abs().max() > 0.1
 
 
 def test_float32_weight_promotes_the_output():
@@ -99,19 +106,25 @@ def test_add_rms_norm(dtype):
     r = randn(3, 7, 200, dtype=dtype, device=DEVICE, gen=gen, scale=4.0)
     w = weight(200, dtype, gen)
     summed = x + r  # rounded to dtype, like the kernel's residual output
-    normed, h = add_rms_norm(x, r, w, EPS, out=torch.full_like(x, float("nan")),
-                             residual_out=torch.full_like(x, float("nan")))
+    normed, h = add_rms_norm(
+        x, r, w, EPS, out=torch.full_like(x, float("nan")), residual_out=torch.full_like(x, float("nan"))
+    )
     assert torch.equal(h, summed), f"seed {seed}"
-    assert_matches_oracle(normed, ref.rms_norm(summed.float(), w.float(), EPS), ref.rms_norm(summed, w, EPS),
-                          f"seed {seed}")
+    assert_matches_oracle(
+        normed, ref.rms_norm(summed.float(), w.float(), EPS), ref.rms_norm(summed, w, EPS), f"seed {seed}"
+    )
     # In place: the sum may overwrite the residual stream it was read from.
     normed2, h2 = add_rms_norm(x, r, w, EPS, residual_out=r)
     assert h2 is r and torch.equal(r, summed) and torch.equal(normed2, normed), f"seed {seed}"
     # the fused path on small-variance sums, where eps is as large as mean(h^2)
     tiny = randn(3, 200, dtype=dtype, device=DEVICE, gen=gen, scale=2e-3)
     normed3, h3 = add_rms_norm(tiny, tiny, w, 1e-5)
-    assert_matches_oracle(normed3, ref.rms_norm(h3.float(), w.float(), 1e-5), ref.rms_norm(h3, w, 1e-5),
-                          f"small variance, seed {seed}")
+    assert_matches_oracle(
+        normed3,
+        ref.rms_norm(h3.float(), w.float(), 1e-5),
+        ref.rms_norm(h3, w, 1e-5),
+        f"small variance, seed {seed}",
+    )
 
 
 def test_rejects_bad_inputs():
@@ -134,5 +147,6 @@ def test_rejects_bad_inputs():
 def test_real_shapes(shape):
     gen, seed = fresh_generator()
     x, w = rows_view(shape, torch.bfloat16, gen), weight(shape[-1], torch.bfloat16, gen)
-    assert_matches_oracle(rms_norm(x, w, EPS), ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS),
-                          f"seed {seed}")
+    assert_matches_oracle(
+        rms_norm(x, w, EPS), ref.rms_norm(x.float(), w.float(), EPS), ref.rms_norm(x, w, EPS), f"seed {seed}"
+    )

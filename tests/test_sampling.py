@@ -13,11 +13,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import golden_cases, loaded_model
+from hf_sampling import process_logits, select_tokens
 
 from pyvl.engine.sampling import Sampler
-from hf_sampling import process_logits, select_tokens
 from pyvl.generation_config import GenerationConfig
-from conftest import golden_cases, loaded_model
 
 INF = float("inf")
 
@@ -76,13 +76,16 @@ def test_greedy_ignores_the_warpers(process):
 
 
 # ---- top-k --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("top_k, kept", [
-    (2, [1, 2]),        # the two largest
-    (1, [1, 2]),        # HF removes scores < the k-th largest: a tie at the k-th is kept
-    (3, [0, 1, 2]),
-    (10, [0, 1, 2, 3]),  # top_k > vocab clamps to the vocab
-    (0, [0, 1, 2, 3]),   # top_k = 0 disables it
-])
+@pytest.mark.parametrize(
+    "top_k, kept",
+    [
+        (2, [1, 2]),  # the two largest
+        (1, [1, 2]),  # HF removes scores < the k-th largest: a tie at the k-th is kept
+        (3, [0, 1, 2]),
+        (10, [0, 1, 2, 3]),  # top_k > vocab clamps to the vocab
+        (0, [0, 1, 2, 3]),  # top_k = 0 disables it
+    ],
+)
 def test_top_k(process, top_k, kept):
     scores = torch.tensor([[1.0, 2.0, 2.0, 0.0]])
     out, _ = process(scores, [[0]], GenerationConfig(do_sample=True, top_k=top_k), seed=0)
@@ -159,8 +162,9 @@ def test_generate_penalises_the_bos_id_at_step_0_and_not_the_prompt(model):
     assert ids[0] == bos
     raw = model.logits(ids)[-1]
     penalty = 1.7
-    new_ids, scores = model.generate(ids, None, dict(max_new_tokens=2, repetition_penalty=penalty),
-                                     output_scores=True)
+    new_ids, scores = model.generate(
+        ids, None, dict(max_new_tokens=2, repetition_penalty=penalty), output_scores=True
+    )
     want = raw.clone()
     want[bos] = _penalised(raw[bos], penalty)
     torch.testing.assert_close(scores[0, 0], want, atol=2e-5, rtol=0)
@@ -190,17 +194,20 @@ def test_a_row_that_stops_gets_pads_while_the_other_continues_as_alone(model):
     pad = model.tokenizer.pad_id
     assert pad != stop_id
     assert both.shape == (2, 8)
-    assert both[0].tolist() == stops_early["new_token_ids"][:at + 1] + [pad] * (7 - at)
-    assert alone_a[0].tolist() == stops_early["new_token_ids"][:at + 1]
+    assert both[0].tolist() == stops_early["new_token_ids"][: at + 1] + [pad] * (7 - at)
+    assert alone_a[0].tolist() == stops_early["new_token_ids"][: at + 1]
     assert both[1].tolist() == alone_b[0].tolist() == goes_on["new_token_ids"][:8]
     torch.testing.assert_close(both_scores[1], alone_b_scores[0], atol=1e-4, rtol=0)
 
 
 # ---- the Sampler against today's process_logits + select_tokens, row by row ---------------------------------------
 VOCAB = 40
-SETTINGS = [GenerationConfig(do_sample=d, temperature=t, top_k=k, top_p=p, repetition_penalty=r)
-            for d, t, k, p, r in itertools.product([False, True], [1.0, 0.7], [0, 5, VOCAB + 3], [1.0, 0.8],
-                                                   [1.0, 1.3])]
+SETTINGS = [
+    GenerationConfig(do_sample=d, temperature=t, top_k=k, top_p=p, repetition_penalty=r)
+    for d, t, k, p, r in itertools.product(
+        [False, True], [1.0, 0.7], [0, 5, VOCAB + 3], [1.0, 0.8], [1.0, 1.3]
+    )
+]
 
 
 def _reference_row(steps: list[torch.Tensor], cfg: GenerationConfig, seed: int, bos: int):
@@ -215,8 +222,11 @@ def _reference_row(steps: list[torch.Tensor], cfg: GenerationConfig, seed: int, 
     return out
 
 
-@pytest.mark.parametrize("cfg", SETTINGS, ids=lambda c: f"s{int(c.do_sample)}-t{c.temperature}-k{c.top_k}"
-                                                        f"-p{c.top_p}-r{c.repetition_penalty}")
+@pytest.mark.parametrize(
+    "cfg",
+    SETTINGS,
+    ids=lambda c: f"s{int(c.do_sample)}-t{c.temperature}-k{c.top_k}-p{c.top_p}-r{c.repetition_penalty}",
+)
 def test_sampler_rows_equal_todays_code_alone_and_batched(cfg):
     """Each setting alone (capacity 1) and in slot 2 of a 5-slot table next to rows of other settings and a free
     slot: bit-identical processed scores and tokens over 4 steps (the mask learns each chosen token)."""
@@ -226,8 +236,10 @@ def test_sampler_rows_equal_todays_code_alone_and_batched(cfg):
     logits[:, :, :4] += 4  # tokens worth repeating, so the penalty bites
     other = SETTINGS[(SETTINGS.index(cfg) + 9) % len(SETTINGS)]
     neighbours = {0: replace(SETTINGS[-1], seed=5), 1: replace(SETTINGS[7], seed=6), 4: other}
-    want = {slot: _reference_row([logits[t, slot:slot + 1] for t in range(n_steps)], c, c.seed or seed, bos)
-            for slot, c in {**neighbours, 2: cfg}.items()}
+    want = {
+        slot: _reference_row([logits[t, slot : slot + 1] for t in range(n_steps)], c, c.seed or seed, bos)
+        for slot, c in {**neighbours, 2: cfg}.items()
+    }
     alone = Sampler(1, VOCAB, bos)
     alone.activate(0, replace(cfg, seed=seed))
     batched = Sampler(5, VOCAB, bos)
@@ -240,8 +252,8 @@ def test_sampler_rows_equal_todays_code_alone_and_batched(cfg):
         active = [4, 0, 2, 1]  # any order; slot 3 is not in the step
         tokens, scores = batched.sample(logits[t, active], active)
         for i, slot in enumerate(active):
-            assert torch.equal(scores[i:i + 1], want[slot][t][0]), (t, slot)
-            assert torch.equal(tokens[i:i + 1], want[slot][t][1]), (t, slot)
+            assert torch.equal(scores[i : i + 1], want[slot][t][0]), (t, slot)
+            assert torch.equal(tokens[i : i + 1], want[slot][t][1]), (t, slot)
 
 
 def test_a_fresh_slot_penalises_only_the_bos_id():
@@ -254,7 +266,9 @@ def test_a_fresh_slot_penalises_only_the_bos_id():
 
 def test_a_reused_slot_forgets_the_previous_request():
     sampler = Sampler(1, 6, bos_id=1)
-    sampler.activate(0, GenerationConfig(do_sample=True, top_k=2, repetition_penalty=3.0, seed=0), output_ids=[4, 5])
+    sampler.activate(
+        0, GenerationConfig(do_sample=True, top_k=2, repetition_penalty=3.0, seed=0), output_ids=[4, 5]
+    )
     sampler.sample(torch.randn(1, 6), [0])
     sampler.deactivate(0)
     sampler.activate(0, GenerationConfig(repetition_penalty=2.0))

@@ -55,9 +55,22 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"server-{self.port}.log"
         env = dict(os.environ, PYVL_CACHE=str(demo_model_path().parent))
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyvl", "serve", "--port", str(self.port),
-                                      "--served-model-name", NAME, *flags], stdout=self.log.open("w"),
-                                     stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pyvl",
+                "serve",
+                "--port",
+                str(self.port),
+                "--served-model-name",
+                NAME,
+                *flags,
+            ],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
@@ -68,7 +81,7 @@ class Server:
                 time.sleep(0.2)
         raise AssertionError(f"server did not start: {self.log.read_text()}")
 
-    def client(self, key: str = KEY) -> "openai.OpenAI":
+    def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
     def health(self) -> dict:
@@ -114,9 +127,20 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, media):
-    s = Server(tmp_path_factory.mktemp("logs"), "--api-key", KEY, "--allow-private-urls",
-               "--allowed-local-media-path", str(media["root"]), "--max-request-mb", "1",
-               "--max-tiles-per-request", "20", "--fetch-timeout", "5")
+    s = Server(
+        tmp_path_factory.mktemp("logs"),
+        "--api-key",
+        KEY,
+        "--allow-private-urls",
+        "--allowed-local-media-path",
+        str(media["root"]),
+        "--max-request-mb",
+        "1",
+        "--max-tiles-per-request",
+        "20",
+        "--fetch-timeout",
+        "5",
+    )
     yield s
     s.stop()
 
@@ -130,8 +154,9 @@ def strict(tmp_path_factory):
 
 
 def _ask(client, content, **kw):
-    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": content}],
-                                          **(GREEDY | kw))
+    return client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": content}], **(GREEDY | kw)
+    )
 
 
 def _image_part(url: str, **extra) -> dict:
@@ -141,7 +166,9 @@ def _image_part(url: str, **extra) -> dict:
 def _raw(server: Server, body, key: str | None = KEY, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if isinstance(body, (bytes, str)):
-        return httpx.post(server.url + "/v1/chat/completions", content=body, headers=headers, timeout=60, **kw)
+        return httpx.post(
+            server.url + "/v1/chat/completions", content=body, headers=headers, timeout=60, **kw
+        )
     return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60, **kw)
 
 
@@ -149,7 +176,7 @@ def _sse_events(response: httpx.Response) -> list:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 
@@ -179,9 +206,12 @@ def test_answers_equal_model_chat_streaming_and_not(server, model):
     assert chunks[-2].choices[0].finish_reason == reply.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == prompt
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
-    with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"model": NAME, "messages": [{"role": "user", "content": question}], "stream": True,
-                            **GREEDY}) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": NAME, "messages": [{"role": "user", "content": question}], "stream": True, **GREEDY},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         assert _sse_events(r)[-1] == "[DONE]"
 
@@ -192,23 +222,37 @@ def test_system_message_replaces_the_default(server, model):
     view.system_message = system
     expected = view.chat(None, "Hi", dict(max_new_tokens=16))
     assert expected != model.chat(None, "Hi", dict(max_new_tokens=16))  # the system message matters
-    reply = server.client().chat.completions.create(model=NAME, messages=[
-        {"role": "system", "content": system}, {"role": "user", "content": "Hi"}], **GREEDY)
+    reply = server.client().chat.completions.create(
+        model=NAME,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+        **GREEDY,
+    )
     assert reply.choices[0].message.content == expected
 
 
 def test_sampling_parameters_reach_the_sampler(server, model):
     kw = dict(temperature=0.8, top_p=0.9, seed=7, max_tokens=12)
-    expected = model.chat(None, "Sing.", dict(do_sample=True, temperature=0.8, top_p=0.9, seed=7, top_k=5,
-                                              repetition_penalty=1.3, max_new_tokens=12))
+    expected = model.chat(
+        None,
+        "Sing.",
+        dict(
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.9,
+            seed=7,
+            top_k=5,
+            repetition_penalty=1.3,
+            max_new_tokens=12,
+        ),
+    )
     reply = _ask(server.client(), "Sing.", **kw, extra_body={"top_k": 5, "repetition_penalty": 1.3})
     assert reply.choices[0].message.content == expected
 
 
 def test_stop_strings_cut_the_answer(server, model):
     answer = model.chat(None, "Count.", dict(max_new_tokens=40))
-    stop = answer[len(answer) // 2:len(answer) // 2 + 3]
-    expected = answer[:answer.find(stop)]
+    stop = answer[len(answer) // 2 : len(answer) // 2 + 3]
+    expected = answer[: answer.find(stop)]
     reply = _ask(server.client(), "Count.", max_tokens=40, stop=[stop])
     assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
     chunks = list(_ask(server.client(), "Count.", max_tokens=40, stop=stop, stream=True))
@@ -227,15 +271,21 @@ def test_data_url_http_url_and_local_path_give_the_model_answer(server, model, m
 
 def test_image_sources_refused_or_unreadable(server, strict, media):
     client = server.client()
-    cases = [(server, str(media["outside"] / "secret.png"), 400),  # outside the allowed folder
-             (server, "../" + media["outside"].name + "/secret.png", 400),  # escaping with ..
-             (server, media["http"] + "/missing.png", 422), (server, media["http"] + "/loop", 422),
-             (server, f"http://127.0.0.1:{_free_port()}/x.png", 422),  # nothing listens there
-             (server, str(media["root"] / "missing.png"), 422),
-             (server, media["http"] + "/garbage.png", 400), (server, "data:image/png;base64,@@@", 400),
-             (server, _data_url(b"garbage"), 400), (server, "ftp://example.com/x.png", 400),
-             (strict, media["http"] + "/red.png", 400),  # loopback refused without --allow-private-urls
-             (strict, "http://169.254.169.254/latest", 400), (strict, str(media["root"] / "red.png"), 400)]
+    cases = [
+        (server, str(media["outside"] / "secret.png"), 400),  # outside the allowed folder
+        (server, "../" + media["outside"].name + "/secret.png", 400),  # escaping with ..
+        (server, media["http"] + "/missing.png", 422),
+        (server, media["http"] + "/loop", 422),
+        (server, f"http://127.0.0.1:{_free_port()}/x.png", 422),  # nothing listens there
+        (server, str(media["root"] / "missing.png"), 422),
+        (server, media["http"] + "/garbage.png", 400),
+        (server, "data:image/png;base64,@@@", 400),
+        (server, _data_url(b"garbage"), 400),
+        (server, "ftp://example.com/x.png", 400),
+        (strict, media["http"] + "/red.png", 400),  # loopback refused without --allow-private-urls
+        (strict, "http://169.254.169.254/latest", 400),
+        (strict, str(media["root"] / "red.png"), 400),
+    ]
     for target, url, status in cases:
         r = _raw(target, {"model": NAME, "messages": [{"role": "user", "content": [_image_part(url)]}]})
         assert r.status_code == status, (url, r.text)
@@ -251,13 +301,32 @@ def test_detail_and_max_dynamic_patch_set_the_tiles(server, model, media):
         (n,) = model.tile_images([data], max_num=tiles)[1]
         expected[label] = len(model.tokenizer.encode(model.build_query("<image>\nQ", [n])))
     assert len(set(expected.values())) == 3
-    for label, extra in (("low", {"detail": "low"}), ("medium", {"detail": "medium"}),
-                         ("one", {"detail": "high", "max_dynamic_patch": 1})):
-        reply = _ask(server.client(), [{"type": "text", "text": "Q"}, _image_part(_data_url(data), **extra)],
-                     max_tokens=1)
+    for label, extra in (
+        ("low", {"detail": "low"}),
+        ("medium", {"detail": "medium"}),
+        ("one", {"detail": "high", "max_dynamic_patch": 1}),
+    ):
+        reply = _ask(
+            server.client(),
+            [{"type": "text", "text": "Q"}, _image_part(_data_url(data), **extra)],
+            max_tokens=1,
+        )
         assert reply.usage.prompt_tokens == expected[label], label
-    r = _raw(server, {"model": NAME, "messages": [{"role": "user", "content": [
-        _image_part(_data_url(data), max_dynamic_patch=12), _image_part(_data_url(data), max_dynamic_patch=12)]}]})
+    r = _raw(
+        server,
+        {
+            "model": NAME,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        _image_part(_data_url(data), max_dynamic_patch=12),
+                        _image_part(_data_url(data), max_dynamic_patch=12),
+                    ],
+                }
+            ],
+        },
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_tiles"  # 13 + 13 > 20
 
 
@@ -266,38 +335,62 @@ def test_multi_turn_with_image_reuses_the_prefix(server, model, media):
     turn1 = [{"type": "text", "text": "What colour?"}, _image_part(_data_url(data))]
     first = _ask(server.client(), turn1)
     answer1 = first.choices[0].message.content
-    messages = [{"role": "user", "content": turn1}, {"role": "assistant", "content": answer1},
-                {"role": "user", "content": "Are you sure?"}]
+    messages = [
+        {"role": "user", "content": turn1},
+        {"role": "assistant", "content": answer1},
+        {"role": "user", "content": "Are you sure?"},
+    ]
     second = server.client().chat.completions.create(model=NAME, messages=messages, **GREEDY)
     assert second.usage.prompt_tokens_details.cached_tokens > 0
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens // 2
     tiles, patches = model.tile_images([data])
-    expected = model.chat(tiles, "Are you sure?", dict(max_new_tokens=16), num_patches_list=patches,
-                          history=[("<image>\nWhat colour?", answer1)])
+    expected = model.chat(
+        tiles,
+        "Are you sure?",
+        dict(max_new_tokens=16),
+        num_patches_list=patches,
+        history=[("<image>\nWhat colour?", answer1)],
+    )
     assert second.choices[0].message.content == expected
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
 def test_error_classes(server, model):
     user = [{"role": "user", "content": "hi"}]
-    cases = [(b"{not json", 400, None), (b"[1, 2]", 400, None),
-             ({"model": NAME, "messages": "hi"}, 400, "messages"),
-             ({"model": NAME, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
-             ({"model": NAME, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
-             ({"model": NAME, "messages": user, "n": 2}, 400, "n"),
-             ({"model": NAME, "messages": user, "logprobs": True}, 400, "logprobs"),
-             ({"model": NAME, "messages": user, "tools": [{"type": "function"}]}, 400, "tools"),
-             ({"model": NAME, "messages": user, "response_format": {"type": "json_object"}}, 400, "response_format"),
-             ({"model": NAME, "messages": user, "temperature": "hot"}, 400, "temperature"),
-             ({"model": NAME, "messages": user, "max_tokens": 0}, 400, "max_tokens"),
-             ({"model": NAME, "messages": user, "stop": [""]}, 400, "stop"),
-             ({"model": NAME, "messages": [{"role": "user", "content": [
-                 _image_part("x", max_dynamic_patch=41)]}]}, 400, "messages[0].content[0].image_url.max_dynamic_patch"),
-             ({"model": NAME, "messages": [{"role": "user", "content": [_image_part("x", detail="huge")]}]}, 400,
-              "messages[0].content[0].image_url.detail"),
-             ({"model": NAME, "messages": [{"role": "user", "content": "hello " * model.max_context}]}, 400, None),
-             ({"model": "gpt-4o", "messages": user}, 404, "model"),
-             (b"{" + b" " * (1 << 20) + b"}", 413, None)]
+    cases = [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        ({"model": NAME, "messages": "hi"}, 400, "messages"),
+        ({"model": NAME, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+        ({"model": NAME, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+        ({"model": NAME, "messages": user, "n": 2}, 400, "n"),
+        ({"model": NAME, "messages": user, "logprobs": True}, 400, "logprobs"),
+        ({"model": NAME, "messages": user, "tools": [{"type": "function"}]}, 400, "tools"),
+        (
+            {"model": NAME, "messages": user, "response_format": {"type": "json_object"}},
+            400,
+            "response_format",
+        ),
+        ({"model": NAME, "messages": user, "temperature": "hot"}, 400, "temperature"),
+        ({"model": NAME, "messages": user, "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": NAME, "messages": user, "stop": [""]}, 400, "stop"),
+        (
+            {
+                "model": NAME,
+                "messages": [{"role": "user", "content": [_image_part("x", max_dynamic_patch=41)]}],
+            },
+            400,
+            "messages[0].content[0].image_url.max_dynamic_patch",
+        ),
+        (
+            {"model": NAME, "messages": [{"role": "user", "content": [_image_part("x", detail="huge")]}]},
+            400,
+            "messages[0].content[0].image_url.detail",
+        ),
+        ({"model": NAME, "messages": [{"role": "user", "content": "hello " * model.max_context}]}, 400, None),
+        ({"model": "gpt-4o", "messages": user}, 404, "model"),
+        (b"{" + b" " * (1 << 20) + b"}", 413, None),
+    ]
     for body, status, param in cases:
         r = _raw(server, body)
         assert r.status_code == status, (str(body)[:80], r.text[:300])
@@ -311,8 +404,13 @@ def test_error_classes(server, model):
 
 
 def test_queue_full_is_503(strict):
-    body = {"model": NAME, "messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": 3000,
-            "temperature": 0}
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": "go"}],
+        "stream": True,
+        "max_tokens": 3000,
+        "temperature": 0,
+    }
     with httpx.stream("POST", strict.url + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()  # kept: a dropped line iterator closes the connection
         next(lines)
@@ -323,16 +421,28 @@ def test_queue_full_is_503(strict):
 
 # ---- concurrency, cancellation, shutdown -----------------------------------------------------------------------
 def test_disconnect_after_first_chunk_frees_the_blocks(server):
-    body = {"model": NAME, "messages": [{"role": "user", "content": "a long story " * 40}], "stream": True,
-            "max_tokens": 3000, "temperature": 0}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": "a long story " * 40}],
+        "stream": True,
+        "max_tokens": 3000,
+        "temperature": 0,
+    }
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as r:
         lines = r.iter_lines()
         next(lines)
         health = server.health()
         assert health["requests_in_flight"] == 1 and health["kv_blocks_in_use"] > 0
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (server.health()["kv_blocks_in_use"] or server.health()["requests_in_flight"]):
+    while time.monotonic() < deadline and (
+        server.health()["kv_blocks_in_use"] or server.health()["requests_in_flight"]
+    ):
         time.sleep(0.05)
     assert server.health()["kv_blocks_in_use"] == 0 and server.health()["requests_in_flight"] == 0
 
@@ -351,8 +461,13 @@ def test_sixteen_concurrent_streams_get_the_serial_answers(server, model):
 
 def test_sigterm_ends_streams_with_an_error_and_exits(tmp_path):
     s = Server(tmp_path)
-    body = {"model": NAME, "messages": [{"role": "user", "content": "go on"}], "stream": True, "max_tokens": 3000,
-            "temperature": 0}
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": "go on"}],
+        "stream": True,
+        "max_tokens": 3000,
+        "temperature": 0,
+    }
     results = []
 
     def stream():
@@ -377,13 +492,13 @@ def test_sigterm_ends_streams_with_an_error_and_exits(tmp_path):
     assert len(results) == 3
     for lines in results:
         assert lines[-1] == "data: [DONE]"
-        assert json.loads(lines[-2][len("data: "):])["error"]["code"] == "server_shutting_down"
+        assert json.loads(lines[-2][len("data: ") :])["error"]["code"] == "server_shutting_down"
 
 
 def test_health_is_503_once_the_engine_has_stopped():
+    from conftest import GOLDEN
     from starlette.testclient import TestClient
 
-    from conftest import GOLDEN
     from pyvl.serve.app import ServeSettings, create_app
 
     model = pyvl.load(GOLDEN / "v15" / "checkpoint", device="cpu")

@@ -41,9 +41,15 @@ def test_concurrent_streams_need_no_thread_each():
     async def run() -> list[str]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://pyvl") as client:
+
             async def one(question: str) -> str:
-                body = {"model": "demo", "stream": True, "temperature": 0, "max_tokens": 24,
-                        "messages": [{"role": "user", "content": question}]}
+                body = {
+                    "model": "demo",
+                    "stream": True,
+                    "temperature": 0,
+                    "max_tokens": 24,
+                    "messages": [{"role": "user", "content": question}],
+                }
                 response = await client.post("/v1/chat/completions", json=body)
                 assert response.status_code == 200, response.text
                 return _stream_text(response.text)

@@ -10,9 +10,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from pyvl.kernels.silu_mul import silu_mul  # noqa: E402
-from pyvl.ops import reference as ref  # noqa: E402
-from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
+from kernel_tolerances import assert_matches_oracle, fresh_generator, randn
+
+from pyvl.kernels.silu_mul import silu_mul
+from pyvl.ops import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -57,5 +58,6 @@ def test_rejects_bad_inputs():
 def test_real_shape():
     gen, seed = fresh_generator()
     gate, up = fused_gate_up((3400, 16384), torch.bfloat16, gen)  # InternLM2-20B FFN at 3.4k tokens
-    assert_matches_oracle(silu_mul(gate, up), ref.silu_mul(gate.float(), up.float()), ref.silu_mul(gate, up),
-                          f"seed {seed}")
+    assert_matches_oracle(
+        silu_mul(gate, up), ref.silu_mul(gate.float(), up.float()), ref.silu_mul(gate, up), f"seed {seed}"
+    )

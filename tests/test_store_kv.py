@@ -11,9 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from pyvl.kernels.store_kv import store_kv  # noqa: E402
-from pyvl.ops import reference as ref  # noqa: E402
-from kernel_tolerances import fresh_generator, randn  # noqa: E402
+from kernel_tolerances import fresh_generator, randn
+
+from pyvl.kernels.store_kv import store_kv
+from pyvl.ops import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -26,7 +27,7 @@ def make_case(n, hkv, num_blocks, bs, d, dtype, gen, padding=3):
     slots = torch.randperm(num_blocks * bs, generator=gen)[:n]
     slots[torch.randperm(n, generator=gen)[:padding]] = -1
     pools = torch.full((2, num_blocks, hkv, bs, d), float("nan"), dtype=dtype, device=DEVICE)
-    return qkv[:, 4:4 + hkv], qkv[:, 4 + hkv:], pools[0], pools[1], slots.to(DEVICE)
+    return qkv[:, 4 : 4 + hkv], qkv[:, 4 + hkv :], pools[0], pools[1], slots.to(DEVICE)
 
 
 def test_reference_writes_each_slot_and_nothing_else():
@@ -45,8 +46,9 @@ def test_reference_writes_each_slot_and_nothing_else():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("hkv, bs, d, slot_dtype", [
-    (1, 16, 64, torch.int64), (6, 32, 128, torch.int64), (2, 64, 64, torch.int32)])
+@pytest.mark.parametrize(
+    "hkv, bs, d, slot_dtype", [(1, 16, 64, torch.int64), (6, 32, 128, torch.int64), (2, 64, 64, torch.int32)]
+)
 def test_kernel_matches_reference(dtype, hkv, bs, d, slot_dtype):
     gen, seed = fresh_generator()
     k_new, v_new, k_pool, v_pool, slots = make_case(13, hkv, 4, bs, d, dtype, gen)

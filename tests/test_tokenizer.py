@@ -1,4 +1,5 @@
 """pyvl.tokenizer against the original slow InternLM2Tokenizer (golden probes and chat cases), plus streaming."""
+
 import json
 import random
 import shutil
@@ -38,9 +39,12 @@ def test_probe_encode_and_decode(tok, probe):
 
 def test_decode_every_single_id(tok):
     assert len(tok) == tok.vocab_size == PROBES["len_tokenizer"] == 1009
-    wrong = [i for i in range(len(tok))
-             if tok.decode([i]) != PROBES["decode_single_id"][str(i)]
-             or tok.decode([i], skip_special_tokens=True) != PROBES["decode_single_id_skip_special"][str(i)]]
+    wrong = [
+        i
+        for i in range(len(tok))
+        if tok.decode([i]) != PROBES["decode_single_id"][str(i)]
+        or tok.decode([i], skip_special_tokens=True) != PROBES["decode_single_id_skip_special"][str(i)]
+    ]
     assert wrong == []
 
 
@@ -65,15 +69,24 @@ def test_case_generations_decode(tok, variant, name):
     case = CASES[variant][name]
     assert tok.decode(case["gen_ids"]) == case["decode_gen_ids"]
     # chat(): decode with special tokens skipped, cut at <|im_end|>, strip
-    assert tok.decode(case["new_token_ids"], skip_special_tokens=True).split("<|im_end|>")[0].strip() \
+    assert (
+        tok.decode(case["new_token_ids"], skip_special_tokens=True).split("<|im_end|>")[0].strip()
         == case["response"]
+    )
     pieces, tail = _stream(tok, case["new_token_ids"])
     assert "".join(pieces) + tail == tok.decode(case["new_token_ids"], skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------------------- round trips
-PLAIN = ["Hello, who are you?", "Café ☕ naïve — 你好！ Emoji 🎨 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "tabs\tand  double  spaces\n\n",
-         "  two leading spaces", "trailing space ", "中文和English混合，数字123。", "\x00\x01 control \r\n chars"]
+PLAIN = [
+    "Hello, who are you?",
+    "Café ☕ naïve — 你好！ Emoji 🎨 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "tabs\tand  double  spaces\n\n",
+    "  two leading spaces",
+    "trailing space ",
+    "中文和English混合，数字123。",
+    "\x00\x01 control \r\n chars",
+]
 
 
 @pytest.mark.parametrize("text", PLAIN)
@@ -84,12 +97,21 @@ def test_plain_text_round_trip(tok, text):
     assert tok.decode(ids) == " <s>" + text
 
 
-@pytest.mark.parametrize("parts", [("A", "<|im_end|>", "B"), ("你好", "<IMG_CONTEXT>", "🎨\tx"),
-                                   ("x  ", "<img>", "  y", "</img>", "\nz"), ("", "<ref>", "a", "</ref>", "")])
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("A", "<|im_end|>", "B"),
+        ("你好", "<IMG_CONTEXT>", "🎨\tx"),
+        ("x  ", "<img>", "  y", "</img>", "\nz"),
+        ("", "<ref>", "a", "</ref>", ""),
+    ],
+)
 def test_special_tokens_in_the_middle(tok, parts):
     text = "".join(parts)
     expected = [tok.bos_id]
-    for k, part in enumerate(parts):  # segments are encoded independently, each with SentencePiece's dummy prefix
+    for k, part in enumerate(
+        parts
+    ):  # segments are encoded independently, each with SentencePiece's dummy prefix
         expected += [tok.token_to_id(part)] if k % 2 else tok.encode(part, add_bos=False)
     assert tok.encode(text) == expected
     # skip decoding rejoins the text segments; each later segment keeps its dummy-prefix space
@@ -101,13 +123,16 @@ def test_longest_match_and_no_strip(tok):
     assert tok.encode("<|im_start|>", add_bos=False) == [999]
     assert tok.encode("<img", add_bos=False) != [1000] and 1000 not in tok.encode("<img", add_bos=False)
     # whitespace next to added tokens stays in the text segments (no lstrip/rstrip)
-    assert tok.encode(" <img> ", add_bos=False) == tok.encode(" ", add_bos=False) + [1000] + \
-        tok.encode(" ", add_bos=False)
+    assert tok.encode(" <img> ", add_bos=False) == tok.encode(" ", add_bos=False) + [1000] + tok.encode(
+        " ", add_bos=False
+    )
 
 
 def test_clean_up_is_applied_like_the_slow_tokenizer(tok):
-    assert clean_up_tokenization("a . b ? c ! d , e ' f do n't I 'm it 's we 've you 're") == \
-        "a. b? c! d, e'f don't I'm it's we've you're"
+    assert (
+        clean_up_tokenization("a . b ? c ! d , e ' f do n't I 'm it 's we 've you 're")
+        == "a. b? c! d, e'f don't I'm it's we've you're"
+    )
     ids = tok.encode("Hello , world ! do n't")
     assert tok.decode(ids, skip_special_tokens=True) == "Hello, world! don't"
     assert tok.decode(ids) == " <s>Hello, world! don't"
@@ -125,8 +150,15 @@ def test_decode_rejects_unknown_ids(tok):
 # ----------------------------------------------------------------------------------------- streaming
 def test_stream_holds_back_incomplete_utf8(tok):
     ids = tok.encode("a好🎨", add_bos=False)
-    assert [tok.id_to_piece(i) for i in ids][-7:] == ["<0xE5>", "<0xA5>", "<0xBD>", "<0xF0>", "<0x9F>", "<0x8E>",
-                                                      "<0xA8>"]
+    assert [tok.id_to_piece(i) for i in ids][-7:] == [
+        "<0xE5>",
+        "<0xA5>",
+        "<0xBD>",
+        "<0xF0>",
+        "<0x9F>",
+        "<0x8E>",
+        "<0xA8>",
+    ]
     pieces, tail = _stream(tok, ids)
     assert pieces[-7:] == ["", "", "好", "", "", "", "🎨"] and tail == ""
     assert all("\ufffd" not in p for p in pieces)
@@ -140,14 +172,16 @@ def test_stream_holds_back_what_clean_up_can_change(tok):
     assert all(not p.endswith(" ") for p in pieces)
 
 
-@pytest.mark.parametrize("text", ["a . b ? c ! d , e ' f do n't I 'm it 's we 've you 're", "x  ' 've  n ' t ''"])
+@pytest.mark.parametrize(
+    "text", ["a . b ? c ! d , e ' f do n't I 'm it 's we 've you 're", "x  ' 've  n ' t ''"]
+)
 def test_stream_clean_up_cut_at_every_character(tok, text):
     ids = [3 + b for b in text.encode()]  # one byte piece per character: every cut point is exercised
     pieces, tail = _stream(tok, ids)
     final = tok.decode(ids, skip_special_tokens=True)
     assert final == clean_up_tokenization(text)
     for k in range(len(pieces)):
-        assert final.startswith("".join(pieces[:k + 1]))
+        assert final.startswith("".join(pieces[: k + 1]))
     assert "".join(pieces) + tail == final
 
 
@@ -161,10 +195,37 @@ def test_stream_invalid_bytes_are_emitted_once_final(tok):
 
 def _id_pools(tok):
     sp = tok._sp
-    tricky = [i for i in range(sp.get_piece_size()) if not sp.is_byte(i)
-              and any(ch in sp.id_to_piece(i) for ch in "\u2581.,?!'nmtsvr")]
-    utf8 = [3 + b for b in (0x20, 0x27, 0x2E, 0x2C, 0x3F, 0x6E, 0x74, 0x73, 0x76, 0x72, 0xC3, 0xA9, 0xE4, 0xBD,
-                            0xA0, 0xF0, 0x9F, 0x8E, 0xA8, 0x80, 0xBF)]
+    tricky = [
+        i
+        for i in range(sp.get_piece_size())
+        if not sp.is_byte(i) and any(ch in sp.id_to_piece(i) for ch in "\u2581.,?!'nmtsvr")
+    ]
+    utf8 = [
+        3 + b
+        for b in (
+            0x20,
+            0x27,
+            0x2E,
+            0x2C,
+            0x3F,
+            0x6E,
+            0x74,
+            0x73,
+            0x76,
+            0x72,
+            0xC3,
+            0xA9,
+            0xE4,
+            0xBD,
+            0xA0,
+            0xF0,
+            0x9F,
+            0x8E,
+            0xA8,
+            0x80,
+            0xBF,
+        )
+    ]
     # pieces that clean_up reacts to, bytes that build (or break) multi-byte characters, specials, anything
     return [tricky, utf8, list(range(3, 259)), sorted(tok.special_ids), list(range(len(tok)))]
 
@@ -172,7 +233,9 @@ def _id_pools(tok):
 def _check_stream_random(tok, seed, count):
     rnd, pools = random.Random(seed), _id_pools(tok)
     for _ in range(count):
-        ids = [rnd.choice(rnd.choices(pools, weights=[35, 30, 10, 10, 15])[0]) for _ in range(rnd.randrange(24))]
+        ids = [
+            rnd.choice(rnd.choices(pools, weights=[35, 30, 10, 10, 15])[0]) for _ in range(rnd.randrange(24))
+        ]
         final = tok.decode(ids, skip_special_tokens=True)
         dec, out = tok.stream_decoder(), ""
         for i in ids:
@@ -212,6 +275,7 @@ def test_non_special_added_tokens(tmp_path):
 
     def add(cfg):
         cfg["added_tokens_decoder"]["1009"] = {"content": "<extra>", "special": False}
+
     _edit_json(folder / "tokenizer_config.json", add)
     tok = Tokenizer.from_folder(folder)
     assert len(tok) == 1010 and 1009 not in tok.special_ids
@@ -232,6 +296,7 @@ def test_added_tokens_sharing_a_prefix_match_longest(tmp_path):
         cfg["added_tokens_decoder"]["1009"] = {"content": "<tool>", "special": False}
         cfg["added_tokens_decoder"]["1010"] = {"content": "<tool>call", "special": False}
         cfg["added_tokens_decoder"]["1011"] = {"content": "<a|b|c>", "special": False}
+
     _edit_json(folder / "tokenizer_config.json", add)
     _edit_json(folder / "added_tokens.json", lambda added: added.update({"<a|b>": 1012}))
     tok = Tokenizer.from_folder(folder)
@@ -280,21 +345,25 @@ def test_missing_tokenizer_config(tmp_path):
 def _set(key, value):
     def edit(cfg):
         cfg["added_tokens_decoder"][key] = value
+
     return edit
 
 
-@pytest.mark.parametrize("file,edit,match", [
-    ("tokenizer_config.json", _set("x", {"content": "<a>"}), "integer id"),
-    ("tokenizer_config.json", _set("1009", "<a>"), "AddedToken"),
-    ("tokenizer_config.json", _set("1009", {"content": ""}), "non-empty"),
-    ("tokenizer_config.json", _set("1009", {"content": "<img>"}), "two ids"),
-    ("tokenizer_config.json", _set("1010", {"content": "<gap>"}), "contiguous"),
-    ("tokenizer_config.json", lambda c: c.update(added_tokens_decoder=[]), "must be an object"),
-    ("added_tokens.json", lambda c: c.update({"<img>": 1005}), "id 1005 is '<ref>'"),
-    ("added_tokens.json", lambda c: c.update({"<new>": -3}), "non-negative"),
-    ("special_tokens_map.json", lambda c: c.update(bos_token="<nope>"), "<nope>"),
-    ("special_tokens_map.json", lambda c: c.update(additional_special_tokens="<img>"), "must be a list"),
-])
+@pytest.mark.parametrize(
+    "file,edit,match",
+    [
+        ("tokenizer_config.json", _set("x", {"content": "<a>"}), "integer id"),
+        ("tokenizer_config.json", _set("1009", "<a>"), "AddedToken"),
+        ("tokenizer_config.json", _set("1009", {"content": ""}), "non-empty"),
+        ("tokenizer_config.json", _set("1009", {"content": "<img>"}), "two ids"),
+        ("tokenizer_config.json", _set("1010", {"content": "<gap>"}), "contiguous"),
+        ("tokenizer_config.json", lambda c: c.update(added_tokens_decoder=[]), "must be an object"),
+        ("added_tokens.json", lambda c: c.update({"<img>": 1005}), "id 1005 is '<ref>'"),
+        ("added_tokens.json", lambda c: c.update({"<new>": -3}), "non-negative"),
+        ("special_tokens_map.json", lambda c: c.update(bos_token="<nope>"), "<nope>"),
+        ("special_tokens_map.json", lambda c: c.update(additional_special_tokens="<img>"), "must be a list"),
+    ],
+)
 def test_inconsistent_added_tokens(tmp_path, file, edit, match):
     folder = _copy_tokenizer(tmp_path)
     _edit_json(folder / file, edit)

@@ -12,9 +12,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from pyvl.kernels.vit_attention import vit_attention  # noqa: E402
-from pyvl.ops import reference as ref  # noqa: E402
-from kernel_tolerances import assert_matches_oracle, fresh_generator, randn  # noqa: E402
+from kernel_tolerances import assert_matches_oracle, fresh_generator, randn
+
+from pyvl.kernels.vit_attention import vit_attention
+from pyvl.ops import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -74,8 +75,9 @@ def test_out_may_be_a_transposed_buffer():
     q, k, v = vit_qkv(1, 17, 2, 32, torch.bfloat16, gen)
     buf = torch.full((1, 17, 2, 32), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     vit_attention(q, k, v, out=buf.transpose(1, 2))
-    assert_matches_oracle(buf.transpose(1, 2), ref.vit_attention(q.float(), k.float(), v.float()),
-                          ref.vit_attention(q, k, v))
+    assert_matches_oracle(
+        buf.transpose(1, 2), ref.vit_attention(q.float(), k.float(), v.float()), ref.vit_attention(q, k, v)
+    )
 
 
 def test_rejects_bad_inputs():

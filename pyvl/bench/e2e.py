@@ -55,10 +55,12 @@ from .timing import device_median_ms, median_seconds, peak_memory_gb
 __all__ = ["run", "build_prompt"]
 
 PHOTO = (3840, 2160)
-TTFT_STAGES = (("ttft_preprocess", "preprocess_s", "host work before the engine (checks, prompt, tile digests)"),
-               ("ttft_vision", "vision_s", "ViT + projector"),
-               ("ttft_prefill", "prefill_s", "prefill"),
-               ("ttft_sample", "sample_s", "sampling the first token"))
+TTFT_STAGES = (
+    ("ttft_preprocess", "preprocess_s", "host work before the engine (checks, prompt, tile digests)"),
+    ("ttft_vision", "vision_s", "ViT + projector"),
+    ("ttft_prefill", "prefill_s", "prefill"),
+    ("ttft_sample", "sample_s", "sampling the first token"),
+)
 
 
 def _log(message: str) -> None:
@@ -68,10 +70,13 @@ def _log(message: str) -> None:
 def build_prompt(tokenizer: Tokenizer, num_tiles: int, text_tokens: int, num_image_token: int) -> list[int]:
     """Chat-template ids of one image of ``num_tiles`` tiles plus filler words, ``text_tokens`` ids besides the
     <IMG_CONTEXT> run (or the template's minimum, if that is more)."""
+
     def encode(words: int) -> list[int]:
         question = template.IMAGE_PLACEHOLDER + "\n" + " ".join(["the"] * words)
-        return tokenizer.encode(template.build_query(question, num_patches_list=[num_tiles],
-                                                     num_image_token=num_image_token))
+        return tokenizer.encode(
+            template.build_query(question, num_patches_list=[num_tiles], num_image_token=num_image_token)
+        )
+
     image_tokens = num_tiles * num_image_token
     words = max(0, text_tokens - (len(encode(0)) - image_tokens))
     ids = encode(words)
@@ -86,8 +91,10 @@ class _Table:
 
     def __init__(self, report: Report, figures: list[tuple[str, str, str]]):
         self.report = report
-        self.rows = {key: {"key": key, "figure": figure, "unit": unit, "pyvl": None, "hf": None, "hf/pyvl": None}
-                     for key, figure, unit in figures}
+        self.rows = {
+            key: {"key": key, "figure": figure, "unit": unit, "pyvl": None, "hf": None, "hf/pyvl": None}
+            for key, figure, unit in figures
+        }
         self.emitted: set[str] = set()
 
     def put(self, system: str, key: str, value: float | None, figure: str | None = None) -> None:
@@ -124,36 +131,61 @@ class _Table:
                 self.report.row(dict(row))
 
 
-def _figures(device: torch.device, tiles: list[int], ids: list[int], n_text: int, n_tiles_photo: int,
-             decode_tokens: int) -> list[tuple[str, str, str]]:
+def _figures(
+    device: torch.device,
+    tiles: list[int],
+    ids: list[int],
+    n_text: int,
+    n_tiles_photo: int,
+    decode_tokens: int,
+) -> list[tuple[str, str, str]]:
     cuda = device.type == "cuda"
     figures = [("preprocess", f"preprocess {PHOTO[0]}x{PHOTO[1]} -> {n_tiles_photo} tiles (CPU)", "ms")]
     figures += [(f"vision_{t}", f"vision + projector, {t} tile{'s' * (t > 1)}", "ms") for t in tiles]
-    figures += [("prefill", f"LLM prefill, {len(ids)} tokens", "ms"),
-                ("ttft", f"time to first token, {tiles[-1]} tile{'s' * (tiles[-1] > 1)} + {n_text} text tokens", "ms")]
+    figures += [
+        ("prefill", f"LLM prefill, {len(ids)} tokens", "ms"),
+        (
+            "ttft",
+            f"time to first token, {tiles[-1]} tile{'s' * (tiles[-1] > 1)} + {n_text} text tokens",
+            "ms",
+        ),
+    ]
     figures += [(key, f"  of which {what}", "ms") for key, _, what in TTFT_STAGES]
-    figures += [("ttft_other", "  of which the rest (queue, host work between the stages)", "ms"),
-                ("decode", f"decode, batch 1, {decode_tokens} new tokens ({'CUDA graphs' if cuda else 'eager'})",
-                 "ms/token")]
+    figures += [
+        ("ttft_other", "  of which the rest (queue, host work between the stages)", "ms"),
+        (
+            "decode",
+            f"decode, batch 1, {decode_tokens} new tokens ({'CUDA graphs' if cuda else 'eager'})",
+            "ms/token",
+        ),
+    ]
     if cuda:
-        figures += [("decode_eager", "decode, batch 1, eager (cuda_graphs=False)", "ms/token"),
-                    ("graph_capture", "CUDA-graph capture at load", "s")]
-    figures += [("peak_memory", "peak GPU memory" if cuda else "peak RSS of the process", "GB"),
-                ("weights", "weights", "GB"), ("kv_pool", "KV pool", "GB")]
+        figures += [
+            ("decode_eager", "decode, batch 1, eager (cuda_graphs=False)", "ms/token"),
+            ("graph_capture", "CUDA-graph capture at load", "s"),
+        ]
+    figures += [
+        ("peak_memory", "peak GPU memory" if cuda else "peak RSS of the process", "GB"),
+        ("weights", "weights", "GB"),
+        ("kv_pool", "KV pool", "GB"),
+    ]
     return figures
 
 
 def _kv_cache_gb(cfg: ModelConfig, dtype: torch.dtype, tokens: int) -> float:
     """A pool of just ``tokens`` tokens (plus one block of slack)."""
     llm = cfg.llm
-    per_block = checks.kv_cache_bytes(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, BLOCK_SIZE, 1,
-                                      dtype)
+    per_block = checks.kv_cache_bytes(
+        llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, BLOCK_SIZE, 1, dtype
+    )
     return (-(-tokens // BLOCK_SIZE) + 1) * per_block / 1e9
 
 
 def _first_token_and_decode(chat, ids, pixels, decode_tokens: int, repeat: int) -> list[ChatStats]:
     """Stats of ``repeat`` cold calls (after a warm-up) of ids + pixels, ``decode_tokens`` greedy tokens each."""
-    gen = GenerationConfig(max_new_tokens=decode_tokens, eos_token_id=(chat.config.llm.vocab_size,))  # no such id
+    gen = GenerationConfig(
+        max_new_tokens=decode_tokens, eos_token_id=(chat.config.llm.vocab_size,)
+    )  # no such id
     runs = []
     for run in range(repeat + 1):
         stats = ChatStats()
@@ -174,13 +206,31 @@ def _put_ttft(table: _Table, runs: list[ChatStats]) -> None:
     for key, field, what in TTFT_STAGES:
         more = f" ({chunks} chunk{'s' * (chunks > 1)})" if key == "ttft_prefill" else ""
         table.put("pyvl", key, median(field), figure=f"  of which {what}{more}")
-    table.put("pyvl", "ttft_other", statistics.median(
-        s.time_to_first_token_s - sum(getattr(s, field) for _, field, _ in TTFT_STAGES) for s in runs) * 1e3)
+    table.put(
+        "pyvl",
+        "ttft_other",
+        statistics.median(
+            s.time_to_first_token_s - sum(getattr(s, field) for _, field, _ in TTFT_STAGES) for s in runs
+        )
+        * 1e3,
+    )
 
 
 @torch.inference_mode()
-def _pyvl_figures(table: _Table, setup: dict, cfg: ModelConfig, device, dtype, backend, tiles, ids, img_id,
-                  decode_tokens, repeat, kv_cache_gb: float) -> None:
+def _pyvl_figures(
+    table: _Table,
+    setup: dict,
+    cfg: ModelConfig,
+    device,
+    dtype,
+    backend,
+    tiles,
+    ids,
+    img_id,
+    decode_tokens,
+    repeat,
+    kv_cache_gb: float,
+) -> None:
     """pyvl's figures into ``table``; ``setup`` gains what the run used (ops, graphs, KV pool) once it is built."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -190,37 +240,55 @@ def _pyvl_figures(table: _Table, setup: dict, cfg: ModelConfig, device, dtype, b
     options = dict(kv_cache_gb=kv_cache_gb, image_cache_gb=0, max_num_seqs=1, prefix_caching=False)
     chat = chat_on(model, **options)
     graphs = chat.engine.runner.graphs
-    setup.update(ops=dict(model.ops.backends), graphs=graphs.as_dict(),
-                 kv_pool_GB=round(chat.engine.cache.nbytes / 1e9, 3))
+    setup.update(
+        ops=dict(model.ops.backends),
+        graphs=graphs.as_dict(),
+        kv_pool_GB=round(chat.engine.cache.nbytes / 1e9, 3),
+    )
     table.report.set("setup", setup)  # now: a run killed later still says which ops it ran
     if device.type == "cuda":
-        table.put("pyvl", "graph_capture", graphs.capture_s,
-                  figure=f"CUDA-graph capture at load, buckets {graphs.captured}"
-                  + (f" (eager: {graphs.eager_reason})" if graphs.eager_reason else ""))
-    pixels = torch.randn(max(tiles), 3, cfg.image_size, cfg.image_size,
-                         generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        table.put(
+            "pyvl",
+            "graph_capture",
+            graphs.capture_s,
+            figure=f"CUDA-graph capture at load, buckets {graphs.captured}"
+            + (f" (eager: {graphs.eager_reason})" if graphs.eager_reason else ""),
+        )
+    pixels = torch.randn(
+        max(tiles), 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0)
+    ).to(device, dtype)
     for t in tiles:
         _log(f"pyvl: vision + projector, {t} tiles")
-        table.measure("pyvl", f"vision_{t}",
-                      lambda: device_median_ms(lambda: chat.extract_feature(pixels[:t]), device, repeat))
+        table.measure(
+            "pyvl",
+            f"vision_{t}",
+            lambda: device_median_ms(lambda: chat.extract_feature(pixels[:t]), device, repeat),
+        )
 
     def prefill() -> float:
         prompt = torch.tensor(ids, device=device)
         embeds = model.embed(prompt[None], model.extract_feature(pixels), img_id)
         positions = torch.arange(len(ids), device=device)[None]
-        batch = PagedBatch.contiguous_prefill(chat.engine.cache, len(ids))  # the pool's first blocks: it is idle
+        batch = PagedBatch.contiguous_prefill(
+            chat.engine.cache, len(ids)
+        )  # the pool's first blocks: it is idle
         return device_median_ms(lambda: model.language_model(embeds, positions, batch), device, repeat)
 
     _log(f"pyvl: prefill, {len(ids)} tokens")
     table.measure("pyvl", "prefill", prefill)
     _log(f"pyvl: time to first token + {decode_tokens} decode steps")
-    runs = table.attempt("pyvl", "ttft+decode",
-                         lambda: _first_token_and_decode(chat, ids, pixels, decode_tokens, repeat))
+    runs = table.attempt(
+        "pyvl", "ttft+decode", lambda: _first_token_and_decode(chat, ids, pixels, decode_tokens, repeat)
+    )
     if runs:
         _put_ttft(table, runs)
         table.put("pyvl", "decode", _decode_ms(runs))
-    table.put("pyvl", "peak_memory", peak_memory_gb(device),
-              figure=f"{table.rows['peak_memory']['figure']} (weights and KV pool below)")
+    table.put(
+        "pyvl",
+        "peak_memory",
+        peak_memory_gb(device),
+        figure=f"{table.rows['peak_memory']['figure']} (weights and KV pool below)",
+    )
     table.put("pyvl", "weights", sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9)
     table.put("pyvl", "kv_pool", chat.engine.cache.nbytes / 1e9)
     if device.type == "cuda":
@@ -230,19 +298,34 @@ def _pyvl_figures(table: _Table, setup: dict, cfg: ModelConfig, device, dtype, b
         torch.cuda.empty_cache()
         _log("pyvl: decode without CUDA graphs")
         eager = chat_on(model, **options, cuda_graphs=False)
-        table.measure("pyvl", "decode_eager",
-                      lambda: _decode_ms(_first_token_and_decode(eager, ids, pixels, decode_tokens, repeat)))
+        table.measure(
+            "pyvl",
+            "decode_eager",
+            lambda: _decode_ms(_first_token_and_decode(eager, ids, pixels, decode_tokens, repeat)),
+        )
         eager.engine.shutdown()
 
 
-def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=(1, 7, 13), prompt_tokens: int = 70,
-        decode_tokens: int = 32, backend: str = "auto", repeat: int = 3, compare_hf: bool = True,
-        hf_only: bool = False, kv_cache_gb: float | None = None, report: Report | None = None) -> dict:
+def run(
+    preset: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    tiles=(1, 7, 13),
+    prompt_tokens: int = 70,
+    decode_tokens: int = 32,
+    backend: str = "auto",
+    repeat: int = 3,
+    compare_hf: bool = True,
+    hf_only: bool = False,
+    kv_cache_gb: float | None = None,
+    report: Report | None = None,
+) -> dict:
     """Run the benchmark; {"setup": {...}, "rows": [{key, figure, unit, pyvl, hf, hf/pyvl}], "notes": [...]},
     filled into ``report`` (pyvl.bench.report: which can stream each piece as a JSON line) as it is measured."""
     if decode_tokens < 2 or repeat < 1 or prompt_tokens < 0 or not tiles or min(tiles) < 1:
-        raise ValueError("bench e2e needs --decode-tokens >= 2, --repeat >= 1, --prompt-tokens >= 0 and tile "
-                         "counts >= 1")
+        raise ValueError(
+            "bench e2e needs --decode-tokens >= 2, --repeat >= 1, --prompt-tokens >= 0 and tile counts >= 1"
+        )
     if hf_only and not compare_hf:
         raise ValueError("bench e2e: --hf-only and --no-hf exclude each other")
     if kv_cache_gb is not None and not kv_cache_gb > 0:
@@ -250,7 +333,9 @@ def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=
     cfg = preset_config(preset)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():  # before minutes of CPU preprocessing
-        raise ValueError(f"bench e2e --device {device} needs a CUDA GPU (torch.cuda.is_available() is False here)")
+        raise ValueError(
+            f"bench e2e --device {device} needs a CUDA GPU (torch.cuda.is_available() is False here)"
+        )
     dtype = _resolve_dtype(dtype, device, cfg.torch_dtype)
     tiles = sorted(set(int(t) for t in tiles))
     tokenizer = Tokenizer.from_folder(ASSETS)
@@ -264,13 +349,22 @@ def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=
     counts = parameter_count(cfg)
     n_text = len(ids) - tiles[-1] * cfg.num_image_token
     setup = {
-        "preset": preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."), "backend": backend, "ops": None,
+        "preset": preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "backend": backend,
+        "ops": None,
         "systems": [name for name, ran in (("pyvl", with_pyvl), ("hf", with_hf)) if ran],
         "parameters_B": round(counts["total"] / 1e9, 3),
         "weights_GB": round(counts["total"] * torch.empty((), dtype=dtype).element_size() / 1e9, 2),
-        "tiles": tiles, "prompt_tokens": len(ids), "text_tokens": n_text, "decode_tokens": decode_tokens,
-        "repeat": repeat, "photo": f"{PHOTO[0]}x{PHOTO[1]}", "host_cpus": os.cpu_count(), "torch": torch.__version__,
+        "tiles": tiles,
+        "prompt_tokens": len(ids),
+        "text_tokens": n_text,
+        "decode_tokens": decode_tokens,
+        "repeat": repeat,
+        "photo": f"{PHOTO[0]}x{PHOTO[1]}",
+        "host_cpus": os.cpu_count(),
+        "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
     if with_hf:
@@ -285,23 +379,44 @@ def run(preset: str, device: str | None = None, dtype: str | None = None, tiles=
         report.note(skip)
     _log(f"preprocessing a {PHOTO[0]}x{PHOTO[1]} photo on the CPU")
     photo = synthetic_photo(*PHOTO)
-    table = _Table(report, _figures(device, tiles, ids, n_text, load_image(photo, max_num=12).shape[0],
-                                    decode_tokens))
+    table = _Table(
+        report, _figures(device, tiles, ids, n_text, load_image(photo, max_num=12).shape[0], decode_tokens)
+    )
     if with_pyvl:
-        table.measure("pyvl", "preprocess",
-                      lambda: median_seconds(lambda: load_image(photo, max_num=12), repeat=repeat) * 1e3)
+        table.measure(
+            "pyvl",
+            "preprocess",
+            lambda: median_seconds(lambda: load_image(photo, max_num=12), repeat=repeat) * 1e3,
+        )
         try:
-            _pyvl_figures(table, setup, cfg, device, dtype, backend, tiles, ids, img_id, decode_tokens, repeat,
-                          kv_cache_gb)
-        except Exception as exc:  # the model could not be built (out of memory, a kernel that fails to compile)
+            _pyvl_figures(
+                table,
+                setup,
+                cfg,
+                device,
+                dtype,
+                backend,
+                tiles,
+                ids,
+                img_id,
+                decode_tokens,
+                repeat,
+                kv_cache_gb,
+            )
+        except (
+            Exception
+        ) as exc:  # the model could not be built (out of memory, a kernel that fails to compile)
             report.note(f"pyvl failed: {type(exc).__name__}: {str(exc)[:300]}")
         gc.collect()  # pyvl's model is gone once _pyvl_figures returns; free its memory before HF's is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if with_hf:
         # what HF users run: the original load_image (Pillow tiles, then ToTensor + Normalize)
-        table.measure("hf", "preprocess", lambda: median_seconds(lambda: pillow_pipeline(photo, 12),
-                                                                 repeat=repeat) * 1e3)
+        table.measure(
+            "hf",
+            "preprocess",
+            lambda: median_seconds(lambda: pillow_pipeline(photo, 12), repeat=repeat) * 1e3,
+        )
         text_id = tokenizer.encode("the", add_bos=False)[0]
         try:
             hf_figures(table, cfg, device, dtype, tiles, ids, img_id, text_id, decode_tokens, repeat)

@@ -33,8 +33,8 @@ import time
 import torch
 
 from ..chat import InternVLChat
-from ..engine.request import ChatStats
 from ..engine.engine import Engine, EngineConfig
+from ..engine.request import ChatStats
 from ..image import load_image
 from .followup import followup_rows
 from .preprocess import synthetic_photo
@@ -56,8 +56,9 @@ def variant(base: InternVLChat, **engine_options) -> InternVLChat:
     """``base``'s weights, tokenizer and prompt rules with a new engine (EngineConfig.for_model's options)."""
     config = EngineConfig.for_model(base.model, base.max_context, **engine_options)
     engine = Engine(base.model, config, salt="pyvl bench engine", bos_id=base.tokenizer.bos_id)
-    return InternVLChat(base.model, base.tokenizer, base.config, base.folder, base.max_context, base.stop_ids,
-                        engine)
+    return InternVLChat(
+        base.model, base.tokenizer, base.config, base.folder, base.max_context, base.stop_ids, engine
+    )
 
 
 def _close(chat: InternVLChat) -> None:
@@ -105,8 +106,12 @@ def _turn2_ms(chat, repeat: int, photo: tuple[int, int]) -> float:
 def _concurrent_tok_s(chat, n: int, new_tokens: int) -> float:
     gen = dict(max_new_tokens=new_tokens, eos_token_id=[chat.config.llm.vocab_size])  # no such id: all tokens
     stats = [ChatStats() for _ in range(n)]
-    threads = [threading.Thread(target=chat.chat, args=(None, f"Story number {i}: once upon a time", gen),
-                                kwargs={"stats": s}) for i, s in enumerate(stats)]
+    threads = [
+        threading.Thread(
+            target=chat.chat, args=(None, f"Story number {i}: once upon a time", gen), kwargs={"stats": s}
+        )
+        for i, s in enumerate(stats)
+    ]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -147,7 +152,9 @@ def _base(model_path, preset: str | None, device, dtype) -> InternVLChat:
         return chat_on(model, kv_cache_gb=0.05, max_num_seqs=1, cuda_graphs=False)
     import pyvl
 
-    return pyvl.load(model_path, device=device, dtype=dtype, kv_cache_gb=0.05, max_num_seqs=1, cuda_graphs=False)
+    return pyvl.load(
+        model_path, device=device, dtype=dtype, kv_cache_gb=0.05, max_num_seqs=1, cuda_graphs=False
+    )
 
 
 class _Rows:
@@ -157,10 +164,28 @@ class _Rows:
         self.report = report
         self.rows: dict[str, dict] = {}
 
-    def put(self, key: str, figure: str, baseline_is: str, baseline: float | None = None,
-            engine: float | None = None, higher_is_better: bool = False, extra_ms: float | None = None) -> None:
-        row = self.rows.setdefault(key, {"key": key, "figure": figure, "baseline": None, "engine": None,
-                                         "ratio": None, "baseline is": baseline_is, "extra ms": None})
+    def put(
+        self,
+        key: str,
+        figure: str,
+        baseline_is: str,
+        baseline: float | None = None,
+        engine: float | None = None,
+        higher_is_better: bool = False,
+        extra_ms: float | None = None,
+    ) -> None:
+        row = self.rows.setdefault(
+            key,
+            {
+                "key": key,
+                "figure": figure,
+                "baseline": None,
+                "engine": None,
+                "ratio": None,
+                "baseline is": baseline_is,
+                "extra ms": None,
+            },
+        )
         if extra_ms is not None:
             row["extra ms"] = round(extra_ms, 2)
         if baseline is not None:
@@ -182,19 +207,31 @@ class _Rows:
             return False
 
 
-def _main_engine_figures(rows: _Rows, chat, on_cuda: bool, repeat: int, photo, new_tokens: int,
-                         long_context: int | None) -> None:
+def _main_engine_figures(
+    rows: _Rows, chat, on_cuda: bool, repeat: int, photo, new_tokens: int, long_context: int | None
+) -> None:
     """Every figure of an engine with graphs, prefix caching and 16 rows: the engine side of each row."""
+
     def cached_followup():
         cold, cached, tiles = _cached_followup(chat, repeat, photo)
-        rows.put("cached_followup", f"time to first token, new question on a cached {tiles}-tile image (ms)",
-                 "a new image", cold, cached)
+        rows.put(
+            "cached_followup",
+            f"time to first token, new question on a cached {tiles}-tile image (ms)",
+            "a new image",
+            cold,
+            cached,
+        )
 
     def followups():
         for r in followup_rows(chat, repeat, large=photo):
-            rows.put(f"followup: {r['kind']}", f"follow-up TTFT on a cached image: {r['tiles']} tiles vs 1 (ms), "
-                     f"given as {r['kind']}", "a 1-tile image", r["small_ms"], r["large_ms"],
-                     extra_ms=r["extra_ms"])
+            rows.put(
+                f"followup: {r['kind']}",
+                f"follow-up TTFT on a cached image: {r['tiles']} tiles vs 1 (ms), given as {r['kind']}",
+                "a 1-tile image",
+                r["small_ms"],
+                r["large_ms"],
+                extra_ms=r["extra_ms"],
+            )
 
     def streams():
         _concurrent_tok_s(chat, 1, 2)  # warm-up
@@ -204,17 +241,33 @@ def _main_engine_figures(rows: _Rows, chat, on_cuda: bool, repeat: int, photo, n
         host = {1: timing.host_us_per_row}
         for n in STREAMS:
             timing.reset()
-            rows.put(f"streams_{n}", f"decode tokens/s, {n} concurrent chats", "one chat alone", alone,
-                     _concurrent_tok_s(chat, n, new_tokens), higher_is_better=True)
+            rows.put(
+                f"streams_{n}",
+                f"decode tokens/s, {n} concurrent chats",
+                "one chat alone",
+                alone,
+                _concurrent_tok_s(chat, n, new_tokens),
+                higher_is_better=True,
+            )
             host[n] = timing.host_us_per_row
         for n, us in host.items():
-            rows.put(f"host_b{n}", f"host work per row of a decode step at batch {n} (µs)", "the 50 µs goal", 50.0,
-                     us)
+            rows.put(
+                f"host_b{n}",
+                f"host work per row of a decode step at batch {n} (µs)",
+                "the 50 µs goal",
+                50.0,
+                us,
+            )
 
     def decode_long():
         context = long_context or chat.config.llm.max_position_embeddings
-        rows.put("decode_long", f"decode ms/token, batch 1, {context} tokens in the context", "a short prompt",
-                 _decode_ms(chat, 1, new_tokens), _decode_ms(chat, 1, new_tokens, _long_prompt(context, new_tokens)))
+        rows.put(
+            "decode_long",
+            f"decode ms/token, batch 1, {context} tokens in the context",
+            "a short prompt",
+            _decode_ms(chat, 1, new_tokens),
+            _decode_ms(chat, 1, new_tokens, _long_prompt(context, new_tokens)),
+        )
 
     _log("cached image follow-up")
     rows.attempt("cached_followup", cached_followup)
@@ -223,19 +276,42 @@ def _main_engine_figures(rows: _Rows, chat, on_cuda: bool, repeat: int, photo, n
     _log("concurrent streams")
     rows.attempt("streams", streams)
     _log("turn 2 of an image chat")
-    rows.attempt("turn2", lambda: rows.put("turn2", "time to first token, turn 2 of a chat about the image (ms)",
-                                           "prefix_caching=False", engine=_turn2_ms(chat, repeat, photo)))
+    rows.attempt(
+        "turn2",
+        lambda: rows.put(
+            "turn2",
+            "time to first token, turn 2 of a chat about the image (ms)",
+            "prefix_caching=False",
+            engine=_turn2_ms(chat, repeat, photo),
+        ),
+    )
     _log("decode with the whole context filled")
     rows.attempt("decode_long", decode_long)
     for b in BATCHES if on_cuda else ():
         _log(f"decode at batch {b} with CUDA graphs")
-        rows.attempt(f"decode_b{b}", lambda b=b: rows.put(f"decode_b{b}", f"decode ms/token at batch {b}", "eager",
-                                                          engine=_decode_ms(chat, b, new_tokens)))
+        rows.attempt(
+            f"decode_b{b}",
+            lambda b=b: rows.put(
+                f"decode_b{b}",
+                f"decode ms/token at batch {b}",
+                "eager",
+                engine=_decode_ms(chat, b, new_tokens),
+            ),
+        )
 
 
-def run(model_path=None, preset: str | None = None, device: str | None = None, dtype: str | None = None,
-        repeat: int = 3, photo: tuple[int, int] = PHOTO, new_tokens: int = 32, kv_cache_gb: float = 8.0,
-        long_context: int | None = None, report: Report | None = None) -> dict:
+def run(
+    model_path=None,
+    preset: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    repeat: int = 3,
+    photo: tuple[int, int] = PHOTO,
+    new_tokens: int = 32,
+    kv_cache_gb: float = 8.0,
+    long_context: int | None = None,
+    report: Report | None = None,
+) -> dict:
     """Every figure of the module doc; {"setup", "rows": [{key, figure, baseline, engine, ratio, baseline is}],
     "notes"}, filled into ``report`` (pyvl.bench.report: which can stream each piece as a JSON line) as it is measured.
     long_context: the context decode_long fills (default: max_position_embeddings)."""
@@ -245,11 +321,20 @@ def run(model_path=None, preset: str | None = None, device: str | None = None, d
     _log("building the model")
     base = _base(model_path, preset, device, dtype)
     on_cuda = base.device.type == "cuda"
-    setup = {"model": preset or str(model_path), "random_weights": preset is not None,
-             "device": torch.cuda.get_device_name(base.device) if on_cuda else "cpu",
-             "dtype": str(base.dtype).removeprefix("torch."), "ops": dict(base.model.ops.backends),
-             "repeat": repeat, "photo": list(photo), "new_tokens": new_tokens, "kv_cache_gb": kv_cache_gb,
-             "host_cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    setup = {
+        "model": preset or str(model_path),
+        "random_weights": preset is not None,
+        "device": torch.cuda.get_device_name(base.device) if on_cuda else "cpu",
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "ops": dict(base.model.ops.backends),
+        "repeat": repeat,
+        "photo": list(photo),
+        "new_tokens": new_tokens,
+        "kv_cache_gb": kv_cache_gb,
+        "host_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     report.set("setup", setup)
     rows = _Rows(report)
     chat = variant(base, kv_cache_gb=kv_cache_gb, max_num_seqs=max(STREAMS))
@@ -266,8 +351,10 @@ def run(model_path=None, preset: str | None = None, device: str | None = None, d
         chat = variant(base, kv_cache_gb=kv_cache_gb, max_num_seqs=max(BATCHES), cuda_graphs=False)
         for b in BATCHES:
             _log(f"decode at batch {b}, eager")
-            rows.attempt(f"decode_b{b}", lambda b=b: rows.put(f"decode_b{b}", "", "",
-                                                              baseline=_decode_ms(chat, b, new_tokens)))
+            rows.attempt(
+                f"decode_b{b}",
+                lambda b=b: rows.put(f"decode_b{b}", "", "", baseline=_decode_ms(chat, b, new_tokens)),
+            )
         _close(chat)
     _close(base)
     return report.done()

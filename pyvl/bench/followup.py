@@ -40,8 +40,14 @@ def _forms(pixels: np.ndarray, folder: Path, name: str) -> dict:
     png, jpeg = _encoded(pixels, "PNG"), _encoded(pixels, "JPEG")
     (folder / f"{name}.png").write_bytes(png)
     (folder / f"{name}.jpg").write_bytes(jpeg)
-    return {"PNG path": str(folder / f"{name}.png"), "JPEG path": str(folder / f"{name}.jpg"), "PNG bytes": png,
-            "JPEG bytes": jpeg, "PIL.Image": Image.fromarray(pixels), "tiles tensor": load_image(pixels, max_num=12)}
+    return {
+        "PNG path": str(folder / f"{name}.png"),
+        "JPEG path": str(folder / f"{name}.jpg"),
+        "PNG bytes": png,
+        "JPEG bytes": jpeg,
+        "PIL.Image": Image.fromarray(pixels),
+        "tiles tensor": load_image(pixels, max_num=12),
+    }
 
 
 def _followup_ms(chat, image, repeat: int, round_: int) -> float:
@@ -50,8 +56,12 @@ def _followup_ms(chat, image, repeat: int, round_: int) -> float:
     times = []
     for i in range(repeat):
         stats = ChatStats()
-        chat.chat(image, f"Round {round_}, question {i:03d}: what colour is it?", dict(max_new_tokens=1),
-                  stats=stats)
+        chat.chat(
+            image,
+            f"Round {round_}, question {i:03d}: what colour is it?",
+            dict(max_new_tokens=1),
+            stats=stats,
+        )
         times.append(stats.time_to_first_token_s * 1e3)
     return statistics.median(times)
 
@@ -60,14 +70,23 @@ def followup_rows(chat, repeat: int, large: tuple[int, int], kinds=KINDS, small=
     """One row per input kind: {"kind", "tiles", "small_ms", "large_ms", "extra_ms"}."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        forms = {size: _forms(synthetic_photo(*size, seed=7), Path(tmp), f"{size[0]}x{size[1]}")
-                 for size in (large, small)}
+        forms = {
+            size: _forms(synthetic_photo(*size, seed=7), Path(tmp), f"{size[0]}x{size[1]}")
+            for size in (large, small)
+        }
         tiles = forms[large]["tiles tensor"].shape[0]
         for k, kind in enumerate(kinds):
             small_ms = _followup_ms(chat, forms[small][kind], repeat, 2 * k)
             large_ms = _followup_ms(chat, forms[large][kind], repeat, 2 * k + 1)
-            rows.append({"kind": kind, "tiles": tiles, "small_ms": small_ms, "large_ms": large_ms,
-                         "extra_ms": large_ms - small_ms})
+            rows.append(
+                {
+                    "kind": kind,
+                    "tiles": tiles,
+                    "small_ms": small_ms,
+                    "large_ms": large_ms,
+                    "extra_ms": large_ms - small_ms,
+                }
+            )
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return rows

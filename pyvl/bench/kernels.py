@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +48,27 @@ from .report import Report
 from .resources import format_resources, launched_kernels
 from .timing import format_table, median_seconds
 
-__all__ = ["Shapes", "REAL", "SMOKE", "Rig", "gpu_rig", "smoke_rig", "rig_for", "require_gpu",
-           "require_interpreter", "rig_setup", "median_ms", "graph_ms", "copy_gbps", "gemm_tflops", "l2_bytes",
-           "rotation_copies", "paged_pool", "run", "format_result"]
+__all__ = [
+    "Shapes",
+    "REAL",
+    "SMOKE",
+    "Rig",
+    "gpu_rig",
+    "smoke_rig",
+    "rig_for",
+    "require_gpu",
+    "require_interpreter",
+    "rig_setup",
+    "median_ms",
+    "graph_ms",
+    "copy_gbps",
+    "gemm_tflops",
+    "l2_bytes",
+    "rotation_copies",
+    "paged_pool",
+    "run",
+    "format_result",
+]
 
 BF16 = torch.bfloat16
 DEVICE = "cuda"
@@ -78,17 +96,45 @@ class Shapes:
 
 
 REAL = Shapes(  # InternViT-6B / -300M, InternLM2-20B / -1.8B; a 3400-token prompt is 13 tiles x 256 + 72 text
-    vit_tiles=13, vit_seq=1025, vit_width=3200, vit_heads=((25, 128), (16, 64)), prompt=3400,
-    prefill_heads=((48, 8), (16, 8)), decode_lengths=(3400, 32768), decode_batch=16, hidden=6144, ffn=16384,
-    heads=48, kv_heads=8, head_dim=128, copy_bytes=1 << 30, gemm_n=8192)
+    vit_tiles=13,
+    vit_seq=1025,
+    vit_width=3200,
+    vit_heads=((25, 128), (16, 64)),
+    prompt=3400,
+    prefill_heads=((48, 8), (16, 8)),
+    decode_lengths=(3400, 32768),
+    decode_batch=16,
+    hidden=6144,
+    ffn=16384,
+    heads=48,
+    kv_heads=8,
+    head_dim=128,
+    copy_bytes=1 << 30,
+    gemm_n=8192,
+)
 SMOKE = Shapes(  # the interpreter spends about a millisecond per program step: a few programs per launch
-    vit_tiles=2, vit_seq=17, vit_width=32, vit_heads=((2, 64), (2, 32)), prompt=4, prefill_heads=((4, 2), (2, 2)),
-    decode_lengths=(16, 70), decode_batch=2, hidden=64, ffn=128, heads=2, kv_heads=1, head_dim=64,
-    copy_bytes=1 << 22, gemm_n=128)
+    vit_tiles=2,
+    vit_seq=17,
+    vit_width=32,
+    vit_heads=((2, 64), (2, 32)),
+    prompt=4,
+    prefill_heads=((4, 2), (2, 2)),
+    decode_lengths=(16, 70),
+    decode_batch=2,
+    hidden=64,
+    ffn=128,
+    heads=2,
+    kv_heads=1,
+    head_dim=64,
+    copy_bytes=1 << 22,
+    gemm_n=128,
+)
 SMOKE_L2_BYTES = 1 << 12  # a stand-in, so that the K/V rotation walks two copies at the smoke lengths
-TARGETS = {("vit_attention", "13x25x1025x128"): ">= 450 TFLOP/s",
-           ("paged_decode_attention", "decode 48/8 x 3400 x 128"): ">= 1500 GB/s",
-           ("paged_decode_attention", "decode 48/8 x 32768 x 128"): ">= 3000 GB/s"}  # the project's targets
+TARGETS = {
+    ("vit_attention", "13x25x1025x128"): ">= 450 TFLOP/s",
+    ("paged_decode_attention", "decode 48/8 x 3400 x 128"): ">= 1500 GB/s",
+    ("paged_decode_attention", "decode 48/8 x 32768 x 128"): ">= 3000 GB/s",
+}  # the project's targets
 
 
 def median_ms(fn, rep_ms: int = 200) -> float:
@@ -135,14 +181,26 @@ class Rig:
 
 def gpu_rig(rep_ms: int) -> Rig:
     """REAL shapes on the GPU: do_bench (CUDA events, L2 flushed) and CUDA-graph replays."""
-    return Rig(REAL, DEVICE, torch.cuda.get_device_name(), partial(median_ms, rep_ms=rep_ms),
-               partial(graph_ms, rep_ms=rep_ms), l2_bytes())
+    return Rig(
+        REAL,
+        DEVICE,
+        torch.cuda.get_device_name(),
+        partial(median_ms, rep_ms=rep_ms),
+        partial(graph_ms, rep_ms=rep_ms),
+        l2_bytes(),
+    )
 
 
 def smoke_rig() -> Rig:
     """SMOKE shapes on the CPU under the Triton interpreter, every figure a perf_counter median."""
-    return Rig(SMOKE, "cpu", "cpu (smoke: tiny shapes, Triton interpreter, perf_counter medians)",
-               _perf_counter_ms, _perf_counter_ms, SMOKE_L2_BYTES)
+    return Rig(
+        SMOKE,
+        "cpu",
+        "cpu (smoke: tiny shapes, Triton interpreter, perf_counter medians)",
+        _perf_counter_ms,
+        _perf_counter_ms,
+        SMOKE_L2_BYTES,
+    )
 
 
 def copy_gbps(nbytes: int = 1 << 30, rep_ms: int = 200, device: str = DEVICE, timer=None) -> float:
@@ -154,7 +212,7 @@ def copy_gbps(nbytes: int = 1 << 30, rep_ms: int = 200, device: str = DEVICE, ti
 
 def gemm_tflops(n: int = 8192, rep_ms: int = 200, device: str = DEVICE, timer=None) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=BF16) for _ in range(2))
-    return 2 * n ** 3 / (timer or partial(median_ms, rep_ms=rep_ms))(lambda: a @ b) / 1e9
+    return 2 * n**3 / (timer or partial(median_ms, rep_ms=rep_ms))(lambda: a @ b) / 1e9
 
 
 def _rounded(value: float) -> float:
@@ -164,8 +222,10 @@ def _rounded(value: float) -> float:
 
 def _ceilings(rig: Rig) -> dict:
     s = rig.shapes
-    return {"copy_GBps": _rounded(copy_gbps(s.copy_bytes, device=rig.device, timer=rig.eager_ms)),
-            "gemm_bf16_TFLOPs": _rounded(gemm_tflops(s.gemm_n, device=rig.device, timer=rig.eager_ms))}
+    return {
+        "copy_GBps": _rounded(copy_gbps(s.copy_bytes, device=rig.device, timer=rig.eager_ms)),
+        "gemm_bf16_TFLOPs": _rounded(gemm_tflops(s.gemm_n, device=rig.device, timer=rig.eager_ms)),
+    }
 
 
 def _kernel(op: str):
@@ -203,15 +263,25 @@ class _Case:
         rate = amount / ms / (1e9 if unit == "TFLOP/s" else 1e6)
         ceiling = self.ceilings["gemm_bf16_TFLOPs"] if unit == "TFLOP/s" else self.ceilings["copy_GBps"]
         timing = timing or ("graph" if graph else "eager, L2 flushed")
-        return {"op": op, "shape": shape, "timing": timing, "ms": round(ms, 4),
-                "rate": _rounded(rate), "unit": unit, "of_ceiling": round(rate / ceiling, 3),
-                "baseline": base_name, "baseline_ms": None if base_ms is None else round(base_ms, 4),
-                "baseline/ours": None if base_ms is None else round(base_ms / ms, 2),
-                "rel_diff": float(f"{_rel_diff(first, base()):.2e}"), "target": TARGETS.get((op, shape), ""),
-                "kernels": kernels}
+        return {
+            "op": op,
+            "shape": shape,
+            "timing": timing,
+            "ms": round(ms, 4),
+            "rate": _rounded(rate),
+            "unit": unit,
+            "of_ceiling": round(rate / ceiling, 3),
+            "baseline": base_name,
+            "baseline_ms": None if base_ms is None else round(base_ms, 4),
+            "baseline/ours": None if base_ms is None else round(base_ms / ms, 2),
+            "rel_diff": float(f"{_rel_diff(first, base()):.2e}"),
+            "target": TARGETS.get((op, shape), ""),
+            "kernels": kernels,
+        }
 
 
 # Each case yields its rows one at a time, so that a streaming Report prints each as soon as it is measured.
+
 
 def _vit_attention(case: _Case):
     kernel, s = _kernel("vit_attention"), case.shapes
@@ -219,8 +289,15 @@ def _vit_attention(case: _Case):
         b, n = s.vit_tiles, s.vit_seq
         qkv = case.randn(b, n, 3, h, d)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views, as the model passes
-        yield case.row("vit_attention", f"{b}x{h}x{n}x{d}", lambda: kernel(q, k, v),
-                       lambda: F.scaled_dot_product_attention(q, k, v), "SDPA", 4 * b * h * n * n * d, "TFLOP/s")
+        yield case.row(
+            "vit_attention",
+            f"{b}x{h}x{n}x{d}",
+            lambda: kernel(q, k, v),
+            lambda: F.scaled_dot_product_attention(q, k, v),
+            "SDPA",
+            4 * b * h * n * n * d,
+            "TFLOP/s",
+        )
 
 
 def paged_pool(batch: int, length: int, hkv: int, d: int, device=DEVICE, dtype=BF16):
@@ -229,7 +306,7 @@ def paged_pool(batch: int, length: int, hkv: int, d: int, device=DEVICE, dtype=B
     (what a non-paged cache would read)."""
     n_blocks = -(-length // BLOCK_SIZE)
     pool = torch.randn(2, batch * n_blocks + 8, hkv, BLOCK_SIZE, d, device=device, dtype=dtype)
-    tables = torch.randperm(pool.shape[1] - 8, device=device)[:batch * n_blocks].view(batch, n_blocks).int()
+    tables = torch.randperm(pool.shape[1] - 8, device=device)[: batch * n_blocks].view(batch, n_blocks).int()
     kv = pool[:, tables.long()].permute(0, 1, 3, 2, 4, 5).reshape(2, batch, hkv, -1, d)[:, :, :, :length]
     return pool, tables, kv.contiguous()
 
@@ -241,11 +318,17 @@ def _paged_prefill_attention(case: _Case):
         pool, tables, kv = paged_pool(1, s.prompt, hkv, d, case.rig.device)
         q = case.randn(s.prompt, hq + 2 * hkv, d)[:, :hq]  # a view of fused qkv rows
         qt = q.transpose(0, 1)[None]  # (1, Hq, S, D)
-        yield case.row("paged_prefill_attention", f"prefill {hq}/{hkv} x {s.prompt} x {d}",
-                       lambda: kernel(q, pool[0], pool[1], tables[0], s.prompt),
-                       lambda: F.scaled_dot_product_attention(qt, kv[0], kv[1], is_causal=True,
-                                                              enable_gqa=True)[0].transpose(0, 1),
-                       "SDPA gqa (gathered)", 4 * hq * d * s.prompt * (s.prompt + 1) // 2, "TFLOP/s")
+        yield case.row(
+            "paged_prefill_attention",
+            f"prefill {hq}/{hkv} x {s.prompt} x {d}",
+            lambda: kernel(q, pool[0], pool[1], tables[0], s.prompt),
+            lambda: F.scaled_dot_product_attention(qt, kv[0], kv[1], is_causal=True, enable_gqa=True)[
+                0
+            ].transpose(0, 1),
+            "SDPA gqa (gathered)",
+            4 * hq * d * s.prompt * (s.prompt + 1) // 2,
+            "TFLOP/s",
+        )
 
 
 def _paged_decode_attention(case: _Case):
@@ -261,21 +344,46 @@ def _paged_decode_attention(case: _Case):
         outs = [torch.empty_like(q) for _ in range(copies)]
         ours = lambda c=pools[0], o=outs[0]: kernel(q, c[0][0], c[0][1], c[1], lens, out=o)  # noqa: E731
         base = lambda c=pools[0]: F.scaled_dot_product_attention(  # noqa: E731
-            q[:, :, None], c[2][0], c[2][1], enable_gqa=True)[:, :, 0]
+            q[:, :, None], c[2][0], c[2][1], enable_gqa=True
+        )[:, :, 0]
         yield case.row("paged_decode_attention", shape, ours, base, "SDPA gqa (gathered)", nbytes, "GB/s")
-        yield case.row("paged_decode_attention", shape, ours, base, "SDPA gqa (gathered)", nbytes, "GB/s",
-                       graph=True, timing="graph, hot L2")
-        yield case.row("paged_decode_attention", shape, lambda: [ours(c, o) for c, o in zip(pools, outs)],
-                       lambda: [base(c) for c in pools], "SDPA gqa (gathered)", nbytes, "GB/s", graph=True,
-                       timing=f"graph, {copies} K/V copies", calls=copies)
+        yield case.row(
+            "paged_decode_attention",
+            shape,
+            ours,
+            base,
+            "SDPA gqa (gathered)",
+            nbytes,
+            "GB/s",
+            graph=True,
+            timing="graph, hot L2",
+        )
+        yield case.row(
+            "paged_decode_attention",
+            shape,
+            lambda: [ours(c, o) for c, o in zip(pools, outs)],
+            lambda: [base(c) for c in pools],
+            "SDPA gqa (gathered)",
+            nbytes,
+            "GB/s",
+            graph=True,
+            timing=f"graph, {copies} K/V copies",
+            calls=copies,
+        )
     batch, length = s.decode_batch, s.decode_lengths[0]  # a full decode batch
     pool, tables, kv = paged_pool(batch, length, hkv, d, device)
     lens = torch.full((batch,), length, dtype=torch.int32, device=device)
     q = case.randn(batch, hq, d)
-    yield case.row("paged_decode_attention", f"decode {batch} x {hq}/{hkv} x {length} x {d}",
-                   lambda: kernel(q, pool[0], pool[1], tables, lens),
-                   lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], enable_gqa=True)[:, :, 0],
-                   "SDPA gqa (gathered)", batch * (2 * hkv * length * d * 2 + 2 * hq * d * 2), "GB/s", graph=True)
+    yield case.row(
+        "paged_decode_attention",
+        f"decode {batch} x {hq}/{hkv} x {length} x {d}",
+        lambda: kernel(q, pool[0], pool[1], tables, lens),
+        lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], enable_gqa=True)[:, :, 0],
+        "SDPA gqa (gathered)",
+        batch * (2 * hkv * length * d * 2 + 2 * hq * d * 2),
+        "GB/s",
+        graph=True,
+    )
 
 
 def _rms_norm(case: _Case):
@@ -285,21 +393,42 @@ def _rms_norm(case: _Case):
     w = case.randn(c)
     for tokens in (s.prompt, 1):
         x, r = (case.randn(tokens, c) for _ in range(2))
-        yield case.row("rms_norm", f"{tokens} x {c}", lambda: kernel(x, w, 1e-5),
-                       lambda: reference.rms_norm(x, w, 1e-5), "reference", 2 * x.numel() * 2 + c * 2,
-                       "GB/s", graph=tokens == 1)
-        yield case.row("rms_norm (+residual)", f"{tokens} x {c}", lambda: add_rms_norm(x, r, w, 1e-5),
-                       lambda: (reference.rms_norm(x + r, w, 1e-5), x + r), "reference",
-                       4 * x.numel() * 2 + c * 2, "GB/s", graph=tokens == 1)
+        yield case.row(
+            "rms_norm",
+            f"{tokens} x {c}",
+            lambda: kernel(x, w, 1e-5),
+            lambda: reference.rms_norm(x, w, 1e-5),
+            "reference",
+            2 * x.numel() * 2 + c * 2,
+            "GB/s",
+            graph=tokens == 1,
+        )
+        yield case.row(
+            "rms_norm (+residual)",
+            f"{tokens} x {c}",
+            lambda: add_rms_norm(x, r, w, 1e-5),
+            lambda: (reference.rms_norm(x + r, w, 1e-5), x + r),
+            "reference",
+            4 * x.numel() * 2 + c * 2,
+            "GB/s",
+            graph=tokens == 1,
+        )
 
 
 def _silu_mul(case: _Case):
     kernel, s, width = _kernel("silu_mul"), case.shapes, case.shapes.ffn
     for tokens in (s.prompt, 1):
         gate, up = (case.randn(tokens, width) for _ in range(2))
-        yield case.row("silu_mul", f"{tokens} x {width}", lambda: kernel(gate, up),
-                       lambda: reference.silu_mul(gate, up), "reference", 3 * gate.numel() * 2, "GB/s",
-                       graph=tokens == 1)
+        yield case.row(
+            "silu_mul",
+            f"{tokens} x {width}",
+            lambda: kernel(gate, up),
+            lambda: reference.silu_mul(gate, up),
+            "reference",
+            3 * gate.numel() * 2,
+            "GB/s",
+            graph=tokens == 1,
+        )
 
 
 def _apply_rotary(case: _Case):
@@ -307,13 +436,20 @@ def _apply_rotary(case: _Case):
     hq, hkv, d = s.heads, s.kv_heads, s.head_dim
     for tokens in (s.prompt, 1):
         qkv = case.randn(1, tokens, (hq + 2 * hkv) * d)  # the wqkv output
-        q = qkv[..., :hq * d].view(1, tokens, hq, d).transpose(1, 2)  # (1, Hq, S, D) view
-        k = qkv[..., hq * d:(hq + hkv) * d].view(1, tokens, hkv, d).transpose(1, 2)
+        q = qkv[..., : hq * d].view(1, tokens, hq, d).transpose(1, 2)  # (1, Hq, S, D) view
+        k = qkv[..., hq * d : (hq + hkv) * d].view(1, tokens, hkv, d).transpose(1, 2)
         cos, sin = (case.randn(1, tokens, d, dtype=torch.float32) for _ in range(2))
         nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 4
-        yield case.row("apply_rotary", f"{tokens} x ({hq}+{hkv}) x {d}", lambda: kernel(q, k, cos, sin),
-                       lambda: reference.apply_rotary(q, k, cos, sin), "reference", nbytes, "GB/s",
-                       graph=tokens == 1)
+        yield case.row(
+            "apply_rotary",
+            f"{tokens} x ({hq}+{hkv}) x {d}",
+            lambda: kernel(q, k, cos, sin),
+            lambda: reference.apply_rotary(q, k, cos, sin),
+            "reference",
+            nbytes,
+            "GB/s",
+            graph=tokens == 1,
+        )
 
 
 def _pixel_shuffle(case: _Case):
@@ -321,24 +457,41 @@ def _pixel_shuffle(case: _Case):
     n, c, g = s.vit_tiles, s.vit_width, math.isqrt(s.vit_seq - 1)
     vit = case.randn(n, s.vit_seq, c)
     grid = vit[:, 1:].reshape(n, g, g, c)  # (N, g, g, C) view past the CLS row, as shuffle_tokens passes
-    yield case.row("pixel_shuffle", f"{n} x {g} x {g} x {c} v2", lambda: kernel(grid, 0.5, "v2"),
-                   lambda: reference.pixel_shuffle(grid, 0.5, "v2"), "reference", 2 * grid.numel() * 2, "GB/s")
+    yield case.row(
+        "pixel_shuffle",
+        f"{n} x {g} x {g} x {c} v2",
+        lambda: kernel(grid, 0.5, "v2"),
+        lambda: reference.pixel_shuffle(grid, 0.5, "v2"),
+        "reference",
+        2 * grid.numel() * 2,
+        "GB/s",
+    )
 
 
-CASES = {"vit_attention": _vit_attention, "paged_prefill_attention": _paged_prefill_attention,
-         "paged_decode_attention": _paged_decode_attention, "rms_norm": _rms_norm,
-         "silu_mul": _silu_mul, "apply_rotary": _apply_rotary, "pixel_shuffle": _pixel_shuffle}
+CASES = {
+    "vit_attention": _vit_attention,
+    "paged_prefill_attention": _paged_prefill_attention,
+    "paged_decode_attention": _paged_decode_attention,
+    "rms_norm": _rms_norm,
+    "silu_mul": _silu_mul,
+    "apply_rotary": _apply_rotary,
+    "pixel_shuffle": _pixel_shuffle,
+}
 
 
 def require_gpu(command: str) -> None:
     """PyvlError naming the missing device, before anything touches CUDA."""
     if not torch.cuda.is_available():
-        raise PyvlError(f"bench {command} needs a CUDA GPU: it times the Triton kernels on the device "
-                        "(torch.cuda.is_available() is False here; --smoke runs it on the CPU)")
+        raise PyvlError(
+            f"bench {command} needs a CUDA GPU: it times the Triton kernels on the device "
+            "(torch.cuda.is_available() is False here; --smoke runs it on the CPU)"
+        )
     from pyvl.kernels._common import interpreting
 
     if interpreting():
-        raise PyvlError(f"bench {command}: TRITON_INTERPRET=1 is set; unset it to time the kernels on the GPU")
+        raise PyvlError(
+            f"bench {command}: TRITON_INTERPRET=1 is set; unset it to time the kernels on the GPU"
+        )
 
 
 def require_interpreter(command: str) -> None:
@@ -346,8 +499,10 @@ def require_interpreter(command: str) -> None:
     from pyvl.kernels._common import interpreting
 
     if not interpreting():
-        raise PyvlError(f"bench {command} --smoke runs the kernels on the CPU under the Triton interpreter: "
-                        "set TRITON_INTERPRET=1")
+        raise PyvlError(
+            f"bench {command} --smoke runs the kernels on the CPU under the Triton interpreter: "
+            "set TRITON_INTERPRET=1"
+        )
 
 
 def rig_for(command: str, smoke: bool, rep_ms: int) -> Rig:
@@ -363,8 +518,13 @@ def rig_setup(rig: Rig) -> dict:
     """The result's "setup": what measured, where."""
     import triton
 
-    return {"device": rig.device_name, "shapes": "smoke" if rig.shapes == SMOKE else "real",
-            "torch": torch.__version__, "triton": triton.__version__, "l2_MB": round(rig.l2_bytes / 2**20, 1)}
+    return {
+        "device": rig.device_name,
+        "shapes": "smoke" if rig.shapes == SMOKE else "real",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "l2_MB": round(rig.l2_bytes / 2**20, 1),
+    }
 
 
 def run(ops=None, repeat_ms: int = 200, report: Report | None = None, smoke: bool = False) -> dict:
@@ -399,11 +559,25 @@ def _fmt(value, spec: str) -> str:
 
 def format_result(result: dict) -> str:
     s, c = result["setup"], result["ceilings"]
-    head = (f"{s['device']}, torch {s['torch']}, triton {s['triton']}; ceilings measured now: copy "
-            f"{c['copy_GBps']:.0f} GB/s (read + write), bf16 GEMM {c['gemm_bf16_TFLOPs']:.0f} TFLOP/s")
-    rows = [{"op": r["op"], "shape": r["shape"], "timing": r["timing"], "ms": f"{r['ms']:.4f}",
-             "rate": f"{r['rate']:.0f} {r['unit']}", "of ceiling": f"{r['of_ceiling']:.1%}",
-             "baseline": r["baseline"], "baseline ms": _fmt(r["baseline_ms"], ".4f"),
-             "baseline/ours": _fmt(r["baseline/ours"], ".2f"), "rel diff": f"{r['rel_diff']:.1e}",
-             "regs/spills/smem": format_resources(r["kernels"]), "target": r["target"]} for r in result["rows"]]
+    head = (
+        f"{s['device']}, torch {s['torch']}, triton {s['triton']}; ceilings measured now: copy "
+        f"{c['copy_GBps']:.0f} GB/s (read + write), bf16 GEMM {c['gemm_bf16_TFLOPs']:.0f} TFLOP/s"
+    )
+    rows = [
+        {
+            "op": r["op"],
+            "shape": r["shape"],
+            "timing": r["timing"],
+            "ms": f"{r['ms']:.4f}",
+            "rate": f"{r['rate']:.0f} {r['unit']}",
+            "of ceiling": f"{r['of_ceiling']:.1%}",
+            "baseline": r["baseline"],
+            "baseline ms": _fmt(r["baseline_ms"], ".4f"),
+            "baseline/ours": _fmt(r["baseline/ours"], ".2f"),
+            "rel diff": f"{r['rel_diff']:.1e}",
+            "regs/spills/smem": format_resources(r["kernels"]),
+            "target": r["target"],
+        }
+        for r in result["rows"]
+    ]
     return "\n".join([head, format_table(rows)] + [f"note: {n}" for n in result["notes"]])

@@ -57,12 +57,18 @@ def pillow_pipeline(image: np.ndarray | Image.Image, max_num: int) -> torch.Tens
     return pixel_values_reference(np.stack([np.asarray(t) for t in tiles]))
 
 
-def _row(image: np.ndarray | Image.Image, size: str, max_num: int, flavour: str, cores: int, repeat: int) -> dict:
+def _row(
+    image: np.ndarray | Image.Image, size: str, max_num: int, flavour: str, cores: int, repeat: int
+) -> dict:
     """One table row: the image through both pipelines, checked equal, then timed at 1 thread and every core."""
     fused = load_image(image, max_num=max_num, num_threads=1)
     baseline = pillow_pipeline(image, max_num)
-    row = {"image": size, "input": "PIL" if isinstance(image, Image.Image) else "array", "max_num": max_num,
-           "tiles": fused.shape[0]}
+    row = {
+        "image": size,
+        "input": "PIL" if isinstance(image, Image.Image) else "array",
+        "max_num": max_num,
+        "tiles": fused.shape[0],
+    }
     if flavour == "pillow-simd":
         row["pillow-simd values differing"] = f"{(fused != baseline).double().mean().item():.2%}"
     elif not torch.equal(fused, baseline):
@@ -88,7 +94,9 @@ def run(sizes=SIZES, max_nums=MAX_NUMS, repeat: int = 3) -> list[dict]:
             photo = synthetic_photo(width, height)
             for max_num in max_nums:
                 images = (photo, Image.fromarray(photo)) if max_num == PIL_MAX_NUM else (photo,)
-                rows += [_row(image, f"{width}x{height}", max_num, flavour, cores, repeat) for image in images]
+                rows += [
+                    _row(image, f"{width}x{height}", max_num, flavour, cores, repeat) for image in images
+                ]
     finally:
         torch.set_num_threads(saved_threads)
     return rows

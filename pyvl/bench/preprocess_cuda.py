@@ -37,24 +37,33 @@ TARGET = {("3840x2160", 12, "bfloat16"): "< 0.1 ms"}  # the target: a 4K photo t
 def require_cuda_preprocessing():
     """pyvl.ops.native with its CUDA kernels, or a PyvlError naming what is missing."""
     if not torch.cuda.is_available():
-        raise PyvlError("bench preprocess --device cuda needs a CUDA device (torch.cuda.is_available() is False "
-                        "here); without --device it times the CPU kernel")
+        raise PyvlError(
+            "bench preprocess --device cuda needs a CUDA device (torch.cuda.is_available() is False "
+            "here); without --device it times the CPU kernel"
+        )
     try:
         from pyvl.ops import native
     except ImportError as exc:
-        raise PyvlError(f"bench preprocess --device cuda needs the compiled extension pyvl._C: {exc}") from None
+        raise PyvlError(
+            f"bench preprocess --device cuda needs the compiled extension pyvl._C: {exc}"
+        ) from None
     if not native.has_cuda():
-        raise PyvlError("bench preprocess --device cuda: pyvl._C was built without its CUDA kernels (no nvcc at "
-                        "build time); reinstall with PYVL_CUDA=ON")
+        raise PyvlError(
+            "bench preprocess --device cuda: pyvl._C was built without its CUDA kernels (no nvcc at "
+            "build time); reinstall with PYVL_CUDA=ON"
+        )
     return native
 
 
-def interpolate_tiles(image: torch.Tensor, cols: int, rows: int, dtype: torch.dtype, tile: int = TILE,
-                      thumbnail: bool = True) -> torch.Tensor:
+def interpolate_tiles(
+    image: torch.Tensor, cols: int, rows: int, dtype: torch.dtype, tile: int = TILE, thumbnail: bool = True
+) -> torch.Tensor:
     """uint8 [H, W, 3] on the device -> normalised [cols*rows (+1), 3, tile, tile]: torch's antialiased bicubic."""
     x = image.permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-    resize = lambda size: F.interpolate(x, size=size, mode="bicubic", antialias=True,  # noqa: E731
-                                        align_corners=False)
+
+    def resize(size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+
     grid = resize((rows * tile, cols * tile))[0]  # (3, rows * tile, cols * tile)
     tiles = grid.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile, tile)
     if thumbnail and cols * rows > 1:
@@ -80,8 +89,12 @@ def _image_rows(native, width: int, height: int, max_num: int, gbps: float, time
     cpu = native.resize_tiles(image, cols, rows, TILE, True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     for dtype in (torch.bfloat16, torch.float32):
         out = torch.empty(cpu.shape, dtype=dtype, device="cuda")
-        call = lambda src: native.resize_tiles_cuda(src, cols, rows, TILE, True, IMAGENET_MEAN,  # noqa: E731
-                                                    IMAGENET_STD, out=out, dtype=dtype)
+
+        def call(src, out=out, dtype=dtype):
+            return native.resize_tiles_cuda(
+                src, cols, rows, TILE, True, IMAGENET_MEAN, IMAGENET_STD, out=out, dtype=dtype
+            )
+
         expected = cpu.to(dtype)
         diff = _max_abs(call(on_device), expected)
         interp = interpolate_tiles(on_device, cols, rows, dtype)
@@ -90,13 +103,23 @@ def _image_rows(native, width: int, height: int, max_num: int, gbps: float, time
         floor_ms = (image.nbytes + out.numel() * out.element_size()) / (gbps * 1e6)
         name, dt = f"{width}x{height}", str(dtype).removeprefix("torch.")
         yield {
-            "image": name, "max_num": max_num, "grid": f"{cols}x{rows}", "tiles": out.shape[0], "dtype": dt,
-            "kernel_ms": round(kernel_ms, 4), "from_host_ms": round(timer(lambda: call(image)), 4),
-            "h2d_pinned_ms": round(h2d_pinned, 4), "h2d_pageable_ms": round(h2d_pageable, 4),
-            "interpolate_ms": round(interp_ms, 4), "floor_ms": round(floor_ms, 4),
-            "floor/kernel": round(floor_ms / kernel_ms, 3), "interpolate/kernel": round(interp_ms / kernel_ms, 2),
-            "max_abs_diff_vs_cpu": diff, "interp_max_abs_diff": _max_abs(interp, expected),
-            "target": TARGET.get((name, max_num, dt), "")}
+            "image": name,
+            "max_num": max_num,
+            "grid": f"{cols}x{rows}",
+            "tiles": out.shape[0],
+            "dtype": dt,
+            "kernel_ms": round(kernel_ms, 4),
+            "from_host_ms": round(timer(lambda: call(image)), 4),
+            "h2d_pinned_ms": round(h2d_pinned, 4),
+            "h2d_pageable_ms": round(h2d_pageable, 4),
+            "interpolate_ms": round(interp_ms, 4),
+            "floor_ms": round(floor_ms, 4),
+            "floor/kernel": round(floor_ms / kernel_ms, 3),
+            "interpolate/kernel": round(interp_ms / kernel_ms, 2),
+            "max_abs_diff_vs_cpu": diff,
+            "interp_max_abs_diff": _max_abs(interp, expected),
+            "target": TARGET.get((name, max_num, dt), ""),
+        }
 
 
 def run(sizes=SIZES, max_nums=MAX_NUMS, repeat_ms: int = 100, report: Report | None = None) -> dict:
@@ -123,13 +146,36 @@ def run(sizes=SIZES, max_nums=MAX_NUMS, repeat_ms: int = 100, report: Report | N
 
 def format_result(result: dict) -> str:
     s = result["setup"]
-    head = (f"{s['device']}, torch {s['torch']}; device copy {result['copy_GBps']:.0f} GB/s (read + write), "
-            f"the floor's bandwidth; times in ms")
-    keys = ("image", "max_num", "grid", "tiles", "dtype", "kernel_ms", "from_host_ms", "h2d_pinned_ms",
-            "h2d_pageable_ms", "interpolate_ms", "floor_ms", "interpolate/kernel", "max_abs_diff_vs_cpu",
-            "interp_max_abs_diff", "target")
-    short = {"kernel_ms": "kernel", "from_host_ms": "from host", "h2d_pinned_ms": "h2d pinned",
-             "h2d_pageable_ms": "h2d pageable", "interpolate_ms": "interpolate", "floor_ms": "floor",
-             "max_abs_diff_vs_cpu": "diff vs CPU", "interp_max_abs_diff": "interp diff"}
+    head = (
+        f"{s['device']}, torch {s['torch']}; device copy {result['copy_GBps']:.0f} GB/s (read + write), "
+        f"the floor's bandwidth; times in ms"
+    )
+    keys = (
+        "image",
+        "max_num",
+        "grid",
+        "tiles",
+        "dtype",
+        "kernel_ms",
+        "from_host_ms",
+        "h2d_pinned_ms",
+        "h2d_pageable_ms",
+        "interpolate_ms",
+        "floor_ms",
+        "interpolate/kernel",
+        "max_abs_diff_vs_cpu",
+        "interp_max_abs_diff",
+        "target",
+    )
+    short = {
+        "kernel_ms": "kernel",
+        "from_host_ms": "from host",
+        "h2d_pinned_ms": "h2d pinned",
+        "h2d_pageable_ms": "h2d pageable",
+        "interpolate_ms": "interpolate",
+        "floor_ms": "floor",
+        "max_abs_diff_vs_cpu": "diff vs CPU",
+        "interp_max_abs_diff": "interp diff",
+    }
     rows = [{short.get(k, k): r[k] for k in keys} for r in result["rows"]]
     return "\n".join([head, format_table(rows)] + [f"note: {n}" for n in result["notes"]])

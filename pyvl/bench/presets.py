@@ -39,40 +39,80 @@ __all__ = ["PRESETS", "preset_dict", "preset_config", "parameter_count", "random
 
 def _llm(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, rope_factor: float) -> dict:
     return {
-        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_act": "silu",
-        "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": 92553,
-        "max_position_embeddings": 32768, "rope_theta": 1000000,
-        "rope_scaling": {"type": "dynamic", "factor": rope_factor}, "rms_norm_eps": 1e-5, "bias": False,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+        "architectures": ["InternLM2ForCausalLM"],
+        "model_type": "internlm2",
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": 92553,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000,
+        "rope_scaling": {"type": "dynamic", "factor": rope_factor},
+        "rms_norm_eps": 1e-5,
+        "bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
     }
 
 
-def _vision(hidden: int, heads: int, mlp: int, layers: int, norm_type: str, qkv_bias: bool, qk_norm: bool
-            ) -> dict:
+def _vision(
+    hidden: int, heads: int, mlp: int, layers: int, norm_type: str, qkv_bias: bool, qk_norm: bool
+) -> dict:
     return {
-        "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_act": "gelu",
-        "hidden_size": hidden, "num_attention_heads": heads, "intermediate_size": mlp, "num_hidden_layers": layers,
-        "image_size": 448, "patch_size": 14, "num_channels": 3, "norm_type": norm_type, "layer_norm_eps": 1e-6,
-        "qkv_bias": qkv_bias, "qk_normalization": qk_norm,
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_act": "gelu",
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "image_size": 448,
+        "patch_size": 14,
+        "num_channels": 3,
+        "norm_type": norm_type,
+        "layer_norm_eps": 1e-6,
+        "qkv_bias": qkv_bias,
+        "qk_normalization": qk_norm,
     }
 
 
 def _top(vision: dict, llm: dict) -> dict:
     return {
-        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "torch_dtype": "bfloat16",
-        "downsample_ratio": 0.5, "dynamic_image_size": True, "force_image_size": 448,
-        "hidden_size": llm["hidden_size"], "max_dynamic_patch": 12, "min_dynamic_patch": 1, "pad2square": False,
-        "ps_version": "v2", "select_layer": -1, "template": "internlm2-chat", "use_thumbnail": True,
-        "use_backbone_lora": 0, "use_llm_lora": 0, "vision_config": vision, "llm_config": llm,
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "torch_dtype": "bfloat16",
+        "downsample_ratio": 0.5,
+        "dynamic_image_size": True,
+        "force_image_size": 448,
+        "hidden_size": llm["hidden_size"],
+        "max_dynamic_patch": 12,
+        "min_dynamic_patch": 1,
+        "pad2square": False,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": "internlm2-chat",
+        "use_thumbnail": True,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "vision_config": vision,
+        "llm_config": llm,
     }
 
 
 PRESETS: dict[str, dict] = {
-    "internvl-chat-v1-5": _top(_vision(3200, 25, 12800, 45, "rms_norm", qkv_bias=False, qk_norm=True),
-                               _llm(6144, 16384, 48, 48, 8, rope_factor=2.0)),
-    "mini-internvl-chat-2b-v1-5": _top(_vision(1024, 16, 4096, 24, "layer_norm", qkv_bias=True, qk_norm=False),
-                                       _llm(2048, 8192, 24, 16, 8, rope_factor=2.0)),
+    "internvl-chat-v1-5": _top(
+        _vision(3200, 25, 12800, 45, "rms_norm", qkv_bias=False, qk_norm=True),
+        _llm(6144, 16384, 48, 48, 8, rope_factor=2.0),
+    ),
+    "mini-internvl-chat-2b-v1-5": _top(
+        _vision(1024, 16, 4096, 24, "layer_norm", qkv_bias=True, qk_norm=False),
+        _llm(2048, 8192, 24, 16, 8, rope_factor=2.0),
+    ),
     "tiny": demo_config_dict(),
 }
 
@@ -88,8 +128,12 @@ def preset_config(name: str) -> ModelConfig:
     return ModelConfig.from_dict(preset_dict(name), source=f"preset {name}")
 
 
-def _meta_model(cfg: ModelConfig, backend: str = "reference", device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> InternVLChatModel:
+def _meta_model(
+    cfg: ModelConfig,
+    backend: str = "reference",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> InternVLChatModel:
     with torch.device("meta"):
         return InternVLChatModel(cfg, resolve_ops(backend, device, dtype=dtype))
 
@@ -111,8 +155,9 @@ def _is_norm(name: str) -> bool:
 
 
 @torch.no_grad()
-def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, backend: str = "auto",
-                 seed: int = 0) -> InternVLChatModel:
+def random_model(
+    cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, backend: str = "auto", seed: int = 0
+) -> InternVLChatModel:
     """An :class:`InternVLChatModel` of ``cfg``'s exact shapes with random weights, allocated once on ``device``
     in ``dtype``: built on meta, cast on meta (so no float32 copy ever exists), then ``to_empty`` + init."""
     device = torch.device(device)
@@ -135,6 +180,10 @@ def chat_on(model: InternVLChatModel, max_context: int | None = None, **engine_o
     Default context: the model's max_position_embeddings."""
     tokenizer = Tokenizer.from_folder(ASSETS)
     context = max_context or model.cfg.llm.max_position_embeddings
-    engine = Engine(model, EngineConfig.for_model(model, context, **engine_options), salt="pyvl bench",
-                    bos_id=tokenizer.bos_id)
+    engine = Engine(
+        model,
+        EngineConfig.for_model(model, context, **engine_options),
+        salt="pyvl bench",
+        bos_id=tokenizer.bos_id,
+    )
     return InternVLChat(model, tokenizer, model.cfg, ASSETS, context, (tokenizer.im_end_id,), engine)

@@ -18,7 +18,8 @@ benchmarks/device_summary.py does).
 from __future__ import annotations
 
 import json
-from typing import IO, Iterable
+from collections.abc import Iterable
+from typing import IO
 
 __all__ = ["Report", "collect"]
 

@@ -16,8 +16,15 @@ import importlib
 
 __all__ = ["KERNEL_MODULES", "launched_kernels", "resources", "format_resources"]
 
-KERNEL_MODULES = ("vit_attention", "paged_attention", "store_kv", "rms_norm", "apply_rotary", "silu_mul",
-                  "pixel_shuffle")
+KERNEL_MODULES = (
+    "vit_attention",
+    "paged_attention",
+    "store_kv",
+    "rms_norm",
+    "apply_rotary",
+    "silu_mul",
+    "pixel_shuffle",
+)
 _MISSING = object()
 
 
@@ -27,7 +34,9 @@ def _kernel_objects() -> list:
     found = []
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"pyvl.kernels.{name}")
-        found += [obj for obj in vars(module).values() if isinstance(obj, KernelInterface) and obj not in found]
+        found += [
+            obj for obj in vars(module).values() if isinstance(obj, KernelInterface) and obj not in found
+        ]
     return found
 
 
@@ -43,9 +52,11 @@ def resources(kernel) -> dict:
             init()  # a no-op once launched; loads the binary of a kernel that was only compiled
         except Exception:  # e.g. OutOfResources: the figures below are still in the metadata or absent
             pass
-    return {"regs": _int_or_none(getattr(kernel, "n_regs", None)),
-            "spills": _int_or_none(getattr(kernel, "n_spills", None)),
-            "shared_bytes": _int_or_none(getattr(getattr(kernel, "metadata", None), "shared", None))}
+    return {
+        "regs": _int_or_none(getattr(kernel, "n_regs", None)),
+        "spills": _int_or_none(getattr(kernel, "n_spills", None)),
+        "shared_bytes": _int_or_none(getattr(getattr(kernel, "metadata", None), "shared", None)),
+    }
 
 
 @contextlib.contextmanager
@@ -62,6 +73,7 @@ def launched_kernels():
             if not kwargs.get("warmup") and all(entry["kernel"] != name for entry in launched):
                 launched.append({"kernel": name, **resources(compiled)})
             return compiled
+
         return run
 
     try:

@@ -27,8 +27,14 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _one(url: str, question: str, max_tokens: int) -> dict:
-    body = {"model": "bench", "messages": [{"role": "user", "content": question}], "stream": True,
-            "temperature": 0, "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": question}],
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     arrivals, tokens = [], 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
@@ -40,8 +46,11 @@ def _one(url: str, question: str, max_tokens: int) -> dict:
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 arrivals.append(time.perf_counter())
-    return {"ttft": arrivals[0] - start if arrivals else 0.0, "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],
-            "tokens": tokens}
+    return {
+        "ttft": arrivals[0] - start if arrivals else 0.0,
+        "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],
+        "tokens": tokens,
+    }
 
 
 def _measure(url: str, questions: list[str], clients: int, max_tokens: int) -> dict:
@@ -51,18 +60,35 @@ def _measure(url: str, questions: list[str], clients: int, max_tokens: int) -> d
     wall = time.perf_counter() - start
     gaps = [g for r in results for g in r["gaps"]]
     ttfts = [r["ttft"] for r in results]
-    return {"requests/s": round(len(results) / wall, 2), "output tok/s": round(sum(r["tokens"] for r in results) / wall, 1),
-            "ttft p50 ms": round(_percentile(ttfts, 0.5) * 1e3, 1), "ttft p99 ms": round(_percentile(ttfts, 0.99) * 1e3, 1),
-            "itl p50 ms": round(_percentile(gaps, 0.5) * 1e3, 1), "itl p99 ms": round(_percentile(gaps, 0.99) * 1e3, 1)}
+    return {
+        "requests/s": round(len(results) / wall, 2),
+        "output tok/s": round(sum(r["tokens"] for r in results) / wall, 1),
+        "ttft p50 ms": round(_percentile(ttfts, 0.5) * 1e3, 1),
+        "ttft p99 ms": round(_percentile(ttfts, 0.99) * 1e3, 1),
+        "itl p50 ms": round(_percentile(gaps, 0.5) * 1e3, 1),
+        "itl p99 ms": round(_percentile(gaps, 0.99) * 1e3, 1),
+    }
 
 
-def run(model: str | Path | None = None, concurrency=(1, 4, 16), requests: int = 16, max_tokens: int = 32) -> dict:
+def run(
+    model: str | Path | None = None, concurrency=(1, 4, 16), requests: int = 16, max_tokens: int = 32
+) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "pyvl", "serve", "--port", str(port), "--served-model-name", "bench",
-           "--log-level", "warning"] + (["--model", str(model)] if model else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "pyvl",
+        "serve",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "bench",
+        "--log-level",
+        "warning",
+    ] + (["--model", str(model)] if model else [])
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:
         deadline = time.monotonic() + 300
@@ -82,8 +108,11 @@ def run(model: str | Path | None = None, concurrency=(1, 4, 16), requests: int =
             row = {"clients": n} | _measure(url, questions, n, max_tokens)
             row["tok/s vs serial"] = round(row["output tok/s"] / serial["output tok/s"], 2)
             rows.append(row)
-        return {"setup": {"requests": requests, "max_tokens": max_tokens, "model": str(model or "demo")},
-                "serial": serial, "rows": rows}
+        return {
+            "setup": {"requests": requests, "max_tokens": max_tokens, "model": str(model or "demo")},
+            "serial": serial,
+            "rows": rows,
+        }
     finally:
         server.terminate()
         server.wait(30)

@@ -32,8 +32,16 @@ from .report import Report
 from .resources import format_resources, launched_kernels
 from .timing import format_table
 
-__all__ = ["VIT_CONFIGS", "DECODE_CONFIGS", "vit_rows", "decode_rows", "vit_shape", "decode_shapes", "run",
-           "format_result"]
+__all__ = [
+    "VIT_CONFIGS",
+    "DECODE_CONFIGS",
+    "vit_rows",
+    "decode_rows",
+    "vit_shape",
+    "decode_shapes",
+    "run",
+    "format_result",
+]
 
 REL_BOUND = 1e-2  # bf16 kernels sit between 1e-3 and 1e-2 (tests/kernel_tolerances.py)
 VIT_CONFIGS = (  # the default (added first when missing) plus neighbours in each direction
@@ -69,13 +77,34 @@ def _describe(cfg: dict) -> str:
     return " ".join(f"{short.get(k, k)}={v}" for k, v in cfg.items())
 
 
-def _row(op: str, shape: str, cfg: dict, is_default: bool, call, rel_err, timer, calls: int, amount: float,
-         unit: str) -> dict:
+def _row(
+    op: str,
+    shape: str,
+    cfg: dict,
+    is_default: bool,
+    call,
+    rel_err,
+    timer,
+    calls: int,
+    amount: float,
+    unit: str,
+) -> dict:
     """Check one configuration (``call()`` -> the outputs of ``calls`` launches, ``rel_err(outputs)`` -> the
     worst relative error against the oracle), then time it with ``timer(call) -> ms`` (None: not timed)."""
-    row = {"op": op, "shape": shape, "config": _describe(cfg), "params": cfg, "default": is_default,
-           "status": "ok", "rel_err": None, "ms": None, "rate": None, "unit": unit, "vs_default": None,
-           "kernels": []}
+    row = {
+        "op": op,
+        "shape": shape,
+        "config": _describe(cfg),
+        "params": cfg,
+        "default": is_default,
+        "status": "ok",
+        "rel_err": None,
+        "ms": None,
+        "rate": None,
+        "unit": unit,
+        "vs_default": None,
+        "kernels": [],
+    }
     try:
         with launched_kernels() as kernels:
             outs = call()
@@ -111,8 +140,9 @@ def _no_emit(row: dict) -> None:
     pass
 
 
-def vit_rows(shape, configs=VIT_CONFIGS, device="cuda", dtype=torch.bfloat16, timer=None,
-             emit=_no_emit) -> list[dict]:
+def vit_rows(
+    shape, configs=VIT_CONFIGS, device="cuda", dtype=torch.bfloat16, timer=None, emit=_no_emit
+) -> list[dict]:
     """One row per configuration of vit_attention at ``shape`` (B, H, S, D), the default first."""
     from pyvl.kernels.vit_attention import default_config, vit_attention
 
@@ -124,15 +154,31 @@ def vit_rows(shape, configs=VIT_CONFIGS, device="cuda", dtype=torch.bfloat16, ti
     out = torch.empty(b, h, s, d, device=device, dtype=dtype)
 
     def make_row(cfg: dict) -> dict:
-        return _row("vit_attention", "x".join(map(str, shape)), cfg, cfg == default,
-                    lambda: [vit_attention(q, k, v, out=out, config=cfg)], lambda outs: _rel_err(outs[0], oracle),
-                    timer, 1, 4 * b * h * s * s * d, "TFLOP/s")
+        return _row(
+            "vit_attention",
+            "x".join(map(str, shape)),
+            cfg,
+            cfg == default,
+            lambda: [vit_attention(q, k, v, out=out, config=cfg)],
+            lambda outs: _rel_err(outs[0], oracle),
+            timer,
+            1,
+            4 * b * h * s * s * d,
+            "TFLOP/s",
+        )
 
     return _measured(make_row, _with_default(default, configs), emit)
 
 
-def decode_rows(shape, configs=DECODE_CONFIGS, device="cuda", dtype=torch.bfloat16, timer=None,
-                copies: int = 1, emit=_no_emit) -> list[dict]:
+def decode_rows(
+    shape,
+    configs=DECODE_CONFIGS,
+    device="cuda",
+    dtype=torch.bfloat16,
+    timer=None,
+    copies: int = 1,
+    emit=_no_emit,
+) -> list[dict]:
     """One row per configuration of paged_decode_attention at ``shape`` (Hq, Hkv, keys, D), the default first;
     each call walks over ``copies`` distinct K/V pools (so that a graph of it reads them from HBM, not the L2)."""
     from pyvl.kernels.paged_attention import decode_config, decode_splits, paged_decode_attention
@@ -141,25 +187,42 @@ def decode_rows(shape, configs=DECODE_CONFIGS, device="cuda", dtype=torch.bfloat
     q = torch.randn(1, hq, d, device=device, dtype=dtype)
     pools = [paged_pool(1, length, hkv, d, device, dtype)[:2] for _ in range(copies)]
     lens = torch.full((1,), length, dtype=torch.int32, device=device)  # device lengths: graph-capturable
-    oracles = [reference.paged_decode_attention(q.float(), p[0].float(), p[1].float(), t, lens) for p, t in pools]
+    oracles = [
+        reference.paged_decode_attention(q.float(), p[0].float(), p[1].float(), t, lens) for p, t in pools
+    ]
     outs = [torch.empty_like(q) for _ in pools]
     block_size, capacity = pools[0][0].shape[3], pools[0][1].shape[1] * pools[0][0].shape[3]
     blocks = decode_config(d, dtype)
-    resolve = lambda cfg: dict(cfg, num_splits=cfg["num_splits"] or decode_splits(  # noqa: E731
-        hkv, capacity, min(cfg["BLOCK_N"], block_size), q.device))  # show the split count the launcher would pick
+
+    def resolve(cfg: dict) -> dict:  # the split count the launcher would pick, shown
+        splits = cfg["num_splits"] or decode_splits(hkv, capacity, min(cfg["BLOCK_N"], block_size), q.device)
+        return dict(cfg, num_splits=splits)
+
     default = resolve(dict(num_splits=None, **blocks))
     configs = [resolve({"num_splits": None, **blocks, **c}) for c in configs]
 
     def call(cfg):
         tuning = {k: v for k, v in cfg.items() if k != "num_splits"}
-        return [paged_decode_attention(q, p[0], p[1], t, lens, out=o, num_splits=cfg["num_splits"], config=tuning)
-                for (p, t), o in zip(pools, outs)]
+        return [
+            paged_decode_attention(q, p[0], p[1], t, lens, out=o, num_splits=cfg["num_splits"], config=tuning)
+            for (p, t), o in zip(pools, outs)
+        ]
 
     rel_err = lambda got: max(_rel_err(o, r) for o, r in zip(got, oracles))  # noqa: E731
 
     def make_row(cfg: dict) -> dict:
-        return _row("paged_decode_attention", f"{hq}/{hkv} x {length} x {d}", cfg, cfg == default,
-                    lambda: call(cfg), rel_err, timer, copies, 2 * hkv * length * d * 2 + 2 * hq * d * 2, "GB/s")
+        return _row(
+            "paged_decode_attention",
+            f"{hq}/{hkv} x {length} x {d}",
+            cfg,
+            cfg == default,
+            lambda: call(cfg),
+            rel_err,
+            timer,
+            copies,
+            2 * hkv * length * d * 2 + 2 * hq * d * 2,
+            "GB/s",
+        )
 
     return _measured(make_row, _with_default(default, configs), emit)
 
@@ -189,8 +252,9 @@ def run(repeat_ms: int = 100, report: Report | None = None, smoke: bool = False)
     for hq, hkv, length, d in decode_shapes(rig.shapes):
         copies = rotation_copies(2 * hkv * length * d * 2, rig.l2_bytes)
         try:
-            decode_rows((hq, hkv, length, d), device=rig.device, timer=rig.graph_ms, copies=copies,
-                        emit=report.row)
+            decode_rows(
+                (hq, hkv, length, d), device=rig.device, timer=rig.graph_ms, copies=copies, emit=report.row
+            )
         except Exception as exc:
             report.note(f"paged_decode_attention sweep x {length}: {type(exc).__name__}: {str(exc)[:300]}")
         torch.cuda.empty_cache()
@@ -203,11 +267,23 @@ def _fmt(value, spec: str) -> str:
 
 def format_result(result: dict) -> str:
     s = result["setup"]
-    head = (f"{s['device']}, torch {s['torch']}, triton {s['triton']}, L2 {s['l2_MB']} MB; * = the launcher's "
-            f"default; vs default > 1 is faster")
-    rows = [{"op": r["op"], "shape": r["shape"], "config": r["config"], "default": "*" if r["default"] else "",
-             "status": r["status"], "rel err": _fmt(r["rel_err"], ".1e"), "ms": _fmt(r["ms"], ".4f"),
-             "rate": "-" if r["rate"] is None else f"{r['rate']:.0f} {r['unit']}",
-             "vs default": _fmt(r["vs_default"], ".2f"), "regs/spills/smem": format_resources(r["kernels"])}
-            for r in result["rows"]]
+    head = (
+        f"{s['device']}, torch {s['torch']}, triton {s['triton']}, L2 {s['l2_MB']} MB; * = the launcher's "
+        f"default; vs default > 1 is faster"
+    )
+    rows = [
+        {
+            "op": r["op"],
+            "shape": r["shape"],
+            "config": r["config"],
+            "default": "*" if r["default"] else "",
+            "status": r["status"],
+            "rel err": _fmt(r["rel_err"], ".1e"),
+            "ms": _fmt(r["ms"], ".4f"),
+            "rate": "-" if r["rate"] is None else f"{r['rate']:.0f} {r['unit']}",
+            "vs default": _fmt(r["vs_default"], ".2f"),
+            "regs/spills/smem": format_resources(r["kernels"]),
+        }
+        for r in result["rows"]
+    ]
     return "\n".join([head, format_table(rows)] + [f"note: {n}" for n in result["notes"]])

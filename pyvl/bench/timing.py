@@ -5,15 +5,16 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 __all__ = ["median_seconds", "device_median_ms", "peak_memory_gb", "format_table"]
 
 
-def median_seconds(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None
-                   ) -> float:
+def median_seconds(
+    fn: Callable[[], object], repeat: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> float:
     """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` runs (``sync`` waits for a device)."""
     for _ in range(warmup):
         fn()

@@ -32,14 +32,24 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple
 
 from pyvl.errors import PromptError, PyvlError
 
 __all__ = [
-    "HASH_BYTES", "ImageKey", "ContentKey", "content_keys", "root_hash", "hash_block", "PoolExhausted",
-    "TailMatch", "PrefixMatch", "BlockPool", "SequenceBlocks",
+    "HASH_BYTES",
+    "ImageKey",
+    "ContentKey",
+    "content_keys",
+    "root_hash",
+    "hash_block",
+    "PoolExhausted",
+    "TailMatch",
+    "PrefixMatch",
+    "BlockPool",
+    "SequenceBlocks",
 ]
 
 HASH_BYTES = 16
@@ -47,25 +57,31 @@ HASH_BYTES = 16
 
 class ImageKey(NamedTuple):
     """The content key of an image token: which image (its digest) and which of its tokens."""
+
     digest: bytes
     index: int
 
 
-ContentKey = Union[int, ImageKey]
+ContentKey = int | ImageKey
 
 
-def content_keys(token_ids: Sequence[int], image_spans: Sequence[tuple[int, int, bytes]] = ()
-                 ) -> tuple[ContentKey, ...]:
+def content_keys(
+    token_ids: Sequence[int], image_spans: Sequence[tuple[int, int, bytes]] = ()
+) -> tuple[ContentKey, ...]:
     """Keys of a token sequence; image_spans = [(start, length, digest)] mark each image's placeholder run."""
-    keys: list[ContentKey] = [int(t) for t in (token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)]
+    keys: list[ContentKey] = [
+        int(t) for t in (token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)
+    ]
     covered = 0  # end of the previous span: spans must not overlap
     for start, length, digest in sorted(image_spans, key=lambda span: span[0]):
         if not isinstance(digest, bytes) or not digest:
             raise PromptError(f"image span at {start}: digest must be non-empty bytes, got {digest!r}")
         if length < 1 or start < covered or start + length > len(keys):
-            raise PromptError(f"image span (start={start}, length={length}) is empty, overlaps the previous span "
-                              f"(which ends at {covered}) or runs past the {len(keys)} tokens")
-        keys[start:start + length] = [ImageKey(digest, i) for i in range(length)]
+            raise PromptError(
+                f"image span (start={start}, length={length}) is empty, overlaps the previous span "
+                f"(which ends at {covered}) or runs past the {len(keys)} tokens"
+            )
+        keys[start : start + length] = [ImageKey(digest, i) for i in range(length)]
         covered = start + length
     return tuple(keys)
 
@@ -73,8 +89,9 @@ def content_keys(token_ids: Sequence[int], image_spans: Sequence[tuple[int, int,
 def root_hash(salt: bytes | str, block_size: int) -> bytes:
     """The parent of every first block: two models (different salts) or block sizes never share a hash."""
     salt = salt.encode() if isinstance(salt, str) else bytes(salt)
-    return hashlib.blake2b(b"pyvl.blocks.v1\0" + struct.pack("<q", block_size) + salt,
-                           digest_size=HASH_BYTES).digest()
+    return hashlib.blake2b(
+        b"pyvl.blocks.v1\0" + struct.pack("<q", block_size) + salt, digest_size=HASH_BYTES
+    ).digest()
 
 
 _TEXT_KEY = struct.Struct("<cq")
@@ -96,8 +113,10 @@ class PoolExhausted(RuntimeError):
     """An allocation needs more blocks than are free or evictable; nothing was allocated."""
 
     def __init__(self, needed: int, available: int, num_blocks: int):
-        super().__init__(f"KV block pool exhausted: {needed} blocks needed, {available} available "
-                         f"(free or evictable) of {num_blocks}")
+        super().__init__(
+            f"KV block pool exhausted: {needed} blocks needed, {available} available "
+            f"(free or evictable) of {num_blocks}"
+        )
         self.needed = needed
         self.available = available
 
@@ -105,6 +124,7 @@ class PoolExhausted(RuntimeError):
 @dataclass(frozen=True)
 class TailMatch:
     """Copy the first ``num_tokens`` tokens of tail block ``block_id``; the match holds a reference on it."""
+
     block_id: int
     num_tokens: int
 
@@ -115,6 +135,7 @@ class TailMatch:
 @dataclass(frozen=True)
 class PrefixMatch:
     """The cached full blocks of a prefix (referenced, in order, with their hashes) and the best tail, if any."""
+
     block_ids: tuple[int, ...]
     hashes: tuple[bytes, ...]
     num_full_tokens: int
@@ -139,7 +160,9 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, block_size: int, salt: bytes | str = b""):
         if num_blocks < 1 or block_size < 1:
-            raise PyvlError(f"BlockPool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+            raise PyvlError(
+                f"BlockPool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.root_hash = root_hash(salt, block_size)
@@ -149,7 +172,7 @@ class BlockPool:
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
         self._tail_of: dict[int, tuple[bytes, tuple[ContentKey, ...]]] = {}  # block -> (parent hash, keys)
-        self._tails: dict[bytes, dict[int, tuple[ContentKey, ...]]] = {}     # parent hash -> {block: keys}
+        self._tails: dict[bytes, dict[int, tuple[ContentKey, ...]]] = {}  # parent hash -> {block: keys}
         # Full blocks by parent too, so a request that shares only their first tokens can copy those.
         self._children: dict[bytes, dict[int, tuple[ContentKey, ...]]] = {}  # parent hash -> {block: keys}
         self._parent_of: dict[int, bytes] = {}
@@ -177,8 +200,9 @@ class BlockPool:
     def hash_of(self, block_id: int) -> bytes | None:
         return self._hash_of.get(block_id)
 
-    def match_prefix(self, keys: Sequence[ContentKey], max_tokens: int | None = None,
-                     with_tail: bool = True) -> PrefixMatch:
+    def match_prefix(
+        self, keys: Sequence[ContentKey], max_tokens: int | None = None, with_tail: bool = True
+    ) -> PrefixMatch:
         """Reference the longest chain of cached full blocks starting ``keys`` and, with_tail, the tail sharing the
         most next keys, never covering more than ``max_tokens`` tokens (pass len(keys) - 1 so that the last token
         is computed and yields logits). Release the returned blocks (and the tail, once copied) when done."""
@@ -186,14 +210,14 @@ class BlockPool:
         size = self.block_size
         parent, blocks, hashes = self.root_hash, [], []
         for start in range(0, limit - size + 1, size):
-            block_hash = hash_block(parent, keys[start:start + size])
+            block_hash = hash_block(parent, keys[start : start + size])
             block = self._block_of.get(block_hash)
             if block is None:
                 break
             blocks.append(block)
             hashes.append(block_hash)
             parent = block_hash
-        tail = self._best_tail(parent, keys[len(blocks) * size:limit]) if with_tail else None
+        tail = self._best_tail(parent, keys[len(blocks) * size : limit]) if with_tail else None
         for block in blocks + ([tail.block_id] if tail else []):
             self._acquire(block)
         return PrefixMatch(tuple(blocks), tuple(hashes), len(blocks) * size, tail)
@@ -216,8 +240,9 @@ class BlockPool:
             blocks.append(block)
         return blocks
 
-    def register_full(self, block_id: int, block_hash: bytes, parent: bytes | None = None,
-                      keys: Sequence[ContentKey] = ()) -> int:
+    def register_full(
+        self, block_id: int, block_hash: bytes, parent: bytes | None = None, keys: Sequence[ContentKey] = ()
+    ) -> int:
         """Mark an in-use block as full (all its tokens written) with hash ``block_hash``; return the block the
         caller holds from now on. If another block already holds that hash (two sequences computed the same
         block), that one is kept: the caller's reference moves to it, its own block is released (freed unless
@@ -228,7 +253,9 @@ class BlockPool:
         own = self._hash_of.get(block_id)
         if own is not None:
             if own != block_hash:
-                raise ValueError(f"block {block_id} already holds another hash: a full block's tokens never change")
+                raise ValueError(
+                    f"block {block_id} already holds another hash: a full block's tokens never change"
+                )
             return block_id
         if block_id in self._tail_of:  # a tail that filled up: the hash now describes it better
             self._drop_tail(block_id)
@@ -257,9 +284,9 @@ class BlockPool:
         if block_id in self._tail_of:
             self._drop_tail(block_id)
         siblings = self._tails.get(parent_hash, {})
-        if any(other_keys[:len(keys)] == keys for other_keys in siblings.values()):
+        if any(other_keys[: len(keys)] == keys for other_keys in siblings.values()):
             return False
-        for other in [b for b, other_keys in siblings.items() if keys[:len(other_keys)] == other_keys]:
+        for other in [b for b, other_keys in siblings.items() if keys[: len(other_keys)] == other_keys]:
             self._drop_tail(other)
             if self._ref[other] == 0:  # nothing left to match it by: cached -> free
                 del self._cached[other]
@@ -274,7 +301,9 @@ class BlockPool:
         make the rest unmatchable anyway); others become free."""
         for block, count in Counter(block_ids).items():
             if self._ref[block] < count:
-                raise ValueError(f"block {block} released {count} times but holds {self._ref[block]} references")
+                raise ValueError(
+                    f"block {block} released {count} times but holds {self._ref[block]} references"
+                )
         for block in reversed(block_ids):
             self._ref[block] -= 1
             if self._ref[block] == 0:
@@ -288,24 +317,44 @@ class BlockPool:
         free, cached = set(self._free), set(self._cached)
         in_use = {b for b in range(self.num_blocks) if self._ref[b] > 0}
         _expect(len(free) == len(self._free), "a block is on the free list twice")
-        _expect(not (free & cached) and not (free & in_use) and not (cached & in_use)
-                and len(free) + len(cached) + len(in_use) == self.num_blocks,
-                f"blocks not in exactly one state: free {sorted(free)}, cached {sorted(cached)}, "
-                f"in use {sorted(in_use)}")
+        _expect(
+            not (free & cached)
+            and not (free & in_use)
+            and not (cached & in_use)
+            and len(free) + len(cached) + len(in_use) == self.num_blocks,
+            f"blocks not in exactly one state: free {sorted(free)}, cached {sorted(cached)}, "
+            f"in use {sorted(in_use)}",
+        )
         _expect(all(r >= 0 for r in self._ref), "a negative ref count")
         for block in free:
-            _expect(block not in self._hash_of and block not in self._tail_of, f"free block {block} is matchable")
+            _expect(
+                block not in self._hash_of and block not in self._tail_of, f"free block {block} is matchable"
+            )
         for block in cached:
-            _expect((block in self._hash_of) != (block in self._tail_of),
-                    f"cached block {block} holds neither or both of a hash and a tail")
-        _expect(len(self._hash_of) == len(self._block_of)
-                and all(self._block_of.get(h) == b for b, h in self._hash_of.items()), "hash maps disagree")
-        _expect(sum(map(len, self._tails.values())) == len(self._tail_of) and all(self._tails.values())
-                and all(self._tails[p][b] == keys for b, (p, keys) in self._tail_of.items()), "tail maps disagree")
-        _expect(all(self._children[p][b] is not None and b in self._hash_of for b, p in self._parent_of.items())
-                and sum(map(len, self._children.values())) == len(self._parent_of), "child maps disagree")
+            _expect(
+                (block in self._hash_of) != (block in self._tail_of),
+                f"cached block {block} holds neither or both of a hash and a tail",
+            )
+        _expect(
+            len(self._hash_of) == len(self._block_of)
+            and all(self._block_of.get(h) == b for b, h in self._hash_of.items()),
+            "hash maps disagree",
+        )
+        _expect(
+            sum(map(len, self._tails.values())) == len(self._tail_of)
+            and all(self._tails.values())
+            and all(self._tails[p][b] == keys for b, (p, keys) in self._tail_of.items()),
+            "tail maps disagree",
+        )
+        _expect(
+            all(self._children[p][b] is not None and b in self._hash_of for b, p in self._parent_of.items())
+            and sum(map(len, self._children.values())) == len(self._parent_of),
+            "child maps disagree",
+        )
         for block, (_, keys) in self._tail_of.items():
-            _expect(0 < len(keys) < self.block_size and block not in self._hash_of, f"bad tail on block {block}")
+            _expect(
+                0 < len(keys) < self.block_size and block not in self._hash_of, f"bad tail on block {block}"
+            )
 
     def _acquire(self, block: int) -> None:
         if self._ref[block] == 0:
@@ -373,7 +422,9 @@ class SequenceBlocks:
         if missing:
             self.block_ids += self.pool.allocate(missing)
         size = self.pool.block_size
-        slots = [self.block_ids[p // size] * size + p % size for p in range(self.num_tokens, self.num_tokens + n)]
+        slots = [
+            self.block_ids[p // size] * size + p % size for p in range(self.num_tokens, self.num_tokens + n)
+        ]
         self.num_tokens += n
         return slots
 
@@ -388,7 +439,7 @@ class SequenceBlocks:
         parent = self.hashes[-1] if self.hashes else self.pool.root_hash
         first = len(self.hashes)
         for i in range(first, upto // size):
-            block_keys = keys[i * size:(i + 1) * size]
+            block_keys = keys[i * size : (i + 1) * size]
             block_hash = hash_block(parent, block_keys)
             self.block_ids[i] = self.pool.register_full(self.block_ids[i], block_hash, parent, block_keys)
             self.hashes.append(block_hash)
@@ -405,7 +456,7 @@ class SequenceBlocks:
         if self.num_tokens == full * size:
             return False
         parent = self.hashes[-1] if self.hashes else self.pool.root_hash
-        return self.pool.register_tail(self.block_ids[full], parent, keys[full * size:self.num_tokens])
+        return self.pool.register_tail(self.block_ids[full], parent, keys[full * size : self.num_tokens])
 
     def release(self) -> None:
         """Give every block back to the pool (finished, cancelled or preempted); the sequence is empty again."""

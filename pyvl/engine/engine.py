@@ -48,7 +48,9 @@ class DecodeTiming:
     steps: int = 0
     rows: int = 0
     step_s: float = 0.0  # whole decode steps, host and device
-    device_s: float = 0.0  # the forward (a graph replay, or eager ops), the sampling and the wait for the tokens
+    device_s: float = (
+        0.0  # the forward (a graph replay, or eager ops), the sampling and the wait for the tokens
+    )
 
     @property
     def host_us_per_row(self) -> float:
@@ -73,11 +75,19 @@ class EngineConfig:
     prefix_caching: bool = True  # off: every prompt is prefilled whole (benchmarks of the cold path)
 
     @classmethod
-    def for_model(cls, model: InternVLChatModel, max_context: int, kv_cache_gb: float | None = None,
-                  image_cache_gb: float = 1.0, max_num_seqs: int = 16, max_batched_tokens: int = 2048,
-                  cuda_graphs: bool = True, prefix_caching: bool = True,
-                  image_cache_dir: str | os.PathLike | None = None, image_cache_dir_gb: float = 10.0
-                  ) -> "EngineConfig":
+    def for_model(
+        cls,
+        model: InternVLChatModel,
+        max_context: int,
+        kv_cache_gb: float | None = None,
+        image_cache_gb: float = 1.0,
+        max_num_seqs: int = 16,
+        max_batched_tokens: int = 2048,
+        cuda_graphs: bool = True,
+        prefix_caching: bool = True,
+        image_cache_dir: str | os.PathLike | None = None,
+        image_cache_dir_gb: float = 10.0,
+    ) -> EngineConfig:
         """The KV pool from its budget: kv_cache_gb, else room for max_num_seqs full contexts, at most half the
         free GPU memory after the weights on CUDA, and on the CPU at most 2 GiB and a quarter of the free memory.
         (A pool beyond max_num_seqs full contexts would only hold more cached prefixes; a process that wants that
@@ -95,14 +105,23 @@ class EngineConfig:
             budget = min(2 * 2**30, full_contexts, (free or 2**62) / 4)
         num_blocks = int(budget // per_block)
         if num_blocks < 1:
-            raise ConfigError(f"kv_cache_gb={kv_cache_gb} holds no block of {BLOCK_SIZE} tokens "
-                              f"({per_block / 1e9:.4f} GB each)")
+            raise ConfigError(
+                f"kv_cache_gb={kv_cache_gb} holds no block of {BLOCK_SIZE} tokens "
+                f"({per_block / 1e9:.4f} GB each)"
+            )
         checks.check_kv_cache_fits(*shape, num_blocks * BLOCK_SIZE, 1, model.dtype, device, error=ConfigError)
-        return cls(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
-                   max_batched_tokens=max_batched_tokens, image_cache_bytes=int(image_cache_gb * 1e9),
-                   image_cache_dir=None if image_cache_dir is None else Path(image_cache_dir),
-                   image_cache_dir_bytes=int(image_cache_dir_gb * 1e9),
-                   cuda_graphs=cuda_graphs, max_context=max_context, prefix_caching=prefix_caching)
+        return cls(
+            num_blocks=num_blocks,
+            block_size=BLOCK_SIZE,
+            max_num_seqs=max_num_seqs,
+            max_batched_tokens=max_batched_tokens,
+            image_cache_bytes=int(image_cache_gb * 1e9),
+            image_cache_dir=None if image_cache_dir is None else Path(image_cache_dir),
+            image_cache_dir_bytes=int(image_cache_dir_gb * 1e9),
+            cuda_graphs=cuda_graphs,
+            max_context=max_context,
+            prefix_caching=prefix_caching,
+        )
 
 
 class Engine:
@@ -110,12 +129,22 @@ class Engine:
         llm = model.cfg.llm
         self.model = model
         self.config = config
-        self.cache = PagedKVCache(llm.num_hidden_layers, config.num_blocks, llm.num_key_value_heads, llm.head_dim,
-                                  model.dtype, model.device, config.block_size)
+        self.cache = PagedKVCache(
+            llm.num_hidden_layers,
+            config.num_blocks,
+            llm.num_key_value_heads,
+            llm.head_dim,
+            model.dtype,
+            model.device,
+            config.block_size,
+        )
         self.pool = BlockPool(config.num_blocks, config.block_size, salt=salt)
         self.features = FeatureCache(config.image_cache_bytes)
-        self.store = None if config.image_cache_dir is None else FeatureStore(
-            config.image_cache_dir, config.image_cache_dir_bytes, vision_fingerprint(model))
+        self.store = (
+            None
+            if config.image_cache_dir is None
+            else FeatureStore(config.image_cache_dir, config.image_cache_dir_bytes, vision_fingerprint(model))
+        )
         self.clock = StageClock(model.device)
         self.timing = DecodeTiming()
         max_blocks = -(-config.max_context // config.block_size)
@@ -125,8 +154,14 @@ class Engine:
         # One sampler slot per running request: its settings and repetition mask live on the device.
         self.sampler = Sampler(config.max_num_seqs, llm.vocab_size, bos_id, model.device)
         rope = model.language_model.rotary
-        self.scheduler = Scheduler(self.pool, self.cache, self.sampler, config.max_num_seqs, config.prefix_caching,
-                                   rope.max_positions if rope.scaling == "dynamic" else None)
+        self.scheduler = Scheduler(
+            self.pool,
+            self.cache,
+            self.sampler,
+            config.max_num_seqs,
+            config.prefix_caching,
+            rope.max_positions if rope.scaling == "dynamic" else None,
+        )
         self._incoming: list[Request] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -140,8 +175,9 @@ class Engine:
             self._incoming.append(request)
             if self._thread is None:
                 # The thread holds the engine weakly between steps, so an unused model can still be freed.
-                self._thread = threading.Thread(target=_serve, args=(weakref.ref(self),), name="pyvl-engine",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=_serve, args=(weakref.ref(self),), name="pyvl-engine", daemon=True
+                )
                 self._thread.start()
                 # A thread still inside torch when the interpreter finalises aborts the process: stop it first.
                 atexit.register(_shutdown, weakref.ref(self))
@@ -221,12 +257,23 @@ class Engine:
         slots = self.scheduler.slots(r, n)
         if slots is None:
             return
-        rows = [(max(i.start, start) - start, feats[max(i.start, start) - i.start:min(i.start + i.length, start + n)
-                                                    - i.start])
-                for i, feats in self._features_for(r, start, start + n)]
+        rows = [
+            (
+                max(i.start, start) - start,
+                feats[max(i.start, start) - i.start : min(i.start + i.length, start + n) - i.start],
+            )
+            for i, feats in self._features_for(r, start, start + n)
+        ]
         began = self.clock.mark()
-        logits = self.runner.prefill(tokens[start:start + n], start, rows, r.seq.block_ids, slots,
-                                     rope_length=len(r.prompt_ids) + r.rope_offset, every_position=r.prompt_logits)
+        logits = self.runner.prefill(
+            tokens[start : start + n],
+            start,
+            rows,
+            r.seq.block_ids,
+            slots,
+            rope_length=len(r.prompt_ids) + r.rope_offset,
+            every_position=r.prompt_logits,
+        )
         prefilled = self.clock.mark()
         r.time_stage("prefill_s", began, prefilled)
         r.stats.prefill_chunks += 1
@@ -257,8 +304,10 @@ class Engine:
                 r.time_stage("vision_s", began, self.clock.mark())
                 r.stats.images_encoded += 1
                 if feats.shape[0] != image.length:
-                    raise PromptError(f"an image gives {feats.shape[0]} feature rows but its prompt block has "
-                                      f"{image.length} <IMG_CONTEXT> tokens")
+                    raise PromptError(
+                        f"an image gives {feats.shape[0]} feature rows but its prompt block has "
+                        f"{image.length} <IMG_CONTEXT> tokens"
+                    )
                 self.features.put(image.digest, feats)
                 if self.store is not None:
                     self.store.put_async(image.digest, feats)
@@ -283,9 +332,21 @@ class Engine:
                 continue
             slots = self.scheduler.slots(r, 1)
             if slots is not None:
-                fed.append((r, DecodeRow(r.output_ids[-1], r.num_computed, r.seq.block_ids, slots[0],
-                                         rope_length=r.num_computed + 1 + r.rope_offset)))
-        fed = [(r, row) for r, row in fed if r in self.scheduler.running]  # a later row's room may have preempted it
+                fed.append(
+                    (
+                        r,
+                        DecodeRow(
+                            r.output_ids[-1],
+                            r.num_computed,
+                            r.seq.block_ids,
+                            slots[0],
+                            rope_length=r.num_computed + 1 + r.rope_offset,
+                        ),
+                    )
+                )
+        fed = [
+            (r, row) for r, row in fed if r in self.scheduler.running
+        ]  # a later row's room may have preempted it
         if not fed:
             return
         rows = [row for _, row in fed]
@@ -305,11 +366,15 @@ class Engine:
     def _accept(self, r: Request, token: int, scores: torch.Tensor) -> None:
         r.deliver(token, scores)
         total = len(r.prompt_ids) + len(r.output_ids)
-        if token in r.stop_ids or len(r.output_ids) >= r.gen.max_new_tokens or total >= self.config.max_context:
+        if (
+            token in r.stop_ids
+            or len(r.output_ids) >= r.gen.max_new_tokens
+            or total >= self.config.max_context
+        ):
             self.scheduler.end(r)
 
 
-def _serve(ref: "weakref.ref[Engine]") -> None:
+def _serve(ref: weakref.ref[Engine]) -> None:
     """The engine thread: steps while the engine exists and is open."""
     with torch.inference_mode():
         while True:
@@ -319,7 +384,7 @@ def _serve(ref: "weakref.ref[Engine]") -> None:
             del engine  # hold it only during a step
 
 
-def _shutdown(ref: "weakref.ref[Engine]") -> None:
+def _shutdown(ref: weakref.ref[Engine]) -> None:
     engine = ref()
     if engine is not None:
         engine.shutdown()

@@ -63,14 +63,15 @@ from safetensors.torch import save as save_safetensors
 from ..errors import PyvlError
 from .features import DIGEST_BYTES
 
-
 __all__ = ["FeatureStore", "vision_fingerprint", "sampled_positions"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pyvl-image-features"
 FORMAT_VERSION = "1"
-FINGERPRINT_VERSION = b"pyvl.vision-fingerprint.v1\0"  # bump when a change to pyvl's vision code changes features
+FINGERPRINT_VERSION = (
+    b"pyvl.vision-fingerprint.v1\0"  # bump when a change to pyvl's vision code changes features
+)
 FINGERPRINT_BYTES = 16
 SAMPLES_PER_TENSOR = 64
 STALE_TEMP_SECONDS = 60.0
@@ -93,16 +94,22 @@ def sampled_positions(numel: int) -> range:
 def _sample(param: torch.Tensor) -> torch.Tensor:
     """The sampled values as a strided view (no copy, on the parameter's device)."""
     positions = sampled_positions(param.numel())
-    return param.detach().reshape(-1)[positions.start:positions.stop:positions.step]
+    return param.detach().reshape(-1)[positions.start : positions.stop : positions.step]
 
 
 def _config_bytes(model) -> bytes:
     """Every config value that changes the features for given weights."""
     cfg = model.cfg
-    values = {"vision": dataclasses.asdict(cfg.vision), "select_layer": cfg.select_layer,
-              "image_size": cfg.image_size, "downsample_ratio": cfg.downsample_ratio, "ps_version": cfg.ps_version,
-              "num_image_token": cfg.num_image_token, "llm_hidden_size": cfg.llm.hidden_size,
-              "dtype": str(model.dtype)}
+    values = {
+        "vision": dataclasses.asdict(cfg.vision),
+        "select_layer": cfg.select_layer,
+        "image_size": cfg.image_size,
+        "downsample_ratio": cfg.downsample_ratio,
+        "ps_version": cfg.ps_version,
+        "num_image_token": cfg.num_image_token,
+        "llm_hidden_size": cfg.llm.hidden_size,
+        "dtype": str(model.dtype),
+    }
     return json.dumps(values, sort_keys=True).encode()
 
 
@@ -135,8 +142,14 @@ class _Invalid(Exception):
 
 
 def _metadata(fingerprint: str, digest_hex: str, features: torch.Tensor) -> dict[str, str]:
-    return {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint, "digest": digest_hex,
-            "dtype": str(features.dtype).removeprefix("torch."), "shape": json.dumps(list(features.shape))}
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "digest": digest_hex,
+        "dtype": str(features.dtype).removeprefix("torch."),
+        "shape": json.dumps(list(features.shape)),
+    }
 
 
 def _read_regular_file(path: Path, max_bytes: int) -> bytes:
@@ -158,7 +171,7 @@ def _decode(blob: bytes, fingerprint: str, digest_hex: str) -> torch.Tensor:
         raise _Invalid(f"holds tensors {sorted(tensors)}, expected only 'features'")
     features = tensors["features"]
     header_len = int.from_bytes(blob[:8], "little")
-    metadata = json.loads(blob[8:8 + header_len]).get("__metadata__", {})
+    metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__", {})
     wanted = _metadata(fingerprint, digest_hex, features)
     if metadata != wanted:  # the tensor's dtype and shape must be the recorded ones, the rest the name's
         raise _Invalid(f"metadata {metadata} does not match {wanted}")
@@ -207,18 +220,27 @@ class FeatureStore:
     refused. A bad argument, or a folder that cannot be created or written, raises a PyvlError; once open,
     nothing that happens on disk does (a read is a miss, a write is not stored, both logged)."""
 
-    def __init__(self, folder: str | os.PathLike, max_bytes: int, fingerprint: str,
-                 queue_size: int = DEFAULT_QUEUE_SIZE):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        max_bytes: int,
+        fingerprint: str,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+    ):
         if not (isinstance(max_bytes, int) and max_bytes >= 0):
             raise PyvlError(f"FeatureStore max_bytes must be an integer >= 0, got {max_bytes!r}")
         if not re.fullmatch(f"[0-9a-f]{{{2 * FINGERPRINT_BYTES}}}", str(fingerprint)):
-            raise PyvlError(f"FeatureStore fingerprint must be {2 * FINGERPRINT_BYTES} lowercase hex digits "
-                            f"(vision_fingerprint's), got {fingerprint!r:.80}")
+            raise PyvlError(
+                f"FeatureStore fingerprint must be {2 * FINGERPRINT_BYTES} lowercase hex digits "
+                f"(vision_fingerprint's), got {fingerprint!r:.80}"
+            )
         self.folder = Path(folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise PyvlError(f"image feature folder {self.folder}: cannot create it ({exc.strerror or exc})") from None
+            raise PyvlError(
+                f"image feature folder {self.folder}: cannot create it ({exc.strerror or exc})"
+            ) from None
         if not os.access(self.folder, os.W_OK | os.X_OK):
             raise PyvlError(f"image feature folder {self.folder}: not a folder this process can write to")
         self.max_bytes = max_bytes
@@ -232,8 +254,12 @@ class FeatureStore:
         self._queue_size = queue_size
         self._lock = threading.Lock()  # one put_async at a time, and none queued after close
         self._closed = False
-        writer = threading.Thread(target=_write_queued, args=(self._queue, weakref.ref(self)),
-                                  name="pyvl-feature-store", daemon=True)
+        writer = threading.Thread(
+            target=_write_queued,
+            args=(self._queue, weakref.ref(self)),
+            name="pyvl-feature-store",
+            daemon=True,
+        )
         writer.start()
         # Stops the writer (after the queued writes) on close, when the store is collected, and at exit, so the
         # thread is never inside torch while the interpreter finalises.

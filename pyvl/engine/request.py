@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
@@ -46,7 +46,9 @@ class ChatStats:
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     preemptions: int = 0
-    finish_reason: str = ""  # "stop" (a stop id), "length" (max_new_tokens or the context), "cancelled", "error"
+    finish_reason: str = (
+        ""  # "stop" (a stop id), "length" (max_new_tokens or the context), "cancelled", "error"
+    )
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -69,10 +71,18 @@ class ImageInput:
 
 
 class Request:
-    def __init__(self, prompt_ids: list[int], images: list[ImageInput], gen: GenerationConfig,
-                 stop_ids: frozenset[int], output_scores: bool = False,
-                 stats: ChatStats | None = None, started_at: float | None = None, rope_offset: int = 0,
-                 prompt_logits: bool = False):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        images: list[ImageInput],
+        gen: GenerationConfig,
+        stop_ids: frozenset[int],
+        output_scores: bool = False,
+        stats: ChatStats | None = None,
+        started_at: float | None = None,
+        rope_offset: int = 0,
+        prompt_logits: bool = False,
+    ):
         self.prompt_ids = prompt_ids
         self.images = images
         self.gen = gen
@@ -88,7 +98,9 @@ class Request:
         self.stats = stats if stats is not None else ChatStats()
         self.stats.prompt_tokens = len(prompt_ids)
         self.stats.images = len(images)
-        self.keys: tuple[ContentKey, ...] = content_keys(prompt_ids, [(i.start, i.length, i.digest) for i in images])
+        self.keys: tuple[ContentKey, ...] = content_keys(
+            prompt_ids, [(i.start, i.length, i.digest) for i in images]
+        )
         # The call's start (preprocessing and hashing its images included): time to first token counts from here.
         now = time.perf_counter()
         self.submitted_at = started_at if started_at is not None else now
@@ -161,7 +173,9 @@ class Request:
         elif self.cancelled.is_set():
             self.stats.finish_reason = "cancelled"
         else:
-            self.stats.finish_reason = "stop" if self.output_ids and self.output_ids[-1] in self.stop_ids else "length"
+            self.stats.finish_reason = (
+                "stop" if self.output_ids and self.output_ids[-1] in self.stop_ids else "length"
+            )
         self.stats.total_s = time.perf_counter() - self.submitted_at
         self._error = error
         self._done.set()

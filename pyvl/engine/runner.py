@@ -54,8 +54,12 @@ class GraphReport:
         return bool(self.captured)
 
     def as_dict(self) -> dict:
-        return {"enabled": self.enabled, "captured": list(self.captured), "capture_s": round(self.capture_s, 3),
-                "eager_reason": self.eager_reason}
+        return {
+            "enabled": self.enabled,
+            "captured": list(self.captured),
+            "capture_s": round(self.capture_s, 3),
+            "eager_reason": self.eager_reason,
+        }
 
 
 def _buckets(max_num_seqs: int) -> list[int]:
@@ -67,8 +71,14 @@ def _buckets(max_num_seqs: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: InternVLChatModel, cache: PagedKVCache, max_num_seqs: int, max_blocks: int,
-                 cuda_graphs: bool):
+    def __init__(
+        self,
+        model: InternVLChatModel,
+        cache: PagedKVCache,
+        max_num_seqs: int,
+        max_blocks: int,
+        cuda_graphs: bool,
+    ):
         self.model = model
         self.lm = model.language_model
         self.cache = cache
@@ -82,7 +92,9 @@ class ModelRunner:
         self._host_ids[2] = -1
         self._host_lens = torch.zeros(rows, dtype=torch.int32, pin_memory=pin)
         self._host_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, pin_memory=pin)
-        self._table_rows: list[list[int] | None] = [None] * rows  # the block table each row of the host twin holds
+        self._table_rows: list[list[int] | None] = [
+            None
+        ] * rows  # the block table each row of the host twin holds
         self.ids = self._host_ids.to(self.device)
         self.tokens, self.positions, self.slots = self.ids  # views
         self.block_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, device=self.device)
@@ -109,20 +121,30 @@ class ModelRunner:
         feats = self.model.extract_feature(tiles)
         return feats.reshape(-1, feats.shape[-1])
 
-    def prefill(self, token_ids: list[int], start: int, image_rows: list[tuple[int, torch.Tensor]],
-                block_table: list[int], slots: list[int], rope_length: int,
-                every_position: bool = False) -> torch.Tensor:
+    def prefill(
+        self,
+        token_ids: list[int],
+        start: int,
+        image_rows: list[tuple[int, torch.Tensor]],
+        block_table: list[int],
+        slots: list[int],
+        rope_length: int,
+        every_position: bool = False,
+    ) -> torch.Tensor:
         """Tokens [start, start + n) of one sequence (K/V of the earlier ones already cached); image_rows:
         (offset in the chunk, feature rows) spliced over the <IMG_CONTEXT> embeddings. float32 logits [V] of
         the chunk's last token, or [n, V] of every token with ``every_position``."""
         n = len(token_ids)
         embeds = self.lm.embed(torch.tensor(token_ids, device=self.device)[None])  # (1, n, H)
         for offset, rows in image_rows:
-            embeds[0, offset:offset + rows.shape[0]] = rows.to(embeds.dtype)
+            embeds[0, offset : offset + rows.shape[0]] = rows.to(embeds.dtype)
         positions = torch.arange(start, start + n, device=self.device)[None]
-        batch = PagedBatch(self.cache, torch.tensor(slots, device=self.device),
-                           torch.tensor(block_table, dtype=torch.int32, device=self.device)[None],
-                           context_len=start + n)
+        batch = PagedBatch(
+            self.cache,
+            torch.tensor(slots, device=self.device),
+            torch.tensor(block_table, dtype=torch.int32, device=self.device)[None],
+            context_len=start + n,
+        )
         hidden = self.lm(embeds, positions, batch, rope_lengths=[rope_length])
         return self.lm.lm_head(hidden[0] if every_position else hidden[0, -1])
 
@@ -135,7 +157,9 @@ class ModelRunner:
     def forward(self, rows: list[DecodeRow]) -> torch.Tensor:
         """The decode step over the rows :meth:`fill` wrote: a graph replay, or eagerly."""
         b = len(rows)
-        static_rope = self._static_rope_up_to is None or max(r.rope_length for r in rows) <= self._static_rope_up_to
+        static_rope = (
+            self._static_rope_up_to is None or max(r.rope_length for r in rows) <= self._static_rope_up_to
+        )
         bucket = next(size for size in self.buckets if size >= b)
         if static_rope and bucket in self._graphs:
             graph, logits = self._graphs[bucket]
@@ -152,7 +176,7 @@ class ModelRunner:
         for i, r in enumerate(rows):
             ids[0, i], ids[1, i], ids[2, i], lens[i] = r.token, r.position, r.slot, r.position + 1
             if self._table_rows[i] != r.block_table:  # list equality: a C loop over the row's block ids
-                tables[i, :len(r.block_table)] = r.block_table
+                tables[i, : len(r.block_table)] = r.block_table
                 self._table_rows[i] = list(r.block_table)
                 tables_changed = True
         ids[2, b:], lens[b:] = -1, 0
@@ -163,7 +187,9 @@ class ModelRunner:
 
     def _step(self, b: int, rope_lengths: list[int] | None) -> torch.Tensor:
         """The capture-ready step over the first b rows of the static buffers."""
-        batch = PagedBatch(self.cache, self.slots[:b], self.block_tables[:b], context_lens=self.context_lens[:b])
+        batch = PagedBatch(
+            self.cache, self.slots[:b], self.block_tables[:b], context_lens=self.context_lens[:b]
+        )
         embeds = self.lm.embed(self.tokens[:b, None])  # (b, 1, H)
         hidden = self.lm(embeds, self.positions[:b, None], batch, rope_lengths=rope_lengths)
         return self.lm.lm_head(hidden[:, -1])
@@ -184,8 +210,10 @@ class ModelRunner:
         except Exception as exc:  # decode must keep working: eager is slower, never wrong
             self._graphs.clear()
             self.graphs.eager_reason = f"graph capture failed: {type(exc).__name__}: {str(exc)[:300]}"
-            log.warning("pyvl: CUDA-graph capture of the decode step failed; decoding eagerly (%s)",
-                        self.graphs.eager_reason)
+            log.warning(
+                "pyvl: CUDA-graph capture of the decode step failed; decoding eagerly (%s)",
+                self.graphs.eager_reason,
+            )
         self.graphs.captured = sorted(self._graphs)
         self.graphs.capture_s = time.perf_counter() - t0
         return self.graphs

@@ -13,7 +13,7 @@ device, a slot is activated when a request starts decoding and deactivated when 
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -51,15 +51,22 @@ class Sampler:
         """The slot's random stream (None for a greedy row): pass it back to ``activate`` to resume a request."""
         return self._generators.get(slot)
 
-    def activate(self, slot: int, params: GenerationConfig, output_ids: Iterable[int] = (),
-                 generator: torch.Generator | None = None) -> None:
+    def activate(
+        self,
+        slot: int,
+        params: GenerationConfig,
+        output_ids: Iterable[int] = (),
+        generator: torch.Generator | None = None,
+    ) -> None:
         """Start a request in ``slot`` with the sampling fields of ``params`` (validated by GenerationConfig).
         ``output_ids`` (already generated, e.g. before a preemption) join the mask; ``generator`` continues a
         stream, else a sampled row gets a fresh one seeded with ``params.seed`` (a random seed when None, as
         today's ``generate``)."""
         if not 0 <= slot < self.capacity or slot in self._active:
-            raise ValueError(f"slot {slot} is not a free slot of this sampler (capacity {self.capacity}, "
-                             f"active {self.active_slots})")
+            raise ValueError(
+                f"slot {slot} is not a free slot of this sampler (capacity {self.capacity}, "
+                f"active {self.active_slots})"
+            )
         p = params
         self.do_sample[slot] = p.do_sample
         self.temperature[slot] = p.temperature
@@ -138,8 +145,10 @@ class Sampler:
         if sampled:
             probs = scores[sampled].softmax(dim=-1)
             # each row draws from its own stream, with the very call today's generate makes for one row
-            draws = [torch.multinomial(probs[j:j + 1], 1, generator=self._generators[row_slots[i]])
-                     for j, i in enumerate(sampled)]
+            draws = [
+                torch.multinomial(probs[j : j + 1], 1, generator=self._generators[row_slots[i]])
+                for j, i in enumerate(sampled)
+            ]
             tokens[sampled] = torch.cat(draws).squeeze(1)
         self.seen[torch.tensor(row_slots, device=self.device), tokens] = True
         return tokens, scores

@@ -27,8 +27,15 @@ __all__ = ["Scheduler"]
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, cache: PagedKVCache, sampler: Sampler, max_num_seqs: int,
-                 prefix_caching: bool, prefix_limit: int | None):
+    def __init__(
+        self,
+        pool: BlockPool,
+        cache: PagedKVCache,
+        sampler: Sampler,
+        max_num_seqs: int,
+        prefix_caching: bool,
+        prefix_limit: int | None,
+    ):
         self.pool = pool
         self.cache = cache
         self.sampler = sampler
@@ -51,16 +58,22 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
             tokens = r.tokens_to_compute
-            cacheable = self.prefix_caching and not r.prompt_logits and (
-                self.prefix_limit is None or len(r.prompt_ids) + r.rope_offset <= self.prefix_limit)
+            cacheable = (
+                self.prefix_caching
+                and not r.prompt_logits
+                and (self.prefix_limit is None or len(r.prompt_ids) + r.rope_offset <= self.prefix_limit)
+            )
             if cacheable:  # always compute the last prompt token: its logits choose the first new one
-                match = self.pool.match_prefix(r.all_keys()[:len(tokens)],
-                                               max_tokens=len(tokens) - (0 if r.output_ids else 1))
+                match = self.pool.match_prefix(
+                    r.all_keys()[: len(tokens)], max_tokens=len(tokens) - (0 if r.output_ids else 1)
+                )
             else:
                 match = None
             seq = SequenceBlocks(self.pool, match)
             cached = match.num_tokens if match else 0
-            room = len(tokens) + (0 if r.prompt_logits else 1)  # a generating request needs its next token's slot
+            room = len(tokens) + (
+                0 if r.prompt_logits else 1
+            )  # a generating request needs its next token's slot
             needed = -(-room // self.pool.block_size) - len(seq.block_ids)
             if needed > self.pool.num_available:
                 seq.release()
@@ -68,16 +81,21 @@ class Scheduler:
                     self.pool.release([match.tail.block_id])
                 if not self.running:  # even an empty pool cannot hold it
                     self.waiting.popleft()
-                    self.end(r, PromptError(
-                        f"the prompt needs {needed + len(seq.block_ids)} KV blocks of {self.pool.block_size} "
-                        f"tokens but the pool has {self.pool.num_blocks}; load with a larger kv_cache_gb"))
+                    self.end(
+                        r,
+                        PromptError(
+                            f"the prompt needs {needed + len(seq.block_ids)} KV blocks of {self.pool.block_size} "
+                            f"tokens but the pool has {self.pool.num_blocks}; load with a larger kv_cache_gb"
+                        ),
+                    )
                     continue
                 return  # wait for running requests to free blocks
             self.waiting.popleft()
             if match and match.tail:  # copy-on-write: the tail's tokens into this sequence's own block
                 tail = match.tail
-                self.cache.copy_slots(list(tail.source_slots(self.pool.block_size)),
-                                      seq.append_slots(tail.num_tokens))
+                self.cache.copy_slots(
+                    list(tail.source_slots(self.pool.block_size)), seq.append_slots(tail.num_tokens)
+                )
                 self.pool.release([tail.block_id])
             if r.stats.queue_s == 0.0 and not r.output_ids:
                 r.stats.queue_s = time.perf_counter() - r.created_at
@@ -99,8 +117,13 @@ class Scheduler:
             except PoolExhausted as exc:
                 victim = next((v for v in reversed(self.running) if v is not r), None)
                 if victim is None:
-                    self.end(r, PromptError(f"request of {len(r.tokens_to_compute) + 1} tokens does not fit the "
-                                             f"KV pool ({exc}); load with a larger kv_cache_gb"))
+                    self.end(
+                        r,
+                        PromptError(
+                            f"request of {len(r.tokens_to_compute) + 1} tokens does not fit the "
+                            f"KV pool ({exc}); load with a larger kv_cache_gb"
+                        ),
+                    )
                     return None
                 self.preempt(victim)
 

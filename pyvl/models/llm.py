@@ -50,21 +50,30 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_h * self.d, cfg.hidden_size, bias=cfg.bias)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch, layer: int
-                ) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch, layer: int
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_h * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
         q = q.view(b, s, self.n_h, self.d).transpose(1, 2)  # (B, Hq, S, D)
         k = k.view(b, s, self.n_kv, self.d).transpose(1, 2)  # (B, Hkv, S, D)
         q, k = self.ops.apply_rotary(q, k, cos, sin)
         k_pool, v_pool = batch.cache.k[layer], batch.cache.v[layer]  # (blocks, Hkv, block_size, D)
-        self.ops.store_kv(k.transpose(1, 2).reshape(b * s, self.n_kv, self.d),
-                          v.reshape(b * s, self.n_kv, self.d), k_pool, v_pool, batch.slot_mapping)
+        self.ops.store_kv(
+            k.transpose(1, 2).reshape(b * s, self.n_kv, self.d),
+            v.reshape(b * s, self.n_kv, self.d),
+            k_pool,
+            v_pool,
+            batch.slot_mapping,
+        )
         if batch.decode:  # one new token per row
-            out = self.ops.paged_decode_attention(q[:, :, 0], k_pool, v_pool, batch.block_tables, batch.context_lens)
+            out = self.ops.paged_decode_attention(
+                q[:, :, 0], k_pool, v_pool, batch.block_tables, batch.context_lens
+            )
         else:  # one sequence: its last s positions
-            out = self.ops.paged_prefill_attention(q[0].transpose(0, 1), k_pool, v_pool, batch.block_tables[0],
-                                                   batch.context_len)
+            out = self.ops.paged_prefill_attention(
+                q[0].transpose(0, 1), k_pool, v_pool, batch.block_tables[0], batch.context_len
+            )
         return self.wo(out.reshape(b, s, self.n_h * self.d))  # (B, Hq, D) / (S, Hq, D) are token-major
 
 
@@ -84,13 +93,18 @@ class FeedForward(nn.Module):
     def load_gate_up(self, name: str, tensor: torch.Tensor) -> None:
         """Write a loaded ``w1.weight``/``w3.weight`` (or bias) into its half of w13, allocated on the first."""
         if self.w13 is None:
-            self.w13 = nn.Linear(self.w1.in_features, 2 * self.w1.out_features, bias=self.w1.bias is not None,
-                                 device="meta")
+            self.w13 = nn.Linear(
+                self.w1.in_features, 2 * self.w1.out_features, bias=self.w1.bias is not None, device="meta"
+            )
         which, attr = name.split(".")
         fused = getattr(self.w13, attr)
         if fused.is_meta:
-            fused = nn.Parameter(torch.empty((2 * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
-                                             device=tensor.device), requires_grad=False)
+            fused = nn.Parameter(
+                torch.empty(
+                    (2 * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+                ),
+                requires_grad=False,
+            )
             setattr(self.w13, attr, fused)
         half = tensor.shape[0]
         (fused.data[:half] if which == "w1" else fused.data[half:]).copy_(tensor)
@@ -148,8 +162,14 @@ class InternLM2ForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(input_ids)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
-                rope_lengths: list[int] | None = None, return_hidden_states: bool = False):
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        batch: PagedBatch,
+        rope_lengths: list[int] | None = None,
+        return_hidden_states: bool = False,
+    ):
         """Run S new tokens [B, S, H] at ``positions`` [B, S] through every layer, their K/V stored in ``batch``.
 
         rope_lengths: per row, the sequence length the original's rotary table is sized by (the whole prompt in

@@ -56,8 +56,9 @@ class RotaryTables:
             table = self._dynamic[key] = self._table(base, device)
         return table
 
-    def cos_sin_rows(self, positions: torch.Tensor, seq_lens: list[int] | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin_rows(
+        self, positions: torch.Tensor, seq_lens: list[int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos_sin of rows [B, S] whose sequences have lengths ``seq_lens`` (default: last position + 1 each).
         Rows share one table unless dynamic NTK gives them different bases (past max_position_embeddings)."""
         if seq_lens is None:
@@ -65,7 +66,7 @@ class RotaryTables:
         bases = {self.base_for_length(n) for n in seq_lens}
         if len(bases) == 1:
             return self.cos_sin(positions, max(seq_lens))
-        rows = [self.cos_sin(positions[i:i + 1], n) for i, n in enumerate(seq_lens)]
+        rows = [self.cos_sin(positions[i : i + 1], n) for i, n in enumerate(seq_lens)]
         return torch.cat([c for c, _ in rows]), torch.cat([s for _, s in rows])
 
     def cos_sin(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,9 @@ class VisionEmbeddings(nn.Module):
         c, grid = cfg.hidden_size, cfg.image_size // cfg.patch_size
         self.grid = grid
         self.class_embedding = nn.Parameter(torch.empty(1, 1, c))
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, c, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, c, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
         self.position_embedding = nn.Parameter(torch.empty(1, grid * grid + 1, c))
 
     def _patch_positions(self, h: int, w: int) -> torch.Tensor:

@@ -42,16 +42,19 @@ class InternVLChatModel(nn.Module):
         hidden = self.vision_model(pixel_values.to(self.device, self.dtype), self.cfg.select_layer)
         return self.mlp1(shuffle_tokens(hidden, self.cfg, self.ops))
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, img_context_id: int
-              ) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, img_context_id: int
+    ) -> torch.Tensor:
         """Token embeddings [B, S, H] with the <IMG_CONTEXT> rows overwritten by ``image_embeds``."""
         embeds = self.language_model.embed(input_ids)
         slots = input_ids == img_context_id
         n_slots = int(slots.sum())
         n_feats = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
         if n_slots != n_feats:
-            raise PromptError(f"the prompt has {n_slots} <IMG_CONTEXT> tokens but the images give {n_feats} "
-                              f"feature rows ({self.cfg.num_image_token} per tile); they must be equal")
+            raise PromptError(
+                f"the prompt has {n_slots} <IMG_CONTEXT> tokens but the images give {n_feats} "
+                f"feature rows ({self.cfg.num_image_token} per tile); they must be equal"
+            )
         if n_slots:
             embeds = embeds.clone()
             embeds[slots] = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)

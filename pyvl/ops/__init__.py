@@ -15,8 +15,8 @@ serves each op. No import-time switches, no globals: two models loaded with diff
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Callable, Mapping
 
 import torch
 
@@ -39,10 +39,16 @@ class Ops:
     pixel_shuffle: Callable
     silu_mul: Callable
     gelu: Callable
-    resize_tiles: Callable  # (image.rgb_pixels' [H, W, 3], cols, rows, tile, thumbnail, mean, std, dtype, device)
+    resize_tiles: (
+        Callable  # (image.rgb_pixels' [H, W, 3], cols, rows, tile, thumbnail, mean, std, dtype, device)
+    )
     # Paged KV (pool k/v [num_blocks, Hkv, BLOCK_SIZE, D] per layer; slot = block * BLOCK_SIZE + offset):
-    store_kv: Callable  # (k_new, v_new [N, Hkv, D], k_pool, v_pool, slot_mapping [N] int64; < 0 skipped), in place
-    paged_prefill_attention: Callable  # (q [Sq, Hq, D], k_pool, v_pool, block_table [nb] int32, context_len: int)
+    store_kv: (
+        Callable  # (k_new, v_new [N, Hkv, D], k_pool, v_pool, slot_mapping [N] int64; < 0 skipped), in place
+    )
+    paged_prefill_attention: (
+        Callable  # (q [Sq, Hq, D], k_pool, v_pool, block_table [nb] int32, context_len: int)
+    )
     paged_decode_attention: Callable  # (q [B, Hq, D], k_pool, v_pool, block_tables [B, max_blocks] int32,
     #                                    context_lens [B] int32 on the device; 0 = padding row -> zeros)
     backends: Mapping[str, str]  # op name -> backend that serves it, for `pyvl info` and bug reports
@@ -83,8 +89,10 @@ def _triton_impl(name: str, required: bool) -> Callable | None:
         return getattr(importlib.import_module(module), func)
     except ImportError as exc:
         if required:
-            raise ImportError(f"op {name!r}: cannot import its Triton kernel {target} ({exc}); "
-                              "install Triton (pip install 'pyvl[gpu]') or use backend='reference'") from exc
+            raise ImportError(
+                f"op {name!r}: cannot import its Triton kernel {target} ({exc}); "
+                "install Triton (pip install 'pyvl[gpu]') or use backend='reference'"
+            ) from exc
         return None
 
 
@@ -104,8 +112,12 @@ def _resize_tiles_impl(want: str, device: torch.device) -> tuple[Callable, str]:
     return reference.resize_tiles, "reference"
 
 
-def resolve_ops(backend: str = "auto", device: torch.device | str = "cpu",
-                op_backends: Mapping[str, str] | None = None, dtype: torch.dtype = torch.float32) -> Ops:
+def resolve_ops(
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+    op_backends: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Ops:
     """Build the op table for ``backend`` on ``device`` for a model in ``dtype``, with per-op overrides.
 
     ``auto`` takes a kernel for each op that has one when the device is CUDA; elsewhere SDPA for attention
@@ -144,6 +156,8 @@ def resolve_ops(backend: str = "auto", device: torch.device | str = "cpu",
         else:
             impls[name], served[name] = getattr(reference, name), "reference"
     if missing:
-        raise ValueError(f"backend 'triton' has no kernel for ops {missing}; pass "
-                         f"op_backends={{name: 'reference'}} for them or use backend='auto'")
+        raise ValueError(
+            f"backend 'triton' has no kernel for ops {missing}; pass "
+            f"op_backends={{name: 'reference'}} for them or use backend='auto'"
+        )
     return Ops(**impls, backends=served)

@@ -47,8 +47,15 @@ except ImportError as exc:  # the usual cause: the source tree's pyvl/ shadows t
         "or use an editable install (`pip install -e .`), which works from anywhere."
     ) from exc
 
-__all__ = ["MAX_GRID_TILES", "pillow_pass_order", "pass_order_for", "has_cuda", "resize_bicubic", "resize_tiles",
-           "resize_tiles_cuda"]
+__all__ = [
+    "MAX_GRID_TILES",
+    "pillow_pass_order",
+    "pass_order_for",
+    "has_cuda",
+    "resize_bicubic",
+    "resize_tiles",
+    "resize_tiles_cuda",
+]
 
 # The largest grid the kernels accept: the range they are tested at. Which grid an image gets is the tiling
 # policy's business (pyvl.image.choose_grid, at most pyvl.image.MAX_TILES), not this module's.
@@ -71,7 +78,7 @@ def pass_order_for(version: str) -> int | None:
     return _C.PASS_ORDER_PILLOW_13  # vertical first when the height shrinks more than twice the width
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pillow_pass_order() -> int | None:
     """The installed Pillow's pass-order rule (None: not one the kernels reproduce; use the Pillow path)."""
     return pass_order_for(PIL.__version__)
@@ -81,9 +88,11 @@ def _resolve_pass_order(pass_order: int | None, op: str) -> int:
     if pass_order is None:
         pass_order = pillow_pass_order()
         if pass_order is None:
-            raise ImageError(f"{op}: the installed Pillow {PIL.__version__} is not a release whose resize pyvl "
-                             "reproduces (upstream Pillow 10.0-13.x); pass pass_order=_C.PASS_ORDER_PILLOW_* "
-                             "explicitly or use the Pillow path (load_image(..., use_native=False))")
+            raise ImageError(
+                f"{op}: the installed Pillow {PIL.__version__} is not a release whose resize pyvl "
+                "reproduces (upstream Pillow 10.0-13.x); pass pass_order=_C.PASS_ORDER_PILLOW_* "
+                "explicitly or use the Pillow path (load_image(..., use_native=False))"
+            )
     if pass_order not in (_C.PASS_ORDER_PILLOW_12_1, _C.PASS_ORDER_PILLOW_12_2, _C.PASS_ORDER_PILLOW_13):
         raise ImageError(f"{op}: pass_order={pass_order!r} is not one of pyvl._C.PASS_ORDER_PILLOW_*")
     return pass_order
@@ -113,8 +122,10 @@ def _channels(op: str, name: str, values: Sequence[float]) -> tuple[float, float
 
 
 def _layout_error(op: str, shape, strides, fix: str) -> ImageError:
-    return ImageError(f"{op}: image of shape {shape} must have RGB pixels 3 or 4 bytes apart, rows forward (strides "
-                      f"(row, 3, 1) or (row, 4, 1)), got strides {strides}; make a contiguous copy first ({fix})")
+    return ImageError(
+        f"{op}: image of shape {shape} must have RGB pixels 3 or 4 bytes apart, rows forward (strides "
+        f"(row, 3, 1) or (row, 4, 1)), got strides {strides}; make a contiguous copy first ({fix})"
+    )
 
 
 def _check_image(image: np.ndarray, op: str) -> tuple[int, int, int, int]:
@@ -135,10 +146,14 @@ def _check_image(image: np.ndarray, op: str) -> tuple[int, int, int, int]:
 
 
 def _check_threads(num_threads, op: str) -> int:
-    if (isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, (int, np.integer))
-            or not 0 <= num_threads <= MAX_THREADS):
-        raise ImageError(f"{op}: num_threads must be an int >= 0 and <= {MAX_THREADS} (0 = automatic), "
-                         f"got {num_threads!r}")
+    if (
+        isinstance(num_threads, (bool, np.bool_))
+        or not isinstance(num_threads, (int, np.integer))
+        or not 0 <= num_threads <= MAX_THREADS
+    ):
+        raise ImageError(
+            f"{op}: num_threads must be an int >= 0 and <= {MAX_THREADS} (0 = automatic), got {num_threads!r}"
+        )
     return int(num_threads)
 
 
@@ -153,8 +168,9 @@ def _check_grid(cols, rows, tile, op: str) -> None:
         raise ImageError(f"{op}: tile size must be positive, got {tile}")
 
 
-def resize_bicubic(image: np.ndarray, out_w: int, out_h: int, num_threads: int = 0,
-                   pass_order: int | None = None) -> np.ndarray:
+def resize_bicubic(
+    image: np.ndarray, out_w: int, out_h: int, num_threads: int = 0, pass_order: int | None = None
+) -> np.ndarray:
     """Pillow-exact ``resize((out_w, out_h), BICUBIC)`` of an RGB uint8 [H, W, 3] array."""
     h, w, row_stride, pixel_stride = _check_image(image, "resize_bicubic")
     num_threads = _check_threads(num_threads, "resize_bicubic")
@@ -162,14 +178,36 @@ def resize_bicubic(image: np.ndarray, out_w: int, out_h: int, num_threads: int =
     if out_w < 1 or out_h < 1:
         raise ImageError(f"resize_bicubic: output size must be positive, got {out_w}x{out_h}")
     out = np.empty((out_h, out_w, 3), dtype=np.uint8)
-    _call("resize_bicubic", f"{w}x{h} image to {out_w}x{out_h}", _C.resize_bicubic_cpu, image.ctypes.data, h, w,
-          row_stride, out.ctypes.data, out_h, out_w, num_threads, pass_order=pass_order, pixel_stride=pixel_stride)
+    _call(
+        "resize_bicubic",
+        f"{w}x{h} image to {out_w}x{out_h}",
+        _C.resize_bicubic_cpu,
+        image.ctypes.data,
+        h,
+        w,
+        row_stride,
+        out.ctypes.data,
+        out_h,
+        out_w,
+        num_threads,
+        pass_order=pass_order,
+        pixel_stride=pixel_stride,
+    )
     return out
 
 
-def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: bool, mean: Sequence[float],
-                 std: Sequence[float], out: torch.Tensor | None = None, num_threads: int = 0,
-                 pass_order: int | None = None) -> torch.Tensor:
+def resize_tiles(
+    image: np.ndarray,
+    cols: int,
+    rows: int,
+    tile: int,
+    thumbnail: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+    out: torch.Tensor | None = None,
+    num_threads: int = 0,
+    pass_order: int | None = None,
+) -> torch.Tensor:
     """RGB uint8 [H, W, 3] -> normalised float32 tiles [cols*rows (+1), 3, tile, tile] (see module doc).
 
     The thumbnail is appended only when asked for *and* the grid has more than one tile, as the original.
@@ -183,13 +221,35 @@ def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: 
     n = cols * rows + int(thumbnail)
     if out is None:
         out = torch.empty((n, 3, tile, tile), dtype=torch.float32)
-    elif (tuple(out.shape) != (n, 3, tile, tile) or out.dtype != torch.float32 or out.device.type != "cpu"
-          or not out.is_contiguous()):
-        raise ImageError(f"resize_tiles: out must be a contiguous float32 CPU tensor of shape {(n, 3, tile, tile)}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    _call("resize_tiles", f"{w}x{h} image, {cols}x{rows} grid of {tile}px tiles", _C.resize_tiles_cpu,
-          image.ctypes.data, h, w, row_stride, out.data_ptr(), cols, rows, tile, thumbnail, mean, std, num_threads,
-          pass_order=pass_order, pixel_stride=pixel_stride)
+    elif (
+        tuple(out.shape) != (n, 3, tile, tile)
+        or out.dtype != torch.float32
+        or out.device.type != "cpu"
+        or not out.is_contiguous()
+    ):
+        raise ImageError(
+            f"resize_tiles: out must be a contiguous float32 CPU tensor of shape {(n, 3, tile, tile)}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    _call(
+        "resize_tiles",
+        f"{w}x{h} image, {cols}x{rows} grid of {tile}px tiles",
+        _C.resize_tiles_cpu,
+        image.ctypes.data,
+        h,
+        w,
+        row_stride,
+        out.data_ptr(),
+        cols,
+        rows,
+        tile,
+        thumbnail,
+        mean,
+        std,
+        num_threads,
+        pass_order=pass_order,
+        pixel_stride=pixel_stride,
+    )
     return out
 
 
@@ -205,7 +265,9 @@ def _check_cuda_image(image, op: str) -> tuple[int, int, int, bool]:
         if image.dtype != torch.uint8:
             raise ImageError(f"{op}: image must be uint8, got {image.dtype} (shape {tuple(image.shape)})")
         if image.dim() != 3 or image.shape[2] != 3:
-            raise ImageError(f"{op}: image must have shape [H, W, 3] (RGB, channels last), got {tuple(image.shape)}")
+            raise ImageError(
+                f"{op}: image must have shape [H, W, 3] (RGB, channels last), got {tuple(image.shape)}"
+            )
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise ImageError(f"{op}: image must not be empty, got shape {tuple(image.shape)}")
         if image.device.type == "cpu":  # a host image either way; numpy() shares the memory
@@ -222,8 +284,9 @@ def _row_bytes(image: np.ndarray, row_stride: int, pixel_stride: int) -> np.ndar
     element-wise copy of a 4-byte-pixel view would be ~10x slower); the last pixel's 4th byte is left out, as it
     may lie past the array's memory."""
     height, width = image.shape[:2]
-    return np.lib.stride_tricks.as_strided(image, (height, (width - 1) * pixel_stride + 3), (row_stride, 1),
-                                           writeable=False)
+    return np.lib.stride_tricks.as_strided(
+        image, (height, (width - 1) * pixel_stride + 3), (row_stride, 1), writeable=False
+    )
 
 
 def _cuda_target(device, image, op: str) -> torch.device:
@@ -233,7 +296,9 @@ def _cuda_target(device, image, op: str) -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise ImageError(f"{op}: device={device!r} is not a torch device ({exc})") from None
     if target.type != "cuda":
-        raise ImageError(f"{op}: device must be a CUDA device, got {target} (resize_tiles is the CPU version)")
+        raise ImageError(
+            f"{op}: device must be a CUDA device, got {target} (resize_tiles is the CPU version)"
+        )
     if isinstance(image, torch.Tensor) and image.device.type == "cuda":
         if target.index is not None and target != image.device:
             raise ImageError(f"{op}: image is on {image.device} but device={target}")
@@ -241,10 +306,19 @@ def _cuda_target(device, image, op: str) -> torch.device:
     return target
 
 
-def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, tile: int, thumbnail: bool,
-                      mean: Sequence[float], std: Sequence[float], out: torch.Tensor | None = None,
-                      dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda",
-                      pass_order: int | None = None) -> torch.Tensor:
+def resize_tiles_cuda(
+    image: np.ndarray | torch.Tensor,
+    cols: int,
+    rows: int,
+    tile: int,
+    thumbnail: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cuda",
+    pass_order: int | None = None,
+) -> torch.Tensor:
     """RGB uint8 [H, W, 3] -> normalised tiles [cols*rows (+1), 3, tile, tile] of `dtype` on a CUDA device.
 
     Exactly :func:`resize_tiles` (Pillow-exact bicubic, thumbnail last when asked for and cols*rows > 1), in
@@ -267,17 +341,28 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise ImageError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
-        if (tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cuda"
-                or (target.index is not None and out.device != target) or not out.is_contiguous()):
-            raise ImageError(f"{op}: out must be a contiguous {dtype} tensor of shape {shape} on {target}, got "
-                             f"{out.dtype} {tuple(out.shape)} on {out.device}"
-                             f"{'' if out.is_contiguous() else ' (not contiguous)'}")
+        if (
+            tuple(out.shape) != shape
+            or out.dtype != dtype
+            or out.device.type != "cuda"
+            or (target.index is not None and out.device != target)
+            or not out.is_contiguous()
+        ):
+            raise ImageError(
+                f"{op}: out must be a contiguous {dtype} tensor of shape {shape} on {target}, got "
+                f"{out.dtype} {tuple(out.shape)} on {out.device}"
+                f"{'' if out.is_contiguous() else ' (not contiguous)'}"
+            )
     if not _C.has_cuda():
-        raise RuntimeError(f"{op}: pyvl._C was built without CUDA (no nvcc at build time); reinstall pyvl with "
-                           "nvcc on PATH (PYVL_CUDA=ON makes a missing nvcc a build error), or use resize_tiles")
+        raise RuntimeError(
+            f"{op}: pyvl._C was built without CUDA (no nvcc at build time); reinstall pyvl with "
+            "nvcc on PATH (PYVL_CUDA=ON makes a missing nvcc a build error), or use resize_tiles"
+        )
     if not torch.cuda.is_available():
-        raise RuntimeError(f"{op}: torch.cuda is not available (a CPU-only torch build, or no GPU visible); "
-                           "use resize_tiles, the CPU version")
+        raise RuntimeError(
+            f"{op}: torch.cuda is not available (a CPU-only torch build, or no GPU visible); "
+            "use resize_tiles, the CPU version"
+        )
     if target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     if out is not None and out.device != target:
@@ -287,8 +372,9 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
         stream = torch.cuda.current_stream(target)
         what = f"{w}x{h} image, {cols}x{rows} grid of {tile}px tiles"
         try:
-            coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(h, w, cols, rows, tile, thumbnail,
-                                                                    pass_order=pass_order)
+            coeff_bytes, tmp_bytes = _C.resize_tiles_cuda_workspace(
+                h, w, cols, rows, tile, thumbnail, pass_order=pass_order
+            )
         except (MemoryError, ValueError) as exc:
             raise ImageError(f"{op}: {what}: {exc}") from exc
         # One pinned host buffer, [image rows | weights] (image left out when it is on the GPU already), one
@@ -296,11 +382,25 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
         image_bytes = 0 if on_cuda else -(-h * w * pixel_stride // _ALIGN) * _ALIGN
         staging = torch.empty(image_bytes + coeff_bytes, dtype=torch.uint8, pin_memory=True)
         if not on_cuda:
-            rows_in = _row_bytes(image.numpy() if isinstance(image, torch.Tensor) else image, row_stride, pixel_stride)
+            rows_in = _row_bytes(
+                image.numpy() if isinstance(image, torch.Tensor) else image, row_stride, pixel_stride
+            )
             row_stride = pixel_stride * w  # the staged rows are adjacent
             staging[: h * row_stride].numpy().reshape(h, row_stride)[:, : rows_in.shape[1]] = rows_in
-        _call(op, what, _C.resize_tiles_cuda_coefficients, h, w, cols, rows, tile, thumbnail,
-              staging.data_ptr() + image_bytes, coeff_bytes, pass_order=pass_order)
+        _call(
+            op,
+            what,
+            _C.resize_tiles_cuda_coefficients,
+            h,
+            w,
+            cols,
+            rows,
+            tile,
+            thumbnail,
+            staging.data_ptr() + image_bytes,
+            coeff_bytes,
+            pass_order=pass_order,
+        )
         # Device side: [image | weights | uint8 intermediate]; freed on return, safely, as later users of the
         # block are ordered after these kernels on the same stream.
         workspace = torch.empty(image_bytes + coeff_bytes + tmp_bytes, dtype=torch.uint8, device=target)
@@ -309,8 +409,28 @@ def resize_tiles_cuda(image: np.ndarray | torch.Tensor, cols: int, rows: int, ti
         src = image.data_ptr() if on_cuda else base
         if out is None:
             out = torch.empty(shape, dtype=dtype, device=target)
-        _call(op, what, _C.resize_tiles_cuda, src, h, w, row_stride, out.data_ptr(), _CUDA_OUT_DTYPES[dtype],
-              cols, rows, tile, thumbnail, mean, std, base + image_bytes, coeff_bytes,
-              base + image_bytes + coeff_bytes, tmp_bytes, stream.cuda_stream, pass_order=pass_order,
-              pixel_stride=pixel_stride)
+        _call(
+            op,
+            what,
+            _C.resize_tiles_cuda,
+            src,
+            h,
+            w,
+            row_stride,
+            out.data_ptr(),
+            _CUDA_OUT_DTYPES[dtype],
+            cols,
+            rows,
+            tile,
+            thumbnail,
+            mean,
+            std,
+            base + image_bytes,
+            coeff_bytes,
+            base + image_bytes + coeff_bytes,
+            tmp_bytes,
+            stream.cuda_stream,
+            pass_order=pass_order,
+            pixel_stride=pixel_stride,
+        )
     return out

@@ -26,26 +26,49 @@ def matches_installed_pillow() -> bool:
     caller then takes the Pillow + torch path, so results equal the installed Pillow's, never silently differ."""
     if native.pillow_pass_order() is not None:
         return True
-    warnings.warn(f"Pillow {PIL.__version__} is not a release whose resize pyvl's kernels reproduce (upstream "
-                  "Pillow 10.0-13.x); images are preprocessed with Pillow + torch instead (exact, slower)",
-                  stacklevel=3)
+    warnings.warn(
+        f"Pillow {PIL.__version__} is not a release whose resize pyvl's kernels reproduce (upstream "
+        "Pillow 10.0-13.x); images are preprocessed with Pillow + torch instead (exact, slower)",
+        stacklevel=3,
+    )
     return False
+
 
 _CUDA_OUT_DTYPES = (torch.float32, torch.bfloat16)  # what the CUDA kernel writes itself
 
 
-def resize_tiles_cpu(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: bool, mean: Sequence[float],
-                     std: Sequence[float], dtype: torch.dtype, device: torch.device, num_threads: int = 0
-                     ) -> torch.Tensor:
+def resize_tiles_cpu(
+    image: np.ndarray,
+    cols: int,
+    rows: int,
+    tile: int,
+    thumbnail: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype,
+    device: torch.device,
+    num_threads: int = 0,
+) -> torch.Tensor:
     """The C++ kernel (float32 on the CPU; ``num_threads`` 0 = from the size and the cores), then cast and
     copied to ``device`` when asked for."""
     tiles = native.resize_tiles(image, cols, rows, tile, thumbnail, mean, std, num_threads=num_threads)
     return tiles.to(device=device, dtype=dtype)
 
 
-def resize_tiles_cuda(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: bool, mean: Sequence[float],
-                      std: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def resize_tiles_cuda(
+    image: np.ndarray,
+    cols: int,
+    rows: int,
+    tile: int,
+    thumbnail: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
     """The CUDA kernel: one upload of the uint8 image, tiles written on the device in float32 or bfloat16."""
     out_dtype = dtype if dtype in _CUDA_OUT_DTYPES else torch.float32  # float16: float32 tiles, then cast
-    tiles = native.resize_tiles_cuda(image, cols, rows, tile, thumbnail, mean, std, dtype=out_dtype, device=device)
+    tiles = native.resize_tiles_cuda(
+        image, cols, rows, tile, thumbnail, mean, std, dtype=out_dtype, device=device
+    )
     return tiles.to(dtype)

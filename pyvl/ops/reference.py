@@ -20,9 +20,23 @@ import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
-    "rms_norm", "add_rms_norm", "layer_norm", "vit_attention", "causal_attention", "apply_rotary", "pixel_shuffle",
-    "silu_mul", "gelu", "resize_tiles", "tile_boxes", "tile_images", "normalize_tiles",
-    "store_kv", "gather_kv", "paged_prefill_attention", "paged_decode_attention",
+    "rms_norm",
+    "add_rms_norm",
+    "layer_norm",
+    "vit_attention",
+    "causal_attention",
+    "apply_rotary",
+    "pixel_shuffle",
+    "silu_mul",
+    "gelu",
+    "resize_tiles",
+    "tile_boxes",
+    "tile_images",
+    "normalize_tiles",
+    "store_kv",
+    "gather_kv",
+    "paged_prefill_attention",
+    "paged_decode_attention",
 ]
 
 
@@ -33,8 +47,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): a decoder layer's residual add and the next norm, the sum rounded
     to the activation dtype first, as the original adds then normalises."""
     total = x + residual
@@ -67,22 +82,29 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     hkv, sk = k.shape[1], k.shape[2]
     group = hq // hkv
     qf = q.float().reshape(b, hkv, group * sq, d)  # query heads sharing a KV head, stacked along rows
-    scores = (qf @ k.float().transpose(-2, -1)) / (d ** 0.5)  # (B, Hkv, G*Sq, Sk)
+    scores = (qf @ k.float().transpose(-2, -1)) / (d**0.5)  # (B, Hkv, G*Sq, Sk)
     scores = scores.view(b, hkv, group, sq, sk).masked_fill(~causal_mask(sq, sk, q.device), float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype).float()  # the original casts P back before P @ V
     out = probs.view(b, hkv, group * sq, sk) @ v.float()
     return out.view(b, hq, sq, d).to(q.dtype)
 
 
-def store_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def store_kv(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """Write token t's K/V [N, Hkv, D] into the pools at slot slot_mapping[t]; slots < 0 (padding rows of a
     CUDA-graph batch) are skipped. In place. The boolean selection syncs the host: eager use only."""
     block_size = k_pool.shape[2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
-    k_pool[blocks, :, offsets] = k_new[keep]  # advanced indices around a slice: the indexed view is [n, Hkv, D]
+    k_pool[blocks, :, offsets] = k_new[
+        keep
+    ]  # advanced indices around a slice: the indexed view is [n, Hkv, D]
     v_pool[blocks, :, offsets] = v_new[keep]
 
 
@@ -94,8 +116,9 @@ def gather_kv(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> tor
     return blocks.transpose(0, 1).reshape(1, hkv, -1, d)[:, :, :length]
 
 
-def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                            block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor, context_len: int
+) -> torch.Tensor:
     """Causal GQA attention of one sequence's last Sq positions (q [Sq, Hq, D]) over its keys
     0..context_len-1, read through block_table [nb] (they include the Sq new tokens, already stored).
     Returns [Sq, Hq, D]: :func:`causal_attention` on the gathered keys."""
@@ -105,8 +128,13 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     return out[0].transpose(0, 1).contiguous()
 
 
-def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
     """One query per row (q [B, Hq, D], at position context_lens[b] - 1) over keys 0..context_lens[b]-1 read
     through block_tables[b]; rows with length 0 are padding and give zeros. Returns [B, Hq, D]. All rows in one
     batched product over the longest row's keys, shorter rows masked (the maximum length is read on the host:
@@ -116,11 +144,11 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     longest = int(context_lens.max()) if b else 0
     if longest == 0:
         return torch.zeros_like(q)
-    tables = block_tables[:, :-(-longest // block)].long()
+    tables = block_tables[:, : -(-longest // block)].long()
     k = k_pool[tables].permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d)[:, :, :longest]  # (B, Hkv, L, D)
     v = v_pool[tables].permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d)[:, :, :longest]
     qf = q.float().view(b, hkv, hq // hkv, d)  # query heads sharing a KV head, as rows
-    scores = (qf @ k.float().transpose(-2, -1)) / (d ** 0.5)  # (B, Hkv, G, L)
+    scores = (qf @ k.float().transpose(-2, -1)) / (d**0.5)  # (B, Hkv, G, L)
     real = torch.arange(longest, device=q.device)[None] < context_lens[:, None].long()  # (B, L)
     scores = scores.masked_fill(~real[:, None, None], float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype).float()  # the original casts P back before P @ V
@@ -135,8 +163,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x * cos + rotate_half(x) * sin on q [B, Hq, S, D] and k [B, Hkv, S, D]; cos/sin [B, S, D]."""
     cos = cos[:, None].to(q.dtype)  # the original rounds the tables to the activation dtype first
     sin = sin[:, None].to(q.dtype)
@@ -171,8 +200,10 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 def tile_boxes(cols: int, rows: int, tile: int) -> list[tuple[int, int, int, int]]:
     """Crop boxes (left, top, right, bottom) of the grid tiles, row-major."""
-    return [((k % cols) * tile, (k // cols) * tile, (k % cols + 1) * tile, (k // cols + 1) * tile)
-            for k in range(cols * rows)]
+    return [
+        ((k % cols) * tile, (k // cols) * tile, (k % cols + 1) * tile, (k // cols + 1) * tile)
+        for k in range(cols * rows)
+    ]
 
 
 def tile_images(img: Image.Image, cols: int, rows: int, tile: int, thumbnail: bool) -> list[Image.Image]:
@@ -195,15 +226,25 @@ def normalize_tiles(tiles: np.ndarray, mean: Sequence[float], std: Sequence[floa
     return (x - mean_t) / std_t
 
 
-def resize_tiles(image: np.ndarray, cols: int, rows: int, tile: int, thumbnail: bool, mean: Sequence[float],
-                 std: Sequence[float], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-                 ) -> torch.Tensor:
+def resize_tiles(
+    image: np.ndarray,
+    cols: int,
+    rows: int,
+    tile: int,
+    thumbnail: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """RGB uint8 [H, W, 3] -> normalised tiles [cols*rows (+1), 3, tile, tile] in ``dtype`` on ``device``.
 
     The original pipeline (Pillow tiles, then ToTensor + Normalize) for a grid already chosen; other dtypes
     are the float32 tiles cast.
     """
-    img = Image.fromarray(np.ascontiguousarray(image))  # [H, W, 3] uint8, pixels 3 or 4 bytes apart -> mode RGB
+    img = Image.fromarray(
+        np.ascontiguousarray(image)
+    )  # [H, W, 3] uint8, pixels 3 or 4 bytes apart -> mode RGB
     tiles = tile_images(img, cols, rows, tile, thumbnail)
     pixels = normalize_tiles(np.stack([np.asarray(t) for t in tiles]), mean, std)  # (N, T, T, 3) -> NCHW
     return pixels.to(device=device, dtype=dtype)

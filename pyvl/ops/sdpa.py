@@ -36,8 +36,9 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(sq, sk, q.device), enable_gqa=gqa)
 
 
-def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                            block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor, context_len: int
+) -> torch.Tensor:
     """The reference's paged prefill (keys gathered through the block table) with SDPA's attention."""
     k = gather_kv(k_pool, block_table, context_len)
     v = gather_kv(v_pool, block_table, context_len)

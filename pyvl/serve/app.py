@@ -67,14 +67,20 @@ class ServerState:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is over the {limit} byte limit (--max-request-mb)",
-                       code="request_too_large")
+        raise APIError(
+            413,
+            f"the request body is over the {limit} byte limit (--max-request-mb)",
+            code="request_too_large",
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise APIError(413, f"the request body is over the {limit} byte limit (--max-request-mb)",
-                           code="request_too_large")
+            raise APIError(
+                413,
+                f"the request body is over the {limit} byte limit (--max-request-mb)",
+                code="request_too_large",
+            )
     return bytes(body)
 
 
@@ -89,9 +95,13 @@ def _prompt(model, call: ChatCall, images: list[bytes], cap: int):
             raise APIError(400, f"cannot use the image: {exc}", ref.param, "invalid_image") from None
         total += source.num_tiles
         if total > cap:
-            raise APIError(400, f"the images need more than the {cap} tiles a request may use "
-                                "(--max-tiles-per-request); lower detail or max_dynamic_patch",
-                           ref.param, "too_many_tiles")
+            raise APIError(
+                400,
+                f"the images need more than the {cap} tiles a request may use "
+                "(--max-tiles-per-request); lower detail or max_dynamic_patch",
+                ref.param,
+                "too_many_tiles",
+            )
         sources.append(source)
     try:
         return model.prompt(call.question, sources, call.history or None, call.system_message)
@@ -107,8 +117,15 @@ class CompletionResponse(Response):
     """Runs one generation to the client, streaming (SSE) or not, while a parallel task watches for the client
     leaving. Headers go out only with the first result, so an error before any token is a plain JSON error."""
 
-    def __init__(self, state: ServerState, generation: Generation, call: ChatCall, request_id: str,
-                 started: float, tiles: list[int]):
+    def __init__(
+        self,
+        state: ServerState,
+        generation: Generation,
+        call: ChatCall,
+        request_id: str,
+        started: float,
+        tiles: list[int],
+    ):
         # Not Response.__init__: the status and headers are decided by the first event, in __call__.
         self.state, self.generation, self.call = state, generation, call
         self.request_id, self.started, self.tiles = request_id, started, tiles
@@ -127,9 +144,18 @@ class CompletionResponse(Response):
             await self.events.aclose()
             self.state.live.discard(self.generation)
             s = self.generation.stats
-            log.info("%s status=%s prompt=%d cached=%d completion=%d images=%d tiles=%d ttft=%.3fs total=%.3fs",
-                     self.request_id, status, s.prompt_tokens, s.cached_tokens, s.new_tokens, len(self.tiles),
-                     sum(self.tiles), s.time_to_first_token_s, time.perf_counter() - self.started)
+            log.info(
+                "%s status=%s prompt=%d cached=%d completion=%d images=%d tiles=%d ttft=%.3fs total=%.3fs",
+                self.request_id,
+                status,
+                s.prompt_tokens,
+                s.cached_tokens,
+                s.new_tokens,
+                len(self.tiles),
+                sum(self.tiles),
+                s.time_to_first_token_s,
+                time.perf_counter() - self.started,
+            )
 
     async def _watch(self, receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -143,8 +169,14 @@ class CompletionResponse(Response):
                 pieces.append(value)
                 continue
             if kind == "end":
-                body = completion_object(self.request_id, self.call, self.state.settings.served_model_name,
-                                         "".join(pieces), value, self.generation.stats)
+                body = completion_object(
+                    self.request_id,
+                    self.call,
+                    self.state.settings.served_model_name,
+                    "".join(pieces),
+                    value,
+                    self.generation.stats,
+                )
                 await _send_json(send, 200, body)
                 return "200"
             return await _send_error(send, value)
@@ -154,17 +186,33 @@ class CompletionResponse(Response):
         kind, value = await anext(self.events)
         if kind == "error":
             return await _send_error(send, value)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
-        await _body(send, _sse(chunk_object(self.request_id, self.call, name, {"role": "assistant", "content": ""})))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                ],
+            }
+        )
+        await _body(
+            send, _sse(chunk_object(self.request_id, self.call, name, {"role": "assistant", "content": ""}))
+        )
         while kind == "piece":
             await _body(send, _sse(chunk_object(self.request_id, self.call, name, {"content": value})))
             kind, value = await anext(self.events)
         if kind == "end":
             await _body(send, _sse(chunk_object(self.request_id, self.call, name, {}, finish_reason=value)))
             if self.call.include_usage:
-                await _body(send, _sse(chunk_object(self.request_id, self.call, name, None,
-                                                    usage=usage_object(self.generation.stats))))
+                await _body(
+                    send,
+                    _sse(
+                        chunk_object(
+                            self.request_id, self.call, name, None, usage=usage_object(self.generation.stats)
+                        )
+                    ),
+                )
             status = "200"
         elif isinstance(value, Disconnected):
             status = "disconnected"
@@ -182,8 +230,13 @@ async def _body(send, data: bytes, more: bool = True) -> None:
 
 async def _send_json(send, status: int, body: dict) -> None:
     data = json.dumps(body, ensure_ascii=False).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await _body(send, data, more=False)
 
 
@@ -227,23 +280,35 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
         if settings.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), settings.api_key.encode()
+        ):
+            raise APIError(
+                401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key"
+            )
 
     @app.get("/health")
     async def health():
         pool = model.engine.pool
-        status = "shutting_down" if state.shutting_down else ("ok" if model.engine.alive else "engine_stopped")
-        body = {"status": status, "model": settings.served_model_name,
-                "requests_in_flight": len(state.live), "kv_blocks_in_use": pool.num_in_use,
-                "kv_blocks_cached": pool.num_cached}
+        status = (
+            "shutting_down" if state.shutting_down else ("ok" if model.engine.alive else "engine_stopped")
+        )
+        body = {
+            "status": status,
+            "model": settings.served_model_name,
+            "requests_in_flight": len(state.live),
+            "kv_blocks_in_use": pool.num_in_use,
+            "kv_blocks_cached": pool.num_cached,
+        }
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": settings.served_model_name, "object": "model",
-                                            "created": 0, "owned_by": "pyvl"}]}
+        return {
+            "object": "list",
+            "data": [{"id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "pyvl"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -257,17 +322,28 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise APIError(400, f"the request body is not valid JSON ({exc})"[:300], code="invalid_json") from None
+                raise APIError(
+                    400, f"the request body is not valid JSON ({exc})"[:300], code="invalid_json"
+                ) from None
             call = parse_chat_request(body, model.max_context)
             if call.model != settings.served_model_name:
-                raise APIError(404, f"model {call.model[:100]!r} is not served here; this server serves "
-                                    f"{settings.served_model_name!r}", "model", "model_not_found")
+                raise APIError(
+                    404,
+                    f"model {call.model[:100]!r} is not served here; this server serves "
+                    f"{settings.served_model_name!r}",
+                    "model",
+                    "model_not_found",
+                )
             if len(state.live) >= settings.max_queue:
-                raise APIError(503, f"the server is at its limit of {settings.max_queue} requests (--max-queue); "
-                                    "retry later", code="queue_full")
+                raise APIError(
+                    503,
+                    f"the server is at its limit of {settings.max_queue} requests (--max-queue); retry later",
+                    code="queue_full",
+                )
             images = [await read_image_source(ref.url, settings.media, ref.param) for ref in call.images]
             prompt = await asyncio.get_running_loop().run_in_executor(
-                state.prompt_pool, _prompt, model, call, images, settings.max_tiles_per_request)
+                state.prompt_pool, _prompt, model, call, images, settings.max_tiles_per_request
+            )
         except APIError as exc:
             log.info("%s status=%d %s", request_id, exc.status, exc.message[:200])
             raise

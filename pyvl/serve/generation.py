@@ -38,7 +38,9 @@ class Generation:
                 if self.reason is not None:
                     break
                 yield "piece", piece
-        except Exception as exc:  # delivered to the response; PyvlErrors are the client's, others are logged there
+        except (
+            Exception
+        ) as exc:  # delivered to the response; PyvlErrors are the client's, others are logged there
             yield "error", exc
             return
         finally:

@@ -42,18 +42,26 @@ async def read_image_source(url: str, policy: MediaPolicy, param: str) -> bytes:
     if scheme in ("http", "https"):
         return await _fetch(url, policy, param)
     if scheme == "file" or url.startswith(("/", "./", "../")) or not scheme:
-        return await asyncio.to_thread(_local_file, unquote(urlsplit(url).path) if scheme == "file" else url,
-                                       policy, param)
-    raise bad_request(f"image url scheme {scheme!r} is not supported; use data:, http(s) or a local path",
-                      param, "unsupported_url")
+        return await asyncio.to_thread(
+            _local_file, unquote(urlsplit(url).path) if scheme == "file" else url, policy, param
+        )
+    raise bad_request(
+        f"image url scheme {scheme!r} is not supported; use data:, http(s) or a local path",
+        param,
+        "unsupported_url",
+    )
 
 
 def _data_url(url: str, policy: MediaPolicy, param: str) -> bytes:
     header, sep, payload = url[5:].partition(",")
     if not sep or not header.endswith(";base64"):
-        raise bad_request("a data: image url must be 'data:<mime>;base64,<payload>'", param, "invalid_data_url")
+        raise bad_request(
+            "a data: image url must be 'data:<mime>;base64,<payload>'", param, "invalid_data_url"
+        )
     if len(payload) * 3 // 4 > policy.max_bytes:
-        raise APIError(413, f"the data: image is over the {policy.max_bytes} byte limit", param, "image_too_large")
+        raise APIError(
+            413, f"the data: image is over the {policy.max_bytes} byte limit", param, "image_too_large"
+        )
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -62,55 +70,86 @@ def _data_url(url: str, policy: MediaPolicy, param: str) -> bytes:
 
 def _local_file(path: str, policy: MediaPolicy, param: str) -> bytes:
     if policy.local_root is None:
-        raise bad_request("local image paths are refused: the server was started without "
-                          "--allowed-local-media-path", param, "local_path_not_allowed")
-    resolved = (policy.local_root / path).resolve()  # an absolute path replaces the root; '..' and links resolve
+        raise bad_request(
+            "local image paths are refused: the server was started without --allowed-local-media-path",
+            param,
+            "local_path_not_allowed",
+        )
+    resolved = (
+        policy.local_root / path
+    ).resolve()  # an absolute path replaces the root; '..' and links resolve
     if not resolved.is_relative_to(policy.local_root):
-        raise bad_request("the image path is outside the allowed local media folder", param, "local_path_not_allowed")
+        raise bad_request(
+            "the image path is outside the allowed local media folder", param, "local_path_not_allowed"
+        )
     try:
         if resolved.stat().st_size > policy.max_bytes:
-            raise APIError(413, f"the image file is over the {policy.max_bytes} byte limit", param, "image_too_large")
+            raise APIError(
+                413, f"the image file is over the {policy.max_bytes} byte limit", param, "image_too_large"
+            )
         return resolved.read_bytes()
     except OSError as exc:
-        raise APIError(422, f"cannot read the image file ({exc.strerror or type(exc).__name__})", param,
-                       "image_unreadable") from None
+        raise APIError(
+            422,
+            f"cannot read the image file ({exc.strerror or type(exc).__name__})",
+            param,
+            "image_unreadable",
+        ) from None
 
 
 def _refused_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-            or ip.is_unspecified)
+    return (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
 
 
 async def _check_host(url: str, policy: MediaPolicy, param: str) -> None:
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise bad_request(f"image url {url[:200]!r} is not an http(s) url with a host", param, "unsupported_url")
+        raise bad_request(
+            f"image url {url[:200]!r} is not an http(s) url with a host", param, "unsupported_url"
+        )
     if policy.allow_private_urls:
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, parts.port or 443,
-                                                             type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            parts.hostname, parts.port or 443, type=socket.SOCK_STREAM
+        )
     except OSError:
-        raise APIError(422, f"cannot resolve the image url's host {parts.hostname!r}", param,
-                       "image_fetch_failed") from None
+        raise APIError(
+            422, f"cannot resolve the image url's host {parts.hostname!r}", param, "image_fetch_failed"
+        ) from None
     for info in infos:
         if _refused_address(ipaddress.ip_address(info[4][0].split("%")[0])):
-            raise bad_request(f"image url host {parts.hostname!r} resolves to a private, loopback or link-local "
-                              "address; refused (start the server with --allow-private-urls to allow it)", param,
-                              "url_not_allowed")
+            raise bad_request(
+                f"image url host {parts.hostname!r} resolves to a private, loopback or link-local "
+                "address; refused (start the server with --allow-private-urls to allow it)",
+                param,
+                "url_not_allowed",
+            )
 
 
 async def _fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
     try:
         return await asyncio.wait_for(_fetch_hops(url, policy, param), policy.fetch_timeout_s)
     except (asyncio.TimeoutError, httpx.TimeoutException):
-        raise APIError(422, f"fetching the image url timed out after {policy.fetch_timeout_s:g} s", param,
-                       "image_fetch_failed") from None
+        raise APIError(
+            422,
+            f"fetching the image url timed out after {policy.fetch_timeout_s:g} s",
+            param,
+            "image_fetch_failed",
+        ) from None
     except httpx.HTTPError as exc:
-        raise APIError(422, f"cannot fetch the image url ({type(exc).__name__})", param,
-                       "image_fetch_failed") from None
+        raise APIError(
+            422, f"cannot fetch the image url ({type(exc).__name__})", param, "image_fetch_failed"
+        ) from None
 
 
 async def _fetch_hops(url: str, policy: MediaPolicy, param: str) -> bytes:
@@ -124,13 +163,23 @@ async def _fetch_hops(url: str, policy: MediaPolicy, param: str) -> bytes:
                     url = urljoin(url, response.headers.get("location", ""))
                     continue
                 if response.status_code != 200:
-                    raise APIError(422, f"the image url answered HTTP {response.status_code}", param,
-                                   "image_fetch_failed")
+                    raise APIError(
+                        422,
+                        f"the image url answered HTTP {response.status_code}",
+                        param,
+                        "image_fetch_failed",
+                    )
                 data = bytearray()
                 async for chunk in response.aiter_bytes():
                     data += chunk
                     if len(data) > policy.max_bytes:
-                        raise APIError(413, f"the image at the url is over the {policy.max_bytes} byte limit",
-                                       param, "image_too_large")
+                        raise APIError(
+                            413,
+                            f"the image at the url is over the {policy.max_bytes} byte limit",
+                            param,
+                            "image_too_large",
+                        )
                 return bytes(data)
-    raise APIError(422, f"the image url redirected more than {MAX_REDIRECTS} times", param, "image_fetch_failed")
+    raise APIError(
+        422, f"the image url redirected more than {MAX_REDIRECTS} times", param, "image_fetch_failed"
+    )

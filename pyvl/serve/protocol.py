@@ -17,12 +17,30 @@ from ..image import MAX_TILES
 from ..template import with_image_labels
 from .errors import bad_request
 
-__all__ = ["ImageRef", "ChatCall", "parse_chat_request", "DETAIL_TILES", "completion_object", "chunk_object",
-           "usage_object"]
+__all__ = [
+    "ImageRef",
+    "ChatCall",
+    "parse_chat_request",
+    "DETAIL_TILES",
+    "completion_object",
+    "chunk_object",
+    "usage_object",
+]
 
 DETAIL_TILES = {"low": 6, "medium": 12, "high": 24}  # LMDeploy's per-image tile budgets; "auto": the model's
-REFUSED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs",
-                  "top_logprobs", "logit_bias", "audio", "modalities", "prediction")
+REFUSED_FIELDS = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "audio",
+    "modalities",
+    "prediction",
+)
 MAX_STOPS = 4
 
 
@@ -75,7 +93,9 @@ def _text_parts(content, param: str, allow_images: bool) -> tuple[str, list[Imag
         elif part["type"] == "image_url" and allow_images:
             images.append(_image_ref(part.get("image_url"), f"{where}.image_url"))
         else:
-            raise bad_request(f"content part type {part['type']!r} is not supported here"[:200], f"{where}.type")
+            raise bad_request(
+                f"content part type {part['type']!r} is not supported here"[:200], f"{where}.type"
+            )
     return "\n".join(texts), images
 
 
@@ -87,12 +107,16 @@ def _image_ref(spec, param: str) -> ImageRef:
     tiles = spec.get("max_dynamic_patch")
     if tiles is not None:
         if isinstance(tiles, bool) or not isinstance(tiles, int) or not 1 <= tiles <= MAX_TILES:
-            raise bad_request(f"max_dynamic_patch must be an integer in [1, {MAX_TILES}], got {tiles!r}"[:200],
-                              f"{param}.max_dynamic_patch")
+            raise bad_request(
+                f"max_dynamic_patch must be an integer in [1, {MAX_TILES}], got {tiles!r}"[:200],
+                f"{param}.max_dynamic_patch",
+            )
         return ImageRef(spec["url"], tiles, param)
     detail = spec.get("detail", "auto")
     if detail != "auto" and detail not in DETAIL_TILES:
-        raise bad_request(f"detail must be one of low, medium, high, auto; got {detail!r}"[:200], f"{param}.detail")
+        raise bad_request(
+            f"detail must be one of low, medium, high, auto; got {detail!r}"[:200], f"{param}.detail"
+        )
     return ImageRef(spec["url"], DETAIL_TILES.get(detail), param)
 
 
@@ -106,8 +130,9 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], str, lis
             raise bad_request("each message must be an object", param)
         role = message.get("role")
         if role not in ("system", "developer", "user", "assistant"):
-            raise bad_request(f"message role {role!r} is not supported (system, user, assistant)"[:200],
-                              f"{param}.role")
+            raise bad_request(
+                f"message role {role!r} is not supported (system, user, assistant)"[:200], f"{param}.role"
+            )
         text, found = _text_parts(message.get("content"), f"{param}.content", allow_images=role == "user")
         if role in ("system", "developer"):
             system.append(text)
@@ -120,8 +145,9 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], str, lis
         else:
             turns.append([role, text])
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
-        raise bad_request("the conversation must start and end with a user message (after any system message)",
-                          "messages")
+        raise bad_request(
+            "the conversation must start and end with a user message (after any system message)", "messages"
+        )
     history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
     return ("\n".join(system) if system else None), history, turns[-1][1], images
 
@@ -130,10 +156,16 @@ def _stops(value) -> tuple[str, ...]:
     if value is None:
         return ()
     stops = [value] if isinstance(value, str) else value
-    if (not isinstance(stops, list) or len(stops) > MAX_STOPS
-            or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stops)):
-        raise bad_request(f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings "
-                          "(256 characters each)", "stop")
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stops)
+    ):
+        raise bad_request(
+            f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings "
+            "(256 characters each)",
+            "stop",
+        )
     return tuple(stops)
 
 
@@ -144,11 +176,15 @@ def _generation(body: dict, max_context: int) -> dict:
     temperature = _number(body, "temperature", 0, 2)
     temperature = 1.0 if temperature is None else temperature
     top_k = _number(body, "top_k", -1, 1 << 20, integer=True)
-    gen = dict(max_new_tokens=max_context if max_tokens is None else max_tokens,  # the engine stops at the context
-               do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-               top_p=_number(body, "top_p", 0, 1) or 1.0, top_k=0 if top_k is None or top_k < 0 else top_k,
-               repetition_penalty=_number(body, "repetition_penalty", 0.01, 10) or 1.0,
-               seed=_number(body, "seed", 0, 2**63 - 1, integer=True))
+    gen = dict(
+        max_new_tokens=max_context if max_tokens is None else max_tokens,  # the engine stops at the context
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=_number(body, "top_p", 0, 1) or 1.0,
+        top_k=0 if top_k is None or top_k < 0 else top_k,
+        repetition_penalty=_number(body, "repetition_penalty", 0.01, 10) or 1.0,
+        seed=_number(body, "seed", 0, 2**63 - 1, integer=True),
+    )
     if body.get("top_p") == 0:
         raise bad_request("'top_p' must be in (0, 1]", "top_p")
     return gen
@@ -165,7 +201,9 @@ def parse_chat_request(body, max_context: int) -> ChatCall:
         raise bad_request("'n' must be 1: one choice per request", "n", "unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
-            raise bad_request(f"'{name}' is not supported (use repetition_penalty)", name, "unsupported_parameter")
+            raise bad_request(
+                f"'{name}' is not supported (use repetition_penalty)", name, "unsupported_parameter"
+            )
     if not isinstance(body.get("model"), str):
         raise bad_request("'model' must be a string", "model")
     stream = body.get("stream", False)
@@ -175,29 +213,65 @@ def parse_chat_request(body, max_context: int) -> ChatCall:
     if not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
     system, history, question, images = _conversation(body.get("messages"))
-    return ChatCall(model=body["model"], question=question, history=history, system_message=system,
-                    images=images, generation=_generation(body, max_context), stops=_stops(body.get("stop")),
-                    stream=bool(stream), include_usage=bool(stream and options.get("include_usage")))
+    return ChatCall(
+        model=body["model"],
+        question=question,
+        history=history,
+        system_message=system,
+        images=images,
+        generation=_generation(body, max_context),
+        stops=_stops(body.get("stop")),
+        stream=bool(stream),
+        include_usage=bool(stream and options.get("include_usage")),
+    )
 
 
 def usage_object(stats) -> dict:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.new_tokens,
+        "total_tokens": stats.prompt_tokens + stats.new_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+    }
 
 
-def completion_object(request_id: str, call: ChatCall, model: str, text: str, finish_reason: str, stats) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": call.created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish_reason}],
-            "usage": usage_object(stats)}
+def completion_object(
+    request_id: str, call: ChatCall, model: str, text: str, finish_reason: str, stats
+) -> dict:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": call.created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage_object(stats),
+    }
 
 
-def chunk_object(request_id: str, call: ChatCall, model: str, delta: dict | None, finish_reason: str | None = None,
-                 usage: dict | None = None) -> dict:
-    chunk = {"id": request_id, "object": "chat.completion.chunk", "created": call.created, "model": model,
-             "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
-                                                   "finish_reason": finish_reason}]}
+def chunk_object(
+    request_id: str,
+    call: ChatCall,
+    model: str,
+    delta: dict | None,
+    finish_reason: str | None = None,
+    usage: dict | None = None,
+) -> dict:
+    chunk = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": call.created,
+        "model": model,
+        "choices": []
+        if delta is None
+        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
     if call.include_usage:
         chunk["usage"] = usage
     return chunk

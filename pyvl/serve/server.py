@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
 import uvicorn
 
 from .app import ServeSettings, create_app
@@ -37,7 +38,16 @@ class _Server(uvicorn.Server):
 def serve(model, settings: ServeSettings, host: str, port: int, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(model, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=GRACE_S, lifespan="off")
-    logging.getLogger("pyvl.serve").info("serving %s on http://%s:%d/v1", settings.served_model_name, host, port)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=GRACE_S,
+        lifespan="off",
+    )
+    logging.getLogger("pyvl.serve").info(
+        "serving %s on http://%s:%d/v1", settings.served_model_name, host, port
+    )
     _Server(config, app.state.serve).run()
