@@ -24,7 +24,7 @@ def _resolve(future: asyncio.Future) -> None:
 class TokenChannel:
     def __init__(self):
         self.ids: list[int] = []  # every id delivered, in order; appended only by the engine thread
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # not reentrant: cheaper, and never re-entered
         self._closed = False
         self._error: BaseException | None = None
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None

@@ -3,8 +3,9 @@
 Requests are submitted from any thread (:meth:`Engine.submit`); the engine thread, started on first use, loops:
   1. drop cancelled requests (their blocks are freed at once);
   2. admit waiting requests (pyvl.engine.scheduler: the prefix cache, the pool, preemption);
-  3. prefill one chunk of at most ``max_batched_tokens`` tokens of the oldest request still prefilling, so a
-     long prompt (40 tiles: ~10.5k tokens) never stalls the running decodes for its whole prefill;
+  3. prefill the requests still prefilling, oldest first, at most ``max_batched_tokens`` tokens in all (a chunk of
+     a long prompt, or several short prompts whole), so a long prompt (40 tiles: ~10.5k tokens) never stalls the
+     running decodes for its whole prefill and a burst of short ones starts decoding together;
   4. decode one token for every other running request, in one batch, each with its own sampling settings.
 Errors never escape the engine thread: they are delivered to the request(s) they concern.
 
@@ -234,29 +235,33 @@ class Engine:
     def _step(self) -> None:
         self.scheduler.end_cancelled()
         self.scheduler.admit()
-        prefilling = next((r for r in self.scheduler.running if r.prefilling), None)
-        if prefilling is not None:
-            self._guarded([prefilling], self._prefill_chunk, prefilling)
+        budget = self.config.max_batched_tokens
+        for r in [r for r in self.scheduler.running if r.prefilling]:  # oldest first, within the step's budget
+            if budget <= 0:
+                break
+            budget -= self._guarded([r], self._prefill_chunk, r, budget) or 0
         decoding = [r for r in self.scheduler.running if not r.prefilling]
         if decoding:
             self._guarded(decoding, self._decode, decoding)
 
-    def _guarded(self, requests: list[Request], fn, *args) -> None:
-        """Run a model step; an error fails the requests it concerns (delivered to their callers)."""
+    def _guarded(self, requests: list[Request], fn, *args):
+        """Run a model step (its result, or None); an error fails the requests it concerns (delivered to their
+        callers)."""
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as exc:
             for r in requests:
                 self.scheduler.end(r, exc)
 
     # ---- prefill -----------------------------------------------------------------------------------------
-    def _prefill_chunk(self, r: Request) -> None:
+    def _prefill_chunk(self, r: Request, budget: int) -> int:
+        """Prefill the next at most ``budget`` tokens of r; how many it prefilled."""
         tokens = r.tokens_to_compute
         start = r.num_computed
-        n = min(len(tokens) - start, self.config.max_batched_tokens)
+        n = min(len(tokens) - start, budget)
         slots = self.scheduler.slots(r, n)
         if slots is None:
-            return
+            return 0
         rows = [
             (
                 max(i.start, start) - start,
@@ -282,12 +287,13 @@ class Engine:
             r.logits.append(logits)
             if not r.prefilling:
                 self.scheduler.end(r)
-            return
+            return n
         self.scheduler.register(r)
         if not r.prefilling and not r.output_ids:
             tokens, scores = self.sampler.sample(logits[None], [r.slot])
             r.time_stage("sample_s", prefilled, self.clock.mark())
             self._accept(r, int(tokens[0]), scores[0])
+        return n
 
     def _features_for(self, r: Request, start: int, end: int):
         """(image, feature rows) of every image with tokens in [start, end): cached, else encoded now."""

@@ -85,20 +85,20 @@ class ModelRunner:
         self.device = model.device
         self.max_blocks = max_blocks
         rows = max_num_seqs
-        # Host twins of the static buffers, written in place each step and sent with one copy per buffer
-        # (pinned on CUDA, so the copies do not wait; the step's read of its new tokens orders them).
+        # The static buffers have host twins, written in place each step: on CUDA pinned, and sent with one copy
+        # per buffer (asynchronous; the step's read of its new tokens orders them); on the CPU the twins are the
+        # buffers themselves.
         pin = self.device.type == "cuda"
-        self._host_ids = torch.zeros(3, rows, dtype=torch.long, pin_memory=pin)  # token, position, slot
-        self._host_ids[2] = -1
-        self._host_lens = torch.zeros(rows, dtype=torch.int32, pin_memory=pin)
-        self._host_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, pin_memory=pin)
-        self._table_rows: list[list[int] | None] = [
-            None
-        ] * rows  # the block table each row of the host twin holds
-        self.ids = self._host_ids.to(self.device)
+        host_ids = torch.zeros(3, rows, dtype=torch.long, pin_memory=pin)  # token, position, slot
+        host_ids[2] = -1
+        host_lens = torch.zeros(rows, dtype=torch.int32, pin_memory=pin)
+        host_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, pin_memory=pin)
+        self._host = (host_ids, host_lens, host_tables)
+        self._ids_np, self._lens_np, self._tables_np = (t.numpy() for t in self._host)
+        self._table_rows: list[list[int] | None] = [None] * rows  # the block table each host row holds
+        self._padded_from = 0  # rows from here on are padding in the host twins
+        self.ids, self.context_lens, self.block_tables = (t.to(self.device) for t in self._host)
         self.tokens, self.positions, self.slots = self.ids  # views
-        self.block_tables = torch.zeros(rows, max_blocks, dtype=torch.int32, device=self.device)
-        self.context_lens = torch.zeros(rows, dtype=torch.int32, device=self.device)
         self.buckets = _buckets(max_num_seqs)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graphs = GraphReport(eager_reason=self._why_eager(cuda_graphs))
@@ -171,7 +171,7 @@ class ModelRunner:
         """The static buffers from the rows; rows past them become padding (slot -1, length 0). The per-row
         work is a few stores into the host twins: a row's block table is rewritten only when it changed."""
         b = len(rows)
-        ids, lens, tables = self._host_ids.numpy(), self._host_lens.numpy(), self._host_tables.numpy()
+        ids, lens, tables = self._ids_np, self._lens_np, self._tables_np
         tables_changed = False
         for i, r in enumerate(rows):
             ids[0, i], ids[1, i], ids[2, i], lens[i] = r.token, r.position, r.slot, r.position + 1
@@ -179,11 +179,15 @@ class ModelRunner:
                 tables[i, : len(r.block_table)] = r.block_table
                 self._table_rows[i] = list(r.block_table)
                 tables_changed = True
-        ids[2, b:], lens[b:] = -1, 0
-        self.ids.copy_(self._host_ids, non_blocking=True)
-        self.context_lens.copy_(self._host_lens, non_blocking=True)
-        if tables_changed:
-            self.block_tables.copy_(self._host_tables, non_blocking=True)
+        if b < self._padded_from:  # rows that ran last step and do not now
+            ids[2, b : self._padded_from], lens[b : self._padded_from] = -1, 0
+        self._padded_from = b
+        if self.ids is not self._host[0]:  # on the CPU the buffers are the twins
+            host_ids, host_lens, host_tables = self._host
+            self.ids.copy_(host_ids, non_blocking=True)
+            self.context_lens.copy_(host_lens, non_blocking=True)
+            if tables_changed:
+                self.block_tables.copy_(host_tables, non_blocking=True)
 
     def _step(self, b: int, rope_lengths: list[int] | None) -> torch.Tensor:
         """The capture-ready step over the first b rows of the static buffers."""
