@@ -9,7 +9,7 @@
   host_bN          host work of a decode step per row (µs), at batch N = 1, 8, 16, against the 50 µs goal
   turn2            time to first token of turn 2 of a chat about that image, with prefix reuse vs an engine with
                    prefix_caching=False (which prefills the whole history again)
-  streams_N        total decode tokens/s of N concurrent chat() calls (N = 8, 16) vs one call alone
+  streams_N        total decode tokens/s of N concurrent chat() calls (N = 8, 16) vs the same calls one at a time
   decode_long      decode ms/token with the whole context filled (max_position_embeddings) vs a short prompt
 Every ratio is "how many times better the engine side is": baseline / engine for times, engine / baseline for
 rates (decode_long's is below 1: a full context decodes slower).
@@ -103,20 +103,26 @@ def _turn2_ms(chat, repeat: int, photo: tuple[int, int]) -> float:
     return statistics.median(times)
 
 
-def _concurrent_tok_s(chat, n: int, new_tokens: int) -> float:
+def _story_questions(n: int) -> list[str]:
+    return [f"Story number {i}: once upon a time" for i in range(n)]
+
+
+def _tokens_per_s(chat, questions: list[str], new_tokens: int, together: bool) -> float:
+    """Total decode tokens/s of ``questions`` (``new_tokens`` each): all at once, from a thread each, or one
+    after another."""
     gen = dict(max_new_tokens=new_tokens, eos_token_id=[chat.config.llm.vocab_size])  # no such id: all tokens
-    stats = [ChatStats() for _ in range(n)]
-    threads = [
-        threading.Thread(
-            target=chat.chat, args=(None, f"Story number {i}: once upon a time", gen), kwargs={"stats": s}
-        )
-        for i, s in enumerate(stats)
-    ]
+    stats = [ChatStats() for _ in questions]
+    calls = [lambda q=q, s=s: chat.chat(None, q, gen, stats=s) for q, s in zip(questions, stats)]
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if together:
+        threads = [threading.Thread(target=call) for call in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for call in calls:
+            call()
     return sum(s.new_tokens for s in stats) / (time.perf_counter() - t0)
 
 
@@ -234,19 +240,20 @@ def _main_engine_figures(
             )
 
     def streams():
-        _concurrent_tok_s(chat, 1, 2)  # warm-up
+        _tokens_per_s(chat, _story_questions(2), 2, together=True)  # warm-up
         timing = chat.engine.timing
         timing.reset()
-        alone = statistics.median(_concurrent_tok_s(chat, 1, new_tokens) for _ in range(3))
+        serial = _tokens_per_s(chat, _story_questions(max(STREAMS)), new_tokens, together=False)
         host = {1: timing.host_us_per_row}
         for n in STREAMS:
             timing.reset()
+            together = _tokens_per_s(chat, _story_questions(n), new_tokens, together=True)
             rows.put(
                 f"streams_{n}",
                 f"decode tokens/s, {n} concurrent chats",
-                "one chat alone",
-                alone,
-                _concurrent_tok_s(chat, n, new_tokens),
+                "the same chats one at a time",
+                serial,
+                together,
                 higher_is_better=True,
             )
             host[n] = timing.host_us_per_row
@@ -307,7 +314,7 @@ def run(
     dtype: str | None = None,
     repeat: int = 3,
     photo: tuple[int, int] = PHOTO,
-    new_tokens: int = 32,
+    new_tokens: int = 64,
     kv_cache_gb: float = 8.0,
     long_context: int | None = None,
     report: Report | None = None,
