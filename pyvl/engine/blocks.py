@@ -29,6 +29,7 @@ from other threads reach it through the scheduler's queue, never directly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections import Counter, OrderedDict, deque
@@ -81,9 +82,15 @@ def content_keys(
                 f"image span (start={start}, length={length}) is empty, overlaps the previous span "
                 f"(which ends at {covered}) or runs past the {len(keys)} tokens"
             )
-        keys[start : start + length] = [ImageKey(digest, i) for i in range(length)]
+        keys[start : start + length] = _image_keys(digest, length)
         covered = start + length
     return tuple(keys)
+
+
+@functools.lru_cache(maxsize=256)
+def _image_keys(digest: bytes, length: int) -> tuple[ImageKey, ...]:
+    """The keys of an image's tokens, made once for the images asked about again and again."""
+    return tuple(ImageKey(digest, i) for i in range(length))
 
 
 def root_hash(salt: bytes | str, block_size: int) -> bytes:
@@ -99,7 +106,13 @@ _IMAGE_KEY = struct.Struct("<cII")  # tag, digest length, index: the length keep
 
 
 def hash_block(parent: bytes, keys: Sequence[ContentKey]) -> bytes:
-    """blake2b-128 of the parent hash and the block's content keys."""
+    """blake2b-128 of the parent hash and the block's content keys (remembered for recent blocks: a follow-up
+    question re-hashes its whole cached prefix to find it)."""
+    return _hash_block(parent, tuple(keys))
+
+
+@functools.lru_cache(maxsize=8192)
+def _hash_block(parent: bytes, keys: tuple[ContentKey, ...]) -> bytes:
     parts = [parent]
     for key in keys:
         if isinstance(key, ImageKey):
