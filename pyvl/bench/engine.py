@@ -232,7 +232,8 @@ def _main_engine_figures(
         for r in followup_rows(chat, repeat, large=photo):
             rows.put(
                 f"followup: {r['kind']}",
-                f"follow-up TTFT on a cached image: {r['tiles']} tiles vs 1 (ms), given as {r['kind']}",
+                f"follow-up TTFT on a cached image: {r['tiles']} tiles vs 1 (ms), given as {r['kind']}"
+                + (f" (np.asarray of it: {r['asarray_ms']:.1f} ms)" if "asarray_ms" in r else ""),
                 "a 1-tile image",
                 r["small_ms"],
                 r["large_ms"],

@@ -22,6 +22,7 @@ from PIL import Image
 from ..engine.request import ChatStats
 from ..image import load_image
 from .preprocess import synthetic_photo
+from .timing import median_seconds
 
 __all__ = ["SMALL", "KINDS", "followup_rows"]
 
@@ -67,7 +68,8 @@ def _followup_ms(chat, image, repeat: int, round_: int) -> float:
 
 
 def followup_rows(chat, repeat: int, large: tuple[int, int], kinds=KINDS, small=SMALL) -> list[dict]:
-    """One row per input kind: {"kind", "tiles", "small_ms", "large_ms", "extra_ms"}."""
+    """One row per input kind: {"kind", "tiles", "small_ms", "large_ms", "extra_ms"}, and for the PIL image
+    "asarray_ms", what reading its pixels once with np.asarray costs."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         forms = {
@@ -78,15 +80,17 @@ def followup_rows(chat, repeat: int, large: tuple[int, int], kinds=KINDS, small=
         for k, kind in enumerate(kinds):
             small_ms = _followup_ms(chat, forms[small][kind], repeat, 2 * k)
             large_ms = _followup_ms(chat, forms[large][kind], repeat, 2 * k + 1)
-            rows.append(
-                {
-                    "kind": kind,
-                    "tiles": tiles,
-                    "small_ms": small_ms,
-                    "large_ms": large_ms,
-                    "extra_ms": large_ms - small_ms,
-                }
-            )
+            row = {
+                "kind": kind,
+                "tiles": tiles,
+                "small_ms": small_ms,
+                "large_ms": large_ms,
+                "extra_ms": large_ms - small_ms,
+            }
+            if kind == "PIL.Image":  # the yardstick of a decoded image: reading its pixels once
+                image = forms[large][kind]
+                row["asarray_ms"] = median_seconds(lambda: np.asarray(image), repeat=repeat) * 1e3
+            rows.append(row)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return rows
