@@ -30,6 +30,9 @@ PYVL_CUDA=ON PYVL_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   "$work/venv/bin/python" -m pip wheel -q --no-deps --no-build-isolation \
   --config-settings=build-dir="$work/build" -w .whl .
 wheel=$(ls .whl/pyvl-*-cp312-*.whl)
+# pyvl's dependencies the GPU image does not have, as cp312 wheels (device_check.sh unpacks them into its tree)
+"$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl blake3
 
 # What the compiled extension needs of the target's C and C++ runtimes (the highest symbol versions it uses).
 mkdir "$work/unpacked"

@@ -339,6 +339,8 @@ run_step env 25 TERM bash -c env_report
 export dry python_h
 export -f tree_tool tree_check use_extension source_build build_pyvl
 timeout 20 "$py" "$repo/benchmarks/device_tree.py" assemble "$repo" "$tree" 2>&1 | tee -a "$log"
+# pyvl's dependencies the GPU image lacks (blake3) travel as wheels in .whl/ (build_gpu_wheel.sh fetches them)
+timeout 20 "$py" -S "$repo/benchmarks/device_tree.py" dependencies "$tree" "$repo/.whl" 2>&1 | tee -a "$log"
 export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
 run_step build 85 TERM bash -c build_pyvl
 build_in_use=$(sed -n 's/^SUMMARY: //p' "$work/build.out" 2>/dev/null | tail -n 1)

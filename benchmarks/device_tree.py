@@ -5,6 +5,8 @@ was made. Every later step imports pyvl from this tree (PYTHONPATH), so the code
     python device_tree.py assemble REPO TREE      TREE/pyvl = REPO/pyvl + REPO/kernels as pyvl/kernels, no _C
     python device_tree.py extension TREE SOURCE   TREE/pyvl/_C*.so from SOURCE: a built .so, or a wheel whose
                                                  _C*.so is taken alone (its Python files may be stale)
+    python device_tree.py dependencies TREE DIR   every other wheel in DIR (pyvl's dependencies that the GPU
+                                                 image lacks, e.g. blake3) unpacked into TREE, unless importable
     python device_tree.py check TREE [--want cuda|cpu|none] [--allow-shadowed]
 
 assemble and extension use the standard library alone (no torch, no installed pyvl). check imports
@@ -54,6 +56,22 @@ def add_extension(tree: Path, source: Path) -> Path:
     return target
 
 
+def add_dependencies(tree: Path, wheels: Path) -> list[str]:
+    """Unpack into TREE each wheel of WHEELS that is not pyvl's and whose top-level package cannot be imported
+    (a wheel is a zip of what pip would install in site-packages); the names unpacked."""
+    import importlib.util
+
+    added = []
+    for wheel in sorted(wheels.glob("*.whl")):
+        name = wheel.name.split("-")[0]
+        if name == "pyvl" or importlib.util.find_spec(name) is not None:
+            continue
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(tree)
+        added.append(wheel.name)
+    return added
+
+
 def check(tree: Path, want: str, allow_shadowed: bool) -> None:
     """What the steps will import: pyvl and pyvl.kernels from the tree, and its _C as wanted."""
     import importlib.util
@@ -89,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("extension")
     p.add_argument("tree", type=Path)
     p.add_argument("source", type=Path)
+    p = sub.add_parser("dependencies")
+    p.add_argument("tree", type=Path)
+    p.add_argument("wheels", type=Path)
     p = sub.add_parser("check")
     p.add_argument("tree", type=Path)
     p.add_argument("--want", choices=("cuda", "cpu", "none"), default="none")
@@ -96,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "assemble":
         print(f"assembled {assemble(args.repo, args.tree)}")
+    elif args.command == "dependencies":
+        print(
+            f"dependencies unpacked: {', '.join(add_dependencies(args.tree, args.wheels)) or 'none needed'}"
+        )
     elif args.command == "extension":
         print(f"extension {add_extension(args.tree, args.source)} from {args.source.name}")
     else:

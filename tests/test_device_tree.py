@@ -95,3 +95,22 @@ def test_check_refuses_a_pyvl_imported_from_elsewhere(tmp_path):
     assert allowed.returncode == 0 and allowed.stdout.splitlines()[-1].startswith(
         "ALERT: pyvl is imported from"
     )
+
+
+def test_missing_dependencies_travel_as_wheels_and_are_unpacked_into_the_tree(tmp_path):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "pyvldeptest-1.0-cp312-cp312-manylinux_2_17_x86_64.whl", "w") as z:
+        z.writestr("pyvldeptest/__init__.py", "VALUE = 42\n")
+        z.writestr("pyvldeptest-1.0.dist-info/METADATA", "Name: pyvldeptest\n")
+    with zipfile.ZipFile(wheels / "json-1.0-py3-none-any.whl", "w") as z:  # importable already: left alone
+        z.writestr("json/__init__.py", "raise ImportError('shadowing the standard library')\n")
+    (wheels / "pyvl-0.1.0-cp312-cp312-linux_x86_64.whl").write_bytes(b"")  # pyvl's own: the build step's
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    got = tool("dependencies", str(tree), str(wheels))
+    assert got.returncode == 0, got.stderr
+    assert "pyvldeptest-1.0" in got.stdout and "json-1.0" not in got.stdout
+    assert (tree / "pyvldeptest" / "__init__.py").is_file() and not (tree / "json").exists()
+    imported = tree_python(tree, "-c", "import pyvldeptest; print(pyvldeptest.VALUE)")
+    assert imported.stdout.strip() == "42", imported.stderr
