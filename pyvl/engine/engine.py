@@ -236,7 +236,8 @@ class Engine:
         self.scheduler.end_cancelled()
         self.scheduler.admit()
         budget = self.config.max_batched_tokens
-        for r in [r for r in self.scheduler.running if r.prefilling]:  # oldest first, within the step's budget
+        # the prompts still prefilling, oldest first, within the step's budget
+        for r in [r for r in self.scheduler.running if r.prefilling]:
             if budget <= 0:
                 break
             budget -= self._guarded([r], self._prefill_chunk, r, budget) or 0
