@@ -13,16 +13,9 @@ from .image import load_image
 
 __version__ = "0.1.0"
 
+# fmt: off
 __all__ = [
-    "load",
-    "load_image",
-    "InternVLChat",
-    "ChatStats",
-    "GenerationConfig",
-    "PyvlError",
-    "ConfigError",
-    "CheckpointError",
-    "ImageError",
-    "PromptError",
-    "__version__",
+    "load", "load_image", "InternVLChat", "ChatStats", "GenerationConfig",
+    "PyvlError", "ConfigError", "CheckpointError", "ImageError", "PromptError", "__version__",
 ]
+# fmt: on
