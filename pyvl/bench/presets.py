@@ -32,6 +32,7 @@ from ..demo import ASSETS, demo_config_dict
 from ..engine.engine import Engine, EngineConfig
 from ..models.vlm import InternVLChatModel
 from ..ops import resolve_ops
+from ..parallel.launch import Cluster
 from ..tokenizer import Tokenizer
 
 __all__ = [
@@ -188,16 +189,21 @@ def fill_random(model: InternVLChatModel, device: torch.device, seed: int = 0) -
     return model
 
 
-def chat_on(model: InternVLChatModel, max_context: int | None = None, **engine_options) -> InternVLChat:
+def chat_on(
+    model: InternVLChatModel, max_context: int | None = None, cluster: Cluster | None = None, **engine_options
+) -> InternVLChat:
     """A chat object (the demo tokenizer, ids < 1009 plus its special tokens) with a new engine on ``model``;
     ``engine_options`` are :meth:`EngineConfig.for_model`'s (kv_cache_gb, max_num_seqs, cuda_graphs, ...).
-    Default context: the model's max_position_embeddings."""
+    Default context: the model's max_position_embeddings. ``cluster``: the tensor-parallel group ``model`` is
+    rank 0's shard of (pyvl.parallel.launch), which the engine then drives and closes."""
     tokenizer = Tokenizer.from_folder(ASSETS)
     context = max_context or model.cfg.llm.max_position_embeddings
+    kv_heads = None if cluster is None else cluster.kv_heads_max
     engine = Engine(
         model,
-        EngineConfig.for_model(model, context, **engine_options),
+        EngineConfig.for_model(model, context, **engine_options, kv_heads=kv_heads),
         salt="pyvl bench",
         bos_id=tokenizer.bos_id,
+        cluster=cluster,
     )
     return InternVLChat(model, tokenizer, model.cfg, ASSETS, context, (tokenizer.im_end_id,), engine)

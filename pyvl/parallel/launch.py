@@ -145,6 +145,10 @@ class Cluster:
                 raise WorkerError(self._failure) from exc
 
     def _describe_failure(self, name: str, exc: Exception) -> str:
+        # a dying process closes its sockets a moment before it can be reaped: give the culprit that moment
+        deadline = time.monotonic() + 1.0
+        while self.procs and all(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+            time.sleep(0.01)
         dead = [
             f"rank {r} (pid {p.pid}) {_exit_note(p)}"
             for r, p in enumerate(self.procs, 1)
@@ -184,9 +188,14 @@ def _spawn(spec: ShardSpec, rank: int, world: int, port: int) -> subprocess.Pope
         "port": port,
         "startup_timeout_s": STARTUP_TIMEOUT_S,
     }
+    env = dict(os.environ)
+    if spec.device_type == "cpu":  # CPU ranks share the cores: an idle OpenMP thread must sleep, not spin
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # stdin: a pipe only this process holds the other end of; the worker exits when it closes (see worker.py)
     return subprocess.Popen(
-        [sys.executable, "-c", BOOT, json.dumps(sys.path), json.dumps(message)], stdin=subprocess.PIPE
+        [sys.executable, "-c", BOOT, json.dumps(sys.path), json.dumps(message)],
+        stdin=subprocess.PIPE,
+        env=env,
     )
 
 
