@@ -12,6 +12,7 @@ import logging
 import uvicorn
 
 from .app import ServeSettings, create_app
+from .malloc import pin_allocator_thresholds
 
 __all__ = ["serve"]
 
@@ -37,6 +38,10 @@ class _Server(uvicorn.Server):
 
 def serve(model, settings: ServeSettings, host: str, port: int, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not pin_allocator_thresholds():
+        logging.getLogger("pyvl.serve").warning(
+            "not glibc: big requests may leave freed memory with the process"
+        )
     app = create_app(model, settings)
     config = uvicorn.Config(
         app,
