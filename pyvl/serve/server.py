@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import ServeSettings, create_app
 from .malloc import pin_allocator_thresholds
@@ -17,6 +19,14 @@ from .malloc import pin_allocator_thresholds
 __all__ = ["serve"]
 
 GRACE_S = 3.0
+
+
+class _HalfCloseH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, except that a client that half-closes its connection after a complete
+    request still gets the answer (asyncio closes the transport at EOF unless ``eof_received`` returns True)."""
+
+    def eof_received(self) -> bool | None:
+        return True if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE) else None
 
 
 class _Server(uvicorn.Server):
@@ -51,6 +61,7 @@ def serve(model, settings: ServeSettings, host: str, port: int, log_level: str =
         access_log=False,
         timeout_graceful_shutdown=GRACE_S,
         lifespan="off",
+        http=_HalfCloseH11,
     )
     logging.getLogger("pyvl.serve").info(
         "serving %s on http://%s:%d/v1", settings.served_model_name, host, port
