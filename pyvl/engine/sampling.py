@@ -250,7 +250,7 @@ class Sampler:
         if self._additive:
             self.counts[rows, tokens] += 1.0  # rows are distinct slots: no index repeats
         step = SampledStep(tokens, scores)
-        asking = [i for i, slot in enumerate(row_slots) if slot in self._logprobs]
+        asking = [i for i, slot in enumerate(row_slots) if slot in self._logprobs] if self._logprobs else []
         if asking:
             step.logprob_rows = asking
             step.top_k = [self._logprobs[row_slots[i]] for i in asking]

@@ -18,6 +18,7 @@ Used from the engine thread alone (pyvl.engine.engine), which owns it.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 
@@ -119,19 +120,28 @@ class Scheduler:
     def slots(self, r: Request, n: int) -> list[int] | None:
         """Slots for r's next n tokens, preempting younger requests when the pool is full; None if r itself
         was preempted or failed (it alone does not fit)."""
+
+        def fail(exc: PoolExhausted) -> None:
+            self.end(
+                r,
+                PromptError(
+                    f"request of {len(r.tokens_to_compute) + 1} tokens does not fit the KV pool ({exc}); load "
+                    "with a larger kv_cache_gb"
+                ),
+            )
+
+        return self._with_room(r, lambda: r.seq.append_slots(n), fail)
+
+    def _with_room(self, r: Request, allocate, fail):
+        """allocate() for r, preempting the youngest other running request while the pool is exhausted; None,
+        after fail(exc), when no other request is left to preempt."""
         while True:
             try:
-                return r.seq.append_slots(n)
+                return allocate()
             except PoolExhausted as exc:
                 victim = next((v for v in reversed(self.running) if v is not r), None)
                 if victim is None:
-                    self.end(
-                        r,
-                        PromptError(
-                            f"request of {len(r.tokens_to_compute) + 1} tokens does not fit the "
-                            f"KV pool ({exc}); load with a larger kv_cache_gb"
-                        ),
-                    )
+                    fail(exc)
                     return None
                 self.preempt(victim)
 
@@ -144,7 +154,7 @@ class Scheduler:
             if f.cancelled.is_set():
                 f.finish()
                 continue
-            forked = self._fork_blocks(r, f)
+            forked = self._with_room(r, r.seq.fork, functools.partial(_choice_does_not_fit, f))
             if forked is None:
                 continue
             seq, src, dst = forked
@@ -157,21 +167,6 @@ class Scheduler:
             self.running.append(f)
             started.append(f)
         return started
-
-    def _fork_blocks(self, r: Request, f: Request):
-        while True:
-            try:
-                return r.seq.fork()
-            except PoolExhausted as exc:
-                victim = next((v for v in reversed(self.running) if v is not r), None)
-                if victim is None:
-                    f.finish(
-                        PromptError(
-                            f"choice {f.choice} does not fit the KV pool ({exc}); load with a larger kv_cache_gb"
-                        )
-                    )
-                    return None
-                self.preempt(victim)
 
     def preempt(self, r: Request) -> None:
         self.register(r)
@@ -218,3 +213,9 @@ class Scheduler:
                 f.cancel()
             f.finish(error)
         r.followers = []
+
+
+def _choice_does_not_fit(f: Request, exc: PoolExhausted) -> None:
+    f.finish(
+        PromptError(f"choice {f.choice} does not fit the KV pool ({exc}); load with a larger kv_cache_gb")
+    )
