@@ -34,6 +34,57 @@ def _add_image_cache_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-cache-dir-gb", type=float, default=10.0, help="size bound of --image-cache-dir")
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine's knobs, named as vLLM's (pyvl.load's arguments)."""
+    g = p.add_argument_group("engine (vLLM's flag names; pyvl.load's arguments)")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="longest prompt + answer (default: the model's, see README); pyvl.load(max_context=)",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default 16)")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="prompt tokens prefilled per engine step (default 2048); pyvl.load(max_batched_tokens=)",
+    )
+    g.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="the paged KV pool (default: max-num-seqs full contexts, at most half the free GPU memory)",
+    )
+    g.add_argument(
+        "--image-cache-gb", type=float, default=1.0, help="image-feature cache in memory (default 1)"
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of cached prompt prefixes (default on; --no-enable-prefix-caching prefills every "
+        "prompt whole)",
+    )
+    # --tensor-parallel-size: added here by the tensor-parallel branch (pyvl/parallel).
+
+
+# pyvl.load's argument -> the flag's dest
+_ENGINE_FLAGS = {
+    "max_context": "max_model_len",
+    "max_num_seqs": "max_num_seqs",
+    "max_batched_tokens": "max_num_batched_tokens",
+    "kv_cache_gb": "kv_cache_gb",
+    "image_cache_gb": "image_cache_gb",
+    "prefix_caching": "enable_prefix_caching",
+}
+
+
+def _engine_options(args) -> dict:
+    return {argument: getattr(args, dest) for argument, dest in _ENGINE_FLAGS.items()}
+
+
 def _generation_config(args) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens,
@@ -63,6 +114,7 @@ def _load_model(args):
         backend=args.backend,
         image_cache_dir=args.image_cache_dir,
         image_cache_dir_gb=args.image_cache_dir_gb,
+        **_engine_options(args),
     )
 
 
@@ -357,7 +409,11 @@ def cmd_bench(args) -> int:
 
         serial_row = lambda r: {"clients": "1 at a time"} | r["serial"] | {"tok/s vs serial": 1.0}  # noqa: E731
         result = serve.run(args.model, requests=args.repeat or 16)
-        return _print_result(args, result, lambda r: format_table([serial_row(r)] + r["rows"]))
+        return _print_result(
+            args,
+            result,
+            lambda r: format_table([serial_row(r)] + r["rows"]) + "\n\n" + format_table(r["constrained"]),
+        )
     raise AssertionError(args.what)  # argparse restricts the choices
 
 
@@ -379,10 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     chat.add_argument("--stats", action="store_true", help="print time to first token and tokens/s")
     _add_image_cache_flags(chat)
+    _add_engine_flags(chat)
     _add_generation_flags(chat)
     chat.set_defaults(func=cmd_chat)
     srv = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions); needs pyvl[serve]"
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics); needs pyvl[serve]",
     )
     srv.add_argument("--model", default=None, help="model folder (default: the built-in random demo model)")
     srv.add_argument(
@@ -416,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_image_cache_flags(srv)
+    _add_engine_flags(srv)
     srv.set_defaults(func=cmd_serve)
     info = sub.add_parser("info", help="config summary, parameter counts, memory per dtype")
     info.add_argument("path", help="model folder")
