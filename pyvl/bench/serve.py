@@ -2,7 +2,10 @@
 
 For each concurrency N (1, 4, 16) the same bounded set of greedy requests is sent by N client threads at once,
 and once more one at a time; per request: time to first content chunk, gaps between content chunks
-(inter-token latency; one chunk is about one token), completion tokens from the usage chunk.
+(inter-token latency; one chunk is about one token), completion tokens from the usage chunk. Then the cost of
+structured output: the same requests from 8 clients held to a JSON schema (``response_format``; a long string
+field, so that each answer runs its whole token budget as the free ones do), next to 8 free clients measured
+right before, as the ratio of output tokens/s.
 """
 
 from __future__ import annotations
@@ -26,7 +29,19 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0.0
 
 
-def _one(url: str, question: str, max_tokens: int) -> dict:
+CONSTRAINED_CLIENTS = 8
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "story": {"type": "string", "maxLength": 2000},
+    },
+    "required": ["title", "story"],
+    "additionalProperties": False,
+}
+
+
+def _one(url: str, question: str, max_tokens: int, extra: dict | None = None) -> dict:
     body = {
         "model": "bench",
         "messages": [{"role": "user", "content": question}],
@@ -34,7 +49,7 @@ def _one(url: str, question: str, max_tokens: int) -> dict:
         "temperature": 0,
         "max_tokens": max_tokens,
         "stream_options": {"include_usage": True},
-    }
+    } | (extra or {})
     start = time.perf_counter()
     arrivals, tokens = [], 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
@@ -53,10 +68,12 @@ def _one(url: str, question: str, max_tokens: int) -> dict:
     }
 
 
-def _measure(url: str, questions: list[str], clients: int, max_tokens: int) -> dict:
+def _measure(
+    url: str, questions: list[str], clients: int, max_tokens: int, extra: dict | None = None
+) -> dict:
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda q: _one(url, q, max_tokens), questions))
+        results = list(pool.map(lambda q: _one(url, q, max_tokens, extra), questions))
     wall = time.perf_counter() - start
     gaps = [g for r in results for g in r["gaps"]]
     ttfts = [r["ttft"] for r in results]
@@ -108,11 +125,25 @@ def run(
             row = {"clients": n} | _measure(url, questions, n, max_tokens)
             row["tok/s vs serial"] = round(row["output tok/s"] / serial["output tok/s"], 2)
             rows.append(row)
+        constrained = _constrained_rows(url, questions, max_tokens)
         return {
             "setup": {"requests": requests, "max_tokens": max_tokens, "model": str(model or "demo")},
             "serial": serial,
             "rows": rows,
+            "constrained": constrained,
         }
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _constrained_rows(url: str, questions: list[str], max_tokens: int) -> list[dict]:
+    """8 free clients, then 8 held to a JSON schema; the constrained row's tokens/s as a ratio of the free one's."""
+    n = CONSTRAINED_CLIENTS
+    schema = {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}
+    free = {"clients": f"{n} free"} | _measure(url, questions, n, max_tokens)
+    held = {"clients": f"{n} json_schema"} | _measure(
+        url, questions, n, max_tokens, {"response_format": schema}
+    )
+    held["tok/s vs free"] = round(held["output tok/s"] / free["output tok/s"], 2)
+    return [free, held]
