@@ -4,8 +4,8 @@ For each concurrency N (1, 4, 16) the same bounded set of greedy requests is sen
 and once more one at a time; per request: time to first content chunk, gaps between content chunks
 (inter-token latency; one chunk is about one token), completion tokens from the usage chunk. Then the cost of
 structured output: the same requests from 8 clients held to a JSON schema (``response_format``; a long string
-field, so that each answer runs its whole token budget as the free ones do), next to 8 free clients measured
-right before, as the ratio of output tokens/s.
+field, so that each answer runs its whole token budget as the free ones do), interleaved with 8 free clients over
+5 rounds, as the median ratio of output tokens/s.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -137,13 +138,27 @@ def run(
         server.wait(30)
 
 
-def _constrained_rows(url: str, questions: list[str], max_tokens: int) -> list[dict]:
-    """8 free clients, then 8 held to a JSON schema; the constrained row's tokens/s as a ratio of the free one's."""
+def _constrained_rows(url: str, questions: list[str], max_tokens: int, rounds: int = 5) -> list[dict]:
+    """8 free clients and 8 held to a JSON schema, interleaved over ``rounds`` (which goes first alternates, so a
+    drift of the machine's load hits both alike); each field the median over the rounds, and the constrained
+    tokens/s as the median of the rounds' paired ratios to the free ones."""
     n = CONSTRAINED_CLIENTS
-    schema = {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}
-    free = {"clients": f"{n} free"} | _measure(url, questions, n, max_tokens)
-    held = {"clients": f"{n} json_schema"} | _measure(
-        url, questions, n, max_tokens, {"response_format": schema}
-    )
-    held["tok/s vs free"] = round(held["output tok/s"] / free["output tok/s"], 2)
-    return [free, held]
+    schema = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}
+    }
+    free, held = [], []
+    for k in range(rounds):
+        order = [(free, None), (held, schema)]
+        for runs, extra in order if k % 2 == 0 else order[::-1]:
+            runs.append(_measure(url, questions, n, max_tokens, extra))
+    ratios = [h["output tok/s"] / f["output tok/s"] for f, h in zip(free, held)]
+    return [
+        {"clients": f"{n} free"} | _medians(free) | {"tok/s vs free": 1.0},
+        {"clients": f"{n} json_schema"}
+        | _medians(held)
+        | {"tok/s vs free": round(statistics.median(ratios), 2)},
+    ]
+
+
+def _medians(runs: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
