@@ -353,7 +353,7 @@ def test_completions_equal_greedy_continuation_of_the_raw_tokens(client, model):
     assert echoed.choices[0].text == text + expected
 
 
-def test_completions_logprobs_batches_and_default_length(client, model):
+def test_completions_logprobs_batches_json_schema_and_default_length(client, model):
     text = "Once upon a time"
     ids = model.tokenizer.encode(text)
     reply = client.completions.create(model=NAME, prompt=text, max_tokens=6, temperature=0, logprobs=3)
@@ -369,6 +369,16 @@ def test_completions_logprobs_batches_and_default_length(client, model):
     by_index = {c.index: c.text for c in batch.choices}
     assert by_index[0] == by_index[1] and by_index[2] == by_index[3]
     assert batch.usage.completion_tokens == 16
+    held = client.completions.create(
+        model=NAME,
+        prompt=text,
+        max_tokens=200,  # the schema bounds it: a name of at most 10 characters of up to 4 bytes, ...
+        extra_body={
+            "response_format": {"type": "json_schema", "json_schema": {"schema": PERSON}},
+            "min_p": 0,
+        },
+    )
+    _check_person(json.loads(held.choices[0].text))
     default = client.completions.create(model=NAME, prompt=text, temperature=0)
     assert default.usage.completion_tokens <= 16 and default.choices[0].finish_reason in ("length", "stop")
 
@@ -414,9 +424,8 @@ def _metrics(server) -> dict[str, float]:
 
 def test_metrics_show_the_histograms_and_counters_after_traffic(server, client):
     before = _metrics(server)
-    for question in ("one", "two"):
-        reply = _chat(client, question, temperature=0, max_tokens=5)
-    after = _metrics(server)
+    replies = [_chat(client, question, temperature=0, max_tokens=5) for question in ("one", "one")]
+    reply, after = replies[-1], _metrics(server)
 
     def grew(name: str) -> float:
         return after[name] - before.get(name, 0.0)
@@ -424,11 +433,21 @@ def test_metrics_show_the_histograms_and_counters_after_traffic(server, client):
     assert grew("pyvl:time_to_first_token_seconds_count") == 2
     assert grew("pyvl:e2e_request_latency_seconds_count") == 2
     assert grew("pyvl:inter_token_latency_seconds_count") == 2 * (reply.usage.completion_tokens - 1)
+    assert grew("pyvl:request_time_per_output_token_seconds_count") == 2
     assert grew("pyvl:generation_tokens_total") == 2 * reply.usage.completion_tokens
     assert grew("pyvl:prompt_tokens_total") >= 2 * reply.usage.prompt_tokens - 4
     assert grew('pyvl:request_success_total{finished_reason="length"}') == 2
     assert after["pyvl:num_requests_running"] == 0 and after["pyvl:num_requests_waiting"] == 0
     assert 0 <= after["pyvl:kv_cache_usage_perc"] <= 1 and "pyvl:image_cache_usage_perc" in after
+    cached = sum(r.usage.prompt_tokens_details.cached_tokens for r in replies)
+    assert (
+        cached > 0 and grew("pyvl:prompt_tokens_cached_total") == cached
+    )  # the second is a prefix-cache hit
+    assert "pyvl:image_cache_queries_total" in after
+    assert (
+        after['pyvl:time_to_first_token_seconds_bucket{le="+Inf"}']
+        == after["pyvl:time_to_first_token_seconds_count"]
+    )
 
 
 # ---- validation ----------------------------------------------------------------------------------------------
@@ -479,6 +498,21 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
         ),
         ("/v1/chat/completions", CHAT | {"tool_choice": "required"}, "tool_choice"),
         ("/v1/chat/completions", CHAT | {"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools"),
+        ("/v1/chat/completions", CHAT | {"min_p": 0.5}, "min_p"),
+        ("/v1/chat/completions", CHAT | {"ignore_eos": True}, "ignore_eos"),
+        (
+            "/v1/chat/completions",
+            CHAT
+            | {"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}},
+            "response_format.json_schema.strict",
+        ),
+        ("/v1/completions", {"model": NAME, "prompt": "x", "min_tokens": 3}, "min_tokens"),
+        ("/v1/completions", {"model": NAME, "prompt": "x", "tools": [WEATHER]}, "tools"),
+        (
+            "/v1/completions",
+            {"model": NAME, "prompt": "x", "response_format": {"type": "xml"}},
+            "response_format",
+        ),
         ("/v1/completions", {"model": NAME, "prompt": []}, "prompt"),
         ("/v1/completions", {"model": NAME, "prompt": [99999]}, "prompt[0]"),
         ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 50}, "logprobs"),

@@ -6,8 +6,9 @@ with the BOS id first, as the chat template's prompts are; ids are used as given
 indexed prompt-major (prompt i, choice j -> i * n + j). A continuation ends at the tokenizer's EOS or <|im_end|>,
 a ``stop`` string, or ``max_tokens`` (16 by default, as OpenAI's). Its text is the tokens' raw bytes (the first
 token's space kept), so prompt + text is the whole string; ``echo`` puts the prompt's text first. ``logprobs``
-(0..20) gives the legacy shape (tokens, token_logprobs, top_logprobs, text_offset). Refused with a 400: ``suffix``,
-a ``best_of`` other than n, and echo with logprobs (it would need the prompt's logprobs).
+(0..20) gives the legacy shape (tokens, token_logprobs, top_logprobs, text_offset). ``response_format`` and the
+guided fields hold the continuation to a grammar, as in chat. Refused with a 400: ``suffix``, a ``best_of`` other
+than n, echo with logprobs (it would need the prompt's logprobs), and the chat-only fields.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from ..generation_config import MAX_TOP_LOGPROBS
 from ..tokenizer import Tokenizer
 from .errors import bad_request
-from .params import Limits, generation, guided, number, stops
+from .params import Limits, constraint, generation, number, refuse_unsupported, stops
 from .responses import Shape, logprob
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 MAX_PROMPTS = 64
+CHAT_ONLY = ("messages", "tools", "tool_choice", "top_logprobs")
 DEFAULT_MAX_TOKENS = 16
 
 
@@ -90,6 +92,13 @@ def parse_completion_request(
         raise bad_request(
             "'suffix' is not supported (no fill-in-the-middle)", "suffix", "unsupported_parameter"
         )
+    chat_only = [name for name in CHAT_ONLY if body.get(name) is not None]
+    if chat_only:
+        raise bad_request(
+            f"'{chat_only[0]}' is a /v1/chat/completions field; /v1/completions does not take it",
+            chat_only[0],
+        )
+    refuse_unsupported(body)
     gen = generation(body, limits, DEFAULT_MAX_TOKENS)
     if body.get("best_of") not in (None, gen["n"]):
         raise bad_request(
@@ -108,8 +117,8 @@ def parse_completion_request(
     if not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
     prompts, texts = _prompts(body.get("prompt"), tokenizer, limits.vocab_size)
-    constraint, param = guided(body)
-    gen |= dict(logprobs=top is not None, top_logprobs=top or 0, eos_token_id=list(stop_ids)) | constraint
+    grammar, param = constraint(body)
+    gen |= dict(logprobs=top is not None, top_logprobs=top or 0, eos_token_id=list(stop_ids)) | grammar
     return CompletionCall(
         model=body["model"],
         prompts=prompts,

@@ -2,7 +2,8 @@
 prefix so that existing dashboards work, each labelled ``model_name``.
 
   pyvl:time_to_first_token_seconds, pyvl:inter_token_latency_seconds (each gap between two tokens as they reach the
-      response), pyvl:e2e_request_latency_seconds, pyvl:request_queue_time_seconds    histograms, per request
+      response), pyvl:request_time_per_output_token_seconds (a choice's decode time over its tokens after the
+      first), pyvl:e2e_request_latency_seconds, pyvl:request_queue_time_seconds       histograms, per request
   pyvl:request_prompt_tokens, pyvl:request_generation_tokens                          histograms, per request
   pyvl:prompt_tokens, pyvl:generation_tokens, pyvl:prompt_tokens_cached, pyvl:prefix_cache_queries,
       pyvl:prefix_cache_hits (tokens), pyvl:num_preemptions                           counters (``_total``)
@@ -81,6 +82,11 @@ class Metrics:
         tokens = _token_buckets(model.max_context)
         self.ttft = histogram("pyvl:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = histogram("pyvl:inter_token_latency_seconds", "Time between two tokens.", ITL_BUCKETS)
+        self.tpot = histogram(
+            "pyvl:request_time_per_output_token_seconds",
+            "Decode time per output token after the first, per choice.",
+            ITL_BUCKETS,
+        )
         self.e2e = histogram(
             "pyvl:e2e_request_latency_seconds", "End-to-end request latency.", LATENCY_BUCKETS
         )
@@ -139,6 +145,9 @@ class Metrics:
         for g in call.generations:
             for gap in g.token_gaps:
                 self.itl.observe(gap)
+            s = g.stats
+            if s.new_tokens > 1:
+                self.tpot.observe((s.total_s - s.time_to_first_token_s) / (s.new_tokens - 1))
             self.preemptions.inc(g.stats.preemptions)
             reason = REASONS.get(g.stats.finish_reason, "error")
             self.success.labels(finished_reason=reason, **self._label).inc()

@@ -5,7 +5,10 @@ Fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (0 is greedy
 ``presence_penalty`` / ``frequency_penalty`` (-2..2), ``logit_bias`` ({"token id": -100..100}), ``stop``, and
 vLLM's extensions ``top_k``, ``repetition_penalty`` and the structured-output fields: ``guided_json``,
 ``guided_regex``, ``guided_grammar`` (Lark), ``guided_choice``, or the same as ``structured_outputs`` {"json",
-"regex", "grammar", "choice"}.
+"regex", "grammar", "choice"}, and ``response_format`` (json_object, json_schema) as a grammar too.
+vLLM's other sampling extensions (``min_p``, ``min_tokens``, ``ignore_eos``...) are refused with a 400 unless they
+hold their neutral value: pyvl does not implement them, and an answer must never silently differ from the one
+asked for.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 from .errors import bad_request
 
-__all__ = ["Limits", "number", "stops", "generation", "guided", "MAX_STOPS"]
+__all__ = ["Limits", "number", "stops", "generation", "constraint", "refuse_unsupported", "MAX_STOPS"]
 
 MAX_STOPS = 4
 _GUIDED = {
@@ -24,6 +27,37 @@ _GUIDED = {
     "grammar": "guided_grammar",
     "choice": "guided_choice",
 }
+
+# vLLM's sampling extensions pyvl does not implement -> the values that leave the answer as it is
+UNSUPPORTED = {
+    "min_p": (0, 0.0),
+    "min_tokens": (0,),
+    "ignore_eos": (False,),
+    "stop_token_ids": ([],),
+    "bad_words": ([],),
+    "allowed_token_ids": (),
+    "prompt_logprobs": (),
+    "use_beam_search": (False,),
+    "length_penalty": (1, 1.0),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "truncate_prompt_tokens": (),
+    "logits_processors": ([],),
+    "guided_decoding_backend": (),
+    "guided_whitespace_pattern": (),
+    "reasoning_effort": (),
+}
+
+
+def refuse_unsupported(body: dict) -> None:
+    """A 400 naming the first field that would change the answer in a way pyvl does not implement."""
+    for name, neutral in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == v and type(value) is type(v) for v in neutral):
+            raise bad_request(
+                f"'{name}' is not supported by this server (got {value!r:.80})", name, "unsupported_parameter"
+            )
 
 
 @dataclass(frozen=True)
@@ -142,3 +176,47 @@ def guided(body: dict) -> tuple[dict, str | None]:
     if not isinstance(value, str) or not value:
         raise bad_request(f"'{param}' must be a non-empty string", param)
     return {"regex" if kind == "regex" else "grammar": value}, param
+
+
+def _response_format(value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad_request(
+            "'response_format' type must be text, json_object or json_schema", "response_format"
+        )
+    if value["type"] == "text":
+        return {}
+    if value["type"] == "json_object":
+        return {"json_schema": {"type": "object"}}
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+        raise bad_request(
+            "'response_format.json_schema' must be an object whose 'schema' is a JSON schema",
+            "response_format.json_schema",
+        )
+    if spec.get("strict") not in (None, True, False):
+        raise bad_request(
+            "'response_format.json_schema.strict' must be a boolean", "response_format.json_schema.strict"
+        )
+    return {"json_schema": spec.get("schema", {})}
+
+
+def constraint(body: dict, *more: tuple[dict, str]) -> tuple[dict, str | None]:
+    """The answer's grammar fields and the request field they came from, from ``response_format``, the guided
+    fields, or ``more`` (fields, param) sources (tools); at most one."""
+    sources = []
+    fields = _response_format(body.get("response_format"))
+    if fields:
+        sources.append((fields, "response_format.json_schema.schema"))
+    fields, param = guided(body)
+    if fields:
+        sources.append((fields, param))
+    sources += more
+    if len(sources) > 1:
+        raise bad_request(
+            f"only one of response_format, tools and the guided fields may shape the answer, got "
+            f"{[p for _, p in sources]}",
+            sources[1][1],
+        )
+    return sources[0] if sources else ({}, None)

@@ -21,7 +21,7 @@ from ..generation_config import MAX_TOP_LOGPROBS
 from ..image import MAX_TILES
 from ..template import with_image_labels
 from .errors import bad_request
-from .params import Limits, generation, guided, number, stops
+from .params import Limits, constraint, generation, number, refuse_unsupported, stops
 from .responses import Shape, logprob
 from .tools import ToolPlan, plan_tools, render_tool_calls, tool_calls
 
@@ -168,46 +168,6 @@ def conversation(messages) -> tuple[str | None, list[tuple[str, str]], str, list
     return ("\n".join(system) if system else None), history, turns[-1][1], images
 
 
-def _response_format(value) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
-        raise bad_request(
-            "'response_format' type must be text, json_object or json_schema", "response_format"
-        )
-    if value["type"] == "text":
-        return {}
-    if value["type"] == "json_object":
-        return {"json_schema": {"type": "object"}}
-    spec = value.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
-        raise bad_request(
-            "'response_format.json_schema' must be an object whose 'schema' is a JSON schema",
-            "response_format.json_schema",
-        )
-    return {"json_schema": spec.get("schema", {})}
-
-
-def _constraint(body: dict, tools: ToolPlan | None) -> tuple[dict, str | None]:
-    """The answer's grammar fields and the request field they came from; at most one source."""
-    sources = []
-    fields = _response_format(body.get("response_format"))
-    if fields:
-        sources.append((fields, "response_format.json_schema.schema"))
-    fields, param = guided(body)
-    if fields:
-        sources.append((fields, param))
-    if tools is not None:
-        sources.append(({"json_schema": tools.schema}, "tools"))
-    if len(sources) > 1:
-        raise bad_request(
-            f"only one of response_format, tools and the guided fields may shape the answer, got "
-            f"{[p for _, p in sources]}",
-            sources[1][1],
-        )
-    return sources[0] if sources else ({}, None)
-
-
 def _logprobs(body: dict) -> dict:
     wanted = body.get("logprobs")
     if wanted is not None and not isinstance(wanted, bool):
@@ -236,15 +196,16 @@ def parse_chat_request(body, limits: Limits) -> ChatCall:
     if not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
     system, history, question, images = conversation(body.get("messages"))
+    refuse_unsupported(body)
     tools = plan_tools(body)
-    constraint, param = _constraint(body, tools)
+    grammar, param = constraint(body, *([({"json_schema": tools.schema}, "tools")] if tools else []))
     return ChatCall(
         model=body["model"],
         question=question,
         history=history,
         system_message=system,
         images=images,
-        generation=generation(body, limits) | _logprobs(body) | constraint,
+        generation=generation(body, limits) | _logprobs(body) | grammar,
         stops=stops(body.get("stop")),
         stream=bool(stream),
         include_usage=bool(stream and options.get("include_usage")),
