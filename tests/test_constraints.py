@@ -126,3 +126,61 @@ def test_free_requests_batched_with_constrained_ones_keep_their_answers(model):
     for answer in answers[1::2]:
         check_schema(answer)
     assert mask_threads and all(name.startswith("pyvl-masks") for name in mask_threads)
+
+
+def test_masks_are_computed_while_the_model_step_runs_and_rows_batch_with_free_ones(model):
+    """Each mask is written on the helper thread during the step that needs it (prefill or decode forward): the
+    wrapped step waits until the mask has begun, and the mask until the step has begun, so a mask computed
+    before or after the step, or on the engine thread, records False. The sampler steps mix constrained and free
+    rows."""
+    engine = model.engine
+    step_running, mask_began = threading.Event(), threading.Event()
+    pending, overlapped, mixed = [False], [], []
+    real_start, real_fill, real_step = engine.masks.start, engine.masks.fill, engine.sampler.step
+    real_forward, real_prefill = engine.runner.forward, engine.runner.prefill
+
+    def start(rows):
+        if rows:
+            mask_began.clear()
+            pending[0] = True
+        return real_start(rows)
+
+    def fill(rows):
+        overlapped.append(step_running.wait(5) and threading.current_thread() is not engine._thread)
+        mask_began.set()
+        return real_fill(rows)
+
+    def stepping(real):
+        def run(*args, **kwargs):
+            if not pending[0]:
+                return real(*args, **kwargs)
+            pending[0] = False
+            step_running.set()
+            try:
+                mask_began.wait(5)
+                return real(*args, **kwargs)
+            finally:
+                step_running.clear()
+
+        return run
+
+    def step(logits, slots):
+        masked = [s in engine.sampler._masked for s in slots]
+        mixed.append(any(masked) and not all(masked))
+        return real_step(logits, slots)
+
+    engine.masks.start, engine.masks.fill, engine.sampler.step = start, fill, step
+    engine.runner.forward, engine.runner.prefill = stepping(real_forward), stepping(real_prefill)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            result = pyvl.ChatResult()
+            held = pool.submit(
+                model.chat, None, "Letters", dict(max_new_tokens=60, regex="[a-z]{30}"), result=result
+            )
+            free = pool.submit(model.chat, None, "A story", dict(max_new_tokens=30))
+            assert re.fullmatch("[a-z]{30}", held.result()) and free.result()
+    finally:
+        engine.masks.start, engine.masks.fill, engine.sampler.step = real_start, real_fill, real_step
+        engine.runner.forward, engine.runner.prefill = real_forward, real_prefill
+    assert len(overlapped) == len(result.choices[0].token_ids) > 1 and all(overlapped)  # one mask per token
+    assert any(mixed)
