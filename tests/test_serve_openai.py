@@ -100,7 +100,7 @@ def _prompt_ids(model, question: str) -> list[int]:
     return model.tokenizer.encode(model.build_query(question))
 
 
-def _greedy_ids(model, question: str, max_tokens: int, **settings) -> list[int]:
+def _answer_ids(model, question: str, max_tokens: int, **settings) -> list[int]:
     result = pyvl.ChatResult()
     model.chat(None, question, dict(max_new_tokens=max_tokens, **settings), result=result)
     return [t for t in result.choices[0].token_ids if t not in model.stop_ids]
@@ -117,7 +117,7 @@ def _raw(server, path: str, body) -> httpx.Response:
 # ---- logprobs, n ------------------------------------------------------------------------------------------------
 def test_logprobs_are_the_log_softmax_of_model_logits(client, model):
     question = "Describe the sea at night."
-    ids = _greedy_ids(model, question, 12)
+    ids = _answer_ids(model, question, 12)
     prompt = _prompt_ids(model, question)
     expected = model.logits(prompt + ids)[len(prompt) - 1 : len(prompt) - 1 + len(ids)].log_softmax(-1)
     whole = _chat(client, question, temperature=0, max_tokens=12, logprobs=True, top_logprobs=5)
@@ -138,6 +138,30 @@ def test_logprobs_are_the_log_softmax_of_model_logits(client, model):
             assert [t.bytes for t in entry.top_logprobs] == _token_bytes(model, top_ids.tolist())
             assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=2e-4)
     assert _chat(client, question, temperature=0, max_tokens=2).choices[0].logprobs is None
+
+
+def test_sampled_logprobs_are_after_temperature_and_before_top_k_top_p(client, model):
+    question, temperature = "Name a river.", 0.5
+    settings = dict(do_sample=True, temperature=temperature, top_k=3, top_p=0.8, seed=5)
+    ids = _answer_ids(model, question, 8, **settings)  # the same seed draws the same tokens as the server
+    prompt = _prompt_ids(model, question)
+    logits = model.logits(prompt + ids)[len(prompt) - 1 : len(prompt) - 1 + len(ids)]
+    expected = (logits / temperature).log_softmax(-1)
+    reply = _chat(
+        client,
+        question,
+        max_tokens=8,
+        logprobs=True,
+        temperature=temperature,
+        top_p=0.8,
+        seed=5,
+        extra_body={"top_k": 3},
+    )
+    entries = reply.choices[0].logprobs.content
+    assert [e.bytes for e in entries] == _token_bytes(model, ids)
+    assert [e.logprob for e in entries] == pytest.approx(
+        [float(expected[k, t]) for k, t in enumerate(ids)], abs=2e-4
+    )
 
 
 def test_n_greedy_choices_are_equal_and_usage_counts_every_choice(client, model):
@@ -290,7 +314,7 @@ def test_logit_bias_100_makes_every_token_that_token(client, model):
     )
     entries = reply.choices[0].logprobs.content
     assert len(entries) == 8 and all(e.bytes == list(model.tokenizer.token_bytes[token]) for e in entries)
-    banned = _greedy_ids(model, "Anything.", 1)[0]
+    banned = _answer_ids(model, "Anything.", 1)[0]
     reply = _chat(
         client, "Anything.", temperature=0, max_tokens=1, logit_bias={str(banned): -100}, logprobs=True
     )
@@ -320,7 +344,7 @@ def test_penalties_follow_openai_formula_step_by_step(client, model):
         assert entry.bytes == list(model.tokenizer.token_bytes[token])
         assert entry.logprob == pytest.approx(float(reference.log_softmax(-1)[token]), abs=2e-4)
         answer.append(token)
-    unpenalised = _greedy_ids(model, question, 10)
+    unpenalised = _answer_ids(model, question, 10)
     assert answer != unpenalised and len(set(answer)) > len(
         set(unpenalised)
     )  # the penalties changed the answer
