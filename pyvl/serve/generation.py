@@ -68,10 +68,11 @@ class Generation:
                 tail = self.text.finish()
                 if tail:
                     yield "delta", tail, None
-        except (
-            Exception
-        ) as exc:  # delivered to the response; PyvlErrors are the client's, others are logged there
-            yield "error", exc
+        except Exception as exc:
+            yield (
+                "error",
+                exc,
+            )  # delivered to the response: PyvlErrors are the client's, others are logged there
             return
         finally:
             await batches.aclose()  # cancels the engine request if it is still running
