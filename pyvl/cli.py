@@ -67,7 +67,6 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="reuse the KV of cached prompt prefixes (default on; --no-enable-prefix-caching prefills every "
         "prompt whole)",
     )
-    # --tensor-parallel-size: added here by the tensor-parallel branch (pyvl/parallel).
 
 
 # pyvl.load's argument -> the flag's dest
