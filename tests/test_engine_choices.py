@@ -4,6 +4,7 @@ logprobs without changing what chat() returns."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -133,3 +134,14 @@ def test_cancelling_the_first_choice_before_its_prompt_runs_cancels_them_all(mod
     finally:
         model.engine.runner.prefill = real
         release.set()
+
+
+def test_achat_fills_the_result_as_chat_does(model):
+    settings = dict(n=2, max_new_tokens=6, do_sample=True, seed=4, logprobs=True, top_logprobs=2)
+    synced, awaited = pyvl.ChatResult(), pyvl.ChatResult()
+    answer = model.chat(None, "Name a bird.", settings, result=synced)
+    assert asyncio.run(model.achat(None, "Name a bird.", settings, result=awaited)) == answer
+    assert [(c.text, c.token_ids) for c in awaited.choices] == [(c.text, c.token_ids) for c in synced.choices]
+    for a, b in zip(awaited.choices, synced.choices):  # the second call's prompt comes from the prefix cache
+        assert [t.logprob for t in a.logprobs] == pytest.approx([t.logprob for t in b.logprobs], abs=1e-5)
+    assert awaited.completion_tokens == synced.completion_tokens > 0
