@@ -106,15 +106,21 @@ def _load_model(args):
         path = demo_model_path()
     else:
         path = Path(args.model)
-    return pyvl.load(
-        path,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
-        image_cache_dir=args.image_cache_dir,
-        image_cache_dir_gb=args.image_cache_dir_gb,
-        **_engine_options(args),
-    )
+    try:
+        return pyvl.load(
+            path,
+            device=args.device,
+            dtype=args.dtype,
+            backend=args.backend,
+            image_cache_dir=args.image_cache_dir,
+            image_cache_dir_gb=args.image_cache_dir_gb,
+            **_engine_options(args),
+        )
+    except pyvl.ConfigError as exc:  # pyvl.load names its argument; a command-line user typed the flag
+        flag = next((d for a, d in _ENGINE_FLAGS.items() if str(exc).startswith(f"{a}=")), None)
+        if flag is None:
+            raise
+        raise pyvl.ConfigError(f"--{flag.replace('_', '-')}: {exc}") from None
 
 
 def _images(model, paths: list[str], max_num: int | None):
