@@ -524,6 +524,7 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
         ("/v1/chat/completions", CHAT | {"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools"),
         ("/v1/chat/completions", CHAT | {"min_p": 0.5}, "min_p"),
         ("/v1/chat/completions", CHAT | {"ignore_eos": True}, "ignore_eos"),
+        ("/v1/chat/completions", CHAT | {"echo": True}, "echo"),
         (
             "/v1/chat/completions",
             CHAT

@@ -36,7 +36,16 @@ __all__ = [
 ]
 
 DETAIL_TILES = {"low": 6, "medium": 12, "high": 24}  # LMDeploy's per-image tile budgets; "auto": the model's
-REFUSED_FIELDS = ("functions", "function_call", "audio", "prediction")
+# refused unless absent, false or empty: OpenAI's legacy functions and other modalities, vLLM's prompt overrides
+REFUSED_FIELDS = (
+    "functions",
+    "function_call",
+    "audio",
+    "prediction",
+    "chat_template",
+    "continue_final_message",
+    "echo",
+)
 
 
 @dataclass(frozen=True)
