@@ -158,7 +158,7 @@ class Scheduler:
                 continue
             seq, src, dst = forked
             if src:
-                self.cache.copy_slots(src, dst)
+                self.runner.copy_slots(src, dst)
             f.seq, f.num_computed, f.cacheable = seq, r.num_computed, r.cacheable
             f.stats.queue_s, f.stats.cached_tokens = r.stats.queue_s, r.stats.cached_tokens
             f.slot = self._free_slots.pop()
