@@ -17,9 +17,12 @@ import numpy as np
 from . import checks
 from .errors import ConfigError
 
-__all__ = ["GenerationConfig", "MAX_TOP_LOGPROBS"]
+__all__ = ["GenerationConfig", "MAX_TOP_LOGPROBS", "MIN_TEMPERATURE"]
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+# Below this, logits / temperature can overflow float32 (1 / 1e-43 already does) and the draw is NaN; vLLM
+# takes anything below it as greedy, pyvl refuses it rather than change the request.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class GenerationConfig:
         put("do_sample", checks.boolean(self.do_sample, where("do_sample"), error=ConfigError))
         put(
             "temperature",
-            checks.real(self.temperature, where("temperature"), 0, low_open=True, error=ConfigError),
+            checks.real(self.temperature, where("temperature"), MIN_TEMPERATURE, error=ConfigError),
         )
         put("top_k", checks.integer(self.top_k, where("top_k"), 0, error=ConfigError))
         put("top_p", checks.real(self.top_p, where("top_p"), 0, 1, low_open=True, error=ConfigError))

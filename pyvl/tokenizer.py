@@ -144,8 +144,8 @@ class Tokenizer:
             )
         for key, tok in decoder.items():
             where = f"{cfg_file}: added_tokens_decoder[{key!r}]"
-            if not (isinstance(key, str) and key.isdigit()):
-                raise ConfigError(f"{where}: key must be a non-negative integer id")
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):  # not '²'
+                raise ConfigError(f"{where}: key must be a non-negative integer id (at most 9 digits)")
             if not isinstance(tok, dict):
                 raise ConfigError(f"{where}: expected an AddedToken object, got {tok!r}")
             added[int(key)] = {**tok, "content": _token_text(tok, where)}

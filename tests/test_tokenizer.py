@@ -353,6 +353,8 @@ def _set(key, value):
     "file,edit,match",
     [
         ("tokenizer_config.json", _set("x", {"content": "<a>"}), "integer id"),
+        ("tokenizer_config.json", _set("\u00b2", {"content": "<a>"}), "integer id"),  # '²'.isdigit()
+        ("tokenizer_config.json", _set("9" * 5000, {"content": "<a>"}), "at most 9 digits"),
         ("tokenizer_config.json", _set("1009", "<a>"), "AddedToken"),
         ("tokenizer_config.json", _set("1009", {"content": ""}), "non-empty"),
         ("tokenizer_config.json", _set("1009", {"content": "<img>"}), "two ids"),

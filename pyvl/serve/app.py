@@ -81,7 +81,12 @@ class ServerState:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     # (a length of more digits than any limit is over it: int() of 5000 digits would raise)
-    if declared is not None and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 18 or int(declared) > limit)
+    ):
         raise APIError(
             413,
             f"the request body is over the {limit} byte limit (--max-request-mb)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..generation_config import MIN_TEMPERATURE
 from .errors import bad_request
 
 __all__ = ["Limits", "number", "stops", "generation", "constraint", "refuse_unsupported", "MAX_STOPS"]
@@ -103,7 +104,14 @@ def _logit_bias(value, vocab_size: int) -> dict[int, float] | None:
         raise bad_request("'logit_bias' must be an object of token id -> bias", "logit_bias")
     bias = {}
     for key, amount in value.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) < vocab_size):
+        # ASCII digits only ('²'.isdigit() is True and int() refuses it), and few enough for int()
+        if not (
+            isinstance(key, str)
+            and key.isascii()
+            and key.isdigit()
+            and len(key) <= 9
+            and int(key) < vocab_size
+        ):
             raise bad_request(
                 f"'logit_bias' keys must be token ids in [0, {vocab_size}), got {key!r}"[:200], "logit_bias"
             )
@@ -125,6 +133,11 @@ def generation(body: dict, limits: Limits, default_max_tokens: int | None = None
         max_tokens = default_max_tokens or limits.max_context
     temperature = number(body, "temperature", 0, 2)
     temperature = 1.0 if temperature is None else temperature
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise bad_request(
+            f"'temperature' must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, 2], got {temperature!r}",
+            "temperature",
+        )
     top_k = number(body, "top_k", -1, 1 << 20, integer=True)
     if body.get("top_p") == 0:
         raise bad_request("'top_p' must be in (0, 1]", "top_p")

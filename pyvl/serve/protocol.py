@@ -107,7 +107,7 @@ def _image_ref(spec, param: str) -> ImageRef:
             )
         return ImageRef(spec["url"], tiles, param)
     detail = spec.get("detail", "auto")
-    if detail != "auto" and detail not in DETAIL_TILES:
+    if not isinstance(detail, str) or (detail != "auto" and detail not in DETAIL_TILES):
         raise bad_request(
             f"detail must be one of low, medium, high, auto; got {detail!r}"[:200], f"{param}.detail"
         )
