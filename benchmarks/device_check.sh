@@ -25,8 +25,8 @@
 #   probe             GPU, Python.h, xdist, pytest-timeout: no torch    est   2  budget  10
 #   env               environment report (imports torch); gates nothing est  10  budget  25
 #   build             pyvl._C: CUDA from source, .whl/'s, CPU-only      est  60  budget  85
-#   tests_kernels     Triton kernels at real shapes, -n 8               est  40  budget  60
-#   bench_kernels     pyvl bench kernels --rep-ms 50 (regs/spills/smem) est  35  budget  45
+#   tests_kernels     Triton kernels at real shapes, -n 8               est  45  budget  60
+#   bench_kernels     pyvl bench kernels --rep-ms 50 (regs/spills/smem) est  45  budget  55
 #   e2e_v15           pyvl alone at V1-5 size, random weights           est  50  budget  75
 #   engine_v15        engine reuse and batching at V1-5 size            est  60  budget  90
 #   bench_preprocess  CUDA preprocessing vs F.interpolate, floor        est  10  budget  20
@@ -36,7 +36,7 @@
 #   load_v15          load time, V1-5 shapes (16 GB), extrapolated     est  30  budget  45
 #   sweep             block configs, ViT + decode attention, last       est  45  budget  60
 #   e2e_v15_hf        HF transformers at V1-5 size                      est  60  budget  90  (only with >= 100 s left)
-#   (summary reserve 8)  estimates without HF: 397 s; budgets without HF: 600 s, so when steps overrun it is the
+#   (summary reserve 8)  estimates without HF: 412 s; budgets without HF: 610 s, so when steps overrun it is the
 #   deadline that cuts the run short from its end (the sweep first), never the summary.
 #
 # The pyvl every step imports is a tree in the temporary folder (benchmarks/device_tree.py, on PYTHONPATH): the
@@ -346,10 +346,10 @@ run_step build 85 TERM bash -c build_pyvl
 build_in_use=$(sed -n 's/^SUMMARY: //p' "$work/build.out" 2>/dev/null | tail -n 1)
 
 kernel_tests="test_vit_attention.py test_rms_norm.py test_apply_rotary.py test_silu_mul.py"
-kernel_tests="$kernel_tests test_pixel_shuffle.py test_paged_attention.py test_store_kv.py"
+kernel_tests="$kernel_tests test_pixel_shuffle.py test_paged_attention.py test_store_kv.py test_w4a16.py"
 e2e_flags=(--random-weights --no-hf --device cuda --kv-cache-gb 2 --jsonl)
 pytest_step tests_kernels "$kernel_tests" test_rejects_bad_inputs 8 60 60
-bench_step bench_kernels 45 smoke -m pyvl bench kernels --rep-ms 50 --jsonl
+bench_step bench_kernels 55 smoke -m pyvl bench kernels --rep-ms 50 --jsonl
 bench_step e2e_v15 75 tiny-e2e -m pyvl bench e2e --preset internvl-chat-v1-5 "${e2e_flags[@]}"
 bench_step engine_v15 90 tiny-engine -m pyvl bench engine --preset internvl-chat-v1-5 --random-weights --device cuda \
   --repeat 2 --jsonl

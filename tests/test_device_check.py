@@ -44,6 +44,7 @@ KERNEL_OPS = {
     "silu_mul",
     "apply_rotary",
     "pixel_shuffle",
+    "w4a16_linear",
 }
 
 pytestmark = [
