@@ -9,14 +9,14 @@ GEMM checkpoints to it at load): qweight int32 [N, K/8], column 8c + j of row n 
 qzeros uint8 [N, K/G]; scales [N, K/G] in x's dtype; bias [N] or None; x [..., K] with a contiguous last dim
 and leading dims collapsible into one row stride; out [..., N], the same.
 
-Two kernels, one per batch regime (as GemLite):
-  gemv  M <= 4 rows (decode): a program owns BLOCK_N outputs of every row and sums x * W with tl.sum in
-        float32, no tensor cores: at one token the work is reading and unpacking the weight.
+One kernel, two inner products, chosen per batch regime as GemLite chooses its kernel families:
+  gemv  M <= 4 rows (decode): BLOCK_M covers every row; x * W summed by tl.sum in float32, no tensor cores: at
+        one token the work is reading and unpacking the weight, and narrow programs keep every SM loading.
   gemm  M > 4 (prefill, batched decode): tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles, float32
-        accumulation; program (m, n) with m fastest, so the programs running together share one weight tile.
+        accumulation.
 BLOCK_K divides G (the launcher takes gcd(G, BLOCK_K); G is a multiple of 16), so a K step never straddles a
-group: one zero point and one scale per output row and step. Grid: gemv (cdiv(N, BLOCK_N),), gemm
-(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
+group: one zero point and one scale per output row and step. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)), m
+fastest, so the programs running together share one weight tile.
 """
 
 from __future__ import annotations
@@ -63,15 +63,7 @@ def _weight_tile(
 
 
 @triton.jit
-def _store(acc, Bias, Out, offs_m, offs_n, m_ok, n_ok, stride_om, HAS_BIAS: tl.constexpr, INTERPRET):
-    if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = cast(acc, Out.dtype.element_ty, INTERPRET)
-    tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _w4a16_gemv_kernel(
+def _w4a16_kernel(
     X,
     QW,
     QZ,
@@ -88,44 +80,7 @@ def _w4a16_gemv_kernel(
     stride_s,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok, n_ok = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_ok[:, None], other=0.0)
-        w = _weight_tile(
-            QW, QZ, S, offs_n, n_ok, k0, stride_qw, stride_qz, stride_s,
-            GROUP, BLOCK_N, BLOCK_K, X.dtype.element_ty, INTERPRET,
-        )  # fmt: skip
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    _store(acc, Bias, Out, offs_m, offs_n, m_ok, n_ok, stride_om, HAS_BIAS, INTERPRET)
-
-
-@triton.jit
-def _w4a16_gemm_kernel(
-    X,
-    QW,
-    QZ,
-    S,
-    Bias,
-    Out,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_om,
-    stride_qw,
-    stride_qz,
-    stride_s,
-    GROUP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    DOT: tl.constexpr,  # tensor cores (gemm), or float32 products summed (gemv)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -144,12 +99,20 @@ def _w4a16_gemm_kernel(
             QW, QZ, S, offs_n, n_ok, k0, stride_qw, stride_qz, stride_s,
             GROUP, BLOCK_N, BLOCK_K, X.dtype.element_ty, INTERPRET,
         )  # fmt: skip
-        acc = mma(x, tl.trans(w), acc, INTERPRET, PRECISION)
-    _store(acc, Bias, Out, offs_m.to(tl.int64), offs_n, m_ok, n_ok, stride_om, HAS_BIAS, INTERPRET)
+        if DOT:
+            acc = mma(x, tl.trans(w), acc, INTERPRET, PRECISION)
+        else:  # BLOCK_M x BLOCK_N x BLOCK_K products in registers: few rows only
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = cast(acc, Out.dtype.element_ty, INTERPRET)
+    o_ptrs = Out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, out, mask=m_ok[:, None] & n_ok[None, :])
 
 
 def default_config(m: int) -> dict:
-    """Kernel and block sizes for M rows. BLOCK_K is an upper bound (the launcher takes gcd(G, BLOCK_K)).
+    """Inner product ("gemv" or "gemm") and block sizes for M rows. BLOCK_K is an upper bound (the launcher
+    takes gcd(G, BLOCK_K)).
     Under the interpreter, where each program step costs about a millisecond, few and big blocks."""
     if m <= GEMV_MAX_ROWS:
         block_m = triton.next_power_of_2(m)
@@ -231,21 +194,31 @@ def w4a16_linear(
     if m == 0:
         return out
     cfg = dict(default_config(m), **(config or {}))
-    if cfg["kernel"] == "gemv" and m > cfg["BLOCK_M"]:
-        raise ValueError(
-            f"w4a16_linear: the gemv kernel takes at most BLOCK_M = {cfg['BLOCK_M']} rows, got {m}"
-        )
-    block_k = math.gcd(group, cfg["BLOCK_K"])
-    args = (x2, qweight, qzeros, scales, x2 if bias is None else bias, o2, m, n, k)
-    strides = (x2.stride(0), o2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0))
-    blocks = dict(GROUP=group, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-    launch = dict(
-        BLOCK_K=block_k, INTERPRET=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _w4a16_kernel[grid](
+        x2,
+        qweight,
+        qzeros,
+        scales,
+        x2 if bias is None else bias,  # any pointer: HAS_BIAS says whether it is read
+        o2,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        o2.stride(0),
+        qweight.stride(0),
+        qzeros.stride(0),
+        scales.stride(0),
+        GROUP=group,
+        HAS_BIAS=bias is not None,
+        DOT=cfg["kernel"] == "gemm",
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=math.gcd(group, cfg["BLOCK_K"]),
+        INTERPRET=interpreting(),
+        PRECISION="ieee" if x.dtype == torch.float32 else None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
-    if cfg["kernel"] == "gemv":
-        _w4a16_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](*args, *strides, **blocks, **launch)
-    else:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-        precision = "ieee" if x.dtype == torch.float32 else None
-        _w4a16_gemm_kernel[grid](*args, *strides, **blocks, **launch, PRECISION=precision)
     return out
