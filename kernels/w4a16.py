@@ -14,9 +14,11 @@ One kernel, two inner products, chosen per batch regime as GemLite chooses its k
         one token the work is reading and unpacking the weight, and narrow programs keep every SM loading.
   gemm  M > 4 (prefill, batched decode): tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles, float32
         accumulation.
-BLOCK_K divides G (the launcher takes gcd(G, BLOCK_K); G is a multiple of 16), so a K step never straddles a
-group: one zero point and one scale per output row and step. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)), m
-fastest, so the programs running together share one weight tile.
+A K step covers part of one group (one zero point and scale per row) or whole groups (BLOCK_K / G of them per
+row, each stretched over its G columns): the launcher keeps BLOCK_K when G divides it, else takes the largest
+power of two dividing both (G is a multiple of 16, so at least 16). Columns past K (K a multiple of G, not
+always of BLOCK_K) are masked. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)), m fastest, so the programs running
+together share one weight tile.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ._common import DTYPES, cast, check_operands, interpreting, mma, rows
 
 __all__ = ["w4a16_linear", "default_config", "GEMV_MAX_ROWS"]
 
-GEMV_MAX_ROWS = 4  # up to this many rows the gemv kernel runs, above it the tensor-core gemm
+GEMV_MAX_ROWS = 4  # up to this many rows the gemv product, above it the tensor-core gemm
 
 
 @triton.jit
@@ -42,6 +44,7 @@ def _weight_tile(
     offs_n,
     n_ok,
     k0,
+    K,
     stride_qw,
     stride_qz,
     stride_s,
@@ -51,15 +54,24 @@ def _weight_tile(
     DTYPE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """W[offs_n, k0 : k0 + BLOCK_K] in DTYPE, [BLOCK_N, BLOCK_K]; the step lies inside one group."""
+    """W[offs_n, k0 : k0 + BLOCK_K] in DTYPE, [BLOCK_N, BLOCK_K]; columns past K come out 0."""
     offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    words = tl.load(QW + offs_n[:, None] * stride_qw + offs_w[None, :], mask=n_ok[:, None], other=0)
+    mask = n_ok[:, None] & (offs_w < K // 8)[None, :]
+    words = tl.load(QW + offs_n[:, None] * stride_qw + offs_w[None, :], mask=mask, other=0)
     nibbles = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # nibble j of word c: 8c + j
     q = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32)
-    group = k0 // GROUP
-    zero = tl.load(QZ + offs_n * stride_qz + group, mask=n_ok, other=0).to(tl.float32)
-    scale = tl.load(S + offs_n * stride_s + group, mask=n_ok, other=0.0).to(tl.float32)
-    return cast((q - zero[:, None]) * scale[:, None], DTYPE, INTERPRET)
+    if BLOCK_K <= GROUP:  # the step lies inside one group: a zero point and a scale per row
+        zero = tl.load(QZ + offs_n * stride_qz + k0 // GROUP, mask=n_ok, other=0).to(tl.float32)
+        scale = tl.load(S + offs_n * stride_s + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        w = (q - zero[:, None]) * scale[:, None]
+    else:  # whole groups: BLOCK_K // GROUP of them per row, each stretched over its GROUP columns
+        offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        mask = n_ok[:, None] & (offs_g < K // GROUP)[None, :]
+        zero = tl.load(QZ + offs_n[:, None] * stride_qz + offs_g[None, :], mask=mask, other=0).to(tl.float32)
+        scale = tl.load(S + offs_n[:, None] * stride_s + offs_g[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = tl.reshape(q, (BLOCK_N, BLOCK_K // GROUP, GROUP))
+        w = tl.reshape((q - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    return cast(w, DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -94,9 +106,11 @@ def _w4a16_kernel(
     x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm  # prefill rows x K can pass 2**31 elements
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None], other=0.0)
+        x = tl.load(
+            x_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & (k0 + offs_k < K)[None, :], other=0.0
+        )
         w = _weight_tile(
-            QW, QZ, S, offs_n, n_ok, k0, stride_qw, stride_qz, stride_s,
+            QW, QZ, S, offs_n, n_ok, k0, K, stride_qw, stride_qz, stride_s,
             GROUP, BLOCK_N, BLOCK_K, X.dtype.element_ty, INTERPRET,
         )  # fmt: skip
         if DOT:
@@ -111,14 +125,15 @@ def _w4a16_kernel(
 
 
 def default_config(m: int) -> dict:
-    """Inner product ("gemv" or "gemm") and block sizes for M rows. BLOCK_K is an upper bound (the launcher
-    takes gcd(G, BLOCK_K)).
-    Under the interpreter, where each program step costs about a millisecond, few and big blocks."""
+    """Inner product ("gemv" or "gemm") and block sizes for M rows. BLOCK_K is taken as is when it is a multiple
+    of G, else the largest power of two dividing both. Under the interpreter, where each program step costs
+    about a millisecond, few and big blocks."""
     if m <= GEMV_MAX_ROWS:
         block_m = triton.next_power_of_2(m)
-        # BLOCK_M * BLOCK_N * BLOCK_K products live in registers at once: 8192 over 128 threads
+        # BLOCK_M x BLOCK_N x BLOCK_K products live in registers at once: 8192 over 128 threads. 16 rows x 512
+        # inputs: 4 KB of 4-bit weight a step, and N / 16 programs (384 for a 6144-wide output: every SM busy).
         return dict(
-            kernel="gemv", BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256 // block_m, num_warps=4, num_stages=4
+            kernel="gemv", BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=512 // block_m, num_warps=4, num_stages=4
         )
     if interpreting():
         return dict(kernel="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=1, num_stages=1)
@@ -194,6 +209,8 @@ def w4a16_linear(
     if m == 0:
         return out
     cfg = dict(default_config(m), **(config or {}))
+    # Whole groups per step, or a part of one: a power-of-two G or a divisor of it
+    block_k = cfg["BLOCK_K"] if cfg["BLOCK_K"] % group == 0 else math.gcd(group, cfg["BLOCK_K"])
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _w4a16_kernel[grid](
         x2,
@@ -215,7 +232,7 @@ def w4a16_linear(
         DOT=cfg["kernel"] == "gemm",
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=math.gcd(group, cfg["BLOCK_K"]),
+        BLOCK_K=block_k,
         INTERPRET=interpreting(),
         PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"],

@@ -345,10 +345,9 @@ class AWQConfig:
             not skipped,
             f"{where}.modules_to_not_convert = {skipped!r:.80}: partly quantized decoders are not supported",
         )
-        key = (
-            "q_group_size" if "group_size" not in d and "q_group_size" in d else "group_size"
-        )  # AutoAWQ's old name
-        return cls(group_size=_require(d, key, where))
+        if "group_size" not in d and "q_group_size" in d:  # AutoAWQ's older name
+            return cls(group_size=d["q_group_size"])
+        return cls(group_size=_require(d, "group_size", where))
 
 
 def _quantization(d: dict) -> AWQConfig | None:

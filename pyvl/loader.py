@@ -268,6 +268,11 @@ def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, TensorInfo
 def check_checkpoint(folder: str | Path, cfg: ModelConfig) -> dict[str, TensorInfo]:
     """Index ``folder`` and check its keys, shapes and dtypes against ``cfg`` alone (no model needed)."""
     tensors = index_checkpoint(folder)
+    if cfg.quant is None and any(name.endswith(".qweight") for name in tensors):
+        raise CheckpointError(
+            f"{folder}: the checkpoint holds 4-bit AWQ tensors (.qweight) but config.json has no "
+            "quantization_config; an AWQ GEMM folder needs one (see pyvl.quant.awq)"
+        )
     check_keys(expected_shapes(cfg), tensors, Path(folder))
     return tensors
 

@@ -207,6 +207,12 @@ def test_awq_config_over_a_float_checkpoint(tmp_path):
     assert "10 unexpected" in message and f"{LINEAR}.weight" in message
 
 
+def test_awq_tensors_without_a_quantization_config(awq_folder):
+    _edit_config(awq_folder, lambda c: c["llm_config"].pop("quantization_config"))
+    with pytest.raises(CheckpointError, match="4-bit AWQ tensors .* no quantization_config"):
+        _load(awq_folder)
+
+
 def _set_entry(folder, key, dtype=None, shape=None):
     def edit(header, data):
         entry = header[key]

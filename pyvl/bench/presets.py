@@ -34,6 +34,7 @@ from ..demo import ASSETS, demo_config_dict
 from ..engine.engine import Engine, EngineConfig
 from ..models.vlm import InternVLChatModel
 from ..ops import resolve_ops
+from ..quant.awq import quantization_config
 from ..tokenizer import Tokenizer
 
 __all__ = ["PRESETS", "preset_dict", "preset_config", "parameter_count", "random_model", "chat_on"]
@@ -109,13 +110,7 @@ def _top(vision: dict, llm: dict) -> dict:
 def _awq(top: dict, group_size: int = 128) -> dict:
     """The same model with 4-bit AWQ GEMM decoder linears (quantization_config where LMDeploy writes it)."""
     quantized = copy.deepcopy(top)
-    quantized["llm_config"]["quantization_config"] = {
-        "quant_method": "awq",
-        "bits": 4,
-        "group_size": group_size,
-        "zero_point": True,
-        "version": "gemm",
-    }
+    quantized["llm_config"]["quantization_config"] = quantization_config(group_size)
     return quantized
 
 

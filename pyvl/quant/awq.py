@@ -41,6 +41,7 @@ __all__ = [
     "PACKED_KEYS",
     "pack_nibbles",
     "unpack_nibbles",
+    "quantization_config",
     "checkpoint_shapes",
     "checkpoint_shape",
     "to_rows",
@@ -75,6 +76,11 @@ def pack_nibbles(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
         nibbles = nibbles[..., list(order)]  # nibble i is element 8c + order[i]
     octets = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # (..., C, 4): nibbles 2b, 2b + 1 in byte b
     return octets.contiguous().view(torch.int32).squeeze(-1)  # little-endian bytes -> one int32 word
+
+
+def quantization_config(group_size: int) -> dict:
+    """The ``quantization_config`` entry of config.json that announces this format."""
+    return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
 
 
 def checkpoint_shapes(

@@ -9,7 +9,7 @@ includes 0 (as PyTorch's observers do):
 
 For the groups of real weights, which hold both signs, that is AutoAWQ's result exactly; a group of one sign
 (which AutoAWQ clamps badly: a constant 0.25 comes back as 1e-5) stays within half a step like the others.
-and written as AWQ GEMM tensors (pyvl.quant.awq) with ``quantization_config`` in llm_config, where LMDeploy's
+The result is written as AWQ GEMM tensors (pyvl.quant.awq) with ``quantization_config`` in llm_config, where LMDeploy's
 auto_awq writes it for InternVL. What is not done: AWQ's activation-aware scale search, which needs calibration
 data; this is its round-to-nearest baseline, in the same format. Everything else (ViT, mlp1, embeddings, norms,
 output head, tokenizer and other files) is copied unchanged.
@@ -33,13 +33,13 @@ from safetensors.torch import save_file
 from ..config import ModelConfig, load_config
 from ..errors import CheckpointError, ConfigError
 from ..loader import PICKLE_SUFFIXES, TensorInfo, check_checkpoint
-from .awq import NATURAL_ORDER, QUANTIZED_LINEARS, from_rows, pack_nibbles
+from .awq import NATURAL_ORDER, QUANTIZED_LINEARS, from_rows, pack_nibbles, quantization_config
 
 __all__ = ["quantize_weight", "quantize_folder", "QUANTIZED_WEIGHT_SUFFIXES"]
 
 QUANTIZED_WEIGHT_SUFFIXES = tuple(f".{name}.weight" for name in QUANTIZED_LINEARS)
 MAX_SHARD_BYTES = 5 * 10**9  # the released V1-5 shards are about 5 GB
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json")
+_REWRITTEN = ("model.safetensors.index.json", "config.json")  # and every *.safetensors
 
 
 def quantize_weight(
@@ -66,13 +66,7 @@ def _quantized_config(src: Path, group_size: int) -> tuple[dict, ModelConfig]:
     the group size divides every decoder linear)."""
     path = src / "config.json"
     raw = json.loads(path.read_text(encoding="utf-8"))  # load_config has read it already
-    raw["llm_config"]["quantization_config"] = {
-        "quant_method": "awq",
-        "bits": 4,
-        "group_size": group_size,
-        "zero_point": True,
-        "version": "gemm",
-    }
+    raw["llm_config"]["quantization_config"] = quantization_config(group_size)
     return raw, ModelConfig.from_dict(raw, source=f"{path} with group_size {group_size}")
 
 
@@ -90,7 +84,10 @@ def _output_tensors(
                 if not name.endswith(QUANTIZED_WEIGHT_SUFFIXES):
                     yield name, tensor
                     continue
-                rows = quantize_weight(tensor.to(device), cfg.quant.group(tensor.shape[1]))
+                try:
+                    rows = quantize_weight(tensor.to(device), cfg.quant.group(tensor.shape[1]))
+                except CheckpointError as exc:
+                    raise CheckpointError(f"{path}: tensor {name!r}: {exc}") from None
                 for attr, packed in from_rows(*rows).items():
                     yield f"{name.removesuffix('.weight')}.{attr}", packed.cpu()
 
@@ -159,14 +156,11 @@ def quantize_folder(
         _write_shards(_output_tensors(tensors, cfg, torch.device(device)), work, max_shard_bytes)
         (work / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
         for path in sorted(src.iterdir()):  # tokenizer, generation config, remote code, ...: as they are
-            if path.is_file() and path.suffix not in PICKLE_SUFFIXES and not _is_weights(path):
+            skip = path.suffix in (*PICKLE_SUFFIXES, ".safetensors") or path.name in _REWRITTEN
+            if path.is_file() and not skip:
                 shutil.copy2(path, work / path.name)
         work.rename(dst)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return dst
-
-
-def _is_weights(path: Path) -> bool:
-    return path.name in _WEIGHT_FILES or path.suffix == ".safetensors"
