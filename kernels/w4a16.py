@@ -4,26 +4,24 @@
     y[m, n]  = cast(sum_k x[m, k] * cast(W[n, k]) + bias[n])    W rounded to x's dtype, sums in float32
 
 The same numbers as ``pyvl.ops.reference.w4a16_linear``: W is dequantized in float32 (exact: a 4-bit integer
-times the scale) and rounded once to x's dtype, as the tensor cores take it. Layout (``pyvl.quant`` converts AWQ
-GEMM checkpoints to it at load): qweight int32 [N, K/8], column 8c + j of row n in bits 4j..4j+3 of word c;
-qzeros uint8 [N, K/G]; scales [N, K/G] in x's dtype; bias [N] or None; x [..., K] with a contiguous last dim
-and leading dims collapsible into one row stride; out [..., N], the same.
+times the scale) and rounded once to x's dtype, as the tensor cores take it. Layout (``pyvl.quant`` converts
+AWQ GEMM checkpoints to it at load): qweight int32 [N, K/8], column 8c + j of row n in bits 4j..4j+3 of word
+c; qzeros uint8 [N, K/G]; scales [N, K/G] in x's dtype; bias [N] or None; x [..., K] with a contiguous last
+dim and leading dims collapsible into one row stride; out [..., N], the same.
 
 One kernel, two inner products, chosen per batch regime as GemLite chooses its kernel families:
   gemv  M <= 4 rows (decode): BLOCK_M covers every row; x * W summed by tl.sum in float32, no tensor cores: at
         one token the work is reading and unpacking the weight, and narrow programs keep every SM loading.
   gemm  M > 4 (prefill, batched decode): tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles, float32
         accumulation.
-A K step covers part of one group (one zero point and scale per row) or whole groups (BLOCK_K / G of them per
-row, each stretched over its G columns): the launcher keeps BLOCK_K when G divides it, else takes the largest
-power of two dividing both (G is a multiple of 16, so at least 16). Columns past K (K a multiple of G, not
-always of BLOCK_K) are masked. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)), m fastest, so the programs running
-together share one weight tile.
+A step dequantizes its columns in chunks of 32 (16 when G is not a multiple of 32), each chunk with its
+group's zero point and scale, so any BLOCK_K and any G that is a multiple of 16 fit together. (The tile seen
+as [BLOCK_N, BLOCK_K / 32, 32]; seen per group, [BLOCK_N, BLOCK_K / G, G], it took twice the registers in the
+offline sm_90 compile at G 128.) Columns past K (a multiple of G, not always of BLOCK_K) are masked.
+Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)), m fastest, so the programs running together share one weight tile.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -60,17 +58,14 @@ def _weight_tile(
     words = tl.load(QW + offs_n[:, None] * stride_qw + offs_w[None, :], mask=mask, other=0)
     nibbles = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # nibble j of word c: 8c + j
     q = tl.reshape(nibbles, (BLOCK_N, BLOCK_K)).to(tl.float32)
-    if BLOCK_K <= GROUP:  # the step lies inside one group: a zero point and a scale per row
-        zero = tl.load(QZ + offs_n * stride_qz + k0 // GROUP, mask=n_ok, other=0).to(tl.float32)
-        scale = tl.load(S + offs_n * stride_s + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        w = (q - zero[:, None]) * scale[:, None]
-    else:  # whole groups: BLOCK_K // GROUP of them per row, each stretched over its GROUP columns
-        offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-        mask = n_ok[:, None] & (offs_g < K // GROUP)[None, :]
-        zero = tl.load(QZ + offs_n[:, None] * stride_qz + offs_g[None, :], mask=mask, other=0).to(tl.float32)
-        scale = tl.load(S + offs_n[:, None] * stride_s + offs_g[None, :], mask=mask, other=0.0).to(tl.float32)
-        q = tl.reshape(q, (BLOCK_N, BLOCK_K // GROUP, GROUP))
-        w = tl.reshape((q - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    # Columns in chunks of SPAN (G is a multiple of it): each chunk's zero point and scale are its group's
+    SPAN: tl.constexpr = 32 if GROUP % 32 == 0 else 16
+    offs_g = (k0 + tl.arange(0, BLOCK_K // SPAN) * SPAN) // GROUP
+    mask = n_ok[:, None] & (offs_g < K // GROUP)[None, :]
+    zero = tl.load(QZ + offs_n[:, None] * stride_qz + offs_g[None, :], mask=mask, other=0).to(tl.float32)
+    scale = tl.load(S + offs_n[:, None] * stride_s + offs_g[None, :], mask=mask, other=0.0).to(tl.float32)
+    q = tl.reshape(q, (BLOCK_N, BLOCK_K // SPAN, SPAN))
+    w = tl.reshape((q - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
     return cast(w, DTYPE, INTERPRET)
 
 
@@ -125,23 +120,29 @@ def _w4a16_kernel(
 
 
 def default_config(m: int) -> dict:
-    """Inner product ("gemv" or "gemm") and block sizes for M rows. BLOCK_K is taken as is when it is a multiple
-    of G, else the largest power of two dividing both. Under the interpreter, where each program step costs
-    about a millisecond, few and big blocks."""
+    """Inner product ("gemv" or "gemm") and block sizes (BLOCK_K a power of two, at least 32) for M rows.
+    Under the interpreter, where each program step costs about a millisecond, few and big blocks."""
     if m <= GEMV_MAX_ROWS:
         block_m = triton.next_power_of_2(m)
-        # BLOCK_M x BLOCK_N x BLOCK_K products live in registers at once: 8192 over 128 threads. 16 rows x 512
-        # inputs: 4 KB of 4-bit weight a step, and N / 16 programs (384 for a 6144-wide output: every SM busy).
+        # 16 rows a program: N / 16 programs (384 for a 6144-wide output), every SM busy; one row reads 4 KB
+        # of weight a step. Offline sm_90 compile (triton 3.9, G 128): 80 / 112 / 123 registers, no spills.
         return dict(
-            kernel="gemv", BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=512 // block_m, num_warps=4, num_stages=4
+            kernel="gemv",
+            BLOCK_M=block_m,
+            BLOCK_N=16,
+            BLOCK_K=512 if block_m <= 2 else 128,
+            num_warps=8,
+            num_stages=4,
         )
     if interpreting():
         return dict(kernel="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=1, num_stages=1)
-    if m <= 16:  # batched decode: the weight read dominates, many narrow programs keep every SM loading
-        return dict(kernel="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    # Offline sm_90 compile (triton 3.9, G 128): 146 / 230 / 240 registers, no spills (BLOCK_K 64 at 128 x 128
+    # needs 255: the dequantized tile lives in registers beside the accumulator).
+    if m <= 16:  # batched decode: the weight read dominates, narrow programs keep every SM loading
+        return dict(kernel="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
     if m <= 64:
-        return dict(kernel="gemm", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
-    return dict(kernel="gemm", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(kernel="gemm", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)
+    return dict(kernel="gemm", BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4)
 
 
 def _check(x, qweight, qzeros, scales, bias) -> int:
@@ -171,7 +172,7 @@ def _check(x, qweight, qzeros, scales, bias) -> int:
         )
     if k % groups or (k // groups) % 16:
         raise ValueError(
-            f"w4a16_linear: {groups} groups over K = {k} inputs: the group size must be a whole multiple of 16"
+            f"w4a16_linear: {groups} groups over K = {k} inputs: the group size must be a multiple of 16"
         )
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
         raise ValueError(
@@ -209,8 +210,6 @@ def w4a16_linear(
     if m == 0:
         return out
     cfg = dict(default_config(m), **(config or {}))
-    # Whole groups per step, or a part of one: a power-of-two G or a divisor of it
-    block_k = cfg["BLOCK_K"] if cfg["BLOCK_K"] % group == 0 else math.gcd(group, cfg["BLOCK_K"])
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _w4a16_kernel[grid](
         x2,
@@ -232,7 +231,7 @@ def w4a16_linear(
         DOT=cfg["kernel"] == "gemm",
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=block_k,
+        BLOCK_K=cfg["BLOCK_K"],
         INTERPRET=interpreting(),
         PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"],

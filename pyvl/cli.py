@@ -1,5 +1,5 @@
-"""The ``pyvl`` command line: ``pyvl chat`` (streaming, multi-turn, multi-image), ``pyvl info``, ``pyvl quantize``,
-``pyvl bench``."""
+"""The ``pyvl`` command line: ``pyvl chat`` (streaming, multi-turn, multi-image), ``pyvl info``,
+``pyvl quantize``, ``pyvl bench``."""
 
 from __future__ import annotations
 

@@ -309,8 +309,8 @@ class LLMConfig:
 @dataclass(frozen=True)
 class AWQConfig:
     """``quantization_config`` of an AWQ checkpoint (AutoAWQ, LMDeploy ``auto_awq``): every InternLM2 decoder
-    linear holds 4-bit weights with a zero point and a scale per ``group_size`` inputs (-1: one group per row),
-    packed as AWQ GEMM (see pyvl.quant.awq). Only that form is read: bits 4, zero_point true, version gemm."""
+    linear holds 4-bit weights with a zero point and a scale per ``group_size`` inputs (-1: one group per
+    row), packed as AWQ GEMM (see pyvl.quant.awq). Only that form is read: bits 4, zero_point true, gemm."""
 
     group_size: int
 
@@ -319,7 +319,7 @@ class AWQConfig:
         _check_int("quantization_config.group_size", g, -1, LIMITS["ffn_width"])
         _check(
             g == -1 or (g > 0 and g % 16 == 0),
-            f"quantization_config.group_size = {g}: expected -1 or a positive multiple of 16 (AWQ uses 32, 64, 128)",
+            f"quantization_config.group_size = {g}: expected -1 or a positive multiple of 16 (32, 64, 128)",
         )
 
     def group(self, in_features: int) -> int:
@@ -434,14 +434,14 @@ class ModelConfig:
             ):
                 _check(
                     width % 16 == 0 and width % self.quant.group(width) == 0,
-                    f"quantization_config.group_size = {self.quant.group_size}: llm_config {name} {width} must "
-                    "be a multiple of 16 split into whole groups",
+                    f"quantization_config.group_size = {self.quant.group_size}: llm_config {name} {width} "
+                    "must be a multiple of 16 split into whole groups",
                 )
             qkv_rows = (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
             _check(
                 qkv_rows % 8 == 0,
-                f"llm_config: wqkv's {qkv_rows} outputs must be a multiple of 8 in an AWQ checkpoint (8 outputs "
-                "share a packed word)",
+                f"llm_config: wqkv's {qkv_rows} outputs must be a multiple of 8 in an AWQ checkpoint (8 "
+                "outputs share a packed word)",
             )
 
     @property

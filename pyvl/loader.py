@@ -4,8 +4,9 @@ Order (``load_model``): config -> expected {key: shape} from the config alone (`
 header parsed, validated and checked against it (``check_checkpoint``) -> only then the model is built on the
 ``meta`` device and filled one tensor at a time, converted to the target device and dtype. A bad folder fails
 before any layer exists or any weight is allocated. Two layout fixes: InternLM2's ``wqkv`` is regrouped, and each
-FFN's ``w1``/``w3`` are stacked into one ``w13`` as they are read (one GEMM; never two copies). An AWQ checkpoint's
-4-bit tensors are first converted to pyvl's layout (pyvl.quant.awq), whose rows are outputs, so both fixes apply.
+FFN's ``w1``/``w3`` are stacked into one ``w13`` as they are read (one GEMM; never two copies). An AWQ
+checkpoint's 4-bit tensors are first converted to pyvl's layout (pyvl.quant.awq), whose rows are outputs, so
+both fixes apply.
 
 Memory: by default each tensor is read with plain file reads into memory the model owns, so the files may change
 or vanish afterwards with no effect, and the host holds one copy of the weights plus one tensor in flight.

@@ -1,6 +1,6 @@
 """AWQ GEMM as AutoAWQ defines it, written here from its documented algorithm (``WQLinear_GEMM.from_linear``,
-``packing_utils.dequantize_gemm``) and independent of pyvl.quant: the tests' oracle for the format, and a writer
-of AWQ checkpoints for the loading tests.
+``packing_utils.dequantize_gemm``) and independent of pyvl.quant: the tests' oracle for the format, and a
+writer of AWQ checkpoints for the loading tests.
 
     pack:    for each word column c and nibble i: qweight[:, c] |= intweight[:, 8c + ORDER[i]] << 4i
     unpack:  iweight = (qweight[..., None] >> [0, 4, .., 28]) & 15 viewed [.., 8C], columns put back in
@@ -22,7 +22,7 @@ DECODER_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_fo
 
 
 def pack(intweight: torch.Tensor) -> torch.Tensor:
-    """int [R, 8C] values 0..15 -> int32 [R, C], AutoAWQ's column loop (computed in int64, then the low 32 bits)."""
+    """int [R, 8C] values 0..15 -> int32 [R, C], AutoAWQ's column loop (in int64, then the low 32 bits)."""
     words = torch.zeros(intweight.shape[0], intweight.shape[1] // 8, dtype=torch.int64)
     for col in range(words.shape[1]):
         for i in range(8):
@@ -47,7 +47,7 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 
 def random_linear(n: int, k: int, group: int, gen: torch.Generator):
-    """Random AWQ GEMM tensors of a [n, k] linear and their float32 weight: q, z uniform in 0..15, fp16 scales."""
+    """Random AWQ GEMM tensors of a [n, k] linear and its float32 weight: q, z uniform 0..15, fp16 scales."""
     q = torch.randint(0, 16, (k, n), generator=gen)
     z = torch.randint(0, 16, (k // group, n), generator=gen)
     s = (torch.rand(k // group, n, generator=gen) * 0.05 + 0.005).half()

@@ -1,5 +1,5 @@
-"""pyvl.quant.awq (AWQ GEMM <-> pyvl's 4-bit layout) and pyvl.quant.quantize.quantize_weight, against AutoAWQ's
-algorithm as tests/awq_reference.py writes it independently."""
+"""pyvl.quant.awq (AWQ GEMM <-> pyvl's 4-bit layout) and pyvl.quant.quantize.quantize_weight, against
+AutoAWQ's algorithm as tests/awq_reference.py writes it independently."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_other_tensors_pass_through():
 
 
 def autoawq_fake_quant(w: torch.Tensor, group: int) -> torch.Tensor:
-    """AutoAWQ's pseudo_quantize_tensor (w_bit 4, zero_point), with the scales rounded to fp16 as it stores them."""
+    """AutoAWQ's pseudo_quantize_tensor (w_bit 4, zero_point), scales rounded to fp16 as it stores them."""
     n, k = w.shape
     g = w.float().reshape(-1, group)
     max_val, min_val = g.amax(dim=1, keepdim=True), g.amin(dim=1, keepdim=True)

@@ -1,5 +1,5 @@
-"""AWQ checkpoints end to end: loading (the golden tiny models with random AWQ GEMM linears written by the tests'
-own AutoAWQ packing), ``pyvl quantize``, and every refusal of a bad config or checkpoint."""
+"""AWQ checkpoints end to end: loading (the golden tiny models with random AWQ GEMM linears written by the
+tests' own AutoAWQ packing), ``pyvl quantize``, and every refusal of a bad config or checkpoint."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def awq_pair(request, tmp_path_factory):
 
 
 def test_awq_checkpoint_equals_its_dequantized_twin(awq_pair):
-    """Bit for bit in float32: the packing order, zero points, scales, wqkv regrouping and w1/w3 stacking of the
-    4-bit path all land every weight where the float path puts it."""
+    """Bit for bit in float32: the packing order, zero points, scales, wqkv regrouping and w1/w3 stacking of
+    the 4-bit path all land every weight where the float path puts it."""
     variant, awq_dir, twin_dir = awq_pair
     quantized, twin = _load(awq_dir), _load(twin_dir)
     layer = quantized.model.language_model.model.layers[0]
@@ -53,7 +53,7 @@ def test_awq_checkpoint_equals_its_dequantized_twin(awq_pair):
 
 
 def test_awq_triton_kernel_in_the_model(awq_pair):
-    """bf16 through the W4A16 kernel (every op on Triton) against the float32 twin: as close as bf16 reference."""
+    """bf16 through the W4A16 kernel (every op on Triton) vs the float32 twin: as close as bf16 reference."""
     variant, awq_dir, twin_dir = awq_pair
     ids = pyvl.load(twin_dir, device="cpu").tokenizer.encode(PROMPT)
     want = _load(twin_dir).logits(ids)
@@ -255,8 +255,8 @@ def test_bad_packed_tensors(awq_folder, attr, dtype, shape, match):
 
 
 def test_awq_presets_for_the_benchmarks():
-    """`pyvl bench e2e --preset internvl-chat-v1-5-awq --random-weights`: the V1-5 shapes with 4-bit linears
-    (built on meta here, as the loader would check them), and random 4-bit weights that run (the tiny preset)."""
+    """`pyvl bench e2e --preset internvl-chat-v1-5-awq --random-weights`: the V1-5 shapes with 4-bit
+    linears (built on meta, as the loader checks them), and random 4-bit weights that run (tiny preset)."""
     from pyvl.bench.presets import chat_on, parameter_count, preset_config, preset_dict, random_model
     from pyvl.config import ModelConfig
     from pyvl.models.vlm import InternVLChatModel

@@ -1,9 +1,9 @@
 """pyvl.kernels.w4a16 against pyvl.ops.reference.w4a16_linear (rules: kernel_tolerances.py).
 
-Both kernels (gemv up to GEMV_MAX_ROWS rows, gemm above) at odd row counts, output widths with a masked tail
-(N = k * BLOCK_N + 8), group sizes 32 / 64 / 128 / one group per row, with and without bias, x as a strided
-view of a wider tensor and as [B, S, K]. The oracle is the reference on float32 x and scales (W exact in
-float32); the same-dtype reference rounds W to x's dtype as the kernel does.
+Both inner products (gemv up to GEMV_MAX_ROWS rows, gemm above) at odd row counts, output widths with a
+masked tail (N = k * BLOCK_N + 8), group sizes 32 / 64 / 128 / 48 (chunks of 16) / one group per row, with and
+without bias, x as a strided view of a wider tensor and as [B, S, K]. The oracle is the reference on float32
+x and scales (W exact in float32); the same-dtype reference rounds W to x's dtype as the kernel does.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def check(x, weight, bias=None, out=None, config=None, what=""):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [1, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 33])
-@pytest.mark.parametrize("n, k, group", [(72, 128, 32), (40, 192, 64), (136, 256, 128), (32, 160, 160)])
+@pytest.mark.parametrize(
+    "n, k, group", [(72, 128, 32), (40, 192, 64), (136, 256, 128), (32, 160, 160), (24, 240, 48)]
+)
 def test_matches_reference(dtype, m, n, k, group):
     gen, seed = fresh_generator()
     x = randn(m, k, dtype=dtype, device=DEVICE, gen=gen)

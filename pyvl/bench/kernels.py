@@ -22,8 +22,8 @@ every call reads its K/V from HBM as in a real decode step; its ms is per call (
 Shapes (bf16, REAL): ViT attention 13 tiles x 25 heads x 1025 x 128 (6B) and x 16 heads x 64 (300M), q/k/v views
 of one fused qkv output; prefill 3400 tokens, 48/8 and 16/8 heads; decode 48/8 heads over 3400 and 32768 cached
 keys (and 16 rows x 3400); rms_norm / silu_mul / apply_rotary at the InternLM2-20B widths for 3400 tokens
-(prefill) and 1 token (decode); pixel_shuffle of 13 tiles of InternViT-6B output; w4a16_linear on InternLM2-20B's
-wqkv, wo, w13 and w2 (groups of 128) at 1 token, 16 (w13) and 3400 (w13, w2).
+(prefill) and 1 token (decode); pixel_shuffle of 13 tiles of InternViT-6B output; w4a16_linear on
+InternLM2-20B's wqkv, wo, w13 and w2 (groups of 128) at 1 token, 16 (w13) and 3400 (w13, w2).
 
 ``--smoke`` (SMOKE shapes, :func:`smoke_rig`) runs the same cases on the CPU under TRITON_INTERPRET=1 at tiny
 sizes, timed by a perf_counter median (no CUDA events, no graphs), against ceilings measured the same way: it

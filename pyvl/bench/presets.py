@@ -8,7 +8,7 @@ real folder's) with the released models' dimensions:
   mini-internvl-chat-2b-v1-5  InternViT-300M: 24 layers x 1024, 16 heads (D 64), MLP 4096, LayerNorm, qkv bias,
                               no QK-norm; InternLM2-1.8B: 24 layers x 2048, 16/8 heads, FFN 8192        2.2 B parameters
   tiny                        the demo model's config (pyvl.demo.demo_config_dict)                     1.3 M parameters
-  internvl-chat-v1-5-awq      internvl-chat-v1-5 with 4-bit AWQ GEMM decoder linears, groups of 128 (pyvl.quant)
+  internvl-chat-v1-5-awq      internvl-chat-v1-5, its decoder linears 4-bit AWQ GEMM, groups of 128
 
 Both real presets: ps_version v2, 448 px tiles (256 tokens each), vocab 92553, rope theta 1e6, max_position
 32768, rms_norm_eps 1e-5. V1-5's rope_scaling factor is 2.0 here: the spec could not read the released value

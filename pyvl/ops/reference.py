@@ -8,8 +8,9 @@ and casts back where it does. Layouts:
   rotary cos/sin: [B, S, D] already gathered at the token positions (rotate-half, duplicated halves)
   pixel_shuffle x: [N, h, w, C] patch grid (row-major tokens) -> [N, h*w*r^2, C/r^2]
   resize_tiles image: RGB uint8 [H, W, 3] -> tiles [cols*rows (+1 thumbnail), 3, T, T] (NCHW)
-  w4a16_linear weight (pyvl.quant): qweight int32 [N, K/8] (word c of row n: columns 8c..8c+7, column 8c + j in
-    bits 4j..4j+3), qzeros uint8 [N, K/G], scales [N, K/G]; W[n, k] = (q[n, k] - qzeros[n, k//G]) * scales[n, k//G]
+  w4a16_linear weight (pyvl.quant): qweight int32 [N, K/8] (word c of row n: columns 8c..8c+7, column 8c + j
+    in bits 4j..4j+3), qzeros uint8 [N, K/G], scales [N, K/G];
+    W[n, k] = (q[n, k] - qzeros[n, k//G]) * scales[n, k//G]
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def to_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def from_rows(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
-    """pyvl's layout of one linear -> its AWQ GEMM tensors {"qweight", "qzeros", "scales"} (to write a file)."""
+    """pyvl's layout of one linear -> its AWQ GEMM tensors {"qweight", "qzeros", "scales"}, to be written."""
     return {
         "qweight": pack_nibbles(unpack_nibbles(qweight, NATURAL_ORDER).t(), AWQ_ORDER),
         "qzeros": pack_nibbles(qzeros.t(), AWQ_ORDER),

@@ -39,26 +39,29 @@ class W4A16Linear(nn.Module):
         return self.ops.w4a16_linear(x, self.qweight, self.qzeros, self.scales, self.bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"bias={self.bias is not None}"
-        )
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, group_size={self.group_size}, bias={self.bias is not None}"
 
 
 def stacked_twin(linear: nn.Module) -> nn.Module:
     """An empty twin of ``linear`` (an nn.Linear or a W4A16Linear) with twice its outputs, on the meta device:
     the fused w13 that a FeedForward's w1 and w3 are stacked into as they load."""
     if isinstance(linear, W4A16Linear):
+        has_bias = linear.bias is not None
         return W4A16Linear(
-            linear.in_features, 2 * linear.out_features, linear.group_size, linear.bias is not None, linear.ops,
+            linear.in_features,
+            2 * linear.out_features,
+            linear.group_size,
+            has_bias,
+            linear.ops,
             device="meta",
-        )  # fmt: skip
+        )
     return nn.Linear(linear.in_features, 2 * linear.out_features, bias=linear.bias is not None, device="meta")
 
 
 def use_w4a16_linears(language_model: nn.Module, cfg: ModelConfig, ops: Ops) -> None:
-    """Replace every decoder linear of an InternLM2ForCausalLM built from an AWQ ``cfg`` (wqkv, wo, w1, w3, w2)
-    by an empty W4A16Linear of the same size on the meta device, ready for the loader."""
+    """Replace every decoder linear (wqkv, wo, w1, w3, w2) of an InternLM2ForCausalLM built from an AWQ
+    ``cfg`` by an empty W4A16Linear of the same size on the meta device, ready for the loader."""
     for layer in language_model.model.layers:
         for path in QUANTIZED_LINEARS:
             parent_name, _, name = path.rpartition(".")

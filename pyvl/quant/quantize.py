@@ -1,18 +1,18 @@
 """``pyvl quantize``: a float InternVL 1.5 folder -> an AWQ GEMM folder (4-bit decoder linears) pyvl loads.
 
-Each InternLM2 decoder linear (wqkv, wo, w1, w3, w2) is quantized per group of G inputs by round-to-nearest with
-a zero point, as AutoAWQ's ``pseudo_quantize_tensor`` (w_bit 4, zero_point) does, over a range that always
-includes 0 (as PyTorch's observers do):
+Each InternLM2 decoder linear (wqkv, wo, w1, w3, w2) is quantized per group of G inputs by round-to-nearest
+with a zero point, as AutoAWQ's ``pseudo_quantize_tensor`` (w_bit 4, zero_point) does, over a range that
+always includes 0 (as PyTorch's observers do):
 
     lo = min(min(w), 0)   hi = max(max(w), 0)   s = max(hi - lo, 1e-5) / 15, rounded to float16 as stored
     z = clamp(-round(lo / s), 0, 15)            q = clamp(round(w / s) + z, 0, 15)
 
 For the groups of real weights, which hold both signs, that is AutoAWQ's result exactly; a group of one sign
 (which AutoAWQ clamps badly: a constant 0.25 comes back as 1e-5) stays within half a step like the others.
-The result is written as AWQ GEMM tensors (pyvl.quant.awq) with ``quantization_config`` in llm_config, where LMDeploy's
-auto_awq writes it for InternVL. What is not done: AWQ's activation-aware scale search, which needs calibration
-data; this is its round-to-nearest baseline, in the same format. Everything else (ViT, mlp1, embeddings, norms,
-output head, tokenizer and other files) is copied unchanged.
+The result is written as AWQ GEMM tensors (pyvl.quant.awq) with ``quantization_config`` in llm_config, where
+LMDeploy's auto_awq writes it for InternVL. What is not done: AWQ's activation-aware scale search, which needs
+calibration data; this is its round-to-nearest baseline, in the same format. Everything else (ViT, mlp1,
+embeddings, norms, output head, tokenizer and other files) is copied unchanged.
 
 The output folder is written under a temporary name and renamed when complete: it never exists half-written.
 Memory: one source tensor and at most one output shard (``max_shard_bytes``) at a time.
@@ -73,7 +73,7 @@ def _quantized_config(src: Path, group_size: int) -> tuple[dict, ModelConfig]:
 def _output_tensors(
     tensors: dict[str, TensorInfo], cfg: ModelConfig, device: torch.device
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every output tensor, file by file: decoder linear weights as their AWQ GEMM triple, the rest as read."""
+    """Every output tensor, file by file: decoder linears' weights as AWQ GEMM triples, the rest as read."""
     by_file: dict[Path, list[str]] = {}
     for name, info in tensors.items():
         by_file.setdefault(info.file, []).append(name)
@@ -94,7 +94,8 @@ def _output_tensors(
 
 def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, max_shard_bytes: int) -> None:
     """Shards of at most ``max_shard_bytes`` (one tensor per shard if it is larger) named as released:
-    ``model.safetensors`` alone, or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``."""
+    ``model.safetensors`` alone, or ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``.
+    """
     shards: list[dict[str, torch.Tensor]] = []
     pending: dict[str, torch.Tensor] = {}
     pending_bytes = total = 0
@@ -133,8 +134,8 @@ def quantize_folder(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Write ``dst``, an AWQ GEMM copy of the float InternVL folder ``src`` (see the module docstring), and
-    return it. ``device``: where the weights are quantized. Raises ConfigError / CheckpointError naming the file,
-    key or value at fault; ``dst`` must not exist yet, and is never left half-written."""
+    return it. ``device``: where the weights are quantized. Raises ConfigError / CheckpointError naming the
+    file, key or value at fault; ``dst`` must not exist yet, and is never left half-written."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory; pyvl quantize takes a model folder")
