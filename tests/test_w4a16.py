@@ -8,6 +8,8 @@ x and scales (W exact in float32); the same-dtype reference rounds W to x's dtyp
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -154,3 +156,54 @@ def test_bench_rows_smoke():
         ["w2", str(s.prompt)],
     ]
     assert all(row["rel_diff"] < 1e-2 and row["ms"] > 0 for row in result["rows"]), result["rows"]
+
+
+_SM90_COMPILE = """
+import re, subprocess, sys, tempfile
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+except ImportError as exc:
+    sys.exit(f"SKIP {exc}")
+from pyvl.kernels.w4a16 import _w4a16_kernel, default_config
+
+pointers = dict(X="*bf16", QW="*i32", QZ="*u8", S="*bf16", Bias="*bf16", Out="*bf16")
+scalars = "M N K stride_xm stride_om stride_qw stride_qz stride_s".split()
+for m in (1, 2, 4, 16, 64, 3400):
+    cfg = default_config(m)
+    constexprs = dict(GROUP=128, HAS_BIAS=False, DOT=cfg["kernel"] == "gemm", BLOCK_M=cfg["BLOCK_M"],
+                      BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], INTERPRET=False, PRECISION=None)
+    signature = pointers | dict.fromkeys(scalars, "i32") | dict.fromkeys(constexprs, "constexpr")
+    kernel = triton.compile(ASTSource(_w4a16_kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx.name, "-o", "/dev/null"],
+                                capture_output=True, text=True).stderr
+    regs, spills = re.search(r"Used (\\d+) registers", report)[1], re.search(r"(\\d+) bytes spill stores", report)[1]
+    print(m, cfg["kernel"], regs, spills)
+"""
+
+
+def test_compiles_for_sm90_without_spills():
+    """Offline, no GPU needed: each regime's default configuration compiles to sm_90a (Triton's own ptxas) and
+    keeps its registers: a dequantized tile too big for them would spill to local memory on every step."""
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"
+    }  # the real compiler, not the interpreter
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode and proc.stderr.startswith("SKIP"):
+        pytest.skip(f"no Triton CUDA backend here: {proc.stderr.strip()[-200:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["1", "2", "4", "16", "64", "3400"], proc.stdout
+    assert all(int(spills) == 0 for *_, spills in rows), proc.stdout
+    print(proc.stdout)
