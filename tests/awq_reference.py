@@ -1,10 +1,13 @@
-"""AWQ GEMM as AutoAWQ defines it, written here from its documented algorithm (``WQLinear_GEMM.from_linear``,
-``packing_utils.dequantize_gemm``) and independent of pyvl.quant: the tests' oracle for the format, and a
-writer of AWQ checkpoints for the loading tests.
+"""AWQ GEMM as AutoAWQ defines it, written here from its public source (casper-hansen/AutoAWQ:
+``quantize/quantizer.py`` ``pseudo_quantize_tensor``, ``modules/linear/gemm.py`` ``WQLinear_GEMM.from_linear``,
+``utils/packing_utils.py`` ``dequantize_gemm``) and independent of pyvl.quant: the tests' oracle for the
+format, and a writer of AWQ checkpoints for the loading tests.
 
-    pack:    for each word column c and nibble i: qweight[:, c] |= intweight[:, 8c + ORDER[i]] << 4i
-    unpack:  iweight = (qweight[..., None] >> [0, 4, .., 28]) & 15 viewed [.., 8C], columns put back in
-             output order by the reverse order (0, 4, 1, 5, 2, 6, 3, 7); W^T = (iweight - izeros) * scales
+    quantize: per group of G inputs of a row, s = max(max - min, 1e-5) / 15, z = clamp(-round(min / s), 0, 15),
+              q = clamp(round(w / s) + z, 0, 15); s stored as fp16
+    pack:     for each word column c and nibble i: qweight[:, c] |= intweight[:, 8c + ORDER[i]] << 4i
+    unpack:   iweight = (qweight[..., None] >> [0, 4, .., 28]) & 15 viewed [.., 8C], columns put back in
+              output order by the reverse order (0, 4, 1, 5, 2, 6, 3, 7); W^T = (iweight - izeros) * scales
 """
 
 from __future__ import annotations
@@ -46,6 +49,23 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return ((iweight - izeros).float() * scales.float().repeat_interleave(group, dim=0)).t().contiguous()
 
 
+def quantize(weight: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """A float weight [N, K] -> its AWQ GEMM tensors, as AutoAWQ's round-to-nearest (w_bit 4, zero_point)
+    and WQLinear_GEMM packing write them (without the activation-aware scaling, which only changes W)."""
+    n, k = weight.shape
+    w = weight.float().reshape(-1, group)  # (N * K/G, G): one row a group, as AutoAWQ reshapes it
+    max_val, min_val = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
+    scales = (max_val - min_val).clamp(min=1e-5) / 15
+    zeros = (-torch.round(min_val / scales)).clamp(0, 15)
+    intweight = torch.clamp(torch.round(w / scales) + zeros, 0, 15).reshape(n, k)
+    # AutoAWQ stores [in, out] (and [in/G, out] for zeros and scales): the transposes of pyvl's rows
+    return {
+        "qweight": pack(intweight.t().to(torch.int64)),
+        "qzeros": pack(zeros.reshape(n, k // group).t().to(torch.int64)),
+        "scales": scales.reshape(n, k // group).t().contiguous().half(),
+    }
+
+
 def random_linear(n: int, k: int, group: int, gen: torch.Generator):
     """Random AWQ GEMM tensors of a [n, k] linear and its float32 weight: q, z uniform 0..15, fp16 scales."""
     q = torch.randint(0, 16, (k, n), generator=gen)
@@ -59,10 +79,11 @@ def awq_config(group_size: int) -> dict:
     return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
 
 
-def write_awq_pair(src: Path, awq_dir: Path, twin_dir: Path, group: int, gen: torch.Generator) -> None:
-    """From the float folder ``src``: ``awq_dir``, its decoder linears replaced by random AWQ GEMM tensors
-    (``quantization_config`` in llm_config), and ``twin_dir``, the same model in float32 with those linears'
-    dequantized weights. Every other tensor and file is copied."""
+def write_awq_pair(src: Path, awq_dir: Path, twin_dir: Path, group: int) -> None:
+    """From the float folder ``src``: ``awq_dir``, its decoder linears quantized by :func:`quantize` into AWQ
+    GEMM tensors (``quantization_config`` in llm_config, as LMDeploy's auto_awq writes it), and ``twin_dir``,
+    the same model in float32 holding those tensors' dequantized weights. Every other tensor and file is
+    copied."""
     tensors = {}
     for path in sorted(src.glob("*.safetensors")):
         tensors.update(load_file(path))
@@ -70,9 +91,9 @@ def write_awq_pair(src: Path, awq_dir: Path, twin_dir: Path, group: int, gen: to
     for name, tensor in tensors.items():
         prefix = name.removesuffix(".weight")
         if name.endswith(".weight") and prefix.endswith(DECODER_LINEARS):
-            awq, weight = random_linear(*tensor.shape, group, gen)
+            awq = quantize(tensor, group)
             quantized.update({f"{prefix}.{attr}": t for attr, t in awq.items()})
-            twin[name] = weight
+            twin[name] = dequantize(awq["qweight"], awq["qzeros"], awq["scales"])
         else:
             quantized[name] = tensor
             twin[name] = tensor.float()

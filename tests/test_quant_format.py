@@ -95,3 +95,15 @@ def test_quantize_weight_refuses_overflowing_scales():
     w[0, 0] = 1e9
     with pytest.raises(CheckpointError, match="overflows"):
         quantize_weight(w, 32)
+
+
+def test_the_reference_quantizer_rounds_to_nearest():
+    """tests/awq_reference.quantize (AutoAWQ's round-to-nearest and packing), read back by its own dequantize:
+    every weight within half a step (plus the fp16 rounding of the stored scale) of the original."""
+    gen, seed = fresh_generator()
+    w = torch.randn(24, 96, generator=gen) * 0.02
+    tensors = autoawq.quantize(w, 32)
+    assert tensors["qweight"].shape == (96, 3) and tensors["scales"].shape == (3, 24)
+    step = tensors["scales"].float().t().repeat_interleave(32, dim=1)
+    got = autoawq.dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"])
+    assert ((got - w).abs() <= 0.51 * step).all(), f"seed {seed}"

@@ -11,7 +11,6 @@ import pytest
 import torch
 from ckpt_files import edit_header
 from conftest import GOLDEN
-from kernel_tolerances import fresh_generator
 from safetensors.torch import load_file
 
 import pyvl
@@ -32,11 +31,11 @@ def _load(folder, **kwargs):
 
 @pytest.fixture(scope="module", params=["v15", "mini"])
 def awq_pair(request, tmp_path_factory):
-    """(variant, AWQ folder, its float32 twin holding the dequantized weights); groups of 32 divide both
-    variants' 64 and 128/160 inputs."""
-    gen, _ = fresh_generator()
+    """(variant, AWQ folder, its float32 twin holding the dequantized weights): the golden model's decoder
+    linears quantized and packed by the tests' own AutoAWQ; groups of 32 divide both variants' 64 and
+    128/160 inputs. v15 has 2 KV heads (so a wqkv regrouping missed on the packed tensors would show), mini 1."""
     root = tmp_path_factory.mktemp(f"awq_{request.param}")
-    autoawq.write_awq_pair(GOLDEN / request.param / "checkpoint", root / "awq", root / "twin", 32, gen)
+    autoawq.write_awq_pair(GOLDEN / request.param / "checkpoint", root / "awq", root / "twin", 32)
     return request.param, root / "awq", root / "twin"
 
 
