@@ -18,7 +18,10 @@ config.json says so with ``quantization_config`` = {"quant_method": "awq", "bits
 "zero_point": true, "version": "gemm"} (see pyvl.config.AWQConfig). AutoAWQ writes clamped zeros (0..15) and
 fp16 scales; LMDeploy writes the scales in the model's dtype. In an InternVL checkpoint only the InternLM2
 decoder linears (wqkv, wo, w1, w3, w2) are quantized; the ViT, mlp1, embeddings, norms and output head stay
-float.
+float. Sources (public): AutoAWQ ``awq/modules/linear/gemm.py`` (``WQLinear_GEMM``: shapes, packing loop),
+``awq/utils/packing_utils.py`` (``AWQ_ORDER``, ``AWQ_REVERSE_ORDER``, ``dequantize_gemm``),
+``awq/quantize/quantizer.py`` (``pseudo_quantize_tensor``); LMDeploy ``lmdeploy/lite/quantization/modules/
+linear.py`` (``WeightOnlyQLinear.from_linear``, awq_layout: the same shapes and order).
 
 pyvl's layout (what a loaded model holds; :func:`to_rows` converts each tensor as it is read):
 
