@@ -19,7 +19,7 @@
 #   device_check.log  everything       build.log   the pip/CMake/nvcc output
 #   tests.xml         JUnit, the per-process reports merged
 #   bench.json        {"kernels", "preprocess_cuda"}   sweep.json  block-config sweep
-#   e2e.json          {"v15", "mini", "v15_hf", "engine_v15", "load_v15"}
+#   e2e.json          {"v15", "mini", "v15_hf", "engine_v15", "load_v15", "tp_v15"}
 #
 # Steps in order, with the estimate on an H200 (16 cores) and the budget, seconds:
 #   probe             GPU, Python.h, xdist, pytest-timeout: no torch    est   2  budget  10
@@ -34,6 +34,7 @@
 #   tests_image       image, golden (fp32, TF32 off), backend, engine   est  20  budget  30
 #   e2e_mini          pyvl alone at Mini-InternVL-2B size               est  20  budget  25
 #   load_v15          load time, V1-5 shapes (16 GB), extrapolated     est  30  budget  45
+#   tp_v15            TP=2 beside TP=1 at V1-5 size: TTFT, decode       est  70  budget 120  (only with >= 2 GPUs)
 #   sweep             block configs, ViT + decode attention, last       est  45  budget  60
 #   e2e_v15_hf        HF transformers at V1-5 size                      est  60  budget  90  (only with >= 100 s left)
 #   (summary reserve 8)  estimates without HF: 412 s; budgets without HF: 610 s, so when steps overrun it is the
@@ -50,7 +51,9 @@
 # into the tree), pytest runs one fast CPU selection per process, the kernel benchmarks run with --smoke under
 # TRITON_INTERPRET=1, the model benchmarks with --preset tiny --device cpu appended (argparse keeps the last
 # value), each of these with a budget of its own (STAND_IN_BUDGET_S), and the two that need CUDA
-# (bench_preprocess, e2e_v15_hf) are recorded as skipped when they say so.
+# (bench_preprocess, e2e_v15_hf) are recorded as skipped when they say so. tp_v15 runs only where at least two
+# GPUs are visible, and is recorded as skipped elsewhere (a dry run too: tests/test_parallel_cli.py runs its
+# code on the tiny preset over gloo).
 # tests/test_device_check.py runs it so in CI. DEVICE_CHECK_PYTHON picks the interpreter (default python3).
 set -uo pipefail
 
@@ -63,7 +66,7 @@ STAND_IN_BUDGET_S=120  # a dry run's CPU stand-in: the tiny preset or the interp
 # How a GPU-only benchmark says it cannot run on this machine (a dry run records that as skipped, not FAILED).
 NEEDS_GPU='needs (a )?CUDA|not compiled with CUDA|no CUDA GPUs|NVIDIA driver|CUDA only|transformers is not installed'
 STEPS="probe env build tests_kernels bench_kernels e2e_v15 engine_v15 bench_preprocess tests_preprocess"
-STEPS="$STEPS tests_image e2e_mini load_v15 sweep e2e_v15_hf"
+STEPS="$STEPS tests_image e2e_mini load_v15 tp_v15 sweep e2e_v15_hf"
 mkdir -p "$out"
 work=$(mktemp -d)
 tree=$work/src
@@ -360,6 +363,13 @@ pytest_step tests_image "test_image.py test_golden.py test_backend_triton.py tes
 bench_step e2e_mini 25 tiny-e2e -m pyvl bench e2e --preset mini-internvl-chat-2b-v1-5 "${e2e_flags[@]}"
 bench_step load_v15 45 tiny "$repo/benchmarks/bench_load.py" --preset internvl-chat-v1-5 --device cuda --max-gb 16 \
   --jsonl
+gpus=$(timeout 8 nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+if [ "$dry" = 0 ] && [ "$gpus" -ge 2 ]; then
+  bench_step tp_v15 120 - -m pyvl bench tp --preset internvl-chat-v1-5 --random-weights --tensor-parallel-size 2 \
+    --device cuda --jsonl
+else
+  record tp_v15 skipped 0 "needs 2 GPUs, $gpus visible"
+fi
 bench_step sweep 60 smoke -m pyvl bench sweep --rep-ms 50 --jsonl
 if [ $((deadline - SECONDS - RESERVE_S)) -ge 100 ]; then
   bench_step e2e_v15_hf 90 - -m pyvl bench e2e --preset internvl-chat-v1-5 --random-weights --hf-only --device cuda \

@@ -6,7 +6,8 @@ complete or cut short: a step killed at its limit keeps every row it printed, wi
 status. Files in $OUT (the script writes device_check.log and build.log itself):
 
     bench.json  {"kernels", "preprocess_cuda"}                      sweep.json  the block-config sweep
-    e2e.json    {"v15", "mini", "v15_hf", "engine_v15", "load_v15"}  tests.xml   the JUnit reports merged
+    e2e.json    {"v15", "mini", "v15_hf", "engine_v15", "load_v15", "tp_v15"}
+    tests.xml   the JUnit reports merged
 
 Every entry of the JSON files is {"rows", "notes", "complete", "status", ...the result's own fields}, plus
 "note" (why it was skipped or stopped) and "error" (the last lines of stderr) where there is one.
@@ -36,6 +37,7 @@ JSON_FILES = {  # file -> {key: step}; sweep.json holds the sweep's result itsel
         "v15_hf": "e2e_v15_hf",
         "engine_v15": "engine_v15",
         "load_v15": "load_v15",
+        "tp_v15": "tp_v15",
     },
 }
 BENCH_STEPS = ("sweep", *(step for steps in JSON_FILES.values() for step in steps.values()))
@@ -187,6 +189,17 @@ def load_figures(rows: list[dict]) -> list[str]:
     return [f"load_s {r['load_s']}" for r in rows if "load_s" in r][:1]
 
 
+def tp_figures(rows: list[dict]) -> list[str]:
+    """TP=1 -> TP=N of each row, with the ratio (TP=N's speed-up, or its share of the weights)."""
+    shown = []
+    for row in rows:
+        sizes = [k for k in row if k.startswith("tp")]
+        if len(sizes) == 2:
+            values = " -> ".join(f"{row[k]}" for k in sizes)
+            shown.append(f"{row.get('key')} {values} {row.get('unit', '')} ({row.get('ratio')}x)")
+    return shown
+
+
 def e2e_figures(rows: list[dict]) -> list[str]:
     return _keyed(rows, E2E_KEYS)
 
@@ -204,6 +217,7 @@ FIGURES = {
     "e2e_v15_hf": e2e_figures,
     "engine_v15": engine_figures,
     "load_v15": load_figures,
+    "tp_v15": tp_figures,
 }
 
 

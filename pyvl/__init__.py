@@ -7,7 +7,7 @@ model.chat(pixel_values, "Describe this image.", generation_config=dict(max_new_
 
 from .api import load
 from .chat import ChatStats, InternVLChat
-from .errors import CheckpointError, ConfigError, ImageError, PromptError, PyvlError
+from .errors import CheckpointError, ConfigError, ImageError, PromptError, PyvlError, WorkerError
 from .generation_config import GenerationConfig
 from .image import load_image
 
@@ -16,6 +16,6 @@ __version__ = "0.1.0"
 # fmt: off
 __all__ = [
     "load", "load_image", "InternVLChat", "ChatStats", "GenerationConfig",
-    "PyvlError", "ConfigError", "CheckpointError", "ImageError", "PromptError", "__version__",
+    "PyvlError", "ConfigError", "CheckpointError", "ImageError", "PromptError", "WorkerError", "__version__",
 ]
 # fmt: on

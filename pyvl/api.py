@@ -14,7 +14,7 @@ from . import checks
 from .chat import InternVLChat
 from .config import load_config
 from .engine.engine import Engine, EngineConfig
-from .errors import CheckpointError, ConfigError, PyvlError
+from .errors import CheckpointError, ConfigError, PyvlError, WorkerError
 from .loader import load_model
 from .ops import resolve_ops
 from .tokenizer import Tokenizer
@@ -99,6 +99,34 @@ def _context_length(folder: Path, llm_max_positions: int) -> int:
     return max(llm_max_positions, tokenizer_max)
 
 
+def _tensor_parallel(
+    folder: Path, world: int, device: torch.device, dtype: torch.dtype, backend, op_backends
+):
+    """Start (or, under torchrun, join) the group of ``world`` ranks; rank 0's model is ``cluster.model``."""
+    from .parallel import launch
+    from .parallel.spec import ShardSpec
+
+    if device.type == "cuda" and device.index is not None:
+        raise ConfigError(
+            f"device={device}: with tensor_parallel_size={world} the ranks take GPUs 0..{world - 1} (or LOCAL_RANK "
+            "under torchrun); pass device='cuda' and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    spec = ShardSpec(
+        device.type,
+        str(dtype).removeprefix("torch."),
+        backend,
+        dict(op_backends) if op_backends else None,
+        folder=str(folder.resolve()),
+    )
+    if (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    ):  # started by torchrun: its processes are the ranks
+        if int(os.environ["RANK"]) != 0:
+            launch.serve_and_exit(spec, world)
+        return launch.join(spec, world)
+    return launch.start(spec, world)
+
+
 def load(
     path: str | Path,
     device: str | torch.device | None = None,
@@ -116,6 +144,7 @@ def load(
     prefix_caching: bool = True,
     image_cache_dir: str | os.PathLike | None = None,
     image_cache_dir_gb: float = 10.0,
+    tensor_parallel_size: int = 1,
 ) -> InternVLChat:
     """Load an InternVL 1.5 folder (config.json, safetensors, tokenizer) as released.
 
@@ -131,6 +160,12 @@ def load(
     cuda_graphs=False turns CUDA-graph decode off; prefix_caching=False prefills every prompt whole;
     image_cache_dir keeps computed image features on disk too (at most image_cache_dir_gb), so that another
     process, or this one after a restart, answers about a known image without the vision model.
+    tensor_parallel_size: split the model over this many ranks (pyvl.parallel): this process is rank 0 and
+    runs the engine; pyvl starts the others, one per GPU (device "cuda": GPUs 0..N-1) or, on the CPU, one
+    process each, and ends them with the model (``close()``, garbage collection, or this process's end). Under
+    torchrun (RANK and WORLD_SIZE set, WORLD_SIZE = N) the group is torchrun's processes, and on ranks > 0 this
+    call serves rank 0 and then exits the process. Each rank reads only its slices of the files (mmap and
+    progress do not apply).
     Raises ConfigError / CheckpointError naming the file and key at fault; nothing is half-loaded.
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -165,6 +200,7 @@ def load(
             f"{type(image_cache_dir).__name__}"
         )
     checks.real(image_cache_dir_gb, "image_cache_dir_gb", 0, 1e6, low_open=True, error=ConfigError)
+    checks.integer(tensor_parallel_size, "tensor_parallel_size", 1, None, error=ConfigError)
     cfg = load_config(folder)
     dtype = _resolve_dtype(dtype, device, cfg.torch_dtype)
     tokenizer = Tokenizer.from_folder(folder)
@@ -174,29 +210,45 @@ def load(
             f"{cfg.llm.vocab_size}"
         )
     ops = resolve_ops(backend, device, op_backends, dtype)
-    model = load_model(cfg, ops, folder, device, dtype, progress=progress, mmap=mmap)
-    model.eval()
     context = (
         max_context if max_context is not None else _context_length(folder, cfg.llm.max_position_embeddings)
     )
     if context < 2:
         raise ConfigError(f"max_context {context} must be at least 2")
-    engine_config = EngineConfig.for_model(
-        model,
-        context,
-        kv_cache_gb,
-        image_cache_gb,
-        max_num_seqs,
-        max_batched_tokens,
-        cuda_graphs,
-        prefix_caching,
-        image_cache_dir,
-        image_cache_dir_gb,
-    )
+    cluster = None
+    if tensor_parallel_size > 1:
+        cluster = _tensor_parallel(folder, tensor_parallel_size, device, dtype, backend, op_backends)
+        model = cluster.model
+    else:
+        model = load_model(cfg, ops, folder, device, dtype, progress=progress, mmap=mmap)
+    model.eval()
     try:
-        engine = Engine(model, engine_config, salt=f"{folder.resolve()}|{dtype}", bos_id=tokenizer.bos_id)
+        engine_config = EngineConfig.for_model(
+            model,
+            context,
+            kv_cache_gb,
+            image_cache_gb,
+            max_num_seqs,
+            max_batched_tokens,
+            cuda_graphs,
+            prefix_caching,
+            image_cache_dir,
+            image_cache_dir_gb,
+            kv_heads=None if cluster is None else cluster.kv_heads_max,
+        )
+        engine = Engine(
+            model, engine_config, salt=f"{folder.resolve()}|{dtype}", bos_id=tokenizer.bos_id, cluster=cluster
+        )
     except PyvlError as exc:  # e.g. an image_cache_dir that cannot be created or written
+        if cluster is not None:
+            cluster.close()
+        if isinstance(exc, WorkerError):
+            raise
         raise ConfigError(str(exc)) from None
+    except BaseException:
+        if cluster is not None:
+            cluster.close()
+        raise
     log.info(
         "loaded %s on %s (%s, ops: %s; KV pool %d blocks of %d tokens)",
         folder,

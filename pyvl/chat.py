@@ -62,6 +62,17 @@ class InternVLChat:
     def device(self) -> torch.device:
         return self.model.device
 
+    def close(self) -> None:
+        """Stop the engine (requests still running fail with a PyvlError) and, under tensor parallelism, end the
+        worker processes. Idempotent; garbage collection and the interpreter's exit do the same."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> InternVLChat:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
@@ -154,7 +165,8 @@ class InternVLChat:
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, 448, 448] tiles -> [N, 256, llm_hidden] image embeddings."""
         self.prompts.check_tiles(pixel_values)
-        return self.model.extract_feature(pixel_values)
+        rows = self.engine.runner.encode_image(pixel_values)  # under tensor parallelism, on every rank
+        return rows.view(pixel_values.shape[0], -1, rows.shape[-1])
 
     def logits(self, input_ids, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [S, vocab] of one prompt (1-D or [1, S] ids), images spliced in: a request to the

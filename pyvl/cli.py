@@ -24,6 +24,10 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
+def _add_tensor_parallel_flag(p: argparse.ArgumentParser, help: str, default: int = 1) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=default, metavar="N", help=help)
+
+
 def _add_image_cache_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-cache-dir",
@@ -64,6 +68,7 @@ def _load_model(args):
         backend=args.backend,
         image_cache_dir=args.image_cache_dir,
         image_cache_dir_gb=args.image_cache_dir_gb,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
@@ -106,7 +111,11 @@ def cmd_chat(args) -> int:
     from .generation_config import GenerationConfig
 
     gen = GenerationConfig.from_user(_generation_config(args))  # bad flags fail before the model loads
-    model = _load_model(args)
+    with _load_model(args) as model:  # closed on the way out: tensor-parallel workers end with the command
+        return _chat_session(args, model, gen)
+
+
+def _chat_session(args, model, gen) -> int:
     images = _images(model, args.image, args.max_num)
     if args.question:
         _answer(
@@ -164,7 +173,8 @@ def cmd_serve(args) -> int:
         max_request_bytes=int(args.max_request_mb * 2**20),
         max_queue=args.max_queue,
     )
-    serve(model, settings, args.host, args.port, args.log_level)
+    with model:
+        serve(model, settings, args.host, args.port, args.log_level)
     return 0
 
 
@@ -195,6 +205,36 @@ def count_weights(tensors: dict) -> tuple[dict[str, int], int, int]:
             counts[part] = counts.get(part, 0) + (0 if name.endswith(".scales") else numel)
             float_numel += numel
     return counts, float_numel, packed_bytes
+
+
+def _per_rank(cfg, world: int) -> dict:
+    """What each rank holds at tensor_parallel_size ``world``, from the shard plan (no weights read)."""
+    import torch
+
+    from .checks import kv_cache_bytes
+    from .parallel import ShardPlan
+
+    plans = [ShardPlan.for_rank(cfg, rank, world) for rank in range(world)]
+    whole = ShardPlan.for_rank(cfg, 0, 1).nbytes(cfg, torch.bfloat16)
+    llm = cfg.llm
+    return {
+        "size": world,
+        "ranks": [
+            {
+                "rank": p.rank,
+                "weights_bf16_bytes": p.nbytes(cfg, torch.bfloat16),
+                "share_of_weights": round(p.nbytes(cfg, torch.bfloat16) / whole, 4),
+                "vit_heads": f"{p.vision.heads.start}..{p.vision.heads.stop - 1}",
+                "query_heads": f"{p.llm.q_heads.start}..{p.llm.q_heads.stop - 1}",
+                "kv_heads": list(p.llm.kv_heads),
+                "vocab": f"{p.llm.vocab.start}..{p.llm.vocab.stop - 1}",
+                "kv_cache_bf16_bytes_per_token": kv_cache_bytes(
+                    llm.num_hidden_layers, len(p.llm.kv_heads), llm.head_dim, 1, 1, torch.bfloat16
+                ),
+            }
+            for p in plans
+        ],
+    }
 
 
 def cmd_info(args) -> int:
@@ -228,13 +268,23 @@ def cmd_info(args) -> int:
             for dt, size in (("bfloat16", 2), ("float16", 2), ("float32", 4))
         },
     }
+    if args.tensor_parallel_size > 1:
+        summary["tensor_parallel"] = _per_rank(cfg, args.tensor_parallel_size)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
+    tp = summary.pop("tensor_parallel", None)
     for key, value in summary.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {val}" for k, val in value.items())
         print(f"{key:>19}: {value}")
+    for rank in tp["ranks"] if tp else ():
+        print(
+            f"{'tp rank ' + str(rank['rank']):>19}: {_human(rank['weights_bf16_bytes'])}B in bf16 "
+            f"({rank['share_of_weights']:.1%} of the weights); ViT heads {rank['vit_heads']}, query heads "
+            f"{rank['query_heads']}, KV heads {rank['kv_heads']}, vocab {rank['vocab']}; KV cache "
+            f"{rank['kv_cache_bf16_bytes_per_token']} B/token"
+        )
     return 0
 
 
@@ -359,6 +409,33 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _bench_tp(args) -> int:
+    from .bench import tp
+    from .bench.timing import format_table
+
+    if not args.random_weights:
+        raise PyvlError("bench tp runs on random weights only: pass --random-weights")
+    try:
+        result = tp.run(
+            args.preset,
+            world=args.tensor_parallel_size,
+            device=args.device,
+            dtype=args.dtype,
+            tiles=max(args.tiles),
+            prompt_tokens=args.prompt_tokens,
+            decode_tokens=args.decode_tokens,
+            backend=args.backend,
+            repeat=args.repeat or 3,
+            kv_cache_gb=args.kv_cache_gb,
+            report=_bench_report(args),
+        )
+    except ValueError as exc:
+        raise PyvlError(str(exc)) from None
+    return _print_report(
+        args, result, lambda r: "\n".join([format_table(r["rows"])] + [f"note: {n}" for n in r["notes"]])
+    )
+
+
 def cmd_bench(args) -> int:
     if args.what == "preprocess":
         return _bench_preprocess(args)
@@ -380,6 +457,8 @@ def cmd_bench(args) -> int:
 
     if args.what == "engine":
         return _bench_engine(args)
+    if args.what == "tp":
+        return _bench_tp(args)
     if args.what == "serve":
         from .bench import serve
 
@@ -406,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     chat.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     chat.add_argument("--stats", action="store_true", help="print time to first token and tokens/s")
+    _add_tensor_parallel_flag(chat, "split the model over N GPUs (or CPU processes); see README")
     _add_image_cache_flags(chat)
     _add_generation_flags(chat)
     chat.set_defaults(func=cmd_chat)
@@ -443,11 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     srv.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_tensor_parallel_flag(
+        srv, "split the model over N GPUs (or CPU processes); under torchrun, its WORLD_SIZE; see README"
+    )
     _add_image_cache_flags(srv)
     srv.set_defaults(func=cmd_serve)
     info = sub.add_parser("info", help="config summary, parameter counts, memory per dtype")
     info.add_argument("path", help="model folder")
     info.add_argument("--json", action="store_true", help="print JSON")
+    _add_tensor_parallel_flag(info, "also say what each of N tensor-parallel ranks holds")
     info.set_defaults(func=cmd_info)
     quant = sub.add_parser(
         "quantize", help="write a 4-bit AWQ GEMM copy of a model folder (its InternLM2 decoder linears)"
@@ -469,12 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "what",
-        choices=("preprocess", "kernels", "sweep", "e2e", "engine", "serve"),
+        choices=("preprocess", "kernels", "sweep", "e2e", "engine", "tp", "serve"),
         help="preprocess: image -> pixel values (CPU, or --device cuda); kernels: each Triton kernel "
         "against torch at the real shapes (CUDA); sweep: block configurations of ViT and "
         "decode attention (CUDA); e2e: pixels -> tokens at a preset's size, next to HF "
         "transformers; engine: prefix/image reuse and batching ratios (--model, default demo; or --preset "
-        "--random-weights); serve: 1/4/16 "
+        "--random-weights); tp: time to first token and decode at TP=1 and TP=N (--preset "
+        "--random-weights --tensor-parallel-size N); serve: 1/4/16 "
         "streaming clients against pyvl serve on loopback vs one at a time (--repeat: requests)",
     )
     bench.add_argument(
@@ -520,7 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument(
         "--ops", nargs="*", default=None, help="only these ops (default: every registered kernel)"
     )
-    e2e_flags = bench.add_argument_group("e2e and engine")
+    _add_tensor_parallel_flag(
+        bench, "tp: the tensor-parallel size measured beside TP=1 (default 2)", default=2
+    )
+    e2e_flags = bench.add_argument_group("e2e, engine and tp")
     e2e_flags.add_argument(
         "--preset",
         default="internvl-chat-v1-5",

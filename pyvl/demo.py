@@ -102,9 +102,10 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
     return torch.randn(shape, generator=gen) * std
 
 
-def write_demo_checkpoint(folder: Path, seed: int = 0) -> None:
-    """Write the demo checkpoint into ``folder`` (which must not exist yet)."""
-    cfg_dict = demo_config_dict()
+def write_demo_checkpoint(folder: Path, seed: int = 0, config: dict | None = None) -> None:
+    """Write the demo checkpoint into ``folder`` (which must not exist yet); ``config`` (a config.json dict with
+    the demo tokenizer's 1009 ids) gives other shapes in the same format."""
+    cfg_dict = demo_config_dict() if config is None else config
     cfg = ModelConfig.from_dict(cfg_dict)
     with torch.device("meta"):
         shapes = {

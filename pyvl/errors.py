@@ -1,6 +1,6 @@
 """Exceptions raised by pyvl. Every message names the file, key, shape or value at fault and what was expected."""
 
-__all__ = ["PyvlError", "ConfigError", "CheckpointError", "ImageError", "PromptError"]
+__all__ = ["PyvlError", "ConfigError", "CheckpointError", "ImageError", "PromptError", "WorkerError"]
 
 
 class PyvlError(Exception):
@@ -21,3 +21,7 @@ class ImageError(PyvlError, ValueError):
 
 class PromptError(PyvlError, ValueError):
     """A prompt is inconsistent with its images or does not fit the model's context."""
+
+
+class WorkerError(PyvlError, RuntimeError):
+    """A tensor-parallel rank died, hung, failed to start or to load: the model cannot serve (load it again)."""

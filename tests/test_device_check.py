@@ -31,6 +31,7 @@ STEPS = [
     "tests_image",
     "e2e_mini",
     "load_v15",
+    "tp_v15",
     "sweep",
     "e2e_v15_hf",
 ]
@@ -93,6 +94,7 @@ def check_files(out: Path) -> ET.Element:
         "v15_hf",
         "engine_v15",
         "load_v15",
+        "tp_v15",
     }
     assert isinstance(json.loads((out / "sweep.json").read_text()), dict)
     return ET.parse(out / "tests.xml").getroot()
@@ -110,6 +112,7 @@ def results(out: Path) -> dict[str, dict]:
         "e2e_v15_hf": e2e["v15_hf"],
         "engine_v15": e2e["engine_v15"],
         "load_v15": e2e["load_v15"],
+        "tp_v15": e2e["tp_v15"],
     }
 
 
@@ -171,6 +174,13 @@ def test_dry_run_skips_what_needs_cuda(dry_run):
     for step in ("bench_preprocess", "e2e_v15_hf"):
         assert status[step] == "skipped", proc.stdout[-3000:]
         assert got[step]["status"] == "skipped" and "CUDA" in got[step]["error"] and not got[step]["complete"]
+
+
+def test_dry_run_records_the_two_gpu_step_as_skipped(dry_run):
+    proc, out = dry_run
+    tp = results(out)["tp_v15"]
+    assert statuses(proc.stdout)["tp_v15"] == "skipped"
+    assert (tp["status"], tp["note"], tp["rows"]) == ("skipped", "needs 2 GPUs, 0 visible", [])
 
 
 def test_dry_run_files_and_merged_junit(dry_run):

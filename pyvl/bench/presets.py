@@ -34,10 +34,19 @@ from ..demo import ASSETS, demo_config_dict
 from ..engine.engine import Engine, EngineConfig
 from ..models.vlm import InternVLChatModel
 from ..ops import resolve_ops
+from ..parallel.launch import Cluster
 from ..quant.awq import quantization_config
 from ..tokenizer import Tokenizer
 
-__all__ = ["PRESETS", "preset_dict", "preset_config", "parameter_count", "random_model", "chat_on"]
+__all__ = [
+    "PRESETS",
+    "preset_dict",
+    "preset_config",
+    "parameter_count",
+    "random_model",
+    "fill_random",
+    "chat_on",
+]
 
 
 def _llm(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, rope_factor: float) -> dict:
@@ -174,7 +183,13 @@ def random_model(
     in ``dtype``: built on meta, cast on meta (so no float32 copy ever exists), then ``to_empty`` + init."""
     device = torch.device(device)
     model = _meta_model(cfg, backend, device, dtype).to(dtype)
-    model = model.to_empty(device=device)
+    return fill_random(model.to_empty(device=device), device, seed).eval()
+
+
+@torch.no_grad()
+def fill_random(model: InternVLChatModel, device: torch.device, seed: int = 0) -> InternVLChatModel:
+    """Random weights into a model allocated on ``device`` (a whole one, or a tensor-parallel rank's shard), in
+    place: ~ N(0, 0.02), norm gains 1, norm biases 0; then w1/w3 stacked into w13, as a load does."""
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         p.requires_grad_(False)
@@ -189,19 +204,24 @@ def random_model(
         else:
             p.normal_(0.0, 0.02, generator=gen)
     model.language_model.fuse_gate_up()
-    return model.eval()
+    return model
 
 
-def chat_on(model: InternVLChatModel, max_context: int | None = None, **engine_options) -> InternVLChat:
+def chat_on(
+    model: InternVLChatModel, max_context: int | None = None, cluster: Cluster | None = None, **engine_options
+) -> InternVLChat:
     """A chat object (the demo tokenizer, ids < 1009 plus its special tokens) with a new engine on ``model``;
     ``engine_options`` are :meth:`EngineConfig.for_model`'s (kv_cache_gb, max_num_seqs, cuda_graphs, ...).
-    Default context: the model's max_position_embeddings."""
+    Default context: the model's max_position_embeddings. ``cluster``: the tensor-parallel group ``model`` is
+    rank 0's shard of (pyvl.parallel.launch), which the engine then drives and closes."""
     tokenizer = Tokenizer.from_folder(ASSETS)
     context = max_context or model.cfg.llm.max_position_embeddings
+    kv_heads = None if cluster is None else cluster.kv_heads_max
     engine = Engine(
         model,
-        EngineConfig.for_model(model, context, **engine_options),
+        EngineConfig.for_model(model, context, **engine_options, kv_heads=kv_heads),
         salt="pyvl bench",
         bos_id=tokenizer.bos_id,
+        cluster=cluster,
     )
     return InternVLChat(model, tokenizer, model.cfg, ASSETS, context, (tokenizer.im_end_id,), engine)

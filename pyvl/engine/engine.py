@@ -30,6 +30,8 @@ from .. import checks
 from ..errors import ConfigError, PromptError, PyvlError
 from ..kv_cache import BLOCK_SIZE, PagedKVCache
 from ..models.vlm import InternVLChatModel
+from ..parallel.driver import DrivenRunner
+from ..parallel.launch import Cluster
 from .blocks import BlockPool
 from .clock import StageClock
 from .feature_store import FeatureStore, vision_fingerprint
@@ -88,13 +90,16 @@ class EngineConfig:
         prefix_caching: bool = True,
         image_cache_dir: str | os.PathLike | None = None,
         image_cache_dir_gb: float = 10.0,
+        kv_heads: int | None = None,
     ) -> EngineConfig:
         """The KV pool from its budget: kv_cache_gb, else room for max_num_seqs full contexts, at most half the
         free GPU memory after the weights on CUDA, and on the CPU at most 2 GiB and a quarter of the free memory.
         (A pool beyond max_num_seqs full contexts would only hold more cached prefixes; a process that wants that
-        says so with kv_cache_gb, so that several models or test workers can share one GPU.)"""
+        says so with kv_cache_gb, so that several models or test workers can share one GPU.)
+        kv_heads: the KV heads a rank's pool holds, under tensor parallelism the most any rank holds (default: the
+        model's); every rank's pool has the block count this gives."""
         llm, device = model.cfg.llm, model.device
-        shape = (llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim)
+        shape = (llm.num_hidden_layers, kv_heads or llm.num_key_value_heads, llm.head_dim)
         per_block = checks.kv_cache_bytes(*shape, BLOCK_SIZE, 1, model.dtype)
         free = checks.available_memory(device)
         full_contexts = max_num_seqs * -(-max_context // BLOCK_SIZE) * per_block
@@ -126,14 +131,23 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model: InternVLChatModel, config: EngineConfig, salt: str, bos_id: int):
+    def __init__(
+        self,
+        model: InternVLChatModel,
+        config: EngineConfig,
+        salt: str,
+        bos_id: int,
+        cluster: Cluster | None = None,
+    ):
+        """cluster: the tensor-parallel group ``model`` is rank 0's shard of (pyvl.parallel), or None."""
         llm = model.cfg.llm
         self.model = model
         self.config = config
+        self.cluster = cluster
         self.cache = PagedKVCache(
             llm.num_hidden_layers,
             config.num_blocks,
-            llm.num_key_value_heads,
+            llm.num_key_value_heads if cluster is None else len(cluster.plan.llm.kv_heads),
             llm.head_dim,
             model.dtype,
             model.device,
@@ -149,7 +163,9 @@ class Engine:
         self.clock = StageClock(model.device)
         self.timing = DecodeTiming()
         max_blocks = -(-config.max_context // config.block_size)
-        self.runner = ModelRunner(model, self.cache, config.max_num_seqs, max_blocks, config.cuda_graphs)
+        runner_args = (model, self.cache, config.max_num_seqs, max_blocks, config.cuda_graphs)
+        # under tensor parallelism every model call of the runner also runs on the workers
+        self.runner = ModelRunner(*runner_args) if cluster is None else DrivenRunner(cluster, *runner_args)
         with torch.inference_mode():  # before any request, so no other work of this engine can break it
             self.runner.capture_graphs()
         # One sampler slot per running request: its settings and repetition mask live on the device.
@@ -157,7 +173,7 @@ class Engine:
         rope = model.language_model.rotary
         self.scheduler = Scheduler(
             self.pool,
-            self.cache,
+            self.runner,
             self.sampler,
             config.max_num_seqs,
             config.prefix_caching,
@@ -194,6 +210,8 @@ class Engine:
             self._thread.join()
         if self.store is not None:
             self.store.close()  # the features still queued for the disk are written
+        if self.cluster is not None:
+            self.cluster.close()  # the tensor-parallel workers end with the engine
 
     @property
     def alive(self) -> bool:

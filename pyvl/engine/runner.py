@@ -148,6 +148,10 @@ class ModelRunner:
         hidden = self.lm(embeds, positions, batch, rope_lengths=[rope_length])
         return self.lm.lm_head(hidden[0] if every_position else hidden[0, -1])
 
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V of slots ``src`` into slots ``dst`` in every layer (the tokens of a reused tail)."""
+        self.cache.copy_slots(src, dst)
+
     # ---- decode --------------------------------------------------------------------------------------------
     def decode(self, rows: list[DecodeRow]) -> torch.Tensor:
         """One new token for each row: float32 logits [len(rows), V] (:meth:`fill` then :meth:`forward`)."""

@@ -18,7 +18,6 @@ import time
 from collections import deque
 
 from ..errors import PromptError
-from ..kv_cache import PagedKVCache
 from .blocks import BlockPool, PoolExhausted, SequenceBlocks
 from .request import Request
 from .sampling import Sampler
@@ -30,14 +29,14 @@ class Scheduler:
     def __init__(
         self,
         pool: BlockPool,
-        cache: PagedKVCache,
+        runner,  # ModelRunner, or pyvl.parallel's DrivenRunner: copy_slots is a model call under tensor parallelism
         sampler: Sampler,
         max_num_seqs: int,
         prefix_caching: bool,
         prefix_limit: int | None,
     ):
         self.pool = pool
-        self.cache = cache
+        self.runner = runner
         self.sampler = sampler
         self.max_num_seqs = max_num_seqs
         self.prefix_caching = prefix_caching
@@ -93,7 +92,7 @@ class Scheduler:
             self.waiting.popleft()
             if match and match.tail:  # copy-on-write: the tail's tokens into this sequence's own block
                 tail = match.tail
-                self.cache.copy_slots(
+                self.runner.copy_slots(
                     list(tail.source_slots(self.pool.block_size)), seq.append_slots(tail.num_tokens)
                 )
                 self.pool.release([tail.block_id])

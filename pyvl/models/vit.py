@@ -79,14 +79,14 @@ class VisionAttention(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, s, c = x.shape
+        n, s, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (N, S, C): rows [0,C) Q, [C,2C) K, [2C,3C) V
         if self.q_norm is not None:
             # QK-norm spans all heads together, so it runs before the head split.
             q, k = self.q_norm(q), self.k_norm(k)
         heads = lambda t: t.view(n, s, self.num_heads, -1).transpose(1, 2)  # noqa: E731  (N, H, S, d)
         out = self.ops.vit_attention(heads(q), heads(k), heads(v))
-        return self.proj(out.transpose(1, 2).reshape(n, s, c))
+        return self.proj(out.transpose(1, 2).reshape(n, s, -1))  # C wide, or this rank's heads' share of C
 
 
 class VisionMLP(nn.Module):
