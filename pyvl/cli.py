@@ -612,7 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     e2e_flags.add_argument(
         "--preset",
         default="internvl-chat-v1-5",
-        choices=("internvl-chat-v1-5", "internvl-chat-v1-5-awq", "mini-internvl-chat-2b-v1-5", "tiny"),
+        choices=(
+            "internvl-chat-v1-5",
+            "internvl-chat-v1-5-awq",
+            "mini-internvl-chat-2b-v1-5",
+            "tiny",
+            "tiny-awq",
+        ),
     )
     e2e_flags.add_argument(
         "--random-weights", action="store_true", help="random weights at the preset's exact size"

@@ -81,6 +81,7 @@ def test_preset_parameter_counts_on_meta():
         "mini-internvl-chat-2b-v1-5",
         "tiny",
         "internvl-chat-v1-5-awq",
+        "tiny-awq",
     }
 
 

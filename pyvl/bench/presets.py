@@ -9,6 +9,7 @@ real folder's) with the released models' dimensions:
                               no QK-norm; InternLM2-1.8B: 24 layers x 2048, 16/8 heads, FFN 8192        2.2 B parameters
   tiny                        the demo model's config (pyvl.demo.demo_config_dict)                     1.3 M parameters
   internvl-chat-v1-5-awq      internvl-chat-v1-5, its decoder linears 4-bit AWQ GEMM, groups of 128
+  tiny-awq                    tiny, its decoder linears 4-bit, groups of 32 (the CPU stand-in of the above)
 
 Both real presets: ps_version v2, 448 px tiles (256 tokens each), vocab 92553, rope theta 1e6, max_position
 32768, rms_norm_eps 1e-5. V1-5's rope_scaling factor is 2.0 here: the spec could not read the released value
@@ -135,6 +136,7 @@ PRESETS: dict[str, dict] = {
     "tiny": demo_config_dict(),
 }
 PRESETS["internvl-chat-v1-5-awq"] = _awq(PRESETS["internvl-chat-v1-5"])
+PRESETS["tiny-awq"] = _awq(PRESETS["tiny"], group_size=32)
 
 
 def preset_dict(name: str) -> dict:
