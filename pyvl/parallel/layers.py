@@ -13,6 +13,8 @@ model the same decoder linears are W4A16Linear and :class:`RowParallelW4A16Linea
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,18 +124,24 @@ def _shard_vision(model: InternVLChatModel, plan: ShardPlan, comm: Comm) -> None
         layer.mlp.fc2 = RowParallelLinear(mlp, c, True, comm)
 
 
-def _linears(quant: AWQConfig | None, ops: Ops, comm: Comm):
-    """(column-parallel, row-parallel) layer makers of (in, out): float, or 4-bit with whole groups of the full
-    layer's group size (the plan cuts on them)."""
+def _decoder_linear(
+    in_local: int,
+    out_local: int,
+    full_in: int,
+    bias: bool,
+    quant: AWQConfig | None,
+    ops: Ops,
+    comm: Comm | None,
+) -> nn.Module:
+    """A rank's part of a decoder linear: column-parallel (comm None) or row-parallel (summed across the ranks);
+    float, or 4-bit in groups of the whole layer's group size (full_in inputs: the plan cuts on whole groups)."""
+    if quant is None and comm is None:
+        return nn.Linear(in_local, out_local, bias=bias)
     if quant is None:
-        return (
-            lambda i, o, bias, full_in: nn.Linear(i, o, bias=bias),
-            lambda i, o, bias, full_in: RowParallelLinear(i, o, bias, comm),
-        )
-    return (
-        lambda i, o, bias, full_in: W4A16Linear(i, o, quant.group(full_in), bias, ops),
-        lambda i, o, bias, full_in: RowParallelW4A16Linear(i, o, quant.group(full_in), bias, ops, comm),
-    )
+        return RowParallelLinear(in_local, out_local, bias, comm)
+    if comm is None:
+        return W4A16Linear(in_local, out_local, quant.group(full_in), bias, ops)
+    return RowParallelW4A16Linear(in_local, out_local, quant.group(full_in), bias, ops, comm)
 
 
 def _shard_llm(
@@ -141,18 +149,18 @@ def _shard_llm(
 ) -> None:
     m, shard = lm.cfg, plan.llm
     h, d, n_q, n_kv, ffn = m.hidden_size, m.head_dim, len(shard.q_heads), len(shard.kv_heads), len(shard.ffn)
-    column, row = _linears(quant, ops, comm)
+    linear = functools.partial(_decoder_linear, bias=m.bias, quant=quant, ops=ops)
     lm.model.tok_embeddings = VocabParallelEmbedding(shard.vocab, h, comm)
     if not m.tie_word_embeddings:
         lm.output = nn.Linear(h, len(shard.vocab), bias=False)
     for layer in lm.model.layers:
         attn, ffn_block = layer.attention, layer.feed_forward
         attn.n_h, attn.n_kv = n_q, n_kv
-        attn.wqkv = column(h, (n_q + 2 * n_kv) * d, m.bias, h)
-        attn.wo = row(n_q * d, h, m.bias, m.num_attention_heads * d)
-        ffn_block.w1 = column(h, ffn, m.bias, h)
-        ffn_block.w3 = column(h, ffn, m.bias, h)
-        ffn_block.w2 = row(ffn, h, m.bias, m.intermediate_size)
+        attn.wqkv = linear(h, (n_q + 2 * n_kv) * d, h, comm=None)
+        attn.wo = linear(n_q * d, h, m.num_attention_heads * d, comm=comm)
+        ffn_block.w1 = linear(h, ffn, h, comm=None)
+        ffn_block.w3 = linear(h, ffn, h, comm=None)
+        ffn_block.w2 = linear(ffn, h, m.intermediate_size, comm=comm)
 
 
 def shard_model(cfg: ModelConfig, ops: Ops, plan: ShardPlan, comm: Comm) -> InternVLChatModel:
