@@ -6,7 +6,7 @@ model.chat(pixel_values, "Describe this image.", generation_config=dict(max_new_
 """
 
 from .api import load
-from .chat import ChatStats, InternVLChat
+from .chat import ChatResult, ChatStats, InternVLChat
 from .errors import CheckpointError, ConfigError, ImageError, PromptError, PyvlError, WorkerError
 from .generation_config import GenerationConfig
 from .image import load_image
@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # fmt: off
 __all__ = [
-    "load", "load_image", "InternVLChat", "ChatStats", "GenerationConfig",
+    "load", "load_image", "InternVLChat", "ChatStats", "ChatResult", "GenerationConfig",
     "PyvlError", "ConfigError", "CheckpointError", "ImageError", "PromptError", "WorkerError", "__version__",
 ]
 # fmt: on

@@ -12,23 +12,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import checks, template
 from .config import ModelConfig
+from .engine.constraints import Grammars
 from .engine.engine import Engine
 from .engine.request import ChatStats, ImageInput, Request
-from .errors import PromptError
+from .errors import ConfigError, PromptError
 from .generation_config import GenerationConfig
 from .image import image_to_tiles
 from .models.vlm import InternVLChatModel
 from .prompt import Prompt, PromptBuilder, image_runs
-from .text_stream import TextStream
+from .results import ChatResult
+from .text_stream import ByteTextStream, TextStream
 from .tokenizer import Tokenizer
 
-__all__ = ["InternVLChat", "ChatStats"]
+__all__ = ["InternVLChat", "ChatStats", "ChatResult"]
 
 History = list[tuple[str, str]]
 
@@ -57,6 +60,8 @@ class InternVLChat:
         self.num_image_token = config.num_image_token
         self.img_context_token_id = tokenizer.img_context_id
         self.prompts = PromptBuilder(tokenizer, config, model.ops.resize_tiles, model.device, model.dtype)
+        # structured output: a grammar may end the answer with the chat stop id or the tokenizer's EOS
+        self.grammars = Grammars(tokenizer, (*stop_ids, tokenizer.eos_id))
 
     @property
     def device(self) -> torch.device:
@@ -199,23 +204,52 @@ class InternVLChat:
         stats: ChatStats | None,
         started_at: float,
         rope_offset: int = 0,
-    ) -> Request:
+    ) -> list[Request]:
+        """The requests of one call, choice i seeded with seed + i, handed to the engine (choice 0 prefills the
+        prompt; the others start from its KV blocks)."""
         self._check_context(len(prompt))
-        stop = gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids
-        request = Request(
-            prompt,
-            images,
-            gen,
-            frozenset(stop),
-            output_scores=output_scores,
-            stats=stats,
-            started_at=started_at,
-            rope_offset=rope_offset,
-        )
+        gen.check_vocab(self.config.llm.vocab_size)
+        if gen.n > self.engine.config.max_num_seqs:
+            raise ConfigError(
+                f"generation_config n={gen.n}: the engine decodes at most max_num_seqs="
+                f"{self.engine.config.max_num_seqs} sequences at once; ask for fewer choices"
+            )
+        stop = frozenset(gen.eos_token_id if gen.eos_token_id is not None else self.stop_ids)
+        constraint = self.grammars.constraint(gen) if gen.constrained else None
+        requests = []
+        for i in range(gen.n):
+            seed = None if gen.seed is None else (gen.seed + i) % 2**63
+            request = Request(
+                prompt,
+                images,
+                gen if i == 0 else replace(gen, seed=seed),
+                stop,
+                output_scores=output_scores,
+                stats=stats if i == 0 else None,
+                started_at=started_at,
+                rope_offset=rope_offset,
+                constraint=constraint if i == 0 or constraint is None else constraint.copy(),
+            )
+            request.choice = i
+            requests.append(request)
         if gen.max_new_tokens == 0:  # nothing to generate: the original returns no token either
-            request.finish()
-            return request
-        return self.engine.submit(request)
+            for request in requests:
+                request.finish()
+            return requests
+        requests[0].followers = requests[1:]
+        self.engine.submit(requests[0])
+        return requests
+
+    @staticmethod
+    def _one(gen: GenerationConfig, call: str) -> GenerationConfig:
+        """ConfigError unless gen asks for what ``call`` returns: one answer, and no logprobs left unread."""
+        if gen.n > 1 or gen.logprobs:
+            asked = f"n={gen.n}" if gen.n > 1 else "logprobs=True"
+            raise ConfigError(
+                f"generation_config {asked}: {call} returns one answer's text; pass result=pyvl.ChatResult() to "
+                "chat/achat to receive every choice and the logprobs"
+            )
+        return gen
 
     def generate(
         self,
@@ -235,7 +269,7 @@ class InternVLChat:
         started_at = time.perf_counter()
         prompts = self._token_rows(input_ids)
         checks.boolean(output_scores, "output_scores", PromptError)
-        gen = GenerationConfig.from_user(generation_config)
+        gen = self._one(GenerationConfig.from_user(generation_config), "generate")
         for prompt in prompts:
             self._check_context(len(prompt))
         images = self._spliced_images(prompts, pixel_values)
@@ -249,7 +283,7 @@ class InternVLChat:
                 stats if len(prompts) == 1 else None,
                 started_at,
                 longest - len(p),
-            )
+            )[0]
             for p, imgs in zip(prompts, images)
         ]
         outputs = [r.result() for r in requests]
@@ -288,16 +322,33 @@ class InternVLChat:
             used += len(row)
         return images
 
-    def _response(self, ids: list[int]) -> str:
+    def _response(self, request: Request) -> str:
+        """The answer's text, as the original chat() makes it (the raw text under a grammar: text_stream)."""
+        ids = request.result()
+        if request.constraint is not None:
+            text = self.text_stream(request)
+            return "".join(text.push(token) for token in ids) + text.finish()
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return text.split(template.SEP)[0].strip()
+
+    def _answers(self, requests: list[Request], result: ChatResult | None) -> str:
+        """The first choice's text; every choice into ``result`` when given."""
+        texts = [self._response(r) for r in requests]
+        if result is not None:
+            result.fill(requests, texts, self.tokenizer)
+        return texts[0]
 
     def _history(self, prompt: Prompt, response: str, history: History | None) -> History:
         return list(history or []) + [(prompt.question, response)]
 
-    def text_stream(self, request: Request, stop_strings: Sequence[str] = ()) -> TextStream:
-        """The text side of a request's answer (its stop ids, and ``stop_strings``), for :meth:`atext`."""
-        return TextStream(self.tokenizer, request.stop_ids, stop_strings)
+    def text_stream(
+        self, request: Request, stop_strings: Sequence[str] = (), raw: bool = False
+    ) -> TextStream:
+        """The text side of a request's answer (its stop ids, and ``stop_strings``), for :meth:`atext`: the
+        original chat()'s text, or with ``raw`` (and always under a grammar, whose bytes it is) the tokens' bytes
+        as they are (pyvl.text_stream.ByteTextStream)."""
+        kind = ByteTextStream if raw or request.constraint is not None else TextStream
+        return kind(self.tokenizer, request.stop_ids, stop_strings)
 
     def chat(
         self,
@@ -309,18 +360,29 @@ class InternVLChat:
         num_patches_list: Sequence[int] | None = None,
         stats: ChatStats | None = None,
         system_message: str | None = None,
+        result: ChatResult | None = None,
     ):
         """Answer ``question`` about ``pixel_values``: tiles from ``load_image`` (``num_patches_list`` splits them
         into images), raw image(s) (a path, bytes, PIL image, uint8 array, or a list of them: keyed by their
         bytes or pixels and tiled only if the model has not seen them), or None for text only. ``stats``, when
-        given, is filled with this call's figures. ``system_message`` replaces the model's default for this call."""
+        given, is filled with this call's figures. ``system_message`` replaces the model's default for this call.
+        ``result``, a :class:`pyvl.ChatResult`, receives every choice (``n``) and the logprobs; the return value
+        stays the (first) answer."""
         started_at = time.perf_counter()
         checks.boolean(return_history, "return_history", PromptError)
-        gen = GenerationConfig.from_user(generation_config)  # bad settings fail before any image is read
+        gen = self._checked(generation_config, result)  # bad settings fail before any image is read
         prompt = self._turn(pixel_values, question, history, num_patches_list, system_message)
-        request = self._submit(prompt.ids, prompt.images, gen, False, stats, started_at)
-        response = self._response(request.result())
+        requests = self._submit(prompt.ids, prompt.images, gen, False, stats, started_at)
+        response = self._answers(requests, result)
         return (response, self._history(prompt, response, history)) if return_history else response
+
+    def _checked(self, generation_config, result: ChatResult | None) -> GenerationConfig:
+        gen = GenerationConfig.from_user(generation_config)
+        if result is None:
+            return self._one(gen, "chat")
+        if not isinstance(result, ChatResult):
+            raise ConfigError(f"result must be a pyvl.ChatResult, got {type(result).__name__}")
+        return gen
 
     def stream(
         self,
@@ -335,9 +397,9 @@ class InternVLChat:
         """Yield the answer as text pieces while it is generated; ''.join(pieces) == chat(...). Closing the
         generator early cancels the request (its KV blocks are freed at once)."""
         started_at = time.perf_counter()
-        gen = GenerationConfig.from_user(generation_config)
+        gen = self._one(GenerationConfig.from_user(generation_config), "stream")
         prompt = self._turn(pixel_values, question, history, num_patches_list, system_message)
-        request = self._submit(prompt.ids, prompt.images, gen, False, stats, started_at)
+        (request,) = self._submit(prompt.ids, prompt.images, gen, False, stats, started_at)
         text = self.text_stream(request)
         tokens = request.stream_tokens()
         try:
@@ -363,14 +425,19 @@ class InternVLChat:
         num_patches_list: Sequence[int] | None = None,
         stats: ChatStats | None = None,
         system_message: str | None = None,
+        result: ChatResult | None = None,
     ):
         """``chat`` for asyncio: awaits the engine on the running loop (images are read and, on a cache miss,
-        tiled in a worker thread). Cancelling the task cancels the request."""
+        tiled in a worker thread). Cancelling the task cancels the request (every choice)."""
         checks.boolean(return_history, "return_history", PromptError)
-        prompt, request = await self._asubmit(
-            pixel_values, question, generation_config, history, num_patches_list, stats, system_message
+        gen = self._checked(generation_config, result)
+        prompt, requests = await self._asubmit(
+            pixel_values, question, gen, history, num_patches_list, stats, system_message
         )
-        response = "".join([piece async for piece in self.atext(request)])
+        texts = await asyncio.gather(*(self._atext_whole(r) for r in requests))
+        if result is not None:
+            result.fill(requests, list(texts), self.tokenizer)
+        response = texts[0]
         return (response, self._history(prompt, response, history)) if return_history else response
 
     async def astream(
@@ -385,21 +452,24 @@ class InternVLChat:
     ) -> AsyncIterator[str]:
         """``stream`` for asyncio: ``async for piece in model.astream(...)``; no thread waits for the tokens.
         Closing the iterator (or cancelling its task) cancels the request."""
-        _, request = await self._asubmit(
-            pixel_values, question, generation_config, history, num_patches_list, stats, system_message
+        gen = self._one(GenerationConfig.from_user(generation_config), "astream")
+        _, (request,) = await self._asubmit(
+            pixel_values, question, gen, history, num_patches_list, stats, system_message
         )
         async for piece in self.atext(request):
             yield piece
 
+    async def _atext_whole(self, request: Request) -> str:
+        return "".join([piece async for piece in self.atext(request)])
+
     async def _asubmit(
-        self, pixel_values, question, generation_config, history, num_patches_list, stats, system_message
-    ) -> tuple[Prompt, Request]:
+        self, pixel_values, question, gen: GenerationConfig, history, num_patches_list, stats, system_message
+    ) -> tuple[Prompt, list[Request]]:
         started_at = time.perf_counter()
-        gen = GenerationConfig.from_user(generation_config)
         prompt = await asyncio.to_thread(
             self._turn, pixel_values, question, history, num_patches_list, system_message
         )
-        return prompt, self.submit(prompt, gen, stats, started_at)
+        return prompt, self.submit_choices(prompt, gen, stats, started_at)
 
     def submit(
         self,
@@ -410,6 +480,21 @@ class InternVLChat:
     ) -> Request:
         """Hand a front-door prompt (:meth:`prompt`) to the engine; read the answer with :meth:`atext` (or the
         request's own ``stream_tokens`` / ``result``). ``started_at``: the call's start, for its stats."""
+        gen = GenerationConfig.from_user(generation_config)
+        if gen.n > 1:
+            raise ConfigError(f"generation_config n={gen.n}: submit makes one request; use submit_choices")
+        (request,) = self.submit_choices(prompt, gen, stats, started_at)
+        return request
+
+    def submit_choices(
+        self,
+        prompt: Prompt,
+        generation_config=None,
+        stats: ChatStats | None = None,
+        started_at: float | None = None,
+    ) -> list[Request]:
+        """:meth:`submit` for any ``n``: one request per choice (their logprobs in ``request.logprobs`` when
+        asked for); ``stats`` is choice 0's. The prompt is prefilled once and shared."""
         gen = GenerationConfig.from_user(generation_config)
         return self._submit(
             prompt.ids,
@@ -460,7 +545,7 @@ class InternVLChat:
         questions = [checks.text(q, f"questions[{k}]", PromptError) for k, q in enumerate(questions)]
         if not questions:
             raise PromptError("batch_chat needs at least one question")
-        gen = GenerationConfig.from_user(generation_config)
+        gen = self._one(GenerationConfig.from_user(generation_config), "batch_chat")
         sources = self.prompts.sources(pixel_values, num_patches_list)
         if pixel_values is not None and len(sources) != len(questions):
             raise PromptError(
@@ -477,6 +562,7 @@ class InternVLChat:
             len(p.ids) for p in prompts
         )  # the original's padded batch width (see Request.rope_offset)
         requests = [
-            self._submit(p.ids, p.images, gen, False, None, started_at, longest - len(p.ids)) for p in prompts
+            self._submit(p.ids, p.images, gen, False, None, started_at, longest - len(p.ids))[0]
+            for p in prompts
         ]
-        return [self._response(r.result()) for r in requests]
+        return [self._response(r) for r in requests]

@@ -24,7 +24,7 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
-def _add_tensor_parallel_flag(p: argparse.ArgumentParser, help: str, default: int = 1) -> None:
+def _add_tensor_parallel_flag(p, help: str, default: int = 1) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=default, metavar="N", help=help)
 
 
@@ -37,6 +37,60 @@ def _add_image_cache_flags(p: argparse.ArgumentParser) -> None:
         "vision model",
     )
     p.add_argument("--image-cache-dir-gb", type=float, default=10.0, help="size bound of --image-cache-dir")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine's knobs, named as vLLM's (pyvl.load's arguments)."""
+    g = p.add_argument_group("engine (vLLM's flag names; pyvl.load's arguments)")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="longest prompt + answer (default: the model's, see README); pyvl.load(max_context=)",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default 16)")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="prompt tokens prefilled per engine step (default 2048); pyvl.load(max_batched_tokens=)",
+    )
+    g.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="the paged KV pool (default: max-num-seqs full contexts, at most half the free GPU memory)",
+    )
+    g.add_argument(
+        "--image-cache-gb", type=float, default=1.0, help="image-feature cache in memory (default 1)"
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of cached prompt prefixes (default on; --no-enable-prefix-caching prefills every "
+        "prompt whole)",
+    )
+    _add_tensor_parallel_flag(
+        g, "split the model over N GPUs (or CPU processes); under torchrun, its WORLD_SIZE; see README"
+    )
+
+
+# pyvl.load's argument -> the flag's dest
+_ENGINE_FLAGS = {
+    "max_context": "max_model_len",
+    "max_num_seqs": "max_num_seqs",
+    "max_batched_tokens": "max_num_batched_tokens",
+    "kv_cache_gb": "kv_cache_gb",
+    "image_cache_gb": "image_cache_gb",
+    "prefix_caching": "enable_prefix_caching",
+    "tensor_parallel_size": "tensor_parallel_size",
+}
+
+
+def _engine_options(args) -> dict:
+    return {argument: getattr(args, dest) for argument, dest in _ENGINE_FLAGS.items()}
 
 
 def _generation_config(args) -> dict:
@@ -61,15 +115,21 @@ def _load_model(args):
         path = demo_model_path()
     else:
         path = Path(args.model)
-    return pyvl.load(
-        path,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
-        image_cache_dir=args.image_cache_dir,
-        image_cache_dir_gb=args.image_cache_dir_gb,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )
+    try:
+        return pyvl.load(
+            path,
+            device=args.device,
+            dtype=args.dtype,
+            backend=args.backend,
+            image_cache_dir=args.image_cache_dir,
+            image_cache_dir_gb=args.image_cache_dir_gb,
+            **_engine_options(args),
+        )
+    except pyvl.ConfigError as exc:  # pyvl.load names its argument; a command-line user typed the flag
+        flag = next((d for a, d in _ENGINE_FLAGS.items() if str(exc).startswith(f"{a}=")), None)
+        if flag is None:
+            raise
+        raise pyvl.ConfigError(f"--{flag.replace('_', '-')}: {exc}") from None
 
 
 def _images(model, paths: list[str], max_num: int | None):
@@ -464,7 +524,11 @@ def cmd_bench(args) -> int:
 
         serial_row = lambda r: {"clients": "1 at a time"} | r["serial"] | {"tok/s vs serial": 1.0}  # noqa: E731
         result = serve.run(args.model, requests=args.repeat or 16)
-        return _print_result(args, result, lambda r: format_table([serial_row(r)] + r["rows"]))
+        return _print_result(
+            args,
+            result,
+            lambda r: format_table([serial_row(r)] + r["rows"]) + "\n\n" + format_table(r["constrained"]),
+        )
     raise AssertionError(args.what)  # argparse restricts the choices
 
 
@@ -485,12 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     chat.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     chat.add_argument("--stats", action="store_true", help="print time to first token and tokens/s")
-    _add_tensor_parallel_flag(chat, "split the model over N GPUs (or CPU processes); see README")
     _add_image_cache_flags(chat)
+    _add_engine_flags(chat)
     _add_generation_flags(chat)
     chat.set_defaults(func=cmd_chat)
     srv = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions); needs pyvl[serve]"
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics); needs pyvl[serve]",
     )
     srv.add_argument("--model", default=None, help="model folder (default: the built-in random demo model)")
     srv.add_argument(
@@ -523,10 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", default=None, help="bfloat16, float16 or float32")
     srv.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    _add_tensor_parallel_flag(
-        srv, "split the model over N GPUs (or CPU processes); under torchrun, its WORLD_SIZE; see README"
-    )
     _add_image_cache_flags(srv)
+    _add_engine_flags(srv)
     srv.set_defaults(func=cmd_serve)
     info = sub.add_parser("info", help="config summary, parameter counts, memory per dtype")
     info.add_argument("path", help="model folder")

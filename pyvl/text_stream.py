@@ -9,15 +9,20 @@ Rules, in order:
     back until more text follows;
   - stop strings (the server's ``stop``): text that could still be the start of one is held back; on a match,
     the match and everything after it is never sent and the stream is over.
+
+:class:`ByteTextStream` gives the raw text instead: the ids' bytes (``Tokenizer.token_bytes``) decoded as UTF-8,
+nothing stripped or cleaned up. It is the text a grammar matched (structured output), and a raw completion's
+continuation (its first space kept).
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterable
 
 from .tokenizer import Tokenizer
 
-__all__ = ["TextStream"]
+__all__ = ["TextStream", "ByteTextStream"]
 
 
 class TextStream:
@@ -79,3 +84,26 @@ class TextStream:
         )
         self._held = buffer[len(buffer) - hold :] if hold else ""
         return buffer[: len(buffer) - hold]
+
+
+class ByteTextStream(TextStream):
+    def __init__(self, tokenizer: Tokenizer, stop_ids: Iterable[int], stop_strings: Iterable[str] = ()):
+        super().__init__(tokenizer, stop_ids, stop_strings)
+        self._bytes = tokenizer.token_bytes
+        self._skipped = tokenizer.special_ids  # as decode(skip_special_tokens=True)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        if token in self._stop_ids:
+            return self.finish()
+        if token in self._skipped:
+            return ""
+        return self._match(self._utf8.decode(self._bytes[token]))
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self.stopped = True
+        return self._match(self._utf8.decode(b"", final=True), last=True)

@@ -16,6 +16,7 @@ decode(ids) (transformers 4.37 `PreTrainedTokenizer._decode` + `InternLM2Tokeniz
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -202,6 +203,39 @@ class Tokenizer:
         if not 0 <= token_id < self._n_sp:
             raise PromptError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
         return self._sp.id_to_piece(token_id)
+
+    @functools.cached_property
+    def token_bytes(self) -> tuple[bytes, ...]:
+        """Every id's bytes as generated text holds them: a piece with its "\u2581" as a space, a byte piece
+        (``<0x0A>``) as that one byte, an added, control or unknown token as its text. The concatenation of an
+        answer's token bytes is its raw text (before ``decode``'s clean-up and the first piece's "\u2581" drop)."""
+        sp, table = self._sp, []
+        for i in range(self.vocab_size):
+            if i in self._added or not 0 <= i < self._n_sp:
+                table.append(self._added.get(i, "").encode())
+            elif sp.is_byte(i):
+                table.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+            elif sp.is_control(i) or sp.is_unknown(i):
+                table.append(sp.id_to_piece(i).encode())
+            else:
+                table.append(sp.id_to_piece(i).replace("\u2581", " ").encode())
+        return tuple(table)
+
+    @functools.cached_property
+    def byte_piece_ids(self) -> dict[int, int]:
+        """Byte value -> the id of its byte piece (``<0xNN>``), for every byte the vocabulary has one for."""
+        sp = self._sp
+        return {
+            self.token_bytes[i][0]: i for i in range(self._n_sp) if i not in self._added and sp.is_byte(i)
+        }
+
+    @functools.cached_property
+    def marker_ids(self) -> frozenset[int]:
+        """Ids that stand for no text (added tokens, SentencePiece's control and unknown pieces): a grammar
+        never produces them."""
+        sp = self._sp
+        pieces = {i for i in range(self._n_sp) if sp.is_control(i) or sp.is_unknown(i)}
+        return frozenset(pieces | set(self._added))
 
     def _named(self, key: str) -> int:
         if key not in self._names:

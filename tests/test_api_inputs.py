@@ -51,6 +51,19 @@ def pixels():
         ("eos_token_id", [2, 3.5], "eos_token_id=3.5"),
         ("eos_token_id", [], "eos_token_id"),
         ("num_beams", "1", "num_beams='1'"),
+        ("n", 0, "n=0: expected an integer in 1..1024"),
+        ("n", "2", "n='2'"),
+        ("logprobs", "yes", "logprobs='yes'"),
+        ("top_logprobs", 50, "top_logprobs=50: expected an integer in 0..20"),
+        ("top_logprobs", 2, "top_logprobs=2 needs logprobs=True"),
+        ("presence_penalty", 5, "presence_penalty=5"),
+        ("frequency_penalty", "x", "frequency_penalty='x'"),
+        ("logit_bias", {5: 101}, "logit_bias"),
+        ("logit_bias", {"a": 1}, "logit_bias"),
+        ("logit_bias", [1], "logit_bias"),
+        ("json_schema", 5, "json_schema: a JSON schema is an object"),
+        ("json_schema", "{not json", "json_schema: not valid JSON"),
+        ("regex", "", "regex: expected a non-empty str"),
     ],
 )
 def test_generation_config_types_and_ranges(model, key, value, match):
@@ -58,6 +71,22 @@ def test_generation_config_types_and_ranges(model, key, value, match):
         GenerationConfig.from_user({key: value})
     with pytest.raises(ConfigError, match=key):
         model.chat(None, "hi", {key: value})
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"logit_bias": {99999: 1}}, "logit_bias: token ids \\[99999\\] are outside the vocabulary"),
+        ({"json_schema": {"type": "nonsense"}}, "json_schema is invalid: Invalid type: nonsense"),
+        ({"regex": "[a-"}, "generation_config regex"),
+        ({"grammar": "start: x"}, "generation_config grammar is invalid: .*unknown name"),
+    ],
+)
+def test_what_only_the_model_can_check_is_refused_when_it_is_asked(model, settings, match):
+    """Token ids against its vocabulary, a grammar compiled against its tokens."""
+    GenerationConfig.from_user(settings)
+    with pytest.raises(ConfigError, match=match):
+        model.chat(None, "hi", settings)
 
 
 def test_generation_config_takes_numpy_scalars_as_python_numbers():

@@ -44,6 +44,7 @@ def _cases(tmp: str) -> dict[str, list[str]]:
         "bad_model": ["-m", "pyvl", "chat", "--model", empty, "hi"],
         "max_num": chat + ["--image", IMAGE, "--max-num", "0", "hi"],
         "max_new_tokens": ["-m", "pyvl", "chat", "--model", MODEL, "--max-new-tokens", "-3", "hi"],
+        "engine_flag": chat + ["--max-num-seqs", "0", "hi"],
         "unexpected": ["-c", _UNEXPECTED, "info", "x"],
         "unexpected_debug": ["-c", _UNEXPECTED, "--debug", "info", "x"],
         "usage": ["-m", "pyvl", "chat", "--max-num", "many", "hi"],
@@ -91,6 +92,7 @@ def results(tmp_path_factory):
         ("bad_model", 2, "config.json"),
         ("max_num", 2, "max_num=0: expected an integer in 1..40"),
         ("max_new_tokens", 2, "max_new_tokens=-3"),
+        ("engine_flag", 2, "--max-num-seqs: max_num_seqs=0: expected an integer in 1..1024"),
         ("unexpected", 1, r"unexpected KeyError: 'surprise' \(run with --debug for the traceback\)"),
     ],
 )

@@ -345,6 +345,23 @@ def test_huge_thin_image_raises_instead_of_aborting():
     assert "89000000x1 image" in proc.stdout  # the ImageError names the size
 
 
+@pytest.mark.parametrize(("width", "height"), [(89_000_000, 1), (1, 89_000_000), (70_000_000, 1)])
+def test_the_reference_refuses_what_pillow_cannot_resize_as_the_native_path_does(width, height):
+    """Both paths give an ImageError naming the size where Pillow's own resize raises a bare MemoryError (the
+    weight tables alone would exceed INT_MAX bytes; nothing is allocated before either refusal)."""
+    image = np.zeros((height, width, 3), np.uint8)
+    cols, rows = choose_grid(width, height, 1, 12)
+    with pytest.raises(MemoryError):  # the boundary is Pillow's: it refuses these sizes itself
+        Image.fromarray(image).resize((448 * cols, 448 * rows), Image.Resampling.BICUBIC)
+    from pyvl.ops import reference
+
+    for op in (reference.resize_tiles, native.resize_tiles):
+        with pytest.raises(ImageError, match=rf"{width}x{height} image.*more than Pillow allows"):
+            op(image, cols, rows, 448, True, IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(ImageError, match="more than Pillow allows"):
+        load_image(image, use_native=False)
+
+
 PEAK_RSS = """
 import resource, numpy as np
 from PIL import Image

@@ -2,7 +2,10 @@
 
 For each concurrency N (1, 4, 16) the same bounded set of greedy requests is sent by N client threads at once,
 and once more one at a time; per request: time to first content chunk, gaps between content chunks
-(inter-token latency; one chunk is about one token), completion tokens from the usage chunk.
+(inter-token latency; one chunk is about one token), completion tokens from the usage chunk. Then the cost of
+structured output: the same requests from 8 clients held to a JSON schema (``response_format``; a long string
+field, so that each answer runs its whole token budget as the free ones do), interleaved with 8 free clients over
+5 rounds, as the median ratio of output tokens/s.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +30,19 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0.0
 
 
-def _one(url: str, question: str, max_tokens: int) -> dict:
+CONSTRAINED_CLIENTS = 8
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "story": {"type": "string", "maxLength": 2000},
+    },
+    "required": ["title", "story"],
+    "additionalProperties": False,
+}
+
+
+def _one(url: str, question: str, max_tokens: int, extra: dict | None = None) -> dict:
     body = {
         "model": "bench",
         "messages": [{"role": "user", "content": question}],
@@ -34,7 +50,7 @@ def _one(url: str, question: str, max_tokens: int) -> dict:
         "temperature": 0,
         "max_tokens": max_tokens,
         "stream_options": {"include_usage": True},
-    }
+    } | (extra or {})
     start = time.perf_counter()
     arrivals, tokens = [], 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
@@ -53,10 +69,12 @@ def _one(url: str, question: str, max_tokens: int) -> dict:
     }
 
 
-def _measure(url: str, questions: list[str], clients: int, max_tokens: int) -> dict:
+def _measure(
+    url: str, questions: list[str], clients: int, max_tokens: int, extra: dict | None = None
+) -> dict:
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda q: _one(url, q, max_tokens), questions))
+        results = list(pool.map(lambda q: _one(url, q, max_tokens, extra), questions))
     wall = time.perf_counter() - start
     gaps = [g for r in results for g in r["gaps"]]
     ttfts = [r["ttft"] for r in results]
@@ -108,11 +126,39 @@ def run(
             row = {"clients": n} | _measure(url, questions, n, max_tokens)
             row["tok/s vs serial"] = round(row["output tok/s"] / serial["output tok/s"], 2)
             rows.append(row)
+        constrained = _constrained_rows(url, questions, max_tokens)
         return {
             "setup": {"requests": requests, "max_tokens": max_tokens, "model": str(model or "demo")},
             "serial": serial,
             "rows": rows,
+            "constrained": constrained,
         }
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _constrained_rows(url: str, questions: list[str], max_tokens: int, rounds: int = 5) -> list[dict]:
+    """8 free clients and 8 held to a JSON schema, interleaved over ``rounds`` (which goes first alternates, so a
+    drift of the machine's load hits both alike); each field the median over the rounds, and the constrained
+    tokens/s as the median of the rounds' paired ratios to the free ones."""
+    n = CONSTRAINED_CLIENTS
+    schema = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}
+    }
+    free, held = [], []
+    for k in range(rounds):
+        order = [(free, None), (held, schema)]
+        for runs, extra in order if k % 2 == 0 else order[::-1]:
+            runs.append(_measure(url, questions, n, max_tokens, extra))
+    ratios = [h["output tok/s"] / f["output tok/s"] for f, h in zip(free, held)]
+    return [
+        {"clients": f"{n} free"} | _medians(free) | {"tok/s vs free": 1.0},
+        {"clients": f"{n} json_schema"}
+        | _medians(held)
+        | {"tok/s vs free": round(statistics.median(ratios), 2)},
+    ]
+
+
+def _medians(runs: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}

@@ -253,6 +253,13 @@ class BlockPool:
             blocks.append(block)
         return blocks
 
+    def share(self, block_ids: Sequence[int]) -> None:
+        """One more reference on each in-use block (another sequence now reads it too)."""
+        for block in block_ids:
+            self._require_in_use(block)
+        for block in block_ids:
+            self._ref[block] += 1
+
     def register_full(
         self, block_id: int, block_hash: bytes, parent: bytes | None = None, keys: Sequence[ContentKey] = ()
     ) -> int:
@@ -440,6 +447,23 @@ class SequenceBlocks:
         ]
         self.num_tokens += n
         return slots
+
+    def fork(self) -> tuple[SequenceBlocks, list[int], list[int]]:
+        """A second sequence holding the same tokens: the full blocks shared (one more reference each), the
+        partial last block a fresh block of its own, into which the caller copies the K/V of slots ``src`` at
+        ``dst`` (copy-on-write: nothing is ever written into a block another sequence reads). Returns (sequence,
+        src, dst); PoolExhausted changes nothing."""
+        size = self.pool.block_size
+        full, partial = divmod(self.num_tokens, size)
+        fresh = self.pool.allocate(1) if partial else []
+        self.pool.share(self.block_ids[:full])
+        child = SequenceBlocks(self.pool)
+        child.block_ids = self.block_ids[:full] + fresh
+        child.hashes = list(self.hashes)
+        child.num_tokens = self.num_tokens
+        src = [self.block_ids[full] * size + i for i in range(partial)]
+        dst = [fresh[0] * size + i for i in range(partial)] if partial else []
+        return child, src, dst
 
     def register_full_blocks(self, keys: Sequence[ContentKey], upto: int | None = None) -> int:
         """Hash and register the blocks filled since the last call; keys: the sequence's content keys (at least

@@ -6,8 +6,13 @@ Requests are submitted from any thread (:meth:`Engine.submit`); the engine threa
   3. prefill the requests still prefilling, oldest first, at most ``max_batched_tokens`` tokens in all (a chunk of
      a long prompt, or several short prompts whole), so a long prompt (40 tiles: ~10.5k tokens) never stalls the
      running decodes for its whole prefill and a burst of short ones starts decoding together;
-  4. decode one token for every other running request, in one batch, each with its own sampling settings.
+  4. decode one token for every other running request, in one batch, each with its own sampling settings; the
+     grammar masks of the constrained ones are computed by a helper thread while the forward runs
+     (pyvl.engine.constraints), and the step's tokens (and the logprobs asked for) come back in one transfer.
 Errors never escape the engine thread: they are delivered to the request(s) they concern.
+
+The n choices of one call prefill its prompt once: when it is prefilled, the scheduler forks the others onto its
+KV blocks, and the first token of each is drawn from the same logits, each with its own sampler slot and seed.
 
 Image features come from the feature cache by image digest, else from the ViT, and only for images whose tokens
 are not already covered by the cached prefix. The rows of one batch call are rotated as the original's
@@ -34,6 +39,7 @@ from ..parallel.driver import DrivenRunner
 from ..parallel.launch import Cluster
 from .blocks import BlockPool
 from .clock import StageClock
+from .constraints import MaskWorker
 from .feature_store import FeatureStore, vision_fingerprint
 from .features import FeatureCache
 from .request import Request
@@ -170,6 +176,7 @@ class Engine:
             self.runner.capture_graphs()
         # One sampler slot per running request: its settings and repetition mask live on the device.
         self.sampler = Sampler(config.max_num_seqs, llm.vocab_size, bos_id, model.device)
+        self.masks = MaskWorker(self.sampler.mask_host)
         rope = model.language_model.rotary
         self.scheduler = Scheduler(
             self.pool,
@@ -210,6 +217,7 @@ class Engine:
             self._thread.join()
         if self.store is not None:
             self.store.close()  # the features still queued for the disk are written
+        self.masks.close()
         if self.cluster is not None:
             self.cluster.close()  # the tensor-parallel workers end with the engine
 
@@ -223,6 +231,16 @@ class Engine:
         """Whether an image's features are cached (in memory or on disk), so that a prompt about it needs no
         tiles (any thread; the answer may be stale a moment later, which costs only a tiling)."""
         return digest in self.features or (self.store is not None and digest in self.store)
+
+    @property
+    def num_running(self) -> int:
+        """Requests being prefilled or decoded (any thread: a length read, possibly a step old)."""
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted and not yet admitted (any thread, as num_running)."""
+        return len(self._incoming) + len(self.scheduler.waiting)
 
     @property
     def idle(self) -> bool:
@@ -258,6 +276,8 @@ class Engine:
         for r in [r for r in self.scheduler.running if r.prefilling]:
             if budget <= 0:
                 break
+            if r.seq is None:  # preempted to make room for an older prompt of this step
+                continue
             budget -= self._guarded([r], self._prefill_chunk, r, budget) or 0
         decoding = [r for r in self.scheduler.running if not r.prefilling]
         if decoding:
@@ -281,6 +301,8 @@ class Engine:
         slots = self.scheduler.slots(r, n)
         if slots is None:
             return 0
+        first_token = not r.prompt_logits and not r.output_ids and start + n == len(tokens)
+        masks = self.masks.start([(r.constraint, r.slot)] if first_token and r.constraint else [])
         rows = [
             (
                 max(i.start, start) - start,
@@ -308,11 +330,22 @@ class Engine:
                 self.scheduler.end(r)
             return n
         self.scheduler.register(r)
-        if not r.prefilling and not r.output_ids:
-            tokens, scores = self.sampler.sample(logits[None], [r.slot])
-            r.time_stage("sample_s", prefilled, self.clock.mark())
-            self._accept(r, int(tokens[0]), scores[0])
+        if first_token:
+            self._first_tokens(r, logits, masks, prefilled)
         return n
+
+    def _first_tokens(self, r: Request, logits: torch.Tensor, masks, prefilled) -> None:
+        """The first token of r, and of its other choices (n > 1), started now on its blocks."""
+        group = [r] + [f for f in self.scheduler.fork(r) if f.slot is not None]
+        self.masks.wait(masks)
+        for f in group[1:]:
+            if f.constraint is not None:  # the same grammar in the same state: the same mask
+                self.sampler.mask_host[f.slot] = self.sampler.mask_host[r.slot]
+        step = self.sampler.step(logits[None].expand(len(group), -1), [g.slot for g in group])
+        tokens, logprobs = step.to_host()
+        r.time_stage("sample_s", prefilled, self.clock.mark())
+        for i, g in enumerate(group):
+            self._accept(g, tokens[i], step.scores[i], logprobs[i])
 
     def _features_for(self, r: Request, start: int, end: int):
         """(image, feature rows) of every image with tokens in [start, end): cached, else encoded now."""
@@ -376,23 +409,36 @@ class Engine:
             return
         rows = [row for _, row in fed]
         self.runner.fill(rows)
+        masks = self.masks.start([(r.constraint, r.slot) for r, _ in fed if r.constraint is not None])
         device_began = time.perf_counter()
-        tokens, scores = self.sampler.sample(self.runner.forward(rows), [r.slot for r, _ in fed])
-        new_tokens = tokens.tolist()  # the step's one device read: the host waits for the device here
+        logits = self.runner.forward(rows)
+        self.masks.wait(masks)  # written while the forward ran
+        step = self.sampler.step(logits, [r.slot for r, _ in fed])
+        # the step's one device read: the host waits for the device here
+        new_tokens, logprobs = step.to_host()
         self.timing.device_s += time.perf_counter() - device_began
         for i, ((r, _), token) in enumerate(zip(fed, new_tokens)):
             r.num_computed += 1
             self.scheduler.register(r)
-            self._accept(r, token, scores[i] if r.output_scores else None)
+            self._accept(r, token, step.scores[i] if r.output_scores else None, logprobs[i])
         self.timing.steps += 1
         self.timing.rows += len(fed)
         self.timing.step_s += time.perf_counter() - step_began
 
-    def _accept(self, r: Request, token: int, scores: torch.Tensor) -> None:
-        r.deliver(token, scores)
+    def _accept(self, r: Request, token: int, scores: torch.Tensor | None, logprobs=None) -> None:
+        r.deliver(token, scores, logprobs)
+        grammar_done = False
+        if r.constraint is not None:
+            if not r.constraint.accept(token):
+                self.scheduler.end(
+                    r, PyvlError(f"the answer's grammar refused token {token}: {r.constraint.error}")
+                )
+                return
+            grammar_done = r.constraint.complete
         total = len(r.prompt_ids) + len(r.output_ids)
         if (
             token in r.stop_ids
+            or grammar_done
             or len(r.output_ids) >= r.gen.max_new_tokens
             or total >= self.config.max_context
         ):

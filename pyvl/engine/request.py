@@ -20,6 +20,8 @@ from ..generation_config import GenerationConfig
 from .blocks import ContentKey, SequenceBlocks, content_keys
 from .channel import TokenChannel
 from .clock import StageClock
+from .constraints import Constraint
+from .sampling import TokenLogprobs
 
 __all__ = ["ChatStats", "ImageInput", "Request"]
 
@@ -46,9 +48,8 @@ class ChatStats:
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     preemptions: int = 0
-    finish_reason: str = (
-        ""  # "stop" (a stop id), "length" (max_new_tokens or the context), "cancelled", "error"
-    )
+    # "stop" (a stop id, or the grammar complete), "length" (max_new_tokens or the context), "cancelled", "error"
+    finish_reason: str = ""
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -82,6 +83,7 @@ class Request:
         started_at: float | None = None,
         rope_offset: int = 0,
         prompt_logits: bool = False,
+        constraint: Constraint | None = None,
     ):
         self.prompt_ids = prompt_ids
         self.images = images
@@ -95,6 +97,11 @@ class Request:
         # past max_position_embeddings, under dynamic NTK) is sized by that padded length: rows of a batch call
         # count their length from there, so they get the very same rotations.
         self.rope_offset = rope_offset
+        self.constraint = constraint  # its grammar (structured output), advanced by the engine thread
+        # The other choices of an n > 1 call: they wait here until this request's prompt is prefilled, then
+        # start from its KV blocks (Scheduler.fork) and run as requests of their own.
+        self.followers: list[Request] = []
+        self.choice = 0  # its index among the choices of its call
         self.stats = stats if stats is not None else ChatStats()
         self.stats.prompt_tokens = len(prompt_ids)
         self.stats.images = len(images)
@@ -110,6 +117,9 @@ class Request:
         self._channel = TokenChannel()
         self.output_ids = self._channel.ids  # appended only through deliver()
         self.scores: list[torch.Tensor] = []
+        # Per output id, when gen.logprobs: (its logprob, top (id, logprob) pairs); appended before the id is
+        # delivered, so a consumer that has read k ids can read the first k entries.
+        self.logprobs: list[TokenLogprobs] = []
         self.seq: SequenceBlocks | None = None
         self.num_computed = 0  # tokens whose K/V is in the cache
         self.cacheable = False  # its blocks may be shared through the prefix cache (set at admission)
@@ -147,7 +157,7 @@ class Request:
         self._stages.clear()
 
     # ---- engine -> caller --------------------------------------------------------------------------------
-    def deliver(self, token: int, scores: torch.Tensor | None) -> None:
+    def deliver(self, token: int, scores: torch.Tensor | None, logprobs: TokenLogprobs | None = None) -> None:
         if self._stages:
             self._read_stages()
         now = time.perf_counter()
@@ -155,6 +165,8 @@ class Request:
             self.stats.time_to_first_token_s = now - self.submitted_at
         if scores is not None and self.output_scores:
             self.scores.append(scores)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
         self.stats.new_tokens = len(self.output_ids) + 1
         self.stats.total_s = now - self.submitted_at
         self._channel.append(token)
@@ -173,9 +185,9 @@ class Request:
         elif self.cancelled.is_set():
             self.stats.finish_reason = "cancelled"
         else:
-            self.stats.finish_reason = (
-                "stop" if self.output_ids and self.output_ids[-1] in self.stop_ids else "length"
-            )
+            stopped = bool(self.output_ids) and self.output_ids[-1] in self.stop_ids
+            grammar_done = self.constraint is not None and self.constraint.complete
+            self.stats.finish_reason = "stop" if stopped or grammar_done else "length"
         self.stats.total_s = time.perf_counter() - self.submitted_at
         self._error = error
         self._done.set()

@@ -9,11 +9,16 @@ the queue with its output so far; it resumes exactly where it was. A request tha
 pool fails with a PromptError. Prefix caching is off for prompts longer than max_position_embeddings under dynamic
 NTK (their keys are rotated with a base that depends on the whole length) and for prompt-logits requests.
 
+The n choices of one call are admitted together (n sampler slots, and room for n - 1 copies of a partial block):
+the first prefills the prompt, then :meth:`Scheduler.fork` starts the others on its blocks, each sharing the full
+ones and copying the partial last one; from then on each is a request of its own (preempted and resumed alone).
+
 Used from the engine thread alone (pyvl.engine.engine), which owns it.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 
@@ -54,8 +59,11 @@ class Scheduler:
             self.end(r, error)
 
     def admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting:
             r = self.waiting[0]
+            unforked = sum(len(x.followers) for x in self.running)  # slots promised to choices not started
+            if len(self.running) + unforked + 1 + len(r.followers) > self.max_num_seqs:
+                return
             tokens = r.tokens_to_compute
             cacheable = (
                 self.prefix_caching
@@ -73,7 +81,8 @@ class Scheduler:
             room = len(tokens) + (
                 0 if r.prompt_logits else 1
             )  # a generating request needs its next token's slot
-            needed = -(-room // self.pool.block_size) - len(seq.block_ids)
+            # the other choices of an n > 1 call each copy the partial last block of the prompt
+            needed = -(-room // self.pool.block_size) - len(seq.block_ids) + len(r.followers)
             if needed > self.pool.num_available:
                 seq.release()
                 if match and match.tail:
@@ -110,21 +119,53 @@ class Scheduler:
     def slots(self, r: Request, n: int) -> list[int] | None:
         """Slots for r's next n tokens, preempting younger requests when the pool is full; None if r itself
         was preempted or failed (it alone does not fit)."""
+
+        def fail(exc: PoolExhausted) -> None:
+            self.end(
+                r,
+                PromptError(
+                    f"request of {len(r.tokens_to_compute) + 1} tokens does not fit the KV pool ({exc}); load "
+                    "with a larger kv_cache_gb"
+                ),
+            )
+
+        return self._with_room(r, lambda: r.seq.append_slots(n), fail)
+
+    def _with_room(self, r: Request, allocate, fail):
+        """allocate() for r, preempting the youngest other running request while the pool is exhausted; None,
+        after fail(exc), when no other request is left to preempt."""
         while True:
             try:
-                return r.seq.append_slots(n)
+                return allocate()
             except PoolExhausted as exc:
                 victim = next((v for v in reversed(self.running) if v is not r), None)
                 if victim is None:
-                    self.end(
-                        r,
-                        PromptError(
-                            f"request of {len(r.tokens_to_compute) + 1} tokens does not fit the "
-                            f"KV pool ({exc}); load with a larger kv_cache_gb"
-                        ),
-                    )
+                    fail(exc)
                     return None
                 self.preempt(victim)
+
+    def fork(self, r: Request) -> list[Request]:
+        """Start the other choices of r, whose prompt is now prefilled (see the module doc); the ones started, in
+        order. A choice that cannot get a block even after preempting every younger request fails alone."""
+        started = []
+        followers, r.followers = r.followers, []
+        for f in followers:
+            if f.cancelled.is_set():
+                f.finish()
+                continue
+            forked = self._with_room(r, r.seq.fork, functools.partial(_choice_does_not_fit, f))
+            if forked is None:
+                continue
+            seq, src, dst = forked
+            if src:
+                self.cache.copy_slots(src, dst)
+            f.seq, f.num_computed, f.cacheable = seq, r.num_computed, r.cacheable
+            f.stats.queue_s, f.stats.cached_tokens = r.stats.queue_s, r.stats.cached_tokens
+            f.slot = self._free_slots.pop()
+            self.sampler.activate(f.slot, f.gen, (), f.generator)
+            self.running.append(f)
+            started.append(f)
+        return started
 
     def preempt(self, r: Request) -> None:
         self.register(r)
@@ -166,3 +207,14 @@ class Scheduler:
         if r in self.waiting:
             self.waiting.remove(r)
         r.finish(error)
+        for f in r.followers:  # choices that never started share the first one's fate
+            if error is None:
+                f.cancel()
+            f.finish(error)
+        r.followers = []
+
+
+def _choice_does_not_fit(f: Request, exc: PoolExhausted) -> None:
+    f.finish(
+        PromptError(f"choice {f.choice} does not fit the KV pool ({exc}); load with a larger kv_cache_gb")
+    )

@@ -15,12 +15,15 @@ and casts back where it does. Layouts:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..errors import ImageError
 
 __all__ = [
     "rms_norm",
@@ -211,13 +214,33 @@ def tile_boxes(cols: int, rows: int, tile: int) -> list[tuple[int, int, int, int
     ]
 
 
+_INT_MAX = 2**31 - 1
+
+
+def _check_bicubic_tables(size: tuple[int, int], out: tuple[int, int]) -> None:
+    """Refuse, as pyvl's native resize does, a BICUBIC resize whose weight table Pillow cannot allocate (its
+    precompute_coeffs raises a bare MemoryError when out_size x taps doubles exceed INT_MAX bytes)."""
+    for in_size, out_size in zip(size, out):
+        taps = math.ceil(2.0 * max(in_size / out_size, 1.0)) * 2 + 1
+        if out_size * taps * 8 > _INT_MAX:
+            raise ImageError(
+                f"resize_tiles: {size[0]}x{size[1]} image to {out[0]}x{out[1]}: resizing {in_size} pixels to "
+                f"{out_size} needs a weight table of {out_size} x {taps} taps, more than Pillow allows "
+                f"({_INT_MAX} bytes)"
+            )
+
+
 def tile_images(img: Image.Image, cols: int, rows: int, tile: int, thumbnail: bool) -> list[Image.Image]:
     """The original dynamic_preprocess after its grid choice: resize the RGB image to the grid with Pillow
     BICUBIC, crop row-major, then the whole image resized to one tile last when asked for and cols*rows > 1."""
+    thumbnail = thumbnail and cols * rows != 1
+    _check_bicubic_tables(img.size, (tile * cols, tile * rows))
+    if thumbnail:
+        _check_bicubic_tables(img.size, (tile, tile))
     # BICUBIC is Pillow's default for RGB (the original passes no filter); explicit so the mode can't change it.
     resized = img.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC)
     tiles = [resized.crop(box) for box in tile_boxes(cols, rows, tile)]
-    if thumbnail and len(tiles) != 1:
+    if thumbnail:
         tiles.append(img.resize((tile, tile), Image.Resampling.BICUBIC))
     return tiles
 

@@ -3,8 +3,10 @@
 What a request may make the server read is bounded here: every source has a size cap; http(s) fetches have a
 total timeout and at most ``MAX_REDIRECTS`` redirects, each hop's host resolved and refused when any address is
 private, loopback, link-local, multicast, reserved or unspecified (unless ``allow_private_urls``); local paths
-are read only inside ``local_root`` after resolving symlinks and ``..``. Decoding happens later, through
-``pyvl.load_image``'s checks. Policy refusals are 400s, sources that cannot be read are 422s.
+are read only inside ``local_root`` after resolving symlinks and ``..``. A URL or path is checked as text
+before any OS call sees it (length, NUL bytes, unencodable characters, a host name IDNA cannot encode), so every
+step after it is bounded by its length. Decoding happens later, through ``pyvl.load_image``'s checks. Policy
+refusals are 400s, sources that cannot be read are 422s.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .errors import APIError, bad_request
 __all__ = ["MediaPolicy", "read_image_source", "MAX_REDIRECTS"]
 
 MAX_REDIRECTS = 3
+MAX_URL_CHARS = 8192  # an http(s) URL or local path; data: URLs are bounded by the byte cap instead
 
 
 @dataclass(frozen=True)
@@ -38,18 +41,50 @@ class MediaPolicy:
 async def read_image_source(url: str, policy: MediaPolicy, param: str) -> bytes:
     if url.startswith("data:"):
         return _data_url(url, policy, param)
-    scheme = urlsplit(url).scheme.lower()
+    parts = _split(url, param)
+    scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
         return await _fetch(url, policy, param)
     if scheme == "file" or url.startswith(("/", "./", "../")) or not scheme:
-        return await asyncio.to_thread(
-            _local_file, unquote(urlsplit(url).path) if scheme == "file" else url, policy, param
-        )
+        path = _checked_text(unquote(parts.path), "image path", param) if scheme == "file" else url
+        return await asyncio.to_thread(_local_file, path, policy, param)
     raise bad_request(
         f"image url scheme {scheme!r} is not supported; use data:, http(s) or a local path",
         param,
         "unsupported_url",
     )
+
+
+def _checked_text(text: str, what: str, param: str) -> str:
+    """``text`` if an OS call may see it: at most MAX_URL_CHARS, no NUL, encodable as UTF-8 (no lone
+    surrogates)."""
+    if len(text) > MAX_URL_CHARS:
+        raise bad_request(
+            f"the {what} is {len(text)} characters; at most {MAX_URL_CHARS}", param, "invalid_url"
+        )
+    if "\0" in text:
+        raise bad_request(f"the {what} contains a NUL character", param, "invalid_url")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(
+            f"the {what} contains {text[exc.start]!r} at {exc.start}, which is not a character",
+            param,
+            "invalid_url",
+        ) from None
+    return text
+
+
+def _split(url: str, param: str):
+    """``urlsplit`` of a URL that passed ``_checked_text``; a malformed one (an unclosed IPv6 bracket, a bad
+    port) is a 400."""
+    _checked_text(url, "image url", param)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parses the port: 'host:99999' raises here, not later)
+    except ValueError as exc:
+        raise bad_request(f"the image url {url[:200]!r} is malformed ({exc})", param, "invalid_url") from None
+    return parts
 
 
 def _data_url(url: str, policy: MediaPolicy, param: str) -> bytes:
@@ -75,9 +110,14 @@ def _local_file(path: str, policy: MediaPolicy, param: str) -> bytes:
             param,
             "local_path_not_allowed",
         )
-    resolved = (
-        policy.local_root / path
-    ).resolve()  # an absolute path replaces the root; '..' and links resolve
+    try:
+        # an absolute path replaces the root; '..' and links resolve (a link loop is an OSError or, before
+        # Python 3.13, a RuntimeError)
+        resolved = (policy.local_root / path).resolve()
+    except (OSError, RuntimeError):
+        raise APIError(
+            422, "cannot resolve the image path (a link loop?)", param, "image_unreadable"
+        ) from None
     if not resolved.is_relative_to(policy.local_root):
         raise bad_request(
             "the image path is outside the allowed local media folder", param, "local_path_not_allowed"
@@ -111,11 +151,17 @@ def _refused_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 async def _check_host(url: str, policy: MediaPolicy, param: str) -> None:
-    parts = urlsplit(url)
+    parts = _split(url, param)  # every hop: a redirect's Location is as untrusted as the request
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise bad_request(
             f"image url {url[:200]!r} is not an http(s) url with a host", param, "unsupported_url"
         )
+    try:
+        parts.hostname.encode("idna")  # what getaddrinfo and httpx do with it; a 64-byte label fails here
+    except UnicodeError:
+        raise bad_request(
+            f"image url host {parts.hostname[:200]!r} is not a valid host name", param, "invalid_url"
+        ) from None
     if policy.allow_private_urls:
         return
     try:
@@ -134,6 +180,18 @@ async def _check_host(url: str, policy: MediaPolicy, param: str) -> None:
                 param,
                 "url_not_allowed",
             )
+
+
+def _redirect_target(url: str, location: str, param: str) -> str:
+    try:
+        return urljoin(url, location)
+    except ValueError:
+        raise APIError(
+            422,
+            f"the image url redirected to a malformed url {location[:200]!r}",
+            param,
+            "image_fetch_failed",
+        ) from None
 
 
 async def _fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
@@ -160,7 +218,7 @@ async def _fetch_hops(url: str, policy: MediaPolicy, param: str) -> bytes:
             await _check_host(url, policy, param)
             async with client.stream("GET", url) as response:
                 if response.is_redirect:
-                    url = urljoin(url, response.headers.get("location", ""))
+                    url = _redirect_target(url, response.headers.get("location", ""), param)
                     continue
                 if response.status_code != 200:
                     raise APIError(

@@ -9,13 +9,24 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import ServeSettings, create_app
+from .malloc import pin_allocator_thresholds
 
 __all__ = ["serve"]
 
 GRACE_S = 3.0
+
+
+class _HalfCloseH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, except that a client that half-closes its connection after a complete
+    request still gets the answer (asyncio closes the transport at EOF unless ``eof_received`` returns True)."""
+
+    def eof_received(self) -> bool | None:
+        return True if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE) else None
 
 
 class _Server(uvicorn.Server):
@@ -37,6 +48,10 @@ class _Server(uvicorn.Server):
 
 def serve(model, settings: ServeSettings, host: str, port: int, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not pin_allocator_thresholds():
+        logging.getLogger("pyvl.serve").warning(
+            "not glibc: big requests may leave freed memory with the process"
+        )
     app = create_app(model, settings)
     config = uvicorn.Config(
         app,
@@ -46,6 +61,7 @@ def serve(model, settings: ServeSettings, host: str, port: int, log_level: str =
         access_log=False,
         timeout_graceful_shutdown=GRACE_S,
         lifespan="off",
+        http=_HalfCloseH11,
     )
     logging.getLogger("pyvl.serve").info(
         "serving %s on http://%s:%d/v1", settings.served_model_name, host, port
