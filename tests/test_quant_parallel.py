@@ -5,7 +5,8 @@ real worker processes) answer as one process, and a split that would cut a group
 The golden v15 model (4 query heads over 2 KV heads, head_dim 16, FFN 128) quantized by the tests' AutoAWQ:
 with groups of 32, TP=2 splits wo's 64 inputs 32 + 32 and the FFN's 4 groups 2 + 2; with groups of 16, TP=3
 splits the heads 2 + 1 + 1 (wo's inputs 32 + 16 + 16) and the FFN's 8 groups 3 + 3 + 2, uneven like the plan's
-float splits; with groups of 32, TP=3 would cut wo inside a group.
+float splits; with groups of 32, TP=3 would cut wo inside a group. And a checkpoint of 6 query heads over 3 KV
+heads, whose two ranks each repeat a KV head, so a packed K/V column range is read twice.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import awq_reference as autoawq
 import pytest
 import torch
 from conftest import GOLDEN, image_for_key
+from parallel_models import uneven_groups_config, write_checkpoint
 from safetensors.torch import load_file
 
 import pyvl
@@ -32,17 +34,25 @@ LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3
 
 
 @functools.cache
-def _pair(root, group: int):
-    folder = root / f"g{group}"
+def _pair(root, group: int, source: str = "v15"):
+    """(AWQ folder, float32 twin) of ``source``: "v15" (golden), or "uneven": 6 query heads over 3 KV heads,
+    whose TP=2 ranks each repeat a KV head (see tests/parallel_models.py), FFN 128."""
+    folder = root / f"{source}-g{group}"
     folder.mkdir()
-    autoawq.write_awq_pair(GOLDEN / "v15" / "checkpoint", folder / "awq", folder / "twin", group)
+    if source == "v15":
+        src = GOLDEN / "v15" / "checkpoint"
+    else:
+        config = uneven_groups_config()
+        config["llm_config"]["intermediate_size"] = 128  # whole groups of 16 (the tp config's 130 is not)
+        src = write_checkpoint(folder / "float", config)
+    autoawq.write_awq_pair(src, folder / "awq", folder / "twin", group)
     return folder / "awq", folder / "twin"
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("awq_tp")
-    return lambda group: _pair(root, group)
+    return lambda group, source="v15": _pair(root, group, source)
 
 
 def _cut(tensor: torch.Tensor, cut: Slice) -> torch.Tensor:
@@ -51,10 +61,17 @@ def _cut(tensor: torch.Tensor, cut: Slice) -> torch.Tensor:
     return torch.cat([tensor.narrow(cut.dim, a, b - a) for a, b in cut.ranges], dim=cut.dim)
 
 
-@pytest.mark.parametrize("group, world", [(32, 2), (16, 2), (16, 3)])
-def test_each_ranks_packed_slices_dequantize_to_its_part_of_the_weight(pairs, group, world):
-    awq_dir, twin_dir = pairs(group)
+@pytest.mark.parametrize(
+    "source, group, world", [("v15", 32, 2), ("v15", 16, 2), ("v15", 16, 3), ("uneven", 16, 2)]
+)
+def test_each_ranks_packed_slices_dequantize_to_its_part_of_the_weight(pairs, source, group, world):
+    awq_dir, twin_dir = pairs(group, source)
     cfg = load_config(awq_dir)
+    if source == "uneven":  # the case the test is for: KV heads repeated on each rank
+        assert [ShardPlan.for_rank(cfg, r, world).llm.kv_heads for r in range(world)] == [
+            (0, 0, 1),
+            (1, 2, 2),
+        ]
     packed, twin = load_file(awq_dir / "model.safetensors"), load_file(twin_dir / "model.safetensors")
     for rank in range(world):
         plan = ShardPlan.for_rank(cfg, rank, world)
