@@ -19,15 +19,16 @@
 #   device_check.log  everything       build.log   the pip/CMake/nvcc output
 #   tests.xml         JUnit, the per-process reports merged
 #   bench.json        {"kernels", "preprocess_cuda"}   sweep.json  block-config sweep
-#   e2e.json          {"v15", "mini", "v15_hf", "engine_v15", "load_v15", "tp_v15"}
+#   e2e.json          {"v15", "v15_awq", "mini", "v15_hf", "engine_v15", "load_v15", "tp_v15"}
 #
 # Steps in order, with the estimate on an H200 (16 cores) and the budget, seconds:
 #   probe             GPU, Python.h, xdist, pytest-timeout: no torch    est   2  budget  10
 #   env               environment report (imports torch); gates nothing est  10  budget  25
 #   build             pyvl._C: CUDA from source, .whl/'s, CPU-only      est  60  budget  85
-#   tests_kernels     Triton kernels at real shapes, -n 8               est  40  budget  60
-#   bench_kernels     pyvl bench kernels --rep-ms 50 (regs/spills/smem) est  35  budget  45
+#   tests_kernels     Triton kernels at real shapes, -n 8               est  45  budget  60
+#   bench_kernels     pyvl bench kernels --rep-ms 50 (regs/spills/smem) est  45  budget  55
 #   e2e_v15           pyvl alone at V1-5 size, random weights           est  50  budget  75
+#   e2e_v15_awq       the same, 4-bit decoder linears, 1 tile: decode   est  35  budget  50
 #   engine_v15        engine reuse and batching at V1-5 size            est  60  budget  90
 #   bench_preprocess  CUDA preprocessing vs F.interpolate, floor        est  10  budget  20
 #   tests_preprocess  CUDA resize + normalise vs the CPU kernel         est  15  budget  30
@@ -37,7 +38,7 @@
 #   tp_v15            TP=2 beside TP=1 at V1-5 size: TTFT, decode       est  70  budget 120  (only with >= 2 GPUs)
 #   sweep             block configs, ViT + decode attention, last       est  45  budget  60
 #   e2e_v15_hf        HF transformers at V1-5 size                      est  60  budget  90  (only with >= 100 s left)
-#   (summary reserve 8)  estimates without HF: 397 s; budgets without HF: 600 s, so when steps overrun it is the
+#   (summary reserve 8)  estimates without HF: 447 s; budgets without HF: 660 s, so when steps overrun it is the
 #   deadline that cuts the run short from its end (the sweep first), never the summary.
 #
 # The pyvl every step imports is a tree in the temporary folder (benchmarks/device_tree.py, on PYTHONPATH): the
@@ -65,7 +66,7 @@ RESERVE_S=8  # kill-after grace (5 s) + the summary
 STAND_IN_BUDGET_S=120  # a dry run's CPU stand-in: the tiny preset or the interpreter on a CI box, not an H200
 # How a GPU-only benchmark says it cannot run on this machine (a dry run records that as skipped, not FAILED).
 NEEDS_GPU='needs (a )?CUDA|not compiled with CUDA|no CUDA GPUs|NVIDIA driver|CUDA only|transformers is not installed'
-STEPS="probe env build tests_kernels bench_kernels e2e_v15 engine_v15 bench_preprocess tests_preprocess"
+STEPS="probe env build tests_kernels bench_kernels e2e_v15 e2e_v15_awq engine_v15 bench_preprocess tests_preprocess"
 STEPS="$STEPS tests_image e2e_mini load_v15 tp_v15 sweep e2e_v15_hf"
 mkdir -p "$out"
 work=$(mktemp -d)
@@ -310,6 +311,7 @@ bench_step() {
     case $stand_in in
       tiny) cmd+=(--preset tiny --device cpu) step_budget=$STAND_IN_BUDGET_S ;;
       tiny-e2e) cmd+=(--preset tiny --device cpu --repeat 1) step_budget=$STAND_IN_BUDGET_S ;;
+      tiny-awq-e2e) cmd+=(--preset tiny-awq --device cpu --repeat 1) step_budget=$STAND_IN_BUDGET_S ;;
       tiny-engine) cmd+=(--preset tiny --device cpu --repeat 1 --photo 896x448) step_budget=$STAND_IN_BUDGET_S ;;
       smoke) cmd=(env TRITON_INTERPRET=1 "${cmd[@]}" --smoke) step_budget=$STAND_IN_BUDGET_S ;;
       *) may_need_gpu=1 ;;
@@ -349,11 +351,12 @@ run_step build 85 TERM bash -c build_pyvl
 build_in_use=$(sed -n 's/^SUMMARY: //p' "$work/build.out" 2>/dev/null | tail -n 1)
 
 kernel_tests="test_vit_attention.py test_rms_norm.py test_apply_rotary.py test_silu_mul.py"
-kernel_tests="$kernel_tests test_pixel_shuffle.py test_paged_attention.py test_store_kv.py"
+kernel_tests="$kernel_tests test_pixel_shuffle.py test_paged_attention.py test_store_kv.py test_w4a16.py"
 e2e_flags=(--random-weights --no-hf --device cuda --kv-cache-gb 2 --jsonl)
 pytest_step tests_kernels "$kernel_tests" test_rejects_bad_inputs 8 60 60
-bench_step bench_kernels 45 smoke -m pyvl bench kernels --rep-ms 50 --jsonl
+bench_step bench_kernels 55 smoke -m pyvl bench kernels --rep-ms 50 --jsonl
 bench_step e2e_v15 75 tiny-e2e -m pyvl bench e2e --preset internvl-chat-v1-5 "${e2e_flags[@]}"
+bench_step e2e_v15_awq 50 tiny-awq-e2e -m pyvl bench e2e --preset internvl-chat-v1-5-awq --tiles 1 "${e2e_flags[@]}"
 bench_step engine_v15 90 tiny-engine -m pyvl bench engine --preset internvl-chat-v1-5 --random-weights --device cuda \
   --repeat 2 --jsonl
 bench_step bench_preprocess 20 - -m pyvl bench preprocess --device cuda --rep-ms 50 --jsonl

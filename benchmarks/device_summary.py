@@ -6,7 +6,7 @@ complete or cut short: a step killed at its limit keeps every row it printed, wi
 status. Files in $OUT (the script writes device_check.log and build.log itself):
 
     bench.json  {"kernels", "preprocess_cuda"}                      sweep.json  the block-config sweep
-    e2e.json    {"v15", "mini", "v15_hf", "engine_v15", "load_v15", "tp_v15"}
+    e2e.json    {"v15", "v15_awq", "mini", "v15_hf", "engine_v15", "load_v15", "tp_v15"}
     tests.xml   the JUnit reports merged
 
 Every entry of the JSON files is {"rows", "notes", "complete", "status", ...the result's own fields}, plus
@@ -33,6 +33,7 @@ JSON_FILES = {  # file -> {key: step}; sweep.json holds the sweep's result itsel
     "bench.json": {"kernels": "bench_kernels", "preprocess_cuda": "bench_preprocess"},
     "e2e.json": {
         "v15": "e2e_v15",
+        "v15_awq": "e2e_v15_awq",
         "mini": "e2e_mini",
         "v15_hf": "e2e_v15_hf",
         "engine_v15": "engine_v15",
@@ -41,7 +42,13 @@ JSON_FILES = {  # file -> {key: step}; sweep.json holds the sweep's result itsel
     },
 }
 BENCH_STEPS = ("sweep", *(step for steps in JSON_FILES.values() for step in steps.values()))
-MODEL_STEPS = ("e2e_v15", "e2e_mini", "e2e_v15_hf", "engine_v15")  # their setup.ops says what served each op
+MODEL_STEPS = (
+    "e2e_v15",
+    "e2e_v15_awq",
+    "e2e_mini",
+    "e2e_v15_hf",
+    "engine_v15",
+)  # their setup.ops says what served each op
 E2E_KEYS = ("vision_13", "prefill", "ttft", "decode", "peak_memory")
 ENGINE_KEYS = (
     "cached_followup",
@@ -213,6 +220,7 @@ FIGURES = {
     "bench_preprocess": preprocess_figures,
     "sweep": sweep_figures,
     "e2e_v15": e2e_figures,
+    "e2e_v15_awq": e2e_figures,
     "e2e_mini": e2e_figures,
     "e2e_v15_hf": e2e_figures,
     "engine_v15": engine_figures,

@@ -1,4 +1,5 @@
-"""The ``pyvl`` command line: ``pyvl chat`` (streaming, multi-turn, multi-image), ``pyvl info``, ``pyvl bench``."""
+"""The ``pyvl`` command line: ``pyvl chat`` (streaming, multi-turn, multi-image), ``pyvl info``,
+``pyvl quantize``, ``pyvl bench``."""
 
 from __future__ import annotations
 
@@ -245,6 +246,27 @@ def _human(n: float) -> str:
     return f"{n:.2f}T"
 
 
+def count_weights(tensors: dict) -> tuple[dict[str, int], int, int]:
+    """Checkpoint tensors -> (weights per part, float elements, bytes of an AWQ model's 4-bit tensors once
+    loaded): a model in dtype T holds float elements x size(T) + those bytes."""
+    counts = {"vision_model": 0, "mlp1": 0, "language_model": 0}
+    float_numel = packed_bytes = 0
+    for name, info in tensors.items():
+        numel = 1
+        for d in info.shape:
+            numel *= d
+        part = name.split(".", 1)[0]
+        if name.endswith(".qweight"):  # 8 weights a word, held as stored
+            counts[part] = counts.get(part, 0) + 8 * numel
+            packed_bytes += info.nbytes
+        elif name.endswith(".qzeros"):  # 8 zero points a word, a byte each once loaded
+            packed_bytes += 8 * numel
+        else:  # scales are float but not weights
+            counts[part] = counts.get(part, 0) + (0 if name.endswith(".scales") else numel)
+            float_numel += numel
+    return counts, float_numel, packed_bytes
+
+
 def _per_rank(cfg, world: int) -> dict:
     """What each rank holds at tensor_parallel_size ``world``, from the shard plan (no weights read)."""
     import torch
@@ -282,12 +304,7 @@ def cmd_info(args) -> int:
     folder = Path(args.path)
     cfg = load_config(folder)
     tensors = index_checkpoint(folder)
-    counts = {"vision_model": 0, "mlp1": 0, "language_model": 0}
-    for name, info in tensors.items():
-        numel = 1
-        for d in info.shape:
-            numel *= d
-        counts[name.split(".", 1)[0]] = counts.get(name.split(".", 1)[0], 0) + numel
+    counts, float_numel, packed_bytes = count_weights(tensors)
     total = sum(counts.values())
     v, lm = cfg.vision, cfg.llm
     summary = {
@@ -303,8 +320,11 @@ def cmd_info(args) -> int:
         "tiles": f"{cfg.min_dynamic_patch}..{cfg.max_dynamic_patch} (+thumbnail={cfg.use_thumbnail}), "
         f"select_layer {cfg.select_layer}, template {cfg.template}",
         "parameters": {k: _human(c) for k, c in counts.items()} | {"total": _human(total)},
+        "quantization": "none"
+        if cfg.quant is None
+        else f"AWQ GEMM 4-bit decoder linears, group size {cfg.quant.group_size}",
         "weights_memory_GiB": {
-            dt: round(total * size / 2**30, 3)
+            dt: round((float_numel * size + packed_bytes) / 2**30, 3)
             for dt, size in (("bfloat16", 2), ("float16", 2), ("float32", 4))
         },
     }
@@ -441,6 +461,14 @@ def _bench_engine(args) -> int:
     )
 
 
+def cmd_quantize(args) -> int:
+    from .quant.quantize import quantize_folder
+
+    dst = quantize_folder(args.src, args.dst, group_size=args.group_size, device=args.device)
+    print(f"{dst}: 4-bit AWQ GEMM decoder linears, group size {args.group_size} (round-to-nearest)")
+    return 0
+
+
 def _bench_tp(args) -> int:
     from .bench import tp
     from .bench.timing import format_table
@@ -568,6 +596,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     _add_tensor_parallel_flag(info, "also say what each of N tensor-parallel ranks holds")
     info.set_defaults(func=cmd_info)
+    quant = sub.add_parser(
+        "quantize", help="write a 4-bit AWQ GEMM copy of a model folder (its InternLM2 decoder linears)"
+    )
+    quant.add_argument("src", help="float model folder")
+    quant.add_argument("dst", help="new folder to write (must not exist)")
+    quant.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="inputs per zero point and scale: 32, 64, 128 (default) or -1",
+    )
+    quant.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where to quantize (default cpu)"
+    )
+    quant.set_defaults(func=cmd_quantize)
     bench = sub.add_parser(
         "bench", help="benchmarks (median times and ratios against baselines run alongside)"
     )
@@ -632,7 +675,13 @@ def build_parser() -> argparse.ArgumentParser:
     e2e_flags.add_argument(
         "--preset",
         default="internvl-chat-v1-5",
-        choices=("internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5", "tiny"),
+        choices=(
+            "internvl-chat-v1-5",
+            "internvl-chat-v1-5-awq",
+            "mini-internvl-chat-2b-v1-5",
+            "tiny",
+            "tiny-awq",
+        ),
     )
     e2e_flags.add_argument(
         "--random-weights", action="store_true", help="random weights at the preset's exact size"

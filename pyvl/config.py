@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["VisionConfig", "LLMConfig", "ModelConfig", "load_config", "LIMITS"]
+__all__ = ["VisionConfig", "LLMConfig", "AWQConfig", "ModelConfig", "load_config", "LIMITS"]
 
 log = logging.getLogger("pyvl")
 
@@ -307,6 +307,68 @@ class LLMConfig:
 
 
 @dataclass(frozen=True)
+class AWQConfig:
+    """``quantization_config`` of an AWQ checkpoint (AutoAWQ, LMDeploy ``auto_awq``): every InternLM2 decoder
+    linear holds 4-bit weights with a zero point and a scale per ``group_size`` inputs (-1: one group per
+    row), packed as AWQ GEMM (see pyvl.quant.awq). Only that form is read: bits 4, zero_point true, gemm."""
+
+    group_size: int
+
+    def __post_init__(self) -> None:
+        g = self.group_size
+        _check_int("quantization_config.group_size", g, -1, LIMITS["ffn_width"])
+        _check(
+            g == -1 or (g > 0 and g % 16 == 0),
+            f"quantization_config.group_size = {g}: expected -1 or a positive multiple of 16 (32, 64, 128)",
+        )
+
+    def group(self, in_features: int) -> int:
+        """Inputs per group of a linear with ``in_features`` inputs."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> AWQConfig:
+        d = _section(d, where)
+        method = d.get("quant_method")
+        _check(method == "awq", f"{where}.quant_method = {method!r:.80}: pyvl reads 'awq' checkpoints only")
+        bits = d.get("bits", d.get("w_bit"))
+        _check(bits == 4 and type(bits) is int, f"{where}.bits = {bits!r:.80}: pyvl reads 4-bit AWQ only")
+        zero_point = d.get("zero_point", True)
+        _check(zero_point is True, f"{where}.zero_point = {zero_point!r:.80}: expected true (asymmetric AWQ)")
+        version = d.get("version", "gemm")
+        _check(
+            isinstance(version, str) and version.lower() == "gemm",
+            f"{where}.version = {version!r:.80}: pyvl reads the AWQ GEMM packing only (expected 'gemm')",
+        )
+        skipped = d.get("modules_to_not_convert")
+        _check(
+            not skipped,
+            f"{where}.modules_to_not_convert = {skipped!r:.80}: partly quantized decoders are not supported",
+        )
+        if "group_size" not in d and "q_group_size" in d:  # AutoAWQ's older name
+            return cls(group_size=d["q_group_size"])
+        return cls(group_size=_require(d, "group_size", where))
+
+
+def _quantization(d: dict) -> AWQConfig | None:
+    """``quantization_config`` at the top level (transformers-style) or in llm_config (where LMDeploy's
+    auto_awq writes it for InternVL); both present must agree."""
+    found = {
+        where: AWQConfig.from_dict(section["quantization_config"], where)
+        for where, section in (
+            ("quantization_config", d),
+            ("llm_config.quantization_config", d["llm_config"]),
+        )
+        if section.get("quantization_config") is not None
+    }
+    _check(
+        len(set(found.values())) <= 1,
+        f"quantization_config and llm_config.quantization_config disagree ({list(found.values())})",
+    )
+    return next(iter(found.values()), None)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Top-level ``internvl_chat`` config: vision tower, projector geometry, LLM and chat settings."""
 
@@ -322,6 +384,7 @@ class ModelConfig:
     max_dynamic_patch: int = 12
     system_message: str | None = None
     torch_dtype: str = "bfloat16"
+    quant: AWQConfig | None = None  # an AWQ checkpoint's 4-bit decoder linears
 
     def __post_init__(self) -> None:
         n_states = self.vision.num_hidden_layers + 1
@@ -362,6 +425,24 @@ class ModelConfig:
             f"min_dynamic_patch {self.min_dynamic_patch} / max_dynamic_patch "
             f"{self.max_dynamic_patch} are inconsistent (min must be <= max)",
         )
+        if self.quant is not None:
+            m = self.llm
+            for name, width in (
+                ("hidden_size", m.hidden_size),
+                ("intermediate_size", m.intermediate_size),
+                ("num_attention_heads * head_dim", m.num_attention_heads * m.head_dim),
+            ):
+                _check(
+                    width % 16 == 0 and width % self.quant.group(width) == 0,
+                    f"quantization_config.group_size = {self.quant.group_size}: llm_config {name} {width} "
+                    "must be a multiple of 16 split into whole groups",
+                )
+            qkv_rows = (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
+            _check(
+                qkv_rows % 8 == 0,
+                f"llm_config: wqkv's {qkv_rows} outputs must be a multiple of 8 in an AWQ checkpoint (8 "
+                "outputs share a packed word)",
+            )
 
     @property
     def num_image_token(self) -> int:
@@ -424,6 +505,7 @@ class ModelConfig:
                 max_dynamic_patch=_get(d, "max_dynamic_patch", 6),
                 system_message=d.get("system_message"),
                 torch_dtype=_get(d, "torch_dtype", "bfloat16"),
+                quant=_quantization(d),
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None

@@ -4,7 +4,9 @@ Order (``load_model``): config -> expected {key: shape} from the config alone (`
 header parsed, validated and checked against it (``check_checkpoint``) -> only then the model is built on the
 ``meta`` device and filled one tensor at a time, converted to the target device and dtype. A bad folder fails
 before any layer exists or any weight is allocated. Two layout fixes: InternLM2's ``wqkv`` is regrouped, and each
-FFN's ``w1``/``w3`` are stacked into one ``w13`` as they are read (one GEMM; never two copies).
+FFN's ``w1``/``w3`` are stacked into one ``w13`` as they are read (one GEMM; never two copies). An AWQ
+checkpoint's 4-bit tensors are first converted to pyvl's layout (pyvl.quant.awq), whose rows are outputs, so
+both fixes apply.
 
 Memory: by default each tensor is read with plain file reads into memory the model owns, so the files may change
 or vanish afterwards with no effect, and the host holds one copy of the weights plus one tensor in flight.
@@ -33,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from .config import ModelConfig
 from .errors import CheckpointError
 from .models.llm import regroup_wqkv
+from .quant import awq
 from .shapes import expected_shapes
 
 __all__ = [
@@ -241,15 +244,21 @@ def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, TensorInfo
     not_float = [
         f"{k}: {found[k].dtype} in {found[k].file.name}, expected one of {list(FLOAT_DTYPES)}"
         for k in common
-        if found[k].dtype not in FLOAT_DTYPES
+        if found[k].dtype not in FLOAT_DTYPES and not k.endswith(awq.PACKED_KEYS)
     ]
-    if missing or unexpected or misshaped or not_float:
+    not_packed = [  # an AWQ checkpoint's qweight/qzeros: 8 nibbles to an int32 word
+        f"{k}: {found[k].dtype} in {found[k].file.name}, expected I32"
+        for k in common
+        if found[k].dtype != "I32" and k.endswith(awq.PACKED_KEYS)
+    ]
+    if missing or unexpected or misshaped or not_float or not_packed:
         lines = [f"{folder}: the checkpoint does not match config.json"]
         for title, items in (
             ("missing", missing),
             ("unexpected", unexpected),
             ("wrong shape", misshaped),
             ("not a float dtype", not_float),
+            ("not packed int32", not_packed),
         ):
             if items:
                 lines.append(f"  {len(items)} {title}:")
@@ -260,6 +269,11 @@ def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, TensorInfo
 def check_checkpoint(folder: str | Path, cfg: ModelConfig) -> dict[str, TensorInfo]:
     """Index ``folder`` and check its keys, shapes and dtypes against ``cfg`` alone (no model needed)."""
     tensors = index_checkpoint(folder)
+    if cfg.quant is None and any(name.endswith(".qweight") for name in tensors):
+        raise CheckpointError(
+            f"{folder}: the checkpoint holds 4-bit AWQ tensors (.qweight) but config.json has no "
+            "quantization_config; an AWQ GEMM folder needs one (see pyvl.quant.awq)"
+        )
     check_keys(expected_shapes(cfg), tensors, Path(folder))
     return tensors
 
@@ -326,7 +340,10 @@ class _Progress:
 
 def _layout_fix(cfg: ModelConfig) -> Callable[[str, torch.Tensor], torch.Tensor]:
     def fix(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name.endswith(".attention.wqkv.weight") or name.endswith(".attention.wqkv.bias"):
+        if cfg.quant is not None:  # AWQ GEMM tensors -> pyvl's layout, rows = outputs like a float weight
+            tensor = awq.to_rows(name, tensor)
+        # wqkv's weight and bias, or a 4-bit wqkv's qweight/qzeros/scales: its rows regrouped
+        if ".attention.wqkv." in name:
             return regroup_wqkv(tensor, cfg.llm)
         return tensor
 
@@ -357,7 +374,8 @@ def load_weights(
     mmap=False (default): every parameter owns its memory. mmap=True: map the files; see the module notes.
     """
     tensors = check_checkpoint(folder, cfg)
-    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensors, Path(folder))
+    model_shapes = {k: awq.checkpoint_shape(k, tuple(v.shape)) for k, v in model.state_dict().items()}
+    check_keys(model_shapes, tensors, Path(folder))
     total = sum(info.nbytes for info in tensors.values())
     # Default: a bar for loads over 1 GiB when stderr is a terminal (a long load should not look hung).
     bar = _Progress(
@@ -365,7 +383,8 @@ def load_weights(
     )
     fix = _layout_fix(cfg)
     for name, tensor in _iter_tensors(tensors, mmap):
-        _assign(model, name, fix(name, tensor).to(device=device, dtype=dtype))
+        tensor = fix(name, tensor.to(device))  # on the device: an AWQ weight's repacking is faster there
+        _assign(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         bar.update(tensors[name].nbytes)
     bar.close()
 

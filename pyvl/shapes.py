@@ -2,12 +2,14 @@
 
 Mirrors vit.py, projector.py and llm.py so a checkpoint can be checked before any layer is built (a test
 compares it with the meta-built model's state_dict). ``wqkv`` keeps the checkpoint's packed row count,
-(n_h + 2 n_kv) * D, in both layouts.
+(n_h + 2 n_kv) * D, in both layouts. An AWQ checkpoint's decoder linears hold qweight/qzeros/scales in the
+checkpoint's layout (pyvl.quant.awq.checkpoint_shape maps the model's to it).
 """
 
 from __future__ import annotations
 
 from .config import ModelConfig
+from .quant.awq import checkpoint_shapes
 
 __all__ = ["expected_shapes"]
 
@@ -79,7 +81,10 @@ def _llm(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out[prefix + "attention_norm.weight"] = (h,)
         out[prefix + "ffn_norm.weight"] = (h,)
         for name, shape in linears.items():
-            out[f"{prefix}{name}.weight"] = shape
+            if cfg.quant is None:
+                out[f"{prefix}{name}.weight"] = shape
+            else:  # AWQ GEMM: qweight, qzeros and scales in the checkpoint's layout
+                out.update(checkpoint_shapes(prefix + name, *shape, cfg.quant.group(shape[1])))
             if m.bias:
                 out[f"{prefix}{name}.bias"] = (shape[0],)
     return {f"language_model.{k}": s for k, s in out.items()}

@@ -76,7 +76,13 @@ def test_preset_parameter_counts_on_meta():
     assert round(mini["total"] / 1e9, 1) == 2.2  # 4.41 GB of bf16, as released
     assert round(mini["total"] * 2 / 1e9, 2) == 4.41
     assert round(mini["vision_model"] / 1e6) == 304 and round(mini["language_model"] / 1e9, 2) == 1.89
-    assert set(PRESETS) == {"internvl-chat-v1-5", "mini-internvl-chat-2b-v1-5", "tiny"}
+    assert set(PRESETS) == {
+        "internvl-chat-v1-5",
+        "mini-internvl-chat-2b-v1-5",
+        "tiny",
+        "internvl-chat-v1-5-awq",
+        "tiny-awq",
+    }
 
 
 def test_random_model_is_materialised_in_the_asked_dtype():

@@ -25,6 +25,7 @@ STEPS = [
     "tests_kernels",
     "bench_kernels",
     "e2e_v15",
+    "e2e_v15_awq",
     "engine_v15",
     "bench_preprocess",
     "tests_preprocess",
@@ -45,6 +46,7 @@ KERNEL_OPS = {
     "silu_mul",
     "apply_rotary",
     "pixel_shuffle",
+    "w4a16_linear",
 }
 
 pytestmark = [
@@ -90,6 +92,7 @@ def check_files(out: Path) -> ET.Element:
     assert set(json.loads((out / "bench.json").read_text())) == {"kernels", "preprocess_cuda"}
     assert set(json.loads((out / "e2e.json").read_text())) == {
         "v15",
+        "v15_awq",
         "mini",
         "v15_hf",
         "engine_v15",
@@ -108,6 +111,7 @@ def results(out: Path) -> dict[str, dict]:
         "bench_preprocess": bench["preprocess_cuda"],
         "sweep": json.loads((out / "sweep.json").read_text()),
         "e2e_v15": e2e["v15"],
+        "e2e_v15_awq": e2e["v15_awq"],
         "e2e_mini": e2e["mini"],
         "e2e_v15_hf": e2e["v15_hf"],
         "engine_v15": e2e["engine_v15"],
@@ -157,14 +161,15 @@ def test_dry_run_runs_the_model_benchmarks_on_the_tiny_preset(dry_run):
     (--preset, --device, --jsonl) flags; each prints a pyvl.bench.report stream."""
     proc, out = dry_run
     status, got = statuses(proc.stdout), results(out)
-    steps = ("e2e_v15", "engine_v15", "e2e_mini", "load_v15")
+    steps = ("e2e_v15", "e2e_v15_awq", "engine_v15", "e2e_mini", "load_v15")
     assert {s: status[s] for s in steps} == dict.fromkeys(steps, "ok"), proc.stdout[-3000:]
     for step in steps:
         assert got[step]["complete"] and got[step]["rows"], step
-    for step in ("e2e_v15", "e2e_mini"):
+    for step, preset in (("e2e_v15", "tiny"), ("e2e_v15_awq", "tiny-awq"), ("e2e_mini", "tiny")):
         keys = {row["key"] for row in got[step]["rows"]}
-        assert {"vision_13", "prefill", "ttft", "decode", "peak_memory"} <= keys, keys
-        assert got[step]["setup"]["preset"] == "tiny"
+        assert {"prefill", "ttft", "decode", "peak_memory"} <= keys, keys
+        assert got[step]["setup"]["preset"] == preset
+    assert "vision_13" in {row["key"] for row in got["e2e_v15"]["rows"]}
     assert all("key" in row for row in got["engine_v15"]["rows"])
     assert any("load_s" in row for row in got["load_v15"]["rows"])
 

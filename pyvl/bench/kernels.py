@@ -22,7 +22,8 @@ every call reads its K/V from HBM as in a real decode step; its ms is per call (
 Shapes (bf16, REAL): ViT attention 13 tiles x 25 heads x 1025 x 128 (6B) and x 16 heads x 64 (300M), q/k/v views
 of one fused qkv output; prefill 3400 tokens, 48/8 and 16/8 heads; decode 48/8 heads over 3400 and 32768 cached
 keys (and 16 rows x 3400); rms_norm / silu_mul / apply_rotary at the InternLM2-20B widths for 3400 tokens
-(prefill) and 1 token (decode); pixel_shuffle of 13 tiles of InternViT-6B output.
+(prefill) and 1 token (decode); pixel_shuffle of 13 tiles of InternViT-6B output; w4a16_linear on
+InternLM2-20B's wqkv, wo, w13 and w2 (groups of 128) at 1 token, 16 (w13) and 3400 (w13, w2).
 
 ``--smoke`` (SMOKE shapes, :func:`smoke_rig`) runs the same cases on the CPU under TRITON_INTERPRET=1 at tiny
 sizes, timed by a perf_counter median (no CUDA events, no graphs), against ceilings measured the same way: it
@@ -93,6 +94,7 @@ class Shapes:
     head_dim: int
     copy_bytes: int  # the copy ceiling's buffer
     gemm_n: int  # the GEMM ceiling's n^3
+    w4_group: int  # inputs per zero point and scale of the 4-bit linears
 
 
 REAL = Shapes(  # InternViT-6B / -300M, InternLM2-20B / -1.8B; a 3400-token prompt is 13 tiles x 256 + 72 text
@@ -111,13 +113,14 @@ REAL = Shapes(  # InternViT-6B / -300M, InternLM2-20B / -1.8B; a 3400-token prom
     head_dim=128,
     copy_bytes=1 << 30,
     gemm_n=8192,
+    w4_group=128,  # AWQ's usual group
 )
 SMOKE = Shapes(  # the interpreter spends about a millisecond per program step: a few programs per launch
     vit_tiles=2,
     vit_seq=17,
     vit_width=32,
     vit_heads=((2, 64), (2, 32)),
-    prompt=4,
+    prompt=8,  # above w4a16's GEMV_MAX_ROWS: the prefill rows take its gemm kernel, as at the real size
     prefill_heads=((4, 2), (2, 2)),
     decode_lengths=(16, 70),
     decode_batch=2,
@@ -128,6 +131,7 @@ SMOKE = Shapes(  # the interpreter spends about a millisecond per program step: 
     head_dim=64,
     copy_bytes=1 << 22,
     gemm_n=128,
+    w4_group=32,
 )
 SMOKE_L2_BYTES = 1 << 12  # a stand-in, so that the K/V rotation walks two copies at the smoke lengths
 TARGETS = {
@@ -468,6 +472,60 @@ def _pixel_shuffle(case: _Case):
     )
 
 
+def _w4a16_linear(case: _Case):
+    """InternLM2's decoder linears with 4-bit weights (random, groups of w4_group) against cuBLAS bf16 on the
+    same weights dequantized. One token and a full decode batch: GB/s of the packed weight (+ x and out), CUDA
+    graphs walking enough weight copies to pass twice the L2 (every call reads its weight from HBM, as a
+    decode step does); baseline/ours is the 4-bit speed-up. A prompt: TFLOP/s, eager with L2 flushed."""
+    kernel, s, device = _kernel("w4a16_linear"), case.shapes, case.rig.device
+    qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+    linears = {"wqkv": (qkv, s.hidden), "wo": (s.hidden, s.heads * s.head_dim), "w13": (2 * s.ffn, s.hidden)}
+    linears["w2"] = (s.hidden, s.ffn)
+
+    def weight(n: int, k: int):
+        qweight = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=device)
+        qzeros = torch.randint(0, 16, (n, k // s.w4_group), dtype=torch.uint8, device=device)
+        scales = torch.rand(n, k // s.w4_group, device=device).mul(0.02).add(0.002).to(BF16)
+        return qweight, qzeros, scales
+
+    for name, (n, k) in linears.items():
+        for m in (1, s.decode_batch) if name == "w13" else (1,):
+            packed = (
+                n * k // 2 + n * (k // s.w4_group) * 3 + (m * k + m * n) * 2
+            )  # words, zeros, scales, x, out
+            copies = rotation_copies(packed, case.rig.l2_bytes)
+            weights = [weight(n, k) for _ in range(copies)]
+            dense = [reference.dequantize_w4(*w).to(BF16) for w in weights]
+            x = case.randn(m, k)
+            outs = [torch.empty(m, n, device=device, dtype=BF16) for _ in range(copies)]
+            yield case.row(
+                "w4a16_linear",
+                f"{name} {m} x {k} -> {n}, g{s.w4_group}",
+                lambda x=x, ws=weights, os=outs: [kernel(x, *w, out=o) for w, o in zip(ws, os)],
+                lambda x=x, ds=dense: [F.linear(x, d) for d in ds],
+                "cuBLAS bf16 (dequantized)",
+                packed,
+                "GB/s",
+                graph=True,
+                timing=f"graph, {copies} weight copies",
+                calls=copies,
+            )
+            del weights, dense
+    for name in ("w13", "w2"):
+        (n, k), m = linears[name], s.prompt
+        w = weight(n, k)
+        dense, x = reference.dequantize_w4(*w).to(BF16), case.randn(m, k)
+        yield case.row(
+            "w4a16_linear",
+            f"{name} {m} x {k} -> {n}, g{s.w4_group}",
+            lambda x=x, w=w: kernel(x, *w),
+            lambda x=x, d=dense: F.linear(x, d),
+            "cuBLAS bf16 (dequantized)",
+            2 * m * n * k,
+            "TFLOP/s",
+        )
+
+
 CASES = {
     "vit_attention": _vit_attention,
     "paged_prefill_attention": _paged_prefill_attention,
@@ -476,6 +534,7 @@ CASES = {
     "silu_mul": _silu_mul,
     "apply_rotary": _apply_rotary,
     "pixel_shuffle": _pixel_shuffle,
+    "w4a16_linear": _w4a16_linear,
 }
 
 

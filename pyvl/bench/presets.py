@@ -8,6 +8,8 @@ real folder's) with the released models' dimensions:
   mini-internvl-chat-2b-v1-5  InternViT-300M: 24 layers x 1024, 16 heads (D 64), MLP 4096, LayerNorm, qkv bias,
                               no QK-norm; InternLM2-1.8B: 24 layers x 2048, 16/8 heads, FFN 8192        2.2 B parameters
   tiny                        the demo model's config (pyvl.demo.demo_config_dict)                     1.3 M parameters
+  internvl-chat-v1-5-awq      internvl-chat-v1-5, its decoder linears 4-bit AWQ GEMM, groups of 128
+  tiny-awq                    tiny, its decoder linears 4-bit, groups of 32 (the CPU stand-in of the above)
 
 Both real presets: ps_version v2, 448 px tiles (256 tokens each), vocab 92553, rope theta 1e6, max_position
 32768, rms_norm_eps 1e-5. V1-5's rope_scaling factor is 2.0 here: the spec could not read the released value
@@ -23,6 +25,7 @@ so the engine benchmarks run at a preset's real size without a checkpoint; sever
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -33,6 +36,7 @@ from ..engine.engine import Engine, EngineConfig
 from ..models.vlm import InternVLChatModel
 from ..ops import resolve_ops
 from ..parallel.launch import Cluster
+from ..quant.awq import quantization_config
 from ..tokenizer import Tokenizer
 
 __all__ = [
@@ -113,6 +117,13 @@ def _top(vision: dict, llm: dict) -> dict:
     }
 
 
+def _awq(top: dict, group_size: int = 128) -> dict:
+    """The same model with 4-bit AWQ GEMM decoder linears (quantization_config where LMDeploy writes it)."""
+    quantized = copy.deepcopy(top)
+    quantized["llm_config"]["quantization_config"] = quantization_config(group_size)
+    return quantized
+
+
 PRESETS: dict[str, dict] = {
     "internvl-chat-v1-5": _top(
         _vision(3200, 25, 12800, 45, "rms_norm", qkv_bias=False, qk_norm=True),
@@ -124,6 +135,8 @@ PRESETS: dict[str, dict] = {
     ),
     "tiny": demo_config_dict(),
 }
+PRESETS["internvl-chat-v1-5-awq"] = _awq(PRESETS["internvl-chat-v1-5"])
+PRESETS["tiny-awq"] = _awq(PRESETS["tiny"], group_size=32)
 
 
 def preset_dict(name: str) -> dict:
@@ -148,9 +161,10 @@ def _meta_model(
 
 
 def parameter_count(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters per top-level part and in total, counted on the meta device (nothing is allocated)."""
+    """Parameters per top-level part and in total, counted on the meta device (nothing is allocated); a 4-bit
+    model's weights are counted as the float model's (one each, not one per packed word)."""
     counts: dict[str, int] = {}
-    for name, p in _meta_model(cfg).named_parameters():
+    for name, p in _meta_model(dataclasses.replace(cfg, quant=None)).named_parameters():
         part = name.split(".", 1)[0]
         counts[part] = counts.get(part, 0) + p.numel()
     counts["total"] = sum(counts.values())
@@ -183,6 +197,12 @@ def fill_random(model: InternVLChatModel, device: torch.device, seed: int = 0) -
         p.requires_grad_(False)
         if _is_norm(name):
             p.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith(".qweight"):  # 4-bit weights: q uniform in 0..15 (every bit pattern of the words)
+            p.random_(-(2**31), 2**31 - 1, generator=gen)
+        elif name.endswith(".qzeros"):  # ... around 8, so (q - 8) * s has a std of 4.6 s = 0.02, as the rest
+            p.fill_(8)
+        elif name.endswith(".scales"):
+            p.fill_(0.02 / 4.6)
         else:
             p.normal_(0.0, 0.02, generator=gen)
     model.language_model.fuse_gate_up()

@@ -24,6 +24,7 @@ KERNEL_MODULES = (
     "apply_rotary",
     "silu_mul",
     "pixel_shuffle",
+    "w4a16",
 )
 _MISSING = object()
 

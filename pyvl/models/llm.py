@@ -13,6 +13,7 @@ from torch import nn
 from ..config import LLMConfig
 from ..kv_cache import PagedBatch
 from ..ops import Ops
+from ..quant.linear import stacked_twin
 from .rope import RotaryTables
 
 __all__ = ["InternLM2ForCausalLM", "regroup_wqkv"]
@@ -91,11 +92,10 @@ class FeedForward(nn.Module):
         self._loaded_halves: set[str] = set()  # "w1.weight", "w3.weight", ... written into w13 so far
 
     def load_gate_up(self, name: str, tensor: torch.Tensor) -> None:
-        """Write a loaded ``w1.weight``/``w3.weight`` (or bias) into its half of w13, allocated on the first."""
+        """Write a loaded ``w1.weight``/``w3.weight`` (or bias, or a 4-bit linear's ``qweight``/``qzeros``/
+        ``scales``: their rows are outputs too) into its half of w13, allocated on the first."""
         if self.w13 is None:
-            self.w13 = nn.Linear(
-                self.w1.in_features, 2 * self.w1.out_features, bias=self.w1.bias is not None, device="meta"
-            )
+            self.w13 = stacked_twin(self.w1)  # w1's kind (float or 4-bit), twice as tall
         which, attr = name.split(".")
         fused = getattr(self.w13, attr)
         if fused.is_meta:

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import PromptError
 from ..ops import Ops
+from ..quant.linear import use_w4a16_linears
 from .llm import InternLM2ForCausalLM
 from .projector import build_mlp1, shuffle_tokens
 from .vit import InternVisionModel
@@ -28,6 +29,8 @@ class InternVLChatModel(nn.Module):
         self.vision_model = InternVisionModel(cfg.vision, ops)
         self.mlp1 = build_mlp1(cfg, ops)
         self.language_model = InternLM2ForCausalLM(cfg.llm, ops)
+        if cfg.quant is not None:  # an AWQ checkpoint: 4-bit decoder linears
+            use_w4a16_linears(self.language_model, cfg, ops)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -51,6 +51,8 @@ class Ops:
     )
     paged_decode_attention: Callable  # (q [B, Hq, D], k_pool, v_pool, block_tables [B, max_blocks] int32,
     #                                    context_lens [B] int32 on the device; 0 = padding row -> zeros)
+    w4a16_linear: Callable  # (x [..., K], qweight [N, K/8] int32, qzeros [N, K/G] uint8, scales [N, K/G],
+    #                          bias [N] | None) -> [..., N]: a 4-bit weight's linear (pyvl.quant)
     backends: Mapping[str, str]  # op name -> backend that serves it, for `pyvl info` and bug reports
 
 
@@ -67,6 +69,7 @@ _TRITON_OPS: dict[str, str] = {
     "store_kv": "pyvl.kernels.store_kv:store_kv",
     "paged_prefill_attention": "pyvl.kernels.paged_attention:paged_prefill_attention",
     "paged_decode_attention": "pyvl.kernels.paged_attention:paged_decode_attention",
+    "w4a16_linear": "pyvl.kernels.w4a16:w4a16_linear",
 }
 
 

@@ -8,6 +8,9 @@ and casts back where it does. Layouts:
   rotary cos/sin: [B, S, D] already gathered at the token positions (rotate-half, duplicated halves)
   pixel_shuffle x: [N, h, w, C] patch grid (row-major tokens) -> [N, h*w*r^2, C/r^2]
   resize_tiles image: RGB uint8 [H, W, 3] -> tiles [cols*rows (+1 thumbnail), 3, T, T] (NCHW)
+  w4a16_linear weight (pyvl.quant): qweight int32 [N, K/8] (word c of row n: columns 8c..8c+7, column 8c + j
+    in bits 4j..4j+3), qzeros uint8 [N, K/G], scales [N, K/G];
+    W[n, k] = (q[n, k] - qzeros[n, k//G]) * scales[n, k//G]
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ __all__ = [
     "gather_kv",
     "paged_prefill_attention",
     "paged_decode_attention",
+    "dequantize_w4",
+    "w4a16_linear",
 ]
 
 
@@ -271,3 +276,27 @@ def resize_tiles(
     tiles = tile_images(img, cols, rows, tile, thumbnail)
     pixels = normalize_tiles(np.stack([np.asarray(t) for t in tiles]), mean, std)  # (N, T, T, 3) -> NCHW
     return pixels.to(device=device, dtype=dtype)
+
+
+def dequantize_w4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] of a packed 4-bit one (layout in the module docstring; G = K / groups)."""
+    n, words = qweight.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    q = ((qweight[:, :, None] >> shifts) & 0xF).reshape(
+        n, words * 8
+    )  # (N, K/8, 8): nibble j is column 8c + j
+    group = q.shape[1] // scales.shape[1]
+    zeros = qzeros.float().repeat_interleave(group, dim=1)
+    return (q.float() - zeros) * scales.float().repeat_interleave(group, dim=1)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) -> [..., N], W dequantized in float32 and rounded to x's dtype (what the
+    kernels feed the tensor cores), then an ordinary linear in x's dtype."""
+    return F.linear(x, dequantize_w4(qweight, qzeros, scales).to(x.dtype), bias)

@@ -7,24 +7,29 @@ across the ranks before the bias is added once; the head counts of each attentio
 block, that is one all-reduce after attention and one after the MLP, plus, in InternViT-6B, one per QK-norm
 (:class:`SplitRMSNorm`). The LLM's vocabulary is split too: :class:`VocabParallelEmbedding` looks up only its
 rows and sums, and :class:`VocabParallelInternLM2` gathers the logit slices so every rank returns the full row.
-Parameter names stay the checkpoint's, so a rank loads its slices by name (pyvl.parallel.load).
+Parameter names stay the checkpoint's, so a rank loads its slices by name (pyvl.parallel.load). In a 4-bit AWQ
+model the same decoder linears are W4A16Linear and :class:`RowParallelW4A16Linear`, holding whole groups.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LLMConfig, ModelConfig
+from ..config import AWQConfig, LLMConfig, ModelConfig
 from ..models.llm import InternLM2ForCausalLM
 from ..models.vlm import InternVLChatModel
 from ..ops import Ops
+from ..quant.linear import W4A16Linear
 from .comm import Comm
 from .plan import ShardPlan
 
 __all__ = [
     "RowParallelLinear",
+    "RowParallelW4A16Linear",
     "SplitRMSNorm",
     "VocabParallelEmbedding",
     "VocabParallelInternLM2",
@@ -44,6 +49,18 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.comm.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class RowParallelW4A16Linear(W4A16Linear):
+    """RowParallelLinear's 4-bit twin: this rank's whole groups of input columns, packed (pyvl.quant.awq)."""
+
+    def __init__(self, in_local: int, out_features: int, group_size: int, bias: bool, ops: Ops, comm: Comm):
+        super().__init__(in_local, out_features, group_size, bias, ops)
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.comm.all_reduce(self.ops.w4a16_linear(x, self.qweight, self.qzeros, self.scales))
         return y if self.bias is None else y + self.bias
 
 
@@ -107,20 +124,43 @@ def _shard_vision(model: InternVLChatModel, plan: ShardPlan, comm: Comm) -> None
         layer.mlp.fc2 = RowParallelLinear(mlp, c, True, comm)
 
 
-def _shard_llm(lm: InternLM2ForCausalLM, plan: ShardPlan, comm: Comm) -> None:
+def _decoder_linear(
+    in_local: int,
+    out_local: int,
+    full_in: int,
+    bias: bool,
+    quant: AWQConfig | None,
+    ops: Ops,
+    comm: Comm | None,
+) -> nn.Module:
+    """A rank's part of a decoder linear: column-parallel (comm None) or row-parallel (summed across the ranks);
+    float, or 4-bit in groups of the whole layer's group size (full_in inputs: the plan cuts on whole groups)."""
+    if quant is None and comm is None:
+        return nn.Linear(in_local, out_local, bias=bias)
+    if quant is None:
+        return RowParallelLinear(in_local, out_local, bias, comm)
+    if comm is None:
+        return W4A16Linear(in_local, out_local, quant.group(full_in), bias, ops)
+    return RowParallelW4A16Linear(in_local, out_local, quant.group(full_in), bias, ops, comm)
+
+
+def _shard_llm(
+    lm: InternLM2ForCausalLM, plan: ShardPlan, quant: AWQConfig | None, ops: Ops, comm: Comm
+) -> None:
     m, shard = lm.cfg, plan.llm
     h, d, n_q, n_kv, ffn = m.hidden_size, m.head_dim, len(shard.q_heads), len(shard.kv_heads), len(shard.ffn)
+    linear = functools.partial(_decoder_linear, bias=m.bias, quant=quant, ops=ops)
     lm.model.tok_embeddings = VocabParallelEmbedding(shard.vocab, h, comm)
     if not m.tie_word_embeddings:
         lm.output = nn.Linear(h, len(shard.vocab), bias=False)
     for layer in lm.model.layers:
         attn, ffn_block = layer.attention, layer.feed_forward
         attn.n_h, attn.n_kv = n_q, n_kv
-        attn.wqkv = nn.Linear(h, (n_q + 2 * n_kv) * d, bias=m.bias)
-        attn.wo = RowParallelLinear(n_q * d, h, m.bias, comm)
-        ffn_block.w1 = nn.Linear(h, ffn, bias=m.bias)
-        ffn_block.w3 = nn.Linear(h, ffn, bias=m.bias)
-        ffn_block.w2 = RowParallelLinear(ffn, h, m.bias, comm)
+        attn.wqkv = linear(h, (n_q + 2 * n_kv) * d, h, comm=None)
+        attn.wo = linear(n_q * d, h, m.num_attention_heads * d, comm=comm)
+        ffn_block.w1 = linear(h, ffn, h, comm=None)
+        ffn_block.w3 = linear(h, ffn, h, comm=None)
+        ffn_block.w2 = linear(ffn, h, m.intermediate_size, comm=comm)
 
 
 def shard_model(cfg: ModelConfig, ops: Ops, plan: ShardPlan, comm: Comm) -> InternVLChatModel:
@@ -129,5 +169,5 @@ def shard_model(cfg: ModelConfig, ops: Ops, plan: ShardPlan, comm: Comm) -> Inte
         model = InternVLChatModel(cfg, ops)
         model.language_model = VocabParallelInternLM2(cfg.llm, ops, comm, plan.vocab_sizes)
         _shard_vision(model, plan, comm)
-        _shard_llm(model.language_model, plan, comm)
+        _shard_llm(model.language_model, plan, cfg.quant, ops, comm)
     return model

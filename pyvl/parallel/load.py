@@ -5,6 +5,7 @@ config: pyvl.loader.check_checkpoint), and the sharded model's parameters agains
 slice is read on its own (``safe_open(...).get_slice``: the bytes of the rows or columns kept, never the whole
 tensor) and copied into memory the rank owns, converted to its device and dtype. wqkv needs no regrouping: the
 plan reads its rows straight into the local [q | k | v] order; w1/w3 are stacked into w13 as the loader does.
+A 4-bit AWQ model's slices (whole words and groups: see plan.py) are converted to pyvl's layout as they are read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..errors import CheckpointError
 from ..loader import _READ_ERRORS, _assign, check_checkpoint
 from ..models.vlm import InternVLChatModel
 from ..ops import Ops
+from ..quant import awq
 from .comm import Comm
 from .layers import shard_model
 from .plan import ShardPlan, Slice
@@ -38,7 +40,7 @@ def _read(f, name: str, cut: Slice) -> torch.Tensor:
 def _check_plan(model: InternVLChatModel, cfg: ModelConfig, plan: ShardPlan, folder: Path) -> None:
     """The sharded model holds exactly the keys and shapes the plan reads (a mismatch is a bug in pyvl)."""
     plan_shapes = plan.shapes(cfg)
-    found = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: awq.checkpoint_shape(k, tuple(v.shape)) for k, v in model.state_dict().items()}
     missing, unexpected = set(plan_shapes) - set(found), set(found) - set(plan_shapes)
     wrong = {k for k in set(found) & set(plan_shapes) if found[k] != plan_shapes[k]}
     if missing or unexpected or wrong:
@@ -71,8 +73,11 @@ def load_shard(
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in names:
                     part = _read(f, name, cuts[name])
+                    if cfg.quant is not None:  # AWQ GEMM -> pyvl's rows (already in [q | k | v] order)
+                        part = awq.to_rows(name, part)
                     # copy=True: the parameter owns its memory (the view above maps the file)
-                    _assign(model, name, part.to(device=device, dtype=dtype, copy=True))
+                    cast = dtype if part.is_floating_point() else part.dtype
+                    _assign(model, name, part.to(device=device, dtype=cast, copy=True))
         except _READ_ERRORS as exc:
             raise CheckpointError(
                 f"{path}: rank {plan.rank} failed while reading its slice of {name!r} ({type(exc).__name__}: {exc})"

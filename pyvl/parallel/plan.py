@@ -18,6 +18,12 @@ splits (V1-5 on 2, 4 or 8 ranks) repeat nothing.
 
 A ``Slice`` says which rows (dim 0) or columns (dim 1) of a checkpoint tensor a rank keeps, as ranges read in
 order and concatenated; the loader reads exactly those (``safe_open(...).get_slice``), never the whole tensor.
+
+4-bit AWQ decoder linears (pyvl.quant.awq) are cut where their float weight [out, in] would be, translated to the
+AWQ GEMM tensors, whose dims are [in, out]: a cut of outputs (wqkv, w1, w3) takes columns of qweight and qzeros
+(8 outputs a word) and of scales; a cut of inputs (wo, w2) takes rows of qweight and rows of qzeros and scales
+(one per group of G inputs). So output cuts must fall on multiples of 8 and input cuts on whole groups: the FFN
+is split in whole groups (w2's inputs), and a head split that would cut wo's group raises a ConfigError.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import LLMConfig, ModelConfig, VisionConfig
+from ..config import AWQConfig, LLMConfig, ModelConfig, VisionConfig
 from ..errors import ConfigError
 from ..shapes import expected_shapes
 
@@ -86,6 +92,32 @@ def _cols(r: range, width: int = 1) -> Slice:
     return Slice(1, ((r.start * width, r.stop * width),))
 
 
+def _packed(key: str, cut: Slice, group: int, world: int) -> dict[str, Slice]:
+    """The cut of a float weight [out, in] (``key`` ends in .weight) -> the cuts of its AWQ GEMM tensors
+    qweight [in, out/8], qzeros [in/G, out/8], scales [in/G, out]; ConfigError if it splits a word or a group."""
+    prefix = key.removesuffix(".weight")
+    unit, what = (8, "outputs, 8 to a packed word") if cut.dim == 0 else (group, f"inputs, groups of {group}")
+    for a, b in cut.ranges:
+        if a % unit or b % unit:
+            raise ConfigError(
+                f"tensor_parallel_size={world}: a rank's part of the 4-bit {prefix} would be {what.split(',')[0]} "
+                f"{a}..{b}, not whole {what.split(', ')[1]}; 4-bit weights are split along whole groups "
+                f"(quantization_config.group_size): use a size that splits the heads into whole groups"
+            )
+    ranges = lambda d: tuple((a // d, b // d) for a, b in cut.ranges)  # noqa: E731
+    if cut.dim == 0:  # outputs: columns of all three
+        return {
+            f"{prefix}.qweight": Slice(1, ranges(8)),
+            f"{prefix}.qzeros": Slice(1, ranges(8)),
+            f"{prefix}.scales": Slice(1, cut.ranges),
+        }
+    return {  # inputs: rows of qweight, and rows of qzeros and scales (one per group)
+        f"{prefix}.qweight": Slice(0, cut.ranges),
+        f"{prefix}.qzeros": Slice(0, ranges(group)),
+        f"{prefix}.scales": Slice(0, ranges(group)),
+    }
+
+
 @dataclass(frozen=True)
 class VisionShard:
     heads: range
@@ -130,7 +162,7 @@ class LLMShard:
         v = [(block(h) + (g + 1) * d, block(h) + (g + 2) * d) for h in self.kv_heads]
         return Slice(0, _merge(q) + _merge(k) + _merge(v))
 
-    def slices(self, m: LLMConfig) -> dict[str, Slice]:
+    def slices(self, m: LLMConfig, quant: AWQConfig | None = None, world: int = 1) -> dict[str, Slice]:
         wqkv = self.wqkv_rows(m)
         layer = {
             "attention.wqkv.weight": wqkv,
@@ -142,6 +174,11 @@ class LLMShard:
             "feed_forward.w3.bias": _rows(self.ffn),
             "feed_forward.w2.weight": _cols(self.ffn),
         }
+        if quant is not None:  # the decoder linears' weights as AWQ GEMM tensors (biases stay float)
+            inputs = {"attention.wo.weight": m.num_attention_heads * m.head_dim}
+            inputs["feed_forward.w2.weight"] = m.intermediate_size  # the others read hidden_size inputs
+            for k in [k for k in layer if k.endswith(".weight")]:
+                layer |= _packed(k, layer.pop(k), quant.group(inputs.get(k, m.hidden_size)), world)
         out = {
             f"language_model.model.layers.{n}.{k}": s
             for n in range(m.num_hidden_layers)
@@ -150,6 +187,30 @@ class LLMShard:
         out["language_model.model.tok_embeddings.weight"] = _rows(self.vocab)
         out["language_model.output.weight"] = _rows(self.vocab)
         return out
+
+
+def _ffn_split(cfg: ModelConfig, world: int) -> list[range]:
+    """The FFN's intermediate channels per rank: in whole groups of w2's inputs in a 4-bit model."""
+    width = cfg.llm.intermediate_size
+    unit = 1 if cfg.quant is None else cfg.quant.group(width)
+    if cfg.quant is not None and width // unit < world:
+        raise ConfigError(
+            f"tensor_parallel_size={world}: the 4-bit FFN's {width} channels are {width // unit} group(s) of "
+            f"{unit} (quantization_config.group_size {cfg.quant.group_size}), split in whole groups; use at "
+            f"most {width // unit} ranks"
+        )
+    return [range(r.start * unit, r.stop * unit) for r in split(width // unit, world)]
+
+
+def _llm_shard(cfg: ModelConfig, rank: int, world: int) -> LLMShard:
+    m = cfg.llm
+    q_heads = split(m.num_attention_heads, world)[rank]
+    return LLMShard(
+        q_heads,
+        local_kv_heads(q_heads, m.num_kv_groups),
+        _ffn_split(cfg, world)[rank],
+        split(m.vocab_size, world)[rank],
+    )
 
 
 @dataclass(frozen=True)
@@ -172,24 +233,23 @@ class ShardPlan:
                     f"tensor_parallel_size={world}: {what} has {heads} attention heads, and every rank needs at "
                     f"least one; use at most {min(v.num_attention_heads, m.num_attention_heads)} ranks"
                 )
-        q_heads = split(m.num_attention_heads, world)[rank]
         vocab = split(m.vocab_size, world)
+        if (
+            cfg.quant is not None
+        ):  # every rank's 4-bit cuts on whole words and groups, checked before any loads
+            for other in range(world):
+                _llm_shard(cfg, other, world).slices(m, cfg.quant, world)
         return cls(
             rank,
             world,
             VisionShard(split(v.num_attention_heads, world)[rank], split(v.intermediate_size, world)[rank]),
-            LLMShard(
-                q_heads,
-                local_kv_heads(q_heads, m.num_kv_groups),
-                split(m.intermediate_size, world)[rank],
-                vocab[rank],
-            ),
+            _llm_shard(cfg, rank, world),
             tuple(len(r) for r in vocab),
         )
 
     def slices(self, cfg: ModelConfig) -> dict[str, Slice]:
         """Checkpoint key -> the slice this rank reads, for every key of the checkpoint (whole where replicated)."""
-        cut = self.vision.slices(cfg.vision) | self.llm.slices(cfg.llm)
+        cut = self.vision.slices(cfg.vision) | self.llm.slices(cfg.llm, cfg.quant, self.world)
         return {key: cut.get(key, Slice()) for key in expected_shapes(cfg)}
 
     def shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -198,6 +258,13 @@ class ShardPlan:
         return {key: s.shape(full[key]) for key, s in self.slices(cfg).items()}
 
     def nbytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
-        """Bytes of weights this rank holds in ``dtype``."""
+        """Bytes of weights this rank holds in ``dtype`` (a 4-bit model's packed tensors as it holds them)."""
         element = torch.empty((), dtype=dtype).element_size()
-        return sum(math.prod(shape) for shape in self.shapes(cfg).values()) * element
+        held = {
+            ".qweight": 4,
+            ".qzeros": 8,
+        }  # int32 words as read; 8 zero points a word, a byte each once loaded
+        return sum(
+            math.prod(shape) * held.get(key[key.rfind(".") :], element)
+            for key, shape in self.shapes(cfg).items()
+        )
