@@ -37,8 +37,10 @@ class PagedKVCache:
             )
         shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
         try:
-            self.k = torch.empty(shape, dtype=dtype, device=device)
-            self.v = torch.empty(shape, dtype=dtype, device=device)
+            # zeros, not empty: the pool is committed now (on the CPU, untouched pages would be faulted in as
+            # blocks are first used, and the process's memory would creep up to the pool's size under traffic)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             raise ConfigError(
                 f"cannot allocate a KV cache of {num_blocks} blocks x {block_size} tokens on "
