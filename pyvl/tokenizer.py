@@ -222,6 +222,12 @@ class Tokenizer:
         return tuple(table)
 
     @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for: a text of more than ``n * max_token_bytes`` characters
+        is more than ``n`` tokens, known before it is tokenized."""
+        return max(map(len, self.token_bytes))
+
+    @functools.cached_property
     def byte_piece_ids(self) -> dict[int, int]:
         """Byte value -> the id of its byte piece (``<0xNN>``), for every byte the vocabulary has one for."""
         sp = self._sp

@@ -575,6 +575,7 @@ def test_serve_groups_the_engine_flags_under_vllm_names(capsys):
     from pyvl.cli import _engine_options, build_parser
 
     flags = "--max-model-len 999 --max-num-seqs 3 --max-num-batched-tokens 64 --kv-cache-gb 0.5 --image-cache-gb 0.25"
+    flags += " --tensor-parallel-size 2"
     args = build_parser().parse_args(["serve", *flags.split(), "--no-enable-prefix-caching"])
     assert _engine_options(args) == dict(
         max_context=999,
@@ -583,6 +584,7 @@ def test_serve_groups_the_engine_flags_under_vllm_names(capsys):
         kv_cache_gb=0.5,
         image_cache_gb=0.25,
         prefix_caching=False,
+        tensor_parallel_size=2,
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])

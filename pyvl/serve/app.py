@@ -64,7 +64,12 @@ class ServerState:
         self.live: set[Call] = set()
         self.shutting_down = False
         self.prompt_pool = ThreadPoolExecutor(settings.prompt_workers, thread_name_prefix="pyvl-serve-prompt")
-        self.limits = Limits(model.max_context, model.config.llm.vocab_size, model.engine.config.max_num_seqs)
+        self.limits = Limits(
+            model.max_context,
+            model.config.llm.vocab_size,
+            model.engine.config.max_num_seqs,
+            model.tokenizer.max_token_bytes,
+        )
         try:
             self.metrics: Metrics | None = Metrics(model, settings.served_model_name)
             self.metrics_missing = ""
@@ -356,7 +361,7 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        call = parse_tokenize(await opened(request))
+        call = parse_tokenize(await opened(request), state.limits)
         if call.prompt is not None:
             ids = model.tokenizer.encode(call.prompt, add_bos=call.add_special_tokens)
         else:

@@ -55,7 +55,7 @@ def _is_ids(value) -> bool:
     )
 
 
-def _prompts(value, tokenizer: Tokenizer, vocab_size: int) -> tuple[list[list[int]], list[str]]:
+def _prompts(value, tokenizer: Tokenizer, limits: Limits) -> tuple[list[list[int]], list[str]]:
     if isinstance(value, str) or _is_ids(value):
         value = [value]
     if not isinstance(value, list) or not value or len(value) > MAX_PROMPTS:
@@ -66,12 +66,21 @@ def _prompts(value, tokenizer: Tokenizer, vocab_size: int) -> tuple[list[list[in
     ids, texts = [], []
     for k, prompt in enumerate(value):
         if isinstance(prompt, str):
+            limits.check_prompt_chars([prompt], f"prompt[{k}]")
             ids.append(tokenizer.encode(prompt))
             texts.append(prompt)
         elif _is_ids(prompt):
-            outside = [t for t in prompt if not 0 <= t < vocab_size]
+            if len(prompt) > limits.max_context:
+                raise bad_request(
+                    f"the prompt has {len(prompt)} tokens; the context holds {limits.max_context}",
+                    f"prompt[{k}]",
+                    "context_length_exceeded",
+                )
+            outside = [t for t in prompt if not 0 <= t < limits.vocab_size]
             if outside:
-                raise bad_request(f"token ids {outside[:5]} are outside [0, {vocab_size})", f"prompt[{k}]")
+                raise bad_request(
+                    f"token ids {outside[:5]} are outside [0, {limits.vocab_size})", f"prompt[{k}]"
+                )
             ids.append(list(prompt))
             raw = b"".join(tokenizer.token_bytes[t] for t in prompt if t not in tokenizer.special_ids)
             texts.append(raw.decode("utf-8", errors="replace"))
@@ -116,7 +125,7 @@ def parse_completion_request(
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
-    prompts, texts = _prompts(body.get("prompt"), tokenizer, limits.vocab_size)
+    prompts, texts = _prompts(body.get("prompt"), tokenizer, limits)
     grammar, param = constraint(body)
     gen |= dict(logprobs=top is not None, top_logprobs=top or 0, eos_token_id=list(stop_ids)) | grammar
     return CompletionCall(

@@ -68,6 +68,19 @@ class Limits:
     max_context: int
     vocab_size: int
     max_num_seqs: int
+    max_token_bytes: int  # the most text one token stands for (Tokenizer.max_token_bytes)
+
+    def check_prompt_chars(self, texts, param: str) -> None:
+        """Refuse, before anything is tokenized, text that cannot fit the context (tokenizing megabytes costs
+        seconds and hundreds of MB only to be refused afterwards)."""
+        chars = sum(map(len, texts))
+        if chars > self.max_context * self.max_token_bytes:
+            raise bad_request(
+                f"the prompt has {chars} characters: more than the {self.max_context} tokens of the context hold "
+                f"(a token stands for at most {self.max_token_bytes} characters)",
+                param,
+                "context_length_exceeded",
+            )
 
 
 def number(body: dict, name: str, low: float, high: float, integer: bool = False):

@@ -205,6 +205,9 @@ def parse_chat_request(body, limits: Limits) -> ChatCall:
     if not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
     system, history, question, images = conversation(body.get("messages"))
+    limits.check_prompt_chars(
+        [system or "", question, *(text for turn in history for text in turn)], "messages"
+    )
     refuse_unsupported(body)
     tools = plan_tools(body)
     grammar, param = constraint(body, *([({"json_schema": tools.schema}, "tools")] if tools else []))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import bad_request
+from .params import Limits
 from .protocol import ImageRef, conversation
 
 __all__ = ["TokenizeCall", "parse_tokenize", "tokenize_response", "parse_detokenize"]
@@ -37,7 +38,7 @@ def _flag(body: dict, name: str, default: bool) -> bool:
     return value
 
 
-def parse_tokenize(body) -> TokenizeCall:
+def parse_tokenize(body, limits: Limits) -> TokenizeCall:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     strs = _flag(body, "return_token_strs", False)
@@ -48,9 +49,13 @@ def parse_tokenize(body) -> TokenizeCall:
                 "add_generation_prompt",
             )
         system, history, question, images = conversation(body["messages"])
+        limits.check_prompt_chars(
+            [system or "", question, *(t for turn in history for t in turn)], "messages"
+        )
         return TokenizeCall(None, True, strs, system, history or None, question, images)
     if not isinstance(body.get("prompt"), str):
         raise bad_request("give 'prompt' (a string) or 'messages'", "prompt")
+    limits.check_prompt_chars([body["prompt"]], "prompt")
     return TokenizeCall(body["prompt"], _flag(body, "add_special_tokens", True), strs)
 
 

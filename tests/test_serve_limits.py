@@ -1,0 +1,46 @@
+"""The prompt's length in characters, checked before anything is tokenized: refused only when it cannot fit."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pyvl.demo import demo_model_path
+from pyvl.serve.errors import APIError
+from pyvl.serve.params import Limits
+from pyvl.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_folder(demo_model_path())
+
+
+def test_the_bound_is_sound(tokenizer):
+    """No text of the vocabulary's pieces is fewer tokens than its characters / max_token_bytes, so a text the
+    check refuses could never have fit."""
+    rng = random.Random(0)
+    pieces = [b.decode("utf-8", errors="ignore") for b in tokenizer.token_bytes if b]
+    longest = max(pieces, key=len)
+    for _ in range(20):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 400)))
+        assert len(tokenizer.encode(text)) >= len(text) / tokenizer.max_token_bytes
+    assert len(tokenizer.encode(longest * 50)) >= 50 * len(longest) / tokenizer.max_token_bytes
+
+
+def test_only_text_that_cannot_fit_is_refused(tokenizer):
+    limits = Limits(
+        max_context=64,
+        vocab_size=tokenizer.vocab_size,
+        max_num_seqs=4,
+        max_token_bytes=tokenizer.max_token_bytes,
+    )
+    bound = 64 * tokenizer.max_token_bytes
+    limits.check_prompt_chars(
+        ["a" * (bound - 10), "b" * 10], "messages"
+    )  # at the bound: tokenized, then judged
+    with pytest.raises(APIError) as info:
+        limits.check_prompt_chars(["a" * bound, "b"], "messages")
+    assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+    assert f"{bound + 1} characters" in info.value.message and info.value.param == "messages"
