@@ -139,3 +139,29 @@ def test_prefix_and_image_reuse(pair):
         one.chat(pixels, "What is in the picture?", GEN),
         one.chat(pixels, "And then?", GEN, history=history),
     )
+
+
+@models([("v15", 2), ("tp", 3)])
+def test_choices_logprobs_penalties_and_grammars(pair):
+    """The OpenAI settings under tensor parallelism: n sampled choices forked from one prefill (their KV tails
+    copied on every rank), logprobs, penalties and a bias, and a JSON schema's masks, as in one process."""
+    _, one, model = pair
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    settings = [
+        dict(do_sample=True, temperature=0.8, seed=5, n=3, logprobs=True, top_logprobs=2),
+        dict(presence_penalty=1.5, frequency_penalty=0.5, logit_bias={7: 3.0}, logprobs=True),
+        dict(json_schema=schema, max_new_tokens=24),
+    ]
+    pixels = image(4)
+    for gen in settings:
+        got, want = pyvl.ChatResult(), pyvl.ChatResult()
+        model.chat(pixels, "Tell me.", GEN | gen, result=got)
+        one.chat(pixels, "Tell me.", GEN | gen, result=want)
+        assert [c.token_ids for c in got.choices] == [c.token_ids for c in want.choices], gen
+        for g, w in zip(got.choices, want.choices):
+            if w.logprobs is not None:
+                assert [t.token for t in g.logprobs] == [t.token for t in w.logprobs]
+                expected = torch.tensor([t.logprob for t in w.logprobs])
+                actual = torch.tensor([t.logprob for t in g.logprobs])
+                assert (actual - expected).abs().max() <= 1e-3, gen
+    assert len(got.choices[0].token_ids) > 1
