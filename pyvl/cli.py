@@ -215,7 +215,14 @@ def cmd_serve(args) -> int:
         root = Path(args.allowed_local_media_path).resolve()
         if not root.is_dir():
             raise PyvlError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
-    for flag in ("max_tiles_per_request", "max_queue", "max_request_mb", "max_image_mb", "fetch_timeout"):
+    positive = (
+        "max_tiles_per_request",
+        "max_request_megapixels",
+        "max_queue",
+        "max_request_mb",
+        "max_image_mb",
+    )
+    for flag in (*positive, "fetch_timeout"):
         if getattr(args, flag) <= 0:
             raise PyvlError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     model = _load_model(args)
@@ -230,6 +237,7 @@ def cmd_serve(args) -> int:
         api_key=args.api_key,
         media=media,
         max_tiles_per_request=args.max_tiles_per_request,
+        max_request_megapixels=args.max_request_megapixels,
         max_request_bytes=int(args.max_request_mb * 2**20),
         max_queue=args.max_queue,
     )
@@ -577,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--max-tiles-per-request", type=int, default=40, help="448px tiles over all images of a request"
+    )
+    srv.add_argument(
+        "--max-request-megapixels",
+        type=float,
+        default=180.0,
+        help="pixels decoded over all images of a request, counted from their headers (default 180)",
     )
     srv.add_argument("--max-request-mb", type=float, default=50.0, help="largest request body (413 above)")
     srv.add_argument(

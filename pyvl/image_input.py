@@ -69,11 +69,15 @@ TileFn = Callable[[np.ndarray, int, int], torch.Tensor]
 
 
 class ImageSource:
-    """One image of a prompt: its key, its tile count, and its tiles on demand (computed at most once)."""
+    """One image of a prompt: its key, its tile count, its size in pixels (0 for tiles given as such), and its
+    tiles on demand (computed at most once)."""
 
-    def __init__(self, digest: bytes, num_tiles: int, load_tiles: Callable[[], torch.Tensor]):
+    def __init__(
+        self, digest: bytes, num_tiles: int, load_tiles: Callable[[], torch.Tensor], pixels: int = 0
+    ):
         self.digest = digest
         self.num_tiles = num_tiles
+        self.pixels = pixels
         self._load_tiles = load_tiles
         self._tiles: torch.Tensor | None = None
         self._lock = threading.Lock()
@@ -111,7 +115,7 @@ def _encoded(data: bytes, name: str, tiling: Tiling, tile: TileFn) -> ImageSourc
         rgb = open_rgb_array(data)
         return tile(rgb, *tiling.grid(rgb.shape[1], rgb.shape[0]))
 
-    return ImageSource(h.digest(length=DIGEST_BYTES), tiling.num_tiles(width, height), load)
+    return ImageSource(h.digest(length=DIGEST_BYTES), tiling.num_tiles(width, height), load, width * height)
 
 
 def _header_size(data: bytes, name: str) -> tuple[int, int]:
@@ -157,6 +161,7 @@ def _decoded(image, tiling: Tiling, tile: TileFn) -> ImageSource:
         h.digest(length=DIGEST_BYTES),
         tiling.num_tiles(width, height),
         lambda: tile(rgb, *tiling.grid(width, height)),
+        width * height,
     )
 
 

@@ -44,3 +44,29 @@ def test_only_text_that_cannot_fit_is_refused(tokenizer):
         limits.check_prompt_chars(["a" * bound, "b"], "messages")
     assert info.value.status == 400 and info.value.code == "context_length_exceeded"
     assert f"{bound + 1} characters" in info.value.message and info.value.param == "messages"
+
+
+def test_a_requests_pixels_are_counted_from_the_headers_and_capped():
+    """Three 9000x9000 PNG headers (243 MP) are refused before any is decoded; two (162 MP) pass the count."""
+    pytest.importorskip("fastapi")
+    from types import SimpleNamespace
+
+    from hostile_requests import _png_header_claiming
+
+    import pyvl
+    from pyvl.serve.app import ServeSettings, _image_sources
+    from pyvl.serve.protocol import ImageRef
+
+    model = pyvl.load(demo_model_path())
+    try:
+        png = _png_header_claiming(9000, 9000)  # a valid header over a few bytes of data: decoding would fail
+        refs = [ImageRef("data:", 1, f"messages[0].content[{k}]") for k in range(3)]
+        settings = ServeSettings(served_model_name="demo")
+        sources = _image_sources(model, SimpleNamespace(images=refs[:2]), [png, png], settings)
+        assert [s.pixels for s in sources] == [81_000_000] * 2
+        with pytest.raises(APIError) as info:
+            _image_sources(model, SimpleNamespace(images=refs), [png] * 3, settings)
+        assert info.value.code == "too_many_pixels" and info.value.param == "messages[0].content[2]"
+        assert "180 megapixels" in info.value.message
+    finally:
+        model.close()

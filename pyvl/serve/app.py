@@ -52,6 +52,7 @@ class ServeSettings:
     api_key: str | None = None
     media: MediaPolicy = MediaPolicy()
     max_tiles_per_request: int = 40
+    max_request_megapixels: float = 180.0  # about twice Pillow's limit for one image
     max_request_bytes: int = 50 * 2**20
     max_queue: int = 64
     prompt_workers: int = 4  # threads that read, key and (on a cache miss) tile requests' images
@@ -122,23 +123,33 @@ async def _json_body(request: Request, limit: int):
         raise APIError(400, f"the request body is not valid JSON: {exc}"[:300], code="invalid_json") from None
 
 
-def _image_sources(model, call, images: list[bytes], cap: int) -> list:
-    """Each image keyed with its own tile budget; the tile cap is checked from the headers, before any image is
-    decoded."""
-    sources, total = [], 0
+def _image_sources(model, call, images: list[bytes], settings: ServeSettings) -> list:
+    """Each image keyed with its own tile budget; the request's tiles and pixels are counted from the headers,
+    before any image is decoded."""
+    sources, tiles, pixels = [], 0, 0
+    max_pixels = int(settings.max_request_megapixels * 1e6)
     for data, ref in zip(images, call.images):
         try:
             source = model.prompts.image(data, max_num=ref.max_tiles)
         except PyvlError as exc:
             raise APIError(400, f"cannot use the image: {exc}", ref.param, "invalid_image") from None
-        total += source.num_tiles
-        if total > cap:
+        tiles += source.num_tiles
+        pixels += source.pixels
+        if tiles > settings.max_tiles_per_request:
             raise APIError(
                 400,
-                f"the images need more than the {cap} tiles a request may use "
+                f"the images need more than the {settings.max_tiles_per_request} tiles a request may use "
                 "(--max-tiles-per-request); lower detail or max_dynamic_patch",
                 ref.param,
                 "too_many_tiles",
+            )
+        if pixels > max_pixels:
+            raise APIError(
+                400,
+                f"the images have more than the {settings.max_request_megapixels:g} megapixels a request may "
+                "decode (--max-request-megapixels); send smaller images",
+                ref.param,
+                "too_many_pixels",
             )
         sources.append(source)
     return sources
@@ -157,10 +168,10 @@ def _submit(
         raise APIError(400, str(exc), prompt_param, "invalid_prompt") from None
 
 
-def _chat_job(model, call: ChatCall, images: list[bytes], cap: int, started: float):
+def _chat_job(model, call: ChatCall, images: list[bytes], settings: ServeSettings, started: float):
     """The chat call's prompt through the model's front door (tiling the images its caches lack), submitted
     (runs in a worker thread)."""
-    sources = _image_sources(model, call, images, cap)
+    sources = _image_sources(model, call, images, settings)
     system = call.system_message
     if call.tools is not None:  # the functions are described after the system message
         system = (system if system is not None else model.system_message) + "\n\n" + call.tools.instruction
@@ -315,9 +326,7 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
             call = parse_chat_request(await opened(request), state.limits)
             admit(call.model)
             images = [await read_image_source(ref.url, settings.media, ref.param) for ref in call.images]
-            prompt, requests = await in_worker(
-                _chat_job, model, call, images, settings.max_tiles_per_request, started
-            )
+            prompt, requests = await in_worker(_chat_job, model, call, images, settings, started)
         except APIError as exc:
             raise logged(request_id, exc) from None
         generations = [Generation(model, r, r.choice, call.stops) for r in requests]
@@ -366,7 +375,7 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
             ids = model.tokenizer.encode(call.prompt, add_bos=call.add_special_tokens)
         else:
             images = [await read_image_source(ref.url, settings.media, ref.param) for ref in call.images]
-            ids = await in_worker(_chat_ids, model, call, images, settings.max_tiles_per_request)
+            ids = await in_worker(_chat_ids, model, call, images, settings)
         return tokenize_response(ids, call, model.tokenizer, model.max_context)
 
     @app.post("/detokenize")
@@ -377,8 +386,8 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
     return app
 
 
-def _chat_ids(model, call, images: list[bytes], cap: int) -> list[int]:
+def _chat_ids(model, call, images: list[bytes], settings: ServeSettings) -> list[int]:
     """The ids of a chat prompt, images counted from their headers and never tiled (runs in a worker thread)."""
-    sources = _image_sources(model, call, images, cap)
+    sources = _image_sources(model, call, images, settings)
     system = call.system_message if call.system_message is not None else model.system_message
     return model.prompts.build(call.question, sources, call.history, system).ids
