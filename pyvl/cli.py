@@ -470,7 +470,7 @@ def _bench_engine(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quant.quantize import quantize_folder
+    from .quantize import quantize_folder
 
     dst = quantize_folder(args.src, args.dst, group_size=args.group_size, device=args.device)
     print(f"{dst}: 4-bit AWQ GEMM decoder linears, group size {args.group_size} (round-to-nearest)")

@@ -1,4 +1,4 @@
-"""pyvl.quant.awq (AWQ GEMM <-> pyvl's 4-bit layout) and pyvl.quant.quantize.quantize_weight, against
+"""pyvl.quant.awq (AWQ GEMM <-> pyvl's 4-bit layout) and pyvl.quantize.quantize_weight, against
 AutoAWQ's algorithm as tests/awq_reference.py writes it independently."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from kernel_tolerances import fresh_generator
 
 from pyvl.ops import reference
 from pyvl.quant import awq
-from pyvl.quant.quantize import quantize_weight
+from pyvl.quantize import quantize_weight
 
 
 def test_one_word_by_hand():

@@ -19,7 +19,7 @@ from pyvl.config import load_config
 from pyvl.errors import CheckpointError, ConfigError
 from pyvl.loader import index_checkpoint
 from pyvl.quant.linear import W4A16Linear
-from pyvl.quant.quantize import quantize_folder, quantize_weight
+from pyvl.quantize import quantize_folder, quantize_weight
 
 PROMPT = "Hello, who are you? Tell me a long story about a cat on a mat."
 LINEAR = "language_model.model.layers.1.feed_forward.w2"

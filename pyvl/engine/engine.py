@@ -28,6 +28,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -35,8 +36,6 @@ from .. import checks
 from ..errors import ConfigError, PromptError, PyvlError
 from ..kv_cache import BLOCK_SIZE, PagedKVCache
 from ..models.vlm import InternVLChatModel
-from ..parallel.driver import DrivenRunner
-from ..parallel.launch import Cluster
 from .blocks import BlockPool
 from .clock import StageClock
 from .constraints import MaskWorker
@@ -136,6 +135,25 @@ class EngineConfig:
         )
 
 
+class TensorParallelGroup(Protocol):
+    """What the engine needs of a tensor-parallel group (pyvl.parallel.launch.Cluster, which depends on the
+    engine's runner, so the engine names it only by this shape)."""
+
+    @property
+    def local_kv_heads(self) -> int: ...
+
+    def runner(
+        self,
+        model: InternVLChatModel,
+        cache: PagedKVCache,
+        max_num_seqs: int,
+        max_blocks: int,
+        cuda_graphs: bool,
+    ): ...
+
+    def close(self) -> None: ...
+
+
 class Engine:
     def __init__(
         self,
@@ -143,9 +161,10 @@ class Engine:
         config: EngineConfig,
         salt: str,
         bos_id: int,
-        cluster: Cluster | None = None,
+        cluster: TensorParallelGroup | None = None,
     ):
-        """cluster: the tensor-parallel group ``model`` is rank 0's shard of (pyvl.parallel), or None."""
+        """cluster: the tensor-parallel group ``model`` is rank 0's shard of (pyvl.parallel.launch.Cluster), or
+        None."""
         llm = model.cfg.llm
         self.model = model
         self.config = config
@@ -153,7 +172,7 @@ class Engine:
         self.cache = PagedKVCache(
             llm.num_hidden_layers,
             config.num_blocks,
-            llm.num_key_value_heads if cluster is None else len(cluster.plan.llm.kv_heads),
+            llm.num_key_value_heads if cluster is None else cluster.local_kv_heads,
             llm.head_dim,
             model.dtype,
             model.device,
@@ -171,7 +190,7 @@ class Engine:
         max_blocks = -(-config.max_context // config.block_size)
         runner_args = (model, self.cache, config.max_num_seqs, max_blocks, config.cuda_graphs)
         # under tensor parallelism every model call of the runner also runs on the workers
-        self.runner = ModelRunner(*runner_args) if cluster is None else DrivenRunner(cluster, *runner_args)
+        self.runner = ModelRunner(*runner_args) if cluster is None else cluster.runner(*runner_args)
         with torch.inference_mode():  # before any request, so no other work of this engine can break it
             self.runner.capture_graphs()
         # One sampler slot per running request: its settings and repetition mask live on the device.

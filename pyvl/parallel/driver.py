@@ -10,20 +10,27 @@ whole on every rank; only rank 0 samples). Filling the decode buffers is host wo
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from ..engine.runner import DecodeRow, GraphReport, ModelRunner
 from ..kv_cache import PagedKVCache
 from ..models.vlm import InternVLChatModel
-from .launch import Cluster
 
 __all__ = ["DrivenRunner"]
+
+
+class Commands(Protocol):
+    """Where the commands go: pyvl.parallel.launch.Cluster (which makes this runner, so is not imported here)."""
+
+    def run(self, name: str, args: tuple, local): ...
 
 
 class DrivenRunner:
     def __init__(
         self,
-        cluster: Cluster,
+        cluster: Commands,
         model: InternVLChatModel,
         cache: PagedKVCache,
         max_num_seqs: int,

@@ -38,6 +38,7 @@ from ..errors import CheckpointError, ConfigError, WorkerError
 from ..loader import check_checkpoint
 from ..models.vlm import InternVLChatModel
 from .comm import Comm
+from .driver import DrivenRunner
 from .plan import ShardPlan
 from .spec import ShardSpec
 from .worker import BOOT, run_worker
@@ -86,6 +87,15 @@ class Cluster:
         self._failure: str | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, _end_processes, procs, 0.0)
+
+    @property
+    def local_kv_heads(self) -> int:
+        """The KV heads rank 0's pool holds."""
+        return len(self.plan.llm.kv_heads)
+
+    def runner(self, model, cache, max_num_seqs: int, max_blocks: int, cuda_graphs: bool) -> DrivenRunner:
+        """The engine's runner on this group: every model call also runs on the workers."""
+        return DrivenRunner(self, model, cache, max_num_seqs, max_blocks, cuda_graphs)
 
     @property
     def worker_pids(self) -> list[int]:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..loader import _READ_ERRORS, _assign, check_checkpoint
+from ..models.random_weights import fill_random
 from ..models.vlm import InternVLChatModel
 from ..ops import Ops
 from ..quant import awq
@@ -94,9 +95,7 @@ def random_shard(
     dtype: torch.dtype,
     seed: int,
 ) -> InternVLChatModel:
-    """This rank's model with random weights (pyvl.bench.presets.fill_random), for benchmarks at a preset's
-    size without a checkpoint: the shapes and the work of a real load, not its values."""
-    from ..bench.presets import fill_random
-
+    """This rank's model with random weights (pyvl.models.random_weights), for benchmarks at a preset's size
+    without a checkpoint: the shapes and the work of a real load, not its values."""
     model = shard_model(cfg, ops, plan, comm).to(dtype).to_empty(device=device)
     return fill_random(model, device, seed).eval()

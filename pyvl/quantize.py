@@ -30,10 +30,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ModelConfig, load_config
-from ..errors import CheckpointError, ConfigError
-from ..loader import PICKLE_SUFFIXES, TensorInfo, check_checkpoint
-from .awq import NATURAL_ORDER, QUANTIZED_LINEARS, from_rows, pack_nibbles, quantization_config
+from .config import ModelConfig, load_config
+from .errors import CheckpointError, ConfigError
+from .loader import PICKLE_SUFFIXES, TensorInfo, check_checkpoint
+from .quant.awq import NATURAL_ORDER, QUANTIZED_LINEARS, from_rows, pack_nibbles, quantization_config
 
 __all__ = ["quantize_weight", "quantize_folder", "QUANTIZED_WEIGHT_SUFFIXES"]
 
