@@ -37,10 +37,8 @@ class PagedKVCache:
             )
         shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
         try:
-            # zeros, not empty: the pool is committed now (on the CPU, untouched pages would be faulted in as
-            # blocks are first used, and the process's memory would creep up to the pool's size under traffic)
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
+            self.k = torch.empty(shape, dtype=dtype, device=device)
+            self.v = torch.empty(shape, dtype=dtype, device=device)
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             raise ConfigError(
                 f"cannot allocate a KV cache of {num_blocks} blocks x {block_size} tokens on "
@@ -48,6 +46,13 @@ class PagedKVCache:
             ) from None
         self.num_blocks = num_blocks
         self.block_size = block_size
+
+    def commit(self) -> None:
+        """Write every page of the pool (zeros), so that the process holds its memory from now on: on the CPU an
+        allocation's pages are only faulted in when first written, and a server's memory would creep up to the
+        pool's size under traffic. It clears the pool: call it before any request."""
+        self.k.zero_()
+        self.v.zero_()
 
     @property
     def nbytes(self) -> int:

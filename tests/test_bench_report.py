@@ -163,7 +163,7 @@ def test_summary_keeps_a_killed_steps_rows(tmp_path):
     )
     assert "python 3.12.3; gpu yes" in rows["probe"]
     e2e = json.loads((tmp_path / "out" / "e2e.json").read_text())
-    assert set(e2e) == {"v15", "mini", "v15_hf", "engine_v15", "load_v15", "tp_v15"}
+    assert set(e2e) == {"v15", "mini", "v15_hf", "engine_v15", "load_v15", "tp_v15", "v15_awq"}
     assert e2e["engine_v15"] == {
         "rows": [],
         "notes": [],

@@ -52,6 +52,7 @@ def serve(model, settings: ServeSettings, host: str, port: int, log_level: str =
         logging.getLogger("pyvl.serve").warning(
             "not glibc: big requests may leave freed memory with the process"
         )
+    model.engine.cache.commit()  # the memory a server holds is known at its start, not reached under traffic
     app = create_app(model, settings)
     config = uvicorn.Config(
         app,
