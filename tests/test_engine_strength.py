@@ -311,3 +311,37 @@ def test_a_broken_bookkeeping_step_fails_its_requests_and_never_hangs_them(monke
         assert request._done.wait(30), "a caller was left waiting"
         with pytest.raises(ValueError, match="released more times"):
             request.result()
+
+
+def test_a_stream_gives_every_id_then_raises_the_engines_error():
+    """The engine's error reaches a consumer that streams, blocking or awaiting, after the ids delivered before
+    it (a stream that just ended would pass a failed answer off as a finished one)."""
+    import asyncio
+
+    from pyvl.engine.channel import TokenChannel
+
+    def failed() -> TokenChannel:
+        channel = TokenChannel()
+        for token in (4, 5, 6):
+            channel.append(token)
+        channel.close(ValueError("the step failed"))
+        return channel
+
+    got = []
+    with pytest.raises(ValueError, match="the step failed"):
+        for token in failed().tokens():
+            got.append(token)
+    assert got == [4, 5, 6]
+
+    async def batches():
+        ids = []
+        with pytest.raises(ValueError, match="the step failed"):
+            async for batch in failed().batches():
+                ids += batch
+        return ids
+
+    assert asyncio.run(batches()) == [4, 5, 6]
+    done = TokenChannel()
+    done.append(7)
+    done.close()
+    assert list(done.tokens()) == [7]
