@@ -56,7 +56,15 @@ class Scheduler:
 
     def end_all(self, error: BaseException) -> None:
         for r in list(self.running) + list(self.waiting):
-            self.end(r, error)
+            try:
+                self.end(r, error)
+            except Exception:  # the bookkeeping itself is broken (a bug): the caller still hears, never hangs
+                for queue in (self.running, self.waiting):
+                    if r in queue:
+                        queue.remove(r)
+                for f in [r, *r.followers]:
+                    f.finish(error)
+                r.followers = []
 
     def admit(self) -> None:
         while self.waiting:

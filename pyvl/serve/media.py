@@ -93,7 +93,8 @@ def _data_url(url: str, policy: MediaPolicy, param: str) -> bytes:
         raise bad_request(
             "a data: image url must be 'data:<mime>;base64,<payload>'", param, "invalid_data_url"
         )
-    if len(payload) * 3 // 4 > policy.max_bytes:
+    # the decoded size: 3 bytes per 4 characters, less the '=' padding (so an image of exactly the cap passes)
+    if len(payload) * 3 // 4 - len(payload[-2:]) + len(payload[-2:].rstrip("=")) > policy.max_bytes:
         raise APIError(
             413, f"the data: image is over the {policy.max_bytes} byte limit", param, "image_too_large"
         )
