@@ -115,17 +115,30 @@ def test_a_request_cancelled_in_any_phase_frees_everything(phase):
         wait_idle(model)
     stats = pyvl.ChatStats()
     question = "Describe the colours of a sunset over the sea in great detail."
+    mid_prefill, resume = threading.Event(), threading.Event()
+    if phase == "prefilling":  # the engine holds after the request's first chunk (polling could miss it)
+        prefill_chunk = engine._prefill_chunk
+
+        def first_chunk_then_hold(r, budget):
+            done = prefill_chunk(r, budget)
+            if r.stats is stats and 0 < r.num_computed < len(r.prompt_ids) and not mid_prefill.is_set():
+                mid_prefill.set()
+                resume.wait(30)
+            return done
+
+        engine._prefill_chunk = first_chunk_then_hold
     request = model.submit(model.prompt(question, []), dict(max_new_tokens=200, eos_token_id=[0]), stats)
     if phase == "waiting":
         _wait_for(lambda: request in engine.scheduler.waiting and blocker in engine.scheduler.running)
     elif phase == "prefilling":
-        _wait_for(lambda: request.seq is not None and 0 < request.num_computed < len(request.prompt_ids))
+        assert mid_prefill.wait(30), "the request's prompt never took more than one step"
     elif phase == "decoding":
         _wait_for(lambda: len(request.output_ids) >= 2)
     else:
         request.result()
     request.cancel()
     blocker.cancel()
+    resume.set()
     wait_idle(model)
     check_invariants(engine)
     assert engine.pool.num_in_use == 0 and steps[0] > 0
