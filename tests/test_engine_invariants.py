@@ -32,6 +32,14 @@ def checked(model) -> list[int]:
         steps[0] += 1
 
     engine._step = step
+    scheduler, real_register = engine.scheduler, engine.scheduler.register
+
+    def register(r) -> None:  # also from preempt and end, between the steps' own checks
+        real_register(r)
+        registered = len(r.seq.hashes) * engine.pool.block_size
+        assert registered <= r.num_computed, "a block offered to the prefix cache before its K/V was written"
+
+    scheduler.register = register
     return steps
 
 
