@@ -345,3 +345,26 @@ def test_a_stream_gives_every_id_then_raises_the_engines_error():
     done.append(7)
     done.close()
     assert list(done.tokens()) == [7]
+
+
+# ---- prefix cache eviction ---------------------------------------------------------------------------------
+def test_a_full_pool_evicts_the_least_recently_used_prefix():
+    """With the pool full of cached prefixes, a new prompt takes the blocks of the one used longest ago: the one
+    asked last still answers from the cache."""
+    probe = fresh()
+    per_block, block = probe.engine.cache.nbytes / probe.engine.pool.num_blocks, probe.engine.pool.block_size
+    probe.close()
+    model = fresh(kv_cache_gb=9 * per_block / 1e9, max_num_seqs=1)  # two prompts' blocks, not three
+    try:
+        topics = ["the sea and its tides", "mountains in winter", "a city market at dawn"]
+        questions = [f"Write a long and detailed story about {t}. " * 9 for t in topics]
+        sizes = [len(model.prompt(q, []).ids) for q in questions]
+        assert all(3 * block < n < 4 * block for n in sizes) and model.engine.pool.num_blocks == 9, sizes
+        gen = dict(max_new_tokens=2)
+        for q in questions:  # the third evicts the first's blocks (the least recently used), not the second's
+            model.chat(None, q, gen)
+        again = pyvl.ChatStats()
+        model.chat(None, questions[1], gen, stats=again)
+        assert again.cached_tokens >= 3 * block
+    finally:
+        model.close()
