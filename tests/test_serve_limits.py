@@ -70,3 +70,38 @@ def test_a_requests_pixels_are_counted_from_the_headers_and_capped():
         assert "180 megapixels" in info.value.message
     finally:
         model.close()
+
+
+LIMITS = Limits(max_context=64, vocab_size=100, max_num_seqs=4, max_token_bytes=16)
+EDGES = [  # field, the last value accepted, the first refused
+    ("max_tokens", 64, 65),
+    ("max_completion_tokens", 1, 0),
+    ("n", 4, 5),
+    ("n", 1, 0),
+    ("top_logprobs", 20, 21),
+    ("temperature", 2, 2.0001),
+    ("temperature", 1e-5, 9.9e-6),
+    ("top_p", 1, 1.0001),
+    ("presence_penalty", 2, 2.0001),
+    ("presence_penalty", -2, -2.0001),
+    ("frequency_penalty", -2, -2.0001),
+    ("seed", 2**63 - 1, 2**63),
+    ("seed", 0, -1),
+    ("stop", ["x"] * 4, ["x"] * 5),
+    ("stop", "x" * 256, "x" * 257),
+    ("logit_bias", {"99": 100}, {"100": 1}),
+    ("logit_bias", {"0": -100}, {"0": -100.5}),
+]
+
+
+@pytest.mark.parametrize(("field", "last", "first"), EDGES, ids=[f"{f}={v!r:.12}" for f, v, _ in EDGES])
+def test_every_bounded_field_takes_its_limit_and_refuses_one_past(field, last, first):
+    from pyvl.serve.protocol import parse_chat_request
+
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], field: last}
+    if field == "top_logprobs":
+        body["logprobs"] = True
+    parse_chat_request(body, LIMITS)
+    with pytest.raises(APIError) as info:
+        parse_chat_request(body | {field: first}, LIMITS)
+    assert info.value.status == 400 and info.value.param == field

@@ -55,3 +55,12 @@ def test_paths_an_os_call_cannot_take_are_unreadable_not_errors(policy, tmp_path
     assert "Is a directory" in _refusal(str(tmp_path), policy).message
     deep = str(tmp_path) + "/.." * 2000 + str(tmp_path) + "/missing.png"  # within the cap, resolves inside
     assert _refusal(deep, policy).status == 422
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "[::1]", "[::ffff:127.0.0.1]", "[::ffff:10.0.0.1]", "169.254.169.254", "0.0.0.0"]
+)
+def test_private_hosts_are_refused_however_they_are_written(policy, host):
+    """An IPv4 address written as IPv4-mapped IPv6 is the same host: refused before any connection."""
+    error = _refusal(f"http://{host}/x.png", policy)
+    assert error.status == 400 and error.code == "url_not_allowed", error.message
