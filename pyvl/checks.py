@@ -30,6 +30,7 @@ __all__ = [
     "token_rows",
     "patch_counts",
     "history",
+    "is_decimal_id",
 ]
 
 
@@ -242,3 +243,9 @@ def history(turns) -> None:
             raise PromptError(f"history[{k}] must be a (question, answer) pair of strings, got {turn!r:.80}")
         text(turn[0], f"history[{k}] question", PromptError)
         text(turn[1], f"history[{k}] answer", PromptError)
+
+
+def is_decimal_id(key) -> bool:
+    """A JSON object key that names a token id: ASCII digits only ('²'.isdigit() is True and int() refuses it),
+    at most 9 of them (so int() is cheap and the id fits any vocabulary check)."""
+    return isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9

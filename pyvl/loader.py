@@ -43,6 +43,7 @@ __all__ = [
     "read_header",
     "index_checkpoint",
     "check_checkpoint",
+    "tensors_by_file",
     "expected_shapes",
     "load_weights",
     "load_model",
@@ -290,11 +291,16 @@ def _read_owned(info: TensorInfo, name: str, f) -> torch.Tensor:
     return buf.view(torch_dtype).reshape(info.shape)
 
 
-def _iter_tensors(tensors: dict[str, TensorInfo], mmap: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors_by_file(tensors: dict[str, TensorInfo]) -> dict[Path, list[str]]:
+    """The tensors' names grouped by the file that holds them (each file is opened once)."""
     by_file: dict[Path, list[str]] = {}
     for name, info in tensors.items():
         by_file.setdefault(info.file, []).append(name)
-    for path, names in by_file.items():
+    return by_file
+
+
+def _iter_tensors(tensors: dict[str, TensorInfo], mmap: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    for path, names in tensors_by_file(tensors).items():
         name = None
         try:
             if mmap:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import sentencepiece
 
+from pyvl import checks
 from pyvl.errors import ConfigError, PromptError
 
 __all__ = ["Tokenizer", "StreamDecoder", "clean_up_tokenization"]
@@ -144,7 +145,7 @@ class Tokenizer:
             )
         for key, tok in decoder.items():
             where = f"{cfg_file}: added_tokens_decoder[{key!r}]"
-            if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):  # not '²'
+            if not checks.is_decimal_id(key):
                 raise ConfigError(f"{where}: key must be a non-negative integer id (at most 9 digits)")
             if not isinstance(tok, dict):
                 raise ConfigError(f"{where}: expected an AddedToken object, got {tok!r}")

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..loader import _READ_ERRORS, _assign, check_checkpoint
+from ..loader import _READ_ERRORS, _assign, check_checkpoint, tensors_by_file
 from ..models.random_weights import fill_random
 from ..models.vlm import InternVLChatModel
 from ..ops import Ops
@@ -65,10 +65,7 @@ def load_shard(
     model = shard_model(cfg, ops, plan, comm)
     _check_plan(model, cfg, plan, folder)
     cuts = plan.slices(cfg)
-    by_file: dict[Path, list[str]] = {}
-    for name, info in tensors.items():
-        by_file.setdefault(info.file, []).append(name)
-    for path, names in by_file.items():
+    for path, names in tensors_by_file(tensors).items():
         name = None
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:

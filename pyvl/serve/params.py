@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .. import checks
 from ..generation_config import MIN_TEMPERATURE
 from .errors import bad_request
 
@@ -117,14 +118,7 @@ def _logit_bias(value, vocab_size: int) -> dict[int, float] | None:
         raise bad_request("'logit_bias' must be an object of token id -> bias", "logit_bias")
     bias = {}
     for key, amount in value.items():
-        # ASCII digits only ('²'.isdigit() is True and int() refuses it), and few enough for int()
-        if not (
-            isinstance(key, str)
-            and key.isascii()
-            and key.isdigit()
-            and len(key) <= 9
-            and int(key) < vocab_size
-        ):
+        if not (checks.is_decimal_id(key) and int(key) < vocab_size):
             raise bad_request(
                 f"'logit_bias' keys must be token ids in [0, {vocab_size}), got {key!r}"[:200], "logit_bias"
             )
