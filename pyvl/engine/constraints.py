@@ -64,7 +64,7 @@ class _Vocabulary:
         cannot agree (llguidance needs the tokens' bytes to be exactly ``data``)."""
         if isinstance(data, str):
             data = data.encode()
-        table = self._tokenizer.token_bytes
+        table = self.tokens  # llguidance's bytes: a special id's never equal text (encode makes "<img>" one)
         ids = self._tokenizer.encode(data.decode("utf-8", errors="replace"), add_bos=False)
         got = b"".join(table[i] for i in ids)
         if got == b" " + data and ids and table[ids[0]] == b" ":

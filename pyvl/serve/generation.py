@@ -46,6 +46,16 @@ class Generation:
         entries = self.request.logprobs[start : start + len(ids)]
         return token_logprobs(self.model.tokenizer, ids, entries, self.request.stop_ids)
 
+    def _push(self, ids: list[int]) -> tuple[str, list[int]]:
+        """The text ``ids`` make, and the ids the answer keeps: none after the one that ends the text (a stop
+        string or id), which may arrive in the same batch and must not get logprobs."""
+        pieces = []
+        for k, token in enumerate(ids):
+            pieces.append(self.text.push(token))
+            if self.text.stopped:
+                return "".join(pieces), ids[: k + 1]
+        return "".join(pieces), ids
+
     async def events(self):
         batches = self.request.batches()
         seen, last = 0, time.perf_counter()
@@ -57,7 +67,7 @@ class Generation:
                 if seen:  # a batch of k ids that arrived together: k gaps of (now - last) / k
                     self.token_gaps += [(now - last) / len(ids)] * len(ids)
                 last = now
-                piece = "".join(self.text.push(token) for token in ids)
+                piece, ids = self._push(ids)
                 logprobs = self._logprobs(ids, seen)
                 seen += len(ids)
                 if piece or logprobs:
