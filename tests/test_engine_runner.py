@@ -113,7 +113,6 @@ def test_the_first_token_time_is_broken_down_by_stage():
         assert min(s.preprocess_s, s.queue_s, s.prefill_s, s.sample_s) > 0
         # the CPU's marks are wall times: the stages never add up to more than the whole
         assert s.preprocess_s + s.queue_s + s.vision_s + s.prefill_s + s.sample_s <= s.time_to_first_token_s
-    assert cold.prefill_s > cached.prefill_s  # the follow-up prefills only its new tokens
 
 
 @CUDA

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Literal
 
 import pytest
@@ -446,10 +447,20 @@ def _metrics(server) -> dict[str, float]:
     return values
 
 
+def _metrics_once(server, name: str, at_least: float) -> dict[str, float]:
+    """The metrics once ``name`` reaches ``at_least``: a request is recorded just after its last byte is sent,
+    so a client that has its answer can be a moment ahead of /metrics."""
+    deadline = time.monotonic() + 10
+    while (values := _metrics(server)).get(name, 0.0) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return values
+
+
 def test_metrics_show_the_histograms_and_counters_after_traffic(server, client):
     before = _metrics(server)
     replies = [_chat(client, question, temperature=0, max_tokens=5) for question in ("one", "one")]
-    reply, after = replies[-1], _metrics(server)
+    done = "pyvl:e2e_request_latency_seconds_count"
+    reply, after = replies[-1], _metrics_once(server, done, before.get(done, 0.0) + 2)
 
     def grew(name: str) -> float:
         return after[name] - before.get(name, 0.0)

@@ -339,9 +339,9 @@ def test_a_stop_string_ends_the_answer_and_its_logprobs_at_the_token_that_comple
     """The logprobs describe the answer's tokens only, up to the one that completes a stop string, whether the
     tokens after it arrive in the same batch (a finished request's ids come as one; such tokens once got logprob
     entries whenever the response lagged) or one by one (the response takes no more once the stop string is
-    seen: it ends the engine request)."""
+    seen: it ends the engine request). Usage counts the same tokens (Call.completion_tokens)."""
     pytest.importorskip("fastapi")
-    from pyvl.serve.generation import Generation
+    from pyvl.serve.generation import Call, Generation
 
     def events(stops, one_by_one=False):
         request = model.submit(model.prompt("Tell me a story.", []), dict(max_new_tokens=12, logprobs=True))
@@ -356,21 +356,23 @@ def test_a_stop_string_ends_the_answer_and_its_logprobs_at_the_token_that_comple
         if one_by_one:
             request.batches = batches
 
+        generation = Generation(model, request, 0, stops)
+
         async def collect():
-            return [e async for e in Generation(model, request, 0, stops).events()]
+            return [e async for e in generation.events()]
 
-        return request.output_ids, asyncio.run(collect()), taken
+        return request.output_ids, asyncio.run(collect()), taken, Call([generation]).completion_tokens
 
-    ids, free, _ = events(())
+    ids, free, _, used = events(())
     text = "".join(e[1] for e in free[:-1])
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     table = model.tokenizer.token_bytes
     said = [b"".join(table[t] for t in ids[:k]).decode(errors="replace") for k in range(len(ids) + 1)]
     k = next(k for k, s in enumerate(said) if stop in s)  # the first k tokens hold the stop string
-    assert len(ids) == 12 and k < 12
+    assert len(ids) == 12 and k < 12 and used == 12
     for one_by_one in (False, True):
-        again, stopped, taken = events((stop,), one_by_one)
+        again, stopped, taken, used = events((stop,), one_by_one)
         assert again == ids and stopped[-1] == ("end", "stop")
         assert "".join(e[1] for e in stopped[:-1]) == text[: text.index(stop)]
         assert [entry.token_id for e in stopped[:-1] for entry in e[2]] == ids[:k], one_by_one
-        assert taken == (ids[:k] if one_by_one else [])
+        assert taken == (ids[:k] if one_by_one else []) and used == k

@@ -33,6 +33,9 @@ class Generation:
         self.text = model.text_stream(request, stops, raw=raw)
         self.reason: BaseException | None = None  # why it was cancelled, when it was
         self.token_gaps: list[float] = []  # seconds between tokens as they reached this response
+        # The tokens its answer kept: the engine may make a few more after a stop string before its cancel lands,
+        # and how many depends on timing, so usage counts these.
+        self.answer_tokens = 0
 
     def cancel(self, reason: BaseException | None = None) -> None:
         """Stop now; ``reason``, if given and the first one, ends the response as an error."""
@@ -58,18 +61,18 @@ class Generation:
 
     async def events(self):
         batches = self.request.batches()
-        seen, last = 0, time.perf_counter()
+        last = time.perf_counter()
         try:
             async for ids in batches:
                 if self.reason is not None:
                     break
                 now = time.perf_counter()
-                if seen:  # a batch of k ids that arrived together: k gaps of (now - last) / k
+                if self.answer_tokens:  # a batch of k ids that arrived together: k gaps of (now - last) / k
                     self.token_gaps += [(now - last) / len(ids)] * len(ids)
                 last = now
                 piece, ids = self._push(ids)
-                logprobs = self._logprobs(ids, seen)
-                seen += len(ids)
+                logprobs = self._logprobs(ids, self.answer_tokens)
+                self.answer_tokens += len(ids)
                 if piece or logprobs:
                     yield "delta", piece, logprobs
                 if self.text.stopped:
@@ -110,7 +113,7 @@ class Call:
 
     @property
     def completion_tokens(self) -> int:
-        return sum(g.stats.new_tokens for g in self.generations)
+        return sum(g.answer_tokens for g in self.generations)
 
     def cancel(self, reason: BaseException | None = None) -> None:
         for generation in self.generations:
