@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,14 @@ def golden_model(request):
 
 def loaded_model(variant: str):
     return _loaded(variant)
+
+
+def run_within(coro, seconds: float = 60.0):
+    """asyncio.run(coro) in a thread, failing past ``seconds`` instead of hanging the suite: a stream that never
+    ends spins inside the event loop, where no asyncio timeout can interrupt it."""
+    done = []
+    thread = threading.Thread(target=lambda: done.append(asyncio.run(coro)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert done, f"the call failed (its traceback is above) or ran past {seconds} s"
+    return done[0]

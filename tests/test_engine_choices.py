@@ -4,10 +4,10 @@ logprobs without changing what chat() returns."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import pytest
+from conftest import run_within
 
 import pyvl
 from pyvl.demo import demo_model_path
@@ -140,7 +140,7 @@ def test_achat_fills_the_result_as_chat_does(model):
     settings = dict(n=2, max_new_tokens=6, do_sample=True, seed=4, logprobs=True, top_logprobs=2)
     synced, awaited = pyvl.ChatResult(), pyvl.ChatResult()
     answer = model.chat(None, "Name a bird.", settings, result=synced)
-    assert asyncio.run(model.achat(None, "Name a bird.", settings, result=awaited)) == answer
+    assert run_within(model.achat(None, "Name a bird.", settings, result=awaited)) == answer
     assert [(c.text, c.token_ids) for c in awaited.choices] == [(c.text, c.token_ids) for c in synced.choices]
     for a, b in zip(awaited.choices, synced.choices):  # the second call's prompt comes from the prefix cache
         assert [t.logprob for t in a.logprobs] == pytest.approx([t.logprob for t in b.logprobs], abs=1e-5)

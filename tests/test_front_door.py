@@ -10,7 +10,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN
+from conftest import GOLDEN, run_within
 from PIL import Image
 
 import pyvl
@@ -113,7 +113,7 @@ def test_achat_and_astream_answer_as_chat_and_stream():
         pieces = [p async for p in model.astream(None, "Tell me more.", SHORT, history=history)]
         return answer, history, pieces
 
-    answer, history, pieces = asyncio.run(both())
+    answer, history, pieces = run_within(both())
     assert answer == fresh().chat(pixels, "What is in the image?", SHORT)
     assert history == [("<image>\nWhat is in the image?", answer)]
     assert pieces == list(fresh().stream(None, "Tell me more.", SHORT, history=history))
@@ -127,7 +127,7 @@ def test_many_async_calls_share_one_event_loop_and_get_their_serial_answers():
     async def together():
         return await asyncio.gather(*(model.achat(None, q, SHORT) for q in questions))
 
-    assert asyncio.run(together()) == serial
+    assert run_within(together()) == serial
 
 
 def test_closing_astream_cancels_the_request_and_frees_its_blocks():

@@ -107,22 +107,25 @@ class Scheduler:
                     continue
                 return  # wait for running requests to free blocks
             self.waiting.popleft()
+            # running from here on: should the rest fail, end_all ends r and frees its blocks, never loses it
+            r.seq = seq
+            self.running.append(r)
             if match and match.tail:  # copy-on-write: the tail's tokens into this sequence's own block
                 tail = match.tail
-                self.runner.copy_slots(
-                    list(tail.source_slots(self.pool.block_size)), seq.append_slots(tail.num_tokens)
-                )
-                self.pool.release([tail.block_id])
+                try:
+                    self.runner.copy_slots(
+                        list(tail.source_slots(self.pool.block_size)), seq.append_slots(tail.num_tokens)
+                    )
+                finally:
+                    self.pool.release([tail.block_id])
             if r.stats.queue_s == 0.0 and not r.output_ids:
                 r.stats.queue_s = time.perf_counter() - r.created_at
-            r.seq = seq
             r.num_computed = cached
             r.slot = self._free_slots.pop()
             self.sampler.activate(r.slot, r.gen, r.output_ids, r.generator)
             if not r.output_ids:
                 r.stats.cached_tokens = cached
             r.cacheable = cacheable
-            self.running.append(r)
 
     def slots(self, r: Request, n: int) -> list[int] | None:
         """Slots for r's next n tokens, preempting younger requests when the pool is full; None if r itself
@@ -156,18 +159,23 @@ class Scheduler:
         """Start the other choices of r, whose prompt is now prefilled (see the module doc); the ones started, in
         order. A choice that cannot get a block even after preempting every younger request fails alone."""
         started = []
-        followers, r.followers = r.followers, []
-        for f in followers:
+        # one at a time: should a fork fail, ending r still reaches the choices not started
+        while r.followers:
+            f = r.followers.pop(0)
             if f.cancelled.is_set():
                 f.finish()
                 continue
-            forked = self._with_room(r, r.seq.fork, functools.partial(_choice_does_not_fit, f))
-            if forked is None:
-                continue
-            seq, src, dst = forked
-            if src:
-                self.runner.copy_slots(src, dst)
-            f.seq, f.num_computed, f.cacheable = seq, r.num_computed, r.cacheable
+            try:
+                forked = self._with_room(r, r.seq.fork, functools.partial(_choice_does_not_fit, f))
+                if forked is None:
+                    continue
+                f.seq, src, dst = forked
+                if src:
+                    self.runner.copy_slots(src, dst)
+            except Exception as exc:  # f hears the error and frees its blocks; r's caller ends r and the rest
+                self.end(f, exc)
+                raise
+            f.num_computed, f.cacheable = r.num_computed, r.cacheable
             f.stats.queue_s, f.stats.cached_tokens = r.stats.queue_s, r.stats.cached_tokens
             f.slot = self._free_slots.pop()
             self.sampler.activate(f.slot, f.gen, (), f.generator)
