@@ -218,8 +218,8 @@ async def _fetch_hops(url: str, policy: MediaPolicy, param: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
             await _check_host(url, policy, param)
             async with client.stream("GET", url) as response:
-                if response.is_redirect:
-                    url = _redirect_target(url, response.headers.get("location", ""), param)
+                if response.has_redirect_location:  # (is_redirect is any 3xx: a 304 would be fetched again)
+                    url = _redirect_target(url, response.headers["location"], param)
                     continue
                 if response.status_code != 200:
                     raise APIError(
