@@ -2,8 +2,8 @@
 to unforked choices, the first new token's block), which request is preempted and where it waits, what a
 preempted request resumes from, what the forked choices inherit, failures while admitting or forking (they must
 reach every caller, never lose a request), prompt logits over several chunks, a prompt preempted in the step it
-was to be prefilled, token streams (closed early, stopped while waiting, every id once) and the rotary length of
-every decode row.
+was to be prefilled, token streams (closed early, stopped while waiting, every id once), the rotary length of
+every decode row, a request's stats on a clock that ticks, and an image known only to the disk tier.
 
 The scheduler tests drive pyvl.engine.scheduler directly, on a real BlockPool and Sampler and a runner that only
 records copies, so every admission and preemption happens at a known step; the rest run the golden v15 model."""
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from conftest import GOLDEN
 from test_engine import SHORT, wait_idle
 
 import pyvl
+import pyvl.engine.request as request_module
 from pyvl.engine.blocks import BlockPool
 from pyvl.engine.channel import TokenChannel
 from pyvl.engine.request import Request
@@ -362,3 +364,38 @@ def test_each_decode_row_is_rotated_for_its_length_after_the_token():
     assert [len(batch) for batch in rows] == [2] * 4
     for long, short in rows:
         assert (long.rope_length, short.rope_length) == (long.position + 1, short.position + 1 + pad)
+
+
+def test_a_requests_stats_time_its_first_token_and_its_decode_rate(monkeypatch):
+    """On a clock that ticks one second per reading: the time to first token is the first token's, never a later
+    one's, and the decode rate counts the tokens after the first over the time after it."""
+    ticks = iter(range(100, 200))
+    monkeypatch.setattr(request_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    r = Request([1, 2, 3], [], GenerationConfig(max_new_tokens=3), frozenset())  # submitted at 100
+    for token in (7, 8, 9):  # delivered at 101, 102, 103
+        r.deliver(token, None)
+    r.finish()  # at 104
+    s = r.stats
+    assert (s.new_tokens, s.time_to_first_token_s, s.total_s, s.finish_reason) == (3, 1.0, 4.0, "length")
+    assert s.decode_tokens_per_s == 2 / 3  # tokens 2 and 3 in the 3 s after the first
+    assert pyvl.ChatStats(new_tokens=1, time_to_first_token_s=1.0, total_s=2.0).decode_tokens_per_s == 0.0
+
+
+def test_an_image_known_only_to_the_disk_tier_is_neither_tiled_nor_encoded_and_moves_to_memory(tmp_path):
+    """A model whose memory cache is empty but whose disk tier holds an image's features answers about it without
+    tiling it (the front door asks the engine, which asks both tiers) or running the ViT, keeps the features in
+    memory afterwards (a second turn reads no file), and answers as the model that encoded it."""
+    from test_front_door import count_tiling, photo, png
+
+    path = tmp_path / "a.png"
+    path.write_bytes(png(photo(3)))
+    load = dict(device="cpu", dtype="float32", backend="reference", image_cache_dir=tmp_path / "features")
+    writer = pyvl.load(GOLDEN / "v15" / "checkpoint", **load)
+    answer = writer.chat(str(path), "What is in the image?", SHORT)
+    writer.engine.shutdown()  # the features queued for the disk are written
+    reader = pyvl.load(GOLDEN / "v15" / "checkpoint", **load)
+    tiled, stats = count_tiling(reader), pyvl.ChatStats()
+    assert reader.chat(str(path), "What is in the image?", SHORT, stats=stats) == answer
+    assert (tiled[0], stats.images_encoded, len(reader.engine.features)) == (0, 0, 1)
+    reader.engine.store.get = None  # a second turn must not touch the disk
+    assert reader.chat(str(path), "What is in the image?", SHORT) == answer
