@@ -569,7 +569,8 @@ def test_tools_are_described_after_the_system_message(model, client, monkeypatch
 
 
 def test_chat_field_limits_and_combinations():
-    """max_dynamic_patch takes MAX_TILES; top_logprobs needs logprobs true, not merely present."""
+    """max_dynamic_patch takes MAX_TILES; top_logprobs needs logprobs true, not merely present, unless it is 0
+    (its neutral value, which asks for nothing)."""
     limits = Limits(max_context=64, vocab_size=100, max_num_seqs=4, max_token_bytes=16)
 
     def parse(content=None, **fields):
@@ -581,6 +582,11 @@ def test_chat_field_limits_and_combinations():
 
     assert parse(patch(MAX_TILES)).images[0].max_tiles == MAX_TILES
     assert parse(logprobs=True, top_logprobs=2).generation["top_logprobs"] == 2
+    for fields in ({"top_logprobs": 0}, {"logprobs": False, "top_logprobs": 0}):
+        assert (parse(**fields).generation["logprobs"], parse(**fields).generation["top_logprobs"]) == (
+            False,
+            0,
+        )
     for content, fields, param in (
         (patch(MAX_TILES + 1), {}, "messages[0].content[0].image_url.max_dynamic_patch"),
         (None, {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
