@@ -28,6 +28,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from PIL import Image  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
+from test_serve_strength import PARAM, _read, _refused  # noqa: E402
 
 import pyvl  # noqa: E402
 from pyvl.demo import demo_model_path  # noqa: E402
@@ -44,7 +45,7 @@ from pyvl.serve.completions import (  # noqa: E402
 )
 from pyvl.serve.errors import APIError  # noqa: E402
 from pyvl.serve.generation import Generation  # noqa: E402
-from pyvl.serve.media import MediaPolicy, read_image_source  # noqa: E402
+from pyvl.serve.media import MediaPolicy  # noqa: E402
 from pyvl.serve.params import Limits  # noqa: E402
 from pyvl.serve.protocol import ChatShape, chat_logprobs, conversation, parse_chat_request  # noqa: E402
 from pyvl.serve.responses import MIN_LOGPROB  # noqa: E402
@@ -673,18 +674,6 @@ def test_metrics_count_every_choice_and_the_cached_tokens(client, monkeypatch):
 
 
 # ---- media and bodies --------------------------------------------------------------------------------------
-PARAM = "messages[0].content[0].image_url"
-
-
-def _read(url: str, policy: MediaPolicy) -> bytes:
-    return asyncio.run(read_image_source(url, policy, PARAM))
-
-
-def _refused(url: str, policy: MediaPolicy) -> APIError:
-    with pytest.raises(APIError) as info:
-        _read(url, policy)
-    assert info.value.param == PARAM
-    return info.value
 
 
 @pytest.fixture(scope="module")
